@@ -1,0 +1,190 @@
+"""The `distillm` command: generate, train, run.
+
+Every option of the config (see `distillm.config`) is a flag of `train` and `run`; a YAML file given with
+`--config` sets many at once, and flags override it. `distillm run` with no arguments is the default demo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .config import PRESETS, ConfigError, load_config, option_fields
+
+logger = logging.getLogger("distillm")
+
+METRIC_ROWS = [
+    ("teacher_nll_of_student_samples", "teacher NLL of student samples", "lower"),
+    ("kl", "KL(teacher || student) on teacher responses", "lower"),
+    ("tvd", "TVD on teacher responses", "lower"),
+    ("acceptance_rate", "expected acceptance rate (1 - TVD)", "higher"),
+]
+
+
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="YAML config file (flat or sectioned keys).")
+    parser.add_argument("--preset", default="default", choices=sorted(PRESETS),
+                        help="Starting settings: 'default' is the SmolLM2 demo, 'tiny' uses tiny random models.")
+    parser.add_argument("--overwrite", action="store_true", help="Replace a different run in --output-dir.")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for name, (section, f) in option_fields().items():
+        group = groups.setdefault(section or "run", parser.add_argument_group(f"{section or 'run'} options"))
+        flag = "--" + name.replace("_", "-")
+        help_text = f"{f.metadata['help']} (default: {f.default})"
+        if str(f.type).startswith("bool"):
+            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                               help=help_text)
+        else:
+            group.add_argument(flag, dest=name, metavar=name.upper(), default=argparse.SUPPRESS, help=help_text)
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    known = option_fields()
+    return {key: value for key, value in vars(args).items() if key in known}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="distillm",
+        description="Distil a teacher LLM into a smaller student with DistiLLM-2 (contrastive distillation).",
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="Only warnings and errors.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="Whole pipeline: teacher responses, on-policy rounds of training, evaluation.",
+                         description="Teacher responses (once), then rounds of fresh student responses and one "
+                         "epoch of DistiLLM-2 each, with a held-out evaluation before and after. With no arguments: "
+                         "the default demo (SmolLM2-135M-Instruct -> 10-layer pruned student on built-in prompts).")
+    _add_config_options(run)
+
+    train = sub.add_parser("train", help="Train a student from teacher responses you already have (no evaluation).",
+                           description="Like `run`, without the before/after evaluation by default. "
+                           "--teacher-responses reuses a JSONL made by `distillm generate` (or with prompt and "
+                           "response fields) instead of generating teacher responses.")
+    train.add_argument("--teacher-responses", metavar="FILE",
+                       help="JSONL of teacher responses (from `distillm generate`) for the training prompts.")
+    _add_config_options(train)
+
+    gen = sub.add_parser("generate", help="Sample one response per prompt with a model, into resumable JSONL.")
+    gen.add_argument("--model", required=True, help="Alias, Hugging Face id, local directory or .gguf file.")
+    gen.add_argument("--prompts", default="builtin:train", help="Prompt file or builtin:train / builtin:eval.")
+    gen.add_argument("--output", required=True, help="Output JSONL (rerun to continue an interrupted one).")
+    gen.add_argument("--num-prompts", type=int, default=None, help="Use only the first N prompts.")
+    gen.add_argument("--prompt-field", default="prompt")
+    gen.add_argument("--messages-field", default="messages")
+    gen.add_argument("--max-prompt-length", type=int, default=256)
+    gen.add_argument("--no-chat-template", action="store_true", help="Use raw prompt text (no chat template).")
+    gen.add_argument("--backend", default="auto", choices=["auto", "hf", "vllm"])
+    gen.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding.")
+    gen.add_argument("--top-p", type=float, default=0.95)
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--batch-size", type=int, default=32)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--dtype", default="auto")
+    gen.add_argument("--trust-remote-code", action="store_true")
+    return parser
+
+
+def _setup_logging(quiet: bool) -> None:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
+                        level=logging.WARNING if quiet else logging.INFO)
+    logging.getLogger("distillm").setLevel(logging.WARNING if quiet else logging.INFO)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+
+
+def format_metrics(metrics: dict) -> str:
+    """The before/after table printed at the end of a run."""
+    if "before" not in metrics or "after" not in metrics:
+        return ""
+    lines = [f"{'held-out metric':<46}{'before':>10}{'after':>10}  better", "-" * 74]
+    for key, label, better in METRIC_ROWS:
+        b, a = metrics["before"][key], metrics["after"][key]
+        improved = a < b if better == "lower" else a > b
+        lines.append(f"{label:<46}{b:>10.4f}{a:>10.4f}  {'yes' if improved else 'NO'} ({better} is better)")
+    return "\n".join(lines)
+
+
+def _cmd_run(args, *, evaluate_default: bool) -> int:
+    from .pipeline import run
+
+    overrides = _overrides(args)
+    if not evaluate_default:
+        overrides.setdefault("evaluate", False)
+    config = load_config(args.config, preset=args.preset, overrides=overrides)
+    if getattr(args, "teacher_responses", None):
+        from .pipeline import RunPaths, import_teacher_responses, prepare_run_dir
+
+        prepare_run_dir(config, overwrite=args.overwrite)
+        import_teacher_responses(config, args.teacher_responses, RunPaths(config.output_dir))
+        args.overwrite = False
+    metrics = run(config, overwrite=args.overwrite)
+    training = metrics.get("training", {})
+    print(f"\nDistilled student: {Path(config.output_dir) / 'student'}")
+    print(f"Training: {training.get('steps')} optimizer steps, loss {training.get('first_loss')} -> "
+          f"{training.get('last_loss')}")
+    table = format_metrics(metrics)
+    if table:
+        print(table)
+    print(f"Wall time: {metrics.get('wall_seconds')} s; metrics: {Path(config.output_dir) / 'metrics.json'}")
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    from .data.prompts import encode_prompts, load_prompts
+    from .generation.base import SamplingParams
+    from .generation.runner import generate_responses
+    from .models import load_model, resolve_model_source, gguf_to_safetensors
+    from .pipeline import make_backend
+    from .config import RunConfig
+
+    model, tokenizer = load_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    records, report = load_prompts(args.prompts, prompt_field=args.prompt_field, messages_field=args.messages_field,
+                                   limit=args.num_prompts)
+    prompts, n_truncated = encode_prompts(records, tokenizer, max_prompt_length=args.max_prompt_length,
+                                          use_chat_template=not args.no_chat_template)
+    config = RunConfig()
+    config.generation.backend = args.backend
+    config.generation.generation_batch_size = args.batch_size
+    source = resolve_model_source(args.model)
+    model_dir = str(gguf_to_safetensors(source.path)) if source.kind == "gguf" else (
+        None if source.kind == "tiny" else source.path)
+    backend = make_backend(config, model, tokenizer, model_dir=model_dir)
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                            seed=args.seed)
+    rows = generate_responses(backend, prompts, args.output, params, tokenizer, desc=f"responses ({args.model})")
+    print(f"{len(rows)} responses in {args.output} ({report.n_empty_skipped} empty prompts skipped, "
+          f"{n_truncated} truncated)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help", "-q", "--quiet"):
+        argv = ["run", *argv]  # `distillm` alone (or with run's flags) runs the default demo
+    args = parser.parse_args(argv)
+    if args.command is None:
+        args = parser.parse_args([*argv, "run"])
+    _setup_logging(args.quiet)
+    from .data.prompts import DataError
+    from .models import ModelLoadError
+    from .pipeline import RunDirError
+
+    try:
+        if args.command == "generate":
+            return _cmd_generate(args)
+        return _cmd_run(args, evaluate_default=args.command == "run")
+    except (ConfigError, DataError, ModelLoadError, RunDirError) as err:
+        print(f"distillm: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("distillm: interrupted; rerun the same command to continue where it stopped.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,271 @@
+"""Run configuration: typed dataclasses, validated at the edge.
+
+A config is one `RunConfig` with sections (model, data, generation, loss, training, evaluation). Every option
+has a unique name, so YAML files may be flat (`teacher: ...`) or sectioned (`model: {teacher: ...}`), and each
+option is also a command-line flag (`--max-new-tokens 64`). Unknown or mistyped keys are errors that suggest
+the closest valid name. Presets ('default', 'tiny') are plain dicts of overrides applied first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config key or value; the message names it and suggests a fix."""
+
+
+def opt(default, help: str, **kwargs):
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass
+class ModelSection:
+    teacher: str = opt("smollm2-135m-instruct", "Teacher: built-in alias, Hugging Face id, local directory or .gguf file.")
+    student: str | None = opt(None, "Student (same forms as --teacher). Empty: derive it from the teacher by keeping --student-layers.")
+    student_layers: str = opt("even:10", "Teacher layers a derived student keeps: 'even:10' (evenly spread, first and last included), 'every:3', 'first:10' or a list '0,3,6-8'.")
+    dtype: str = opt("auto", "Weights dtype: auto (fp32 on CPU, bf16 on a GPU that has it), float32, bfloat16, float16.")
+    trust_remote_code: bool = opt(False, "Allow model repositories to run their own Python code (off unless you trust them).")
+
+
+@dataclass
+class DataSection:
+    prompts: str = opt("builtin:train", "Training prompts: JSONL, JSON, CSV, Parquet, a saved HF dataset directory ('DIR' or 'DIR:split'), or builtin:train.")
+    eval_prompts: str | None = opt("builtin:eval", "Held-out prompts for the before/after evaluation (same formats); empty to skip.")
+    num_prompts: int | None = opt(None, "Use only the first N training prompts.")
+    num_eval_prompts: int | None = opt(None, "Use only the first N held-out prompts.")
+    prompt_field: str = opt("prompt", "Field (column) holding a plain-text prompt.")
+    messages_field: str = opt("messages", "Field holding a chat as a list of {role, content} messages (used when present).")
+    response_field: str = opt("response", "Field holding a reference response, if any.")
+    id_field: str = opt("id", "Field holding a unique prompt id (default: file name and line number).")
+    system_prompt: str | None = opt(None, "System message prepended to every chat that has none.")
+    use_chat_template: bool = opt(True, "Render prompts with the tokenizer's own chat template.")
+    max_prompt_length: int = opt(256, "Prompts longer than this many tokens are cut from the left (counted and reported).")
+    max_length: int = opt(512, "Maximum prompt + response tokens in training.")
+
+
+@dataclass
+class GenerationSection:
+    backend: str = opt("auto", "Generation backend: auto (vLLM if installed and a GPU is present, else hf), hf or vllm.")
+    temperature: float = opt(0.8, "Sampling temperature for teacher and student responses (0 = greedy).")
+    top_p: float = opt(0.95, "Nucleus sampling top-p.")
+    max_new_tokens: int = opt(64, "Maximum tokens per generated response.")
+    generation_batch_size: int = opt(32, "Prompts per generation batch (hf backend).")
+    max_batch_tokens: int | None = opt(None, "Cap on batch x (prompt + new tokens) per generation batch.")
+    generation_seed: int = opt(0, "Seed of the sampling (each batch and round derives its own from it).")
+    vllm_gpu_memory_utilization: float = opt(0.4, "Fraction of GPU memory vLLM may take.")
+    vllm_tensor_parallel_size: int = opt(1, "vLLM tensor-parallel size.")
+
+
+@dataclass
+class LossSection:
+    alpha0: float = opt(0.1, "Base skew a0 (the skew of a sample whose gap equals the running reference gap).")
+    alpha_min: float = opt(0.01, "Lower clamp of the curriculum skew.")
+    alpha_max: float = opt(0.5, "Upper clamp of the curriculum skew.")
+    curriculum: bool = opt(True, "Per-sample curriculum skew a (off: constant a = alpha0).")
+    gap_momentum: float = opt(0.9, "Momentum of the running reference gap of the curriculum.")
+    b_ramp: bool = opt(True, "Ramp b (weight of SRKL; SKL gets 2 - b) from b-start to b-end (off: b = b-start).")
+    b_start: float = opt(1.0, "b at the start of training.")
+    b_end: float = opt(1.5, "b at the end of the ramp.")
+    ramp_fraction: float = opt(0.5, "Fraction of the training steps over which b ramps.")
+    reduction: str = opt("seq_mean", "seq_mean (mean per response, then over responses) or token_mean.")
+    loss_temperature: float = opt(1.0, "Temperature dividing both models' logits inside the loss.")
+
+
+@dataclass
+class TrainingSection:
+    rounds: int = opt(2, "Batched on-policy rounds: each regenerates the student's responses, then trains one epoch.")
+    learning_rate: float = opt(5e-5, "Peak learning rate.")
+    lr_scheduler_type: str = opt("cosine", "Learning-rate schedule (any transformers scheduler name).")
+    warmup_ratio: float = opt(0.1, "Fraction of the steps spent warming up the learning rate.")
+    per_device_train_batch_size: int = opt(8, "Pairs per micro-batch per process.")
+    gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step.")
+    weight_decay: float = opt(0.0, "AdamW weight decay.")
+    max_grad_norm: float = opt(1.0, "Gradient clipping norm.")
+    seed: int = opt(42, "Training seed (data order, initialisation of anything random).")
+    logging_steps: int = opt(1, "Log every N optimizer steps.")
+    save_steps: int = opt(50, "Checkpoint every N optimizer steps (and at the end).")
+    save_total_limit: int = opt(2, "Checkpoints kept.")
+    report_to: str = opt("none", "Where logs go besides the output directory: none, tensorboard, wandb, ...")
+    gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
+
+
+@dataclass
+class EvaluationSection:
+    evaluate: bool = opt(True, "Evaluate the student on the held-out prompts before and after distillation.")
+    eval_max_new_tokens: int | None = opt(None, "Response length of the evaluation samples (default: max-new-tokens).")
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = opt("runs/distillm2", "Where the config, data, checkpoints, logs, student and metrics go.")
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    generation: GenerationSection = field(default_factory=GenerationSection)
+    loss: LossSection = field(default_factory=LossSection)
+    training: TrainingSection = field(default_factory=TrainingSection)
+    evaluation: EvaluationSection = field(default_factory=EvaluationSection)
+
+    # --------------------------------------------------------------- flat access
+    def flat(self) -> dict[str, Any]:
+        out = {"output_dir": self.output_dir}
+        for section in SECTIONS:
+            out.update(dataclasses.asdict(getattr(self, section)))
+        return out
+
+    def to_yaml(self) -> str:
+        nested = {"output_dir": self.output_dir}
+        nested.update({s: dataclasses.asdict(getattr(self, s)) for s in SECTIONS})
+        return yaml.safe_dump(nested, sort_keys=False)
+
+
+SECTIONS = ("model", "data", "generation", "loss", "training", "evaluation")
+
+
+def option_fields() -> dict[str, tuple[str | None, dataclasses.Field]]:
+    """Every option name -> (section or None, dataclass field)."""
+    out: dict[str, tuple[str | None, dataclasses.Field]] = {}
+    for f in fields(RunConfig):
+        if f.name in SECTIONS:
+            for sub in fields(f.type if isinstance(f.type, type) else globals()[f.type]):
+                out[sub.name] = (f.name, sub)
+        else:
+            out[f.name] = (None, f)
+    return out
+
+
+def _coerce(name: str, f: dataclasses.Field, value: Any, where: str) -> Any:
+    kind = str(f.type)
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
+        if "None" in kind:
+            return None
+        raise ConfigError(f"{where}: '{name}' cannot be empty.")
+    try:
+        if kind.startswith("bool"):
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if kind.startswith("int"):
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if kind.startswith("float"):
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: '{name}' expects {kind.replace(' | None', ' or empty')}, got {value!r}.") from None
+
+
+def apply_overrides(config: RunConfig, overrides: dict[str, Any], where: str = "config") -> RunConfig:
+    """Set options from a flat or sectioned dict, validating names and types."""
+    known = option_fields()
+    flat: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if key in SECTIONS and isinstance(value, dict):
+            for sub_key, sub_value in value.items():
+                if sub_key not in known or known[sub_key][0] != key:
+                    _unknown(sub_key, known, f"{where} (section '{key}')")
+                flat[sub_key] = sub_value
+        else:
+            flat[key.replace("-", "_")] = value
+    for key, value in flat.items():
+        if key not in known:
+            _unknown(key, known, where)
+        section, f = known[key]
+        target = getattr(config, section) if section else config
+        setattr(target, key, _coerce(key, f, value, where))
+    validate(config)
+    return config
+
+
+def _unknown(key: str, known: dict, where: str):
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    hint = f" Did you mean '{close[0]}'?" if close else " Run `distillm run --help` for the list of options."
+    raise ConfigError(f"{where}: unknown option '{key}'.{hint}")
+
+
+def validate(config: RunConfig) -> None:
+    checks = [
+        (config.training.rounds >= 1, "rounds must be >= 1"),
+        (config.training.learning_rate > 0, "learning_rate must be > 0"),
+        (0 <= config.loss.alpha_min <= config.loss.alpha0 <= config.loss.alpha_max < 1,
+         "need 0 <= alpha_min <= alpha0 <= alpha_max < 1"),
+        (config.loss.reduction in ("seq_mean", "token_mean"), "reduction must be seq_mean or token_mean"),
+        (0 < config.generation.top_p <= 1, "top_p must be in (0, 1]"),
+        (config.generation.temperature >= 0, "temperature must be >= 0"),
+        (config.data.max_prompt_length < config.data.max_length, "max_prompt_length must be < max_length"),
+        (config.generation.backend in ("auto", "hf", "vllm"), "backend must be auto, hf or vllm"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(f"Invalid config: {message}.")
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The default demo: SmolLM2-135M-Instruct -> its 10-layer layer-pruned copy, sized for 2 CPU cores.
+    "default": {
+        "output_dir": "runs/demo",
+        "num_prompts": 96,
+        "num_eval_prompts": 24,
+        "max_new_tokens": 48,
+        "max_prompt_length": 128,
+        "max_length": 192,
+        "rounds": 2,
+        "learning_rate": 1e-4,
+        "per_device_train_batch_size": 8,
+        "generation_batch_size": 32,
+    },
+    # Tiny random models, the same pipeline in seconds: for tests and smoke runs.
+    "tiny": {
+        "output_dir": "runs/tiny",
+        "teacher": "tiny-random",
+        "student_layers": "0,3",
+        "num_prompts": 32,
+        "num_eval_prompts": 8,
+        "max_new_tokens": 16,
+        "max_prompt_length": 96,
+        "max_length": 128,
+        "rounds": 3,
+        "learning_rate": 3e-3,
+        "warmup_ratio": 0.0,
+        "per_device_train_batch_size": 4,
+        "generation_batch_size": 16,
+        "save_steps": 4,
+    },
+}
+
+
+def load_config(path: str | os.PathLike | None = None, *, preset: str | None = "default",
+                overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Defaults, then the preset, then the YAML file, then command-line overrides."""
+    config = RunConfig()
+    if preset:
+        if preset not in PRESETS:
+            raise ConfigError(f"Unknown preset '{preset}': choose one of {', '.join(PRESETS)}.")
+        apply_overrides(config, PRESETS[preset], where=f"preset '{preset}'")
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"Config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({err}).") from err
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of option names to values.")
+        apply_overrides(config, data, where=str(path))
+    if overrides:
+        apply_overrides(config, overrides, where="command line")
+    return config

@@ -1,0 +1,72 @@
+"""Cheap local evaluation: how close is the student to the teacher?
+
+- `teacher_nll`: the teacher's mean per-token negative log-likelihood of responses the student sampled
+  (lower: the student writes what the teacher would write).
+- `teacher_student_divergence`: on held-out teacher responses, the token-level KL(p || q), the total variation
+  distance and the expected speculative-decoding acceptance rate 1 - TVD, averaged over response tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ..losses.divergences import acceptance_rate, forward_kl, token_log_probs, total_variation
+from ..training.collate import build_sequences, pad_left
+
+
+def _batches(rows: Sequence[dict], batch_size: int, max_length: int, pad_token_id: int):
+    # longest first: padding is shared by similar lengths, and an out-of-memory shows up at once
+    order = sorted(range(len(rows)), key=lambda i: -(len(rows[i]["prompt_ids"]) + len(rows[i]["response_ids"])))
+    for start in range(0, len(order), batch_size):
+        chunk = [rows[i] for i in order[start:start + batch_size]]
+        batch = pad_left([build_sequences(r["prompt_ids"], r["response_ids"], max_length) for r in chunk],
+                         pad_token_id)
+        width = max(int((batch["labels"] != -100).sum(-1).max().item()), 1)
+        yield batch, width
+
+
+def _logits(model, batch, width, vocab_size):
+    device = next(model.parameters()).device
+    out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                position_ids=batch["position_ids"].to(device), logits_to_keep=width + 1, use_cache=False)
+    return out.logits[:, :-1, :vocab_size].float()
+
+
+@torch.inference_mode()
+def teacher_nll(teacher, rows: Sequence[dict], *, vocab_size: int, pad_token_id: int, max_length: int,
+                batch_size: int = 8, desc: str = "teacher NLL") -> float:
+    """Mean over all response tokens of -log p_teacher(token | prefix)."""
+    was_training = teacher.training
+    teacher.eval()
+    total, count = 0.0, 0
+    for batch, width in tqdm(list(_batches(rows, batch_size, max_length, pad_token_id)), desc=desc, leave=False):
+        targets = batch["labels"][:, -width:]
+        logp = token_log_probs(_logits(teacher, batch, width, vocab_size), targets.to(teacher.device))
+        total += -logp.sum().item()
+        count += int((targets != -100).sum().item())
+    teacher.train(was_training)
+    return total / max(count, 1)
+
+
+@torch.inference_mode()
+def teacher_student_divergence(teacher, student, rows: Sequence[dict], *, vocab_size: int, pad_token_id: int,
+                               max_length: int, batch_size: int = 8, desc: str = "divergence") -> dict[str, float]:
+    """Token-mean KL(p || q), TVD and acceptance rate (1 - TVD) over the response tokens of `rows`."""
+    modes = (teacher.training, student.training)
+    teacher.eval()
+    student.eval()
+    sums = {"kl": 0.0, "tvd": 0.0, "acceptance_rate": 0.0}
+    count = 0
+    for batch, width in tqdm(list(_batches(rows, batch_size, max_length, pad_token_id)), desc=desc, leave=False):
+        mask = (batch["labels"][:, -width:] != -100).to(teacher.device)
+        p_logits = _logits(teacher, batch, width, vocab_size)
+        q_logits = _logits(student, batch, width, vocab_size).to(p_logits.device)
+        for key, fn in (("kl", forward_kl), ("tvd", total_variation), ("acceptance_rate", acceptance_rate)):
+            sums[key] += fn(q_logits, p_logits)[mask].sum().item()
+        count += int(mask.sum().item())
+    teacher.train(modes[0])
+    student.train(modes[1])
+    return {key: value / max(count, 1) for key, value in sums.items()}

@@ -1,0 +1,69 @@
+"""Generation with transformers' `generate`: left-padded batches, KV cache, sampling or greedy."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .base import Completion, SamplingParams
+
+
+class HFBackend:
+    """Batched `model.generate`. Holds a reference to the live model, so a student trained in place is
+    sampled with its current weights every round; the model's train/eval mode is restored afterwards."""
+
+    name = "hf"
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        max_batch_size: int = 32,
+        max_batch_tokens: int | None = None,
+    ):
+        self.model = model
+        self.max_batch_size = max_batch_size
+        self.max_batch_tokens = max_batch_tokens
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        eos = model.generation_config.eos_token_id
+        eos = eos if eos is not None else tokenizer.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
+
+    def generate_batch(self, prompts: Sequence[list[int]], params: SamplingParams, *, seed: int) -> list[Completion]:
+        device = next(self.model.parameters()).device
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, ids in enumerate(prompts):  # left padding: every prompt ends at the same column
+            input_ids[row, width - len(ids):] = torch.tensor(ids)
+            attention_mask[row, width - len(ids):] = 1
+        sampling = params.temperature > 0
+        kwargs = dict(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0) if sampling \
+            else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+        was_training = self.model.training
+        self.model.eval()
+        torch.manual_seed(seed)
+        try:
+            with torch.inference_mode():
+                output = self.model.generate(
+                    input_ids=input_ids.to(device),
+                    attention_mask=attention_mask.to(device),
+                    max_new_tokens=params.max_new_tokens,
+                    pad_token_id=self.pad_id,
+                    eos_token_id=sorted(self.eos_ids),
+                    use_cache=True,
+                    **kwargs,
+                )
+        finally:
+            self.model.train(was_training)
+        completions = []
+        for row in output[:, width:].tolist():
+            stop = next((i for i, tok in enumerate(row) if tok in self.eos_ids), None)
+            if stop is None:
+                completions.append(Completion(row, "length"))
+            else:
+                completions.append(Completion(row[: stop + 1], "stop"))
+        return completions

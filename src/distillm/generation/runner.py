@@ -1,0 +1,105 @@
+"""Drive a backend over a prompt set: length-sorted batches, a progress bar, resumable crash-safe JSONL output.
+
+Batches are fixed by the prompt set alone (sorted by length, longest first, then cut by count and token
+budget) and each batch has its own seed, so a rerun after a crash regenerates the missing batches exactly as an
+uninterrupted run would have, and skips the prompts already written.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from ..data.prompts import EncodedPrompt
+from ..io import JsonlAppender
+from .base import GenerationBackend, SamplingParams
+
+logger = logging.getLogger("distillm")
+
+
+def plan_batches(
+    lengths: Sequence[int], *, max_batch_size: int, max_batch_tokens: int | None, max_new_tokens: int
+) -> list[list[int]]:
+    """Indices grouped into batches: longest prompts first (an out-of-memory shows up at once, not at the end),
+    each batch at most `max_batch_size` prompts and `max_batch_tokens` padded tokens including new ones."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    for index in order:
+        if batches:
+            batch = batches[-1]
+            width = lengths[batch[0]] + max_new_tokens  # the first prompt of a batch is its longest
+            fits_tokens = max_batch_tokens is None or (len(batch) + 1) * width <= max_batch_tokens
+            if len(batch) < max_batch_size and fits_tokens:
+                batch.append(index)
+                continue
+        batches.append([index])
+    return batches
+
+
+def generate_responses(
+    backend: GenerationBackend,
+    prompts: Sequence[EncodedPrompt],
+    out_path: str | Path,
+    params: SamplingParams,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    desc: str = "generating",
+) -> list[dict]:
+    """Generate one response per prompt into `out_path` (JSONL) and return the rows in prompt order.
+
+    Row fields: id, prompt (text after the chat template), response (decoded, special tokens removed),
+    prompt_ids, response_ids (exactly the sampled tokens, end-of-sequence included), finish_reason.
+    An existing complete file is reused as is; a partial one is continued.
+    """
+    ids = [p.id for p in prompts]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"Prompt ids must be unique to resume generation into {out_path}.")
+    writer = JsonlAppender(out_path)
+    done = {row["id"]: row for row in writer.existing_rows()}
+    unknown = set(done) - set(ids)
+    if writer.path.is_file() and not unknown and len(done) == len(ids):
+        return [done[i] for i in ids]
+    if unknown:
+        raise ValueError(
+            f"{writer.path if writer.path.is_file() else writer.partial} holds responses for prompts that are not in "
+            f"this prompt set (e.g. id {sorted(unknown)[0]!r}): it belongs to another run. Use another output "
+            "directory, or --overwrite."
+        )
+    batches = plan_batches(
+        [len(p.input_ids) for p in prompts],
+        max_batch_size=backend.max_batch_size,
+        max_batch_tokens=backend.max_batch_tokens,
+        max_new_tokens=params.max_new_tokens,
+    )
+    with tqdm(total=len(prompts), initial=len(done), desc=desc, unit="prompt", dynamic_ncols=True) as bar:
+        for batch_index, batch in enumerate(batches):
+            todo = [i for i in batch if prompts[i].id not in done]
+            if not todo:
+                continue
+            # Always generate the whole planned batch with its own seed: identical to an uninterrupted run.
+            completions = backend.generate_batch(
+                [prompts[i].input_ids for i in batch], params, seed=params.seed * 1_000_003 + batch_index
+            )
+            rows = []
+            for i, completion in zip(batch, completions):
+                if prompts[i].id in done:
+                    continue
+                row = {
+                    "id": prompts[i].id,
+                    "prompt": prompts[i].text,
+                    "response": tokenizer.decode(completion.token_ids, skip_special_tokens=True),
+                    "prompt_ids": list(prompts[i].input_ids),
+                    "response_ids": completion.token_ids,
+                    "finish_reason": completion.finish_reason,
+                }
+                done[row["id"]] = row
+                rows.append(row)
+            writer.append(rows)
+            bar.update(len(rows))
+    ordered = [done[i] for i in ids]
+    writer.finish(ordered)
+    return ordered

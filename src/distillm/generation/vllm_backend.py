@@ -1,0 +1,85 @@
+"""Generation with vLLM, used automatically when vLLM is installed and a GPU is present.
+
+vLLM loads weights from a directory, so an on-policy round saves the current student
+(`save_pretrained`) and this backend is rebuilt on that directory: simple, and exact with respect to the weights.
+Sampling parameters map one to one (temperature, top_p, max_new_tokens -> max_tokens); each prompt gets its own
+seed (batch seed + index), so outputs do not depend on how vLLM schedules its batches.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Sequence
+
+import torch
+
+from .base import Completion, SamplingParams
+
+
+def vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+class VLLMBackend:
+    name = "vllm"
+    max_batch_tokens = None
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        dtype: str = "auto",
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.4,
+        max_batch_size: int = 4096,
+        trust_remote_code: bool = False,
+    ):
+        from vllm import LLM  # imported lazily: vLLM is optional
+
+        self.max_batch_size = max_batch_size
+        self.llm = LLM(
+            model=model_path,
+            dtype=dtype,
+            tensor_parallel_size=tensor_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization,
+            trust_remote_code=trust_remote_code,
+            enable_prefix_caching=True,
+        )
+
+    def generate_batch(self, prompts: Sequence[list[int]], params: SamplingParams, *, seed: int) -> list[Completion]:
+        from vllm import SamplingParams as VLLMSampling
+
+        requests = [{"prompt_token_ids": list(ids)} for ids in prompts]
+        sampling = [
+            VLLMSampling(
+                n=1,
+                temperature=params.temperature,
+                top_p=params.top_p if params.temperature > 0 else 1.0,
+                max_tokens=params.max_new_tokens,
+                seed=seed + i,
+            )
+            for i in range(len(prompts))
+        ]
+        outputs = self.llm.generate(requests, sampling, use_tqdm=False)
+        completions = []
+        for out in outputs:
+            choice = out.outputs[0]
+            ids = list(choice.token_ids)
+            completions.append(Completion(ids, "stop" if choice.finish_reason == "stop" else "length"))
+        return completions
+
+    def close(self) -> None:
+        del self.llm
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def choose_backend_name(requested: str) -> str:
+    """'auto' picks vLLM when it is installed and a GPU is present, else transformers' generate."""
+    if requested not in ("auto", "hf", "vllm"):
+        raise ValueError(f"Unknown generation backend '{requested}': use auto, hf or vllm.")
+    if requested == "auto":
+        return "vllm" if vllm_available() and torch.cuda.is_available() else "hf"
+    if requested == "vllm" and not vllm_available():
+        raise ValueError("generation backend 'vllm' requested but vLLM is not installed: pip install 'distillm[vllm]'")
+    return requested

@@ -1,0 +1,371 @@
+"""The DistiLLM-2 pipeline: teacher responses once, then rounds of (fresh student responses, one epoch of CALD),
+with a held-out evaluation before and after. Every stage writes its output atomically into the run directory
+and is skipped or continued when the same command is run again.
+
+Run directory layout::
+
+    config.yaml                  the resolved config of the run
+    data/teacher_train.jsonl     teacher responses (prompt, response, ids), generated once
+    data/teacher_eval.jsonl      teacher responses to the held-out prompts
+    rounds/round_K/student.jsonl the student's responses at the start of round K
+    rounds/round_K/pairs.jsonl   TRL DPO columns: prompt, chosen (teacher), rejected (student), plus token ids
+    checkpoints/checkpoint-N     transformers Trainer checkpoints (resume from the last one)
+    logs/train_log.jsonl         per-step loss, skl, srkl, alpha_t, alpha_s, b, learning rate
+    student/                     the distilled student (safetensors + tokenizer)
+    eval/{before,after}_samples.jsonl  student samples on held-out prompts
+    metrics.json                 before/after metrics, training summary, timings
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from transformers import TrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from .config import RunConfig
+from .data.prompts import EncodedPrompt, encode_prompts, load_prompts
+from .generation.base import SamplingParams
+from .generation.hf import HFBackend
+from .generation.runner import generate_responses
+from .generation.vllm_backend import VLLMBackend, choose_backend_name
+from .io import atomic_write_json, read_jsonl, write_jsonl
+from .methods.distillm2 import DistiLLM2, DistiLLM2Options
+from .models import (
+    check_same_tokenizer, count_parameters, gguf_to_safetensors, load_model, parse_layer_spec, prune_layers,
+    real_vocab_size, resolve_model_source,
+)
+from .evaluation.divergence import teacher_nll, teacher_student_divergence
+from .training.callbacks import MethodStepCallback, OnPolicyRoundCallback
+from .training.collate import PairCollator, PairDataset
+from .training.trainer import DistillTrainer
+
+logger = logging.getLogger("distillm")
+
+
+class RunDirError(ValueError):
+    """The output directory holds another run."""
+
+
+@dataclass
+class RunPaths:
+    root: Path
+
+    def __post_init__(self):
+        self.root = Path(self.root)
+
+    config = property(lambda self: self.root / "config.yaml")
+    teacher_train = property(lambda self: self.root / "data" / "teacher_train.jsonl")
+    teacher_eval = property(lambda self: self.root / "data" / "teacher_eval.jsonl")
+    checkpoints = property(lambda self: self.root / "checkpoints")
+    train_log = property(lambda self: self.root / "logs" / "train_log.jsonl")
+    student = property(lambda self: self.root / "student")
+    metrics = property(lambda self: self.root / "metrics.json")
+
+    def round_dir(self, k: int) -> Path:
+        return self.root / "rounds" / f"round_{k}"
+
+    def eval_samples(self, tag: str) -> Path:
+        return self.root / "eval" / f"{tag}_samples.jsonl"
+
+
+def prepare_run_dir(config: RunConfig, *, overwrite: bool = False) -> RunPaths:
+    """Create the run directory, or continue the run it holds if its config is the same one.
+
+    A directory holding a run with a different config is refused unless `overwrite` (which wipes it).
+    """
+    paths = RunPaths(config.output_dir)
+    text = config.to_yaml()
+    if paths.root.exists() and overwrite:
+        shutil.rmtree(paths.root)
+    if paths.config.is_file():
+        previous = yaml.safe_load(paths.config.read_text())
+        current = yaml.safe_load(text)
+        if previous != current:
+            changed = sorted(_diff_keys(previous, current))
+            raise RunDirError(
+                f"{paths.root} already holds a run with a different config (differs in: {', '.join(changed)}). "
+                "Pass --overwrite to replace it, or choose another --output-dir."
+            )
+        logger.info("Continuing the run in %s", paths.root)
+    elif paths.root.exists() and any(paths.root.iterdir()):
+        raise RunDirError(f"{paths.root} is not empty and holds no distillm run: pass --overwrite or another --output-dir.")
+    paths.root.mkdir(parents=True, exist_ok=True)
+    from .io import atomic_write_text
+
+    atomic_write_text(paths.config, text)
+    return paths
+
+
+def _diff_keys(a: dict, b: dict, prefix: str = "") -> set[str]:
+    out = set()
+    for key in set(a) | set(b):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out |= _diff_keys(va, vb, f"{key}.")
+        elif va != vb:
+            out.add(prefix + key)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- models
+
+
+@dataclass
+class ModelPair:
+    teacher: torch.nn.Module
+    student: torch.nn.Module
+    tokenizer: object
+    vocab_size: int
+    teacher_path: str | None  # a directory vLLM can load (None for built-in tiny models)
+
+
+def load_models(config: RunConfig) -> ModelPair:
+    m = config.model
+    teacher, tokenizer = load_model(m.teacher, dtype=m.dtype, trust_remote_code=m.trust_remote_code)
+    if m.student:
+        student, student_tok = load_model(m.student, dtype=m.dtype, trust_remote_code=m.trust_remote_code)
+        check_same_tokenizer(tokenizer, student_tok)
+    else:
+        keep = parse_layer_spec(m.student_layers, teacher.config.num_hidden_layers)
+        student = prune_layers(teacher, keep)
+        logger.info("Student: teacher layers %s (%d of %d)", keep, len(keep), teacher.config.num_hidden_layers)
+    source = resolve_model_source(m.teacher)
+    teacher_path = {"gguf": lambda: str(gguf_to_safetensors(source.path)), "local": lambda: source.path,
+                    "hub": lambda: source.path}.get(source.kind, lambda: None)()
+    logger.info("Teacher %s: %.1fM parameters; student: %.1fM", m.teacher, count_parameters(teacher) / 1e6,
+                count_parameters(student) / 1e6)
+    return ModelPair(teacher, student, tokenizer, real_vocab_size(tokenizer), teacher_path)
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+def load_prompt_set(config: RunConfig, tokenizer, which: str) -> list[EncodedPrompt]:
+    d = config.data
+    path, limit = (d.prompts, d.num_prompts) if which == "train" else (d.eval_prompts, d.num_eval_prompts)
+    records, report = load_prompts(
+        path, prompt_field=d.prompt_field, messages_field=d.messages_field, response_field=d.response_field,
+        id_field=d.id_field, system_prompt=d.system_prompt, limit=limit,
+    )
+    if report.n_empty_skipped:
+        logger.warning("%s: skipped %d empty prompts", report.path, report.n_empty_skipped)
+    encoded, n_truncated = encode_prompts(records, tokenizer, max_prompt_length=d.max_prompt_length,
+                                          use_chat_template=d.use_chat_template)
+    if not encoded:
+        raise ValueError(f"{report.path}: no usable prompts (all {report.n_empty_skipped} were empty).")
+    logger.info("%s prompts: %d from %s (%d truncated, %d empty skipped)", which, len(encoded), report.path,
+                n_truncated, report.n_empty_skipped)
+    return encoded
+
+
+# ----------------------------------------------------------------------------------------------- generation
+
+
+def sampling_params(config: RunConfig, *, seed_offset: int = 0, max_new_tokens: int | None = None) -> SamplingParams:
+    g = config.generation
+    return SamplingParams(temperature=g.temperature, top_p=g.top_p,
+                          max_new_tokens=max_new_tokens or g.max_new_tokens, seed=g.generation_seed + seed_offset)
+
+
+def make_backend(config: RunConfig, model, tokenizer, *, model_dir: str | None):
+    """The configured backend for `model`; vLLM needs the model saved in `model_dir`."""
+    g = config.generation
+    name = choose_backend_name(g.backend)
+    if name == "vllm" and model_dir is not None:
+        return VLLMBackend(model_dir, tensor_parallel_size=g.vllm_tensor_parallel_size,
+                           gpu_memory_utilization=g.vllm_gpu_memory_utilization,
+                           trust_remote_code=config.model.trust_remote_code)
+    return HFBackend(model, tokenizer, max_batch_size=g.generation_batch_size, max_batch_tokens=g.max_batch_tokens)
+
+
+def pair_rows(teacher_rows: list[dict], student_rows: list[dict]) -> list[dict]:
+    """TRL DPO columns (prompt, chosen = teacher response, rejected = student response) plus token ids."""
+    by_id = {row["id"]: row for row in student_rows}
+    return [
+        {"id": t["id"], "prompt": t["prompt"], "chosen": t["response"], "rejected": by_id[t["id"]]["response"],
+         "prompt_ids": t["prompt_ids"], "chosen_ids": t["response_ids"],
+         "rejected_ids": by_id[t["id"]]["response_ids"]}
+        for t in teacher_rows
+    ]
+
+
+def import_teacher_responses(config: RunConfig, path: str, paths: RunPaths) -> None:
+    """Use existing teacher responses (JSONL from `distillm generate`, or rows with id, prompt and response
+    text) as the run's teacher data. Rows lacking token ids are tokenized (the response gets an EOS)."""
+    if paths.teacher_train.is_file():
+        return
+    _, tokenizer = load_model(config.model.teacher, dtype=config.model.dtype,
+                              trust_remote_code=config.model.trust_remote_code)
+    rows = read_jsonl(path)
+    for number, row in enumerate(rows, start=1):
+        for key in ("id", "prompt", "response"):
+            if key not in row:
+                raise ValueError(f"{path}:{number}: missing field '{key}' (a teacher response row needs id, prompt "
+                                 "and response; `distillm generate` writes such files).")
+        if "prompt_ids" not in row:
+            row["prompt_ids"] = tokenizer(row["prompt"], add_special_tokens=False).input_ids
+        if "response_ids" not in row:
+            row["response_ids"] = tokenizer(row["response"], add_special_tokens=False).input_ids + [
+                tokenizer.eos_token_id]
+            row["finish_reason"] = "stop"
+    write_jsonl(paths.teacher_train, rows)
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+
+
+def evaluate(config: RunConfig, models: ModelPair, eval_prompts, teacher_eval_rows, paths: RunPaths, tag: str):
+    """Held-out figures for the current student: teacher NLL of its samples, KL / TVD / acceptance rate on the
+    teacher's responses."""
+    g, d = config.generation, config.data
+    start = time.time()
+    backend = HFBackend(models.student, models.tokenizer, max_batch_size=g.generation_batch_size,
+                        max_batch_tokens=g.max_batch_tokens)
+    samples = generate_responses(
+        backend, eval_prompts, paths.eval_samples(tag),
+        sampling_params(config, seed_offset=7_777, max_new_tokens=config.evaluation.eval_max_new_tokens),
+        models.tokenizer, desc=f"student samples ({tag})",
+    )
+    common = dict(vocab_size=models.vocab_size, pad_token_id=models.tokenizer.pad_token_id, max_length=d.max_length)
+    result = {"teacher_nll_of_student_samples": teacher_nll(models.teacher, samples, **common)}
+    result.update(teacher_student_divergence(models.teacher, models.student, teacher_eval_rows, **common))
+    result["seconds"] = round(time.time() - start, 1)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+
+def training_arguments(config: RunConfig, paths: RunPaths) -> TrainingArguments:
+    t = config.training
+    return TrainingArguments(
+        output_dir=str(paths.checkpoints),
+        num_train_epochs=t.rounds,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler_type,
+        warmup_steps=t.warmup_ratio,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        seed=t.seed,
+        logging_steps=t.logging_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        report_to=[] if t.report_to == "none" else [t.report_to],
+        **({"gradient_checkpointing": True} if t.gradient_checkpointing else {}),
+        bf16=config.model.dtype in ("bf16", "bfloat16"),
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+        use_cpu=not torch.cuda.is_available(),
+    )
+
+
+def method_options(config: RunConfig) -> DistiLLM2Options:
+    lo = config.loss
+    return DistiLLM2Options(
+        alpha0=lo.alpha0, alpha_min=lo.alpha_min, alpha_max=lo.alpha_max, curriculum=lo.curriculum,
+        gap_momentum=lo.gap_momentum, b_ramp=lo.b_ramp, b_start=lo.b_start, b_end=lo.b_end,
+        ramp_fraction=lo.ramp_fraction, reduction=lo.reduction, temperature=lo.loss_temperature,
+    )
+
+
+def train_distillm2(config: RunConfig, models: ModelPair, train_prompts, teacher_rows, paths: RunPaths) -> dict:
+    """Batched on-policy DistiLLM-2 training; resumes from the last checkpoint in the run directory."""
+    tokenizer = models.tokenizer
+
+    def refresh(round_index: int, model) -> list[dict]:
+        folder = paths.round_dir(round_index)
+        model_dir = None
+        if choose_backend_name(config.generation.backend) == "vllm":
+            model_dir = str(folder / "student_weights")
+            if not (folder / "student.jsonl").is_file():
+                model.save_pretrained(model_dir)
+                tokenizer.save_pretrained(model_dir)
+        backend = make_backend(config, model, tokenizer, model_dir=model_dir)
+        student_rows = generate_responses(
+            backend, train_prompts, folder / "student.jsonl", sampling_params(config, seed_offset=1000 * (round_index + 1)),
+            tokenizer, desc=f"student responses (round {round_index})",
+        )
+        pairs = pair_rows(teacher_rows, student_rows)
+        if not (folder / "pairs.jsonl").is_file():
+            write_jsonl(folder / "pairs.jsonl", pairs)
+        return pairs
+
+    method = DistiLLM2(method_options(config))
+    args = training_arguments(config, paths)
+    set_seed(config.training.seed)
+    dataset = PairDataset(refresh(0, models.student))
+    trainer = DistillTrainer(
+        model=models.student, teacher=models.teacher, method=method, vocab_size=models.vocab_size,
+        args=args, train_dataset=dataset,
+        data_collator=PairCollator(tokenizer.pad_token_id, config.data.max_length), processing_class=tokenizer,
+    )
+    steps_per_round = math.ceil(
+        math.ceil(len(dataset) / (args.per_device_train_batch_size * args.world_size)) / args.gradient_accumulation_steps
+    )
+    trainer.add_callback(OnPolicyRoundCallback(dataset, refresh, steps_per_round))
+    trainer.add_callback(MethodStepCallback(method))
+    last = get_last_checkpoint(str(paths.checkpoints)) if paths.checkpoints.is_dir() else None
+    if last:
+        logger.info("Resuming training from %s", last)
+    result = trainer.train(resume_from_checkpoint=last)
+    trainer.save_model(str(paths.student))
+    history = [entry for entry in trainer.state.log_history if "loss" in entry]
+    write_jsonl(paths.train_log, history)
+    return {
+        "steps": trainer.state.global_step,
+        "train_seconds": round(result.metrics.get("train_runtime", 0.0), 1),
+        "first_loss": history[0]["loss"] if history else None,
+        "last_loss": history[-1]["loss"] if history else None,
+        "log": str(paths.train_log.relative_to(paths.root)),
+    }
+
+
+# ----------------------------------------------------------------------------------------------- the whole run
+
+
+def run(config: RunConfig, *, overwrite: bool = False) -> dict:
+    """Teacher responses, rounds of student responses + training, before/after evaluation, metrics.json."""
+    started = time.time()
+    paths = prepare_run_dir(config, overwrite=overwrite)
+    if paths.metrics.is_file():
+        metrics = yaml.safe_load(paths.metrics.read_text())
+        if metrics.get("complete"):
+            logger.info("%s already holds a finished run; metrics.json is unchanged", paths.root)
+            return metrics
+    models = load_models(config)
+    train_prompts = load_prompt_set(config, models.tokenizer, "train")
+    teacher_backend = make_backend(config, models.teacher, models.tokenizer, model_dir=models.teacher_path)
+    teacher_rows = generate_responses(teacher_backend, train_prompts, paths.teacher_train, sampling_params(config),
+                                      models.tokenizer, desc="teacher responses")
+    evaluating = config.evaluation.evaluate and config.data.eval_prompts
+    metrics: dict = {"config": str(paths.config.name), "teacher": config.model.teacher,
+                     "student": config.model.student or f"teacher layers {config.model.student_layers}",
+                     "num_train_prompts": len(train_prompts)}
+    if evaluating:
+        eval_prompts = load_prompt_set(config, models.tokenizer, "eval")
+        teacher_eval = generate_responses(teacher_backend, eval_prompts, paths.teacher_eval,
+                                          sampling_params(config, seed_offset=99), models.tokenizer,
+                                          desc="teacher responses (held-out)")
+        metrics["num_eval_prompts"] = len(eval_prompts)
+        previous = read_jsonl(paths.root / "eval" / "before.jsonl") if (paths.root / "eval" / "before.jsonl").is_file() else []
+        metrics["before"] = previous[0] if previous else evaluate(config, models, eval_prompts, teacher_eval, paths, "before")
+        write_jsonl(paths.root / "eval" / "before.jsonl", [metrics["before"]])
+    metrics["training"] = train_distillm2(config, models, train_prompts, teacher_rows, paths)
+    if evaluating:
+        metrics["after"] = evaluate(config, models, eval_prompts, teacher_eval, paths, "after")
+    metrics["wall_seconds"] = round(time.time() - started, 1)
+    metrics["complete"] = True
+    atomic_write_json(paths.metrics, metrics)
+    return metrics

@@ -1,0 +1,32 @@
+"""Trainer callbacks: the batched on-policy refresh of student responses, and the method's per-step hook."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from transformers import TrainerCallback
+
+
+class OnPolicyRoundCallback(TrainerCallback):
+    """At the start of every epoch (a "round"), regenerate the student's responses with the current student and
+    swap them into the training set. `refresh(round_index, model)` does the generation (cached on disk, so a
+    resumed run reuses the data its round already produced) and returns the new pair rows."""
+
+    def __init__(self, dataset, refresh: Callable[[int, object], list[dict]], steps_per_round: int):
+        self.dataset = dataset
+        self.refresh = refresh
+        self.steps_per_round = steps_per_round
+
+    def on_epoch_begin(self, args, state, control, model=None, **kwargs):
+        round_index = state.global_step // self.steps_per_round
+        self.dataset.replace_rows(self.refresh(round_index, model))
+
+
+class MethodStepCallback(TrainerCallback):
+    """Calls `method.on_step_end()` after every optimizer step (e.g. to update the curriculum's reference)."""
+
+    def __init__(self, method):
+        self.method = method
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.method.on_step_end()

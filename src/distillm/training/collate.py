@@ -1,0 +1,73 @@
+"""Batches for the distillation trainer: left-padded (prompt + response) sequences with response-only labels.
+
+Left padding makes every sequence end in the last column, so the response tokens of the whole batch lie in the
+last R columns (R = the longest response): the models only need to produce logits there (`logits_to_keep`).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+IGNORE = -100
+
+
+class PairDataset(Dataset):
+    """Rows with prompt_ids, chosen_ids (teacher response) and rejected_ids (student response).
+
+    `replace_rows` swaps in a new round's pairs (same prompts, fresh student responses) between epochs; the
+    Trainer's data loader reads rows lazily, so the next epoch sees the new ones."""
+
+    def __init__(self, rows: Sequence[dict]):
+        self.rows = list(rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.rows[index]
+
+    def replace_rows(self, rows: Sequence[dict]) -> None:
+        if len(rows) != len(self.rows):
+            raise ValueError(f"a new round must keep the prompt count ({len(self.rows)}), got {len(rows)} rows")
+        self.rows = list(rows)
+
+
+def build_sequences(prompt_ids: list[int], response_ids: list[int], max_length: int) -> tuple[list[int], int]:
+    """prompt + response, the response cut at the end to fit max_length; returns (ids, response length)."""
+    room = max(max_length - len(prompt_ids), 0)
+    response = list(response_ids)[:room]
+    return list(prompt_ids) + response, len(response)
+
+
+class PairCollator:
+    """Turns B pair rows into 2B sequences: rows 0..B-1 are prompt + chosen, rows B..2B-1 prompt + rejected."""
+
+    def __init__(self, pad_token_id: int, max_length: int):
+        self.pad_token_id = pad_token_id
+        self.max_length = max_length
+
+    def __call__(self, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
+        sequences = [build_sequences(r["prompt_ids"], r["chosen_ids"], self.max_length) for r in rows]
+        sequences += [build_sequences(r["prompt_ids"], r["rejected_ids"], self.max_length) for r in rows]
+        return pad_left(sequences, self.pad_token_id)
+
+
+def pad_left(sequences: Sequence[tuple[list[int], int]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Left-pad (ids, response length) pairs into input_ids, attention_mask, position_ids and labels."""
+    width = max(len(ids) for ids, _ in sequences)
+    n = len(sequences)
+    input_ids = torch.full((n, width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((n, width), dtype=torch.long)
+    labels = torch.full((n, width), IGNORE, dtype=torch.long)
+    for row, (ids, response_len) in enumerate(sequences):
+        start = width - len(ids)
+        input_ids[row, start:] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, start:] = 1
+        if response_len:
+            labels[row, width - response_len:] = input_ids[row, width - response_len:]
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+            "labels": labels}
