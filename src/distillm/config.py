@@ -143,8 +143,9 @@ def option_fields() -> dict[str, tuple[str | None, dataclasses.Field]]:
 
 def _coerce(name: str, f: dataclasses.Field, value: Any, where: str) -> Any:
     kind = str(f.type)
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
-        if "None" in kind:
+    optional = "None" in kind
+    if value is None or (optional and isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
+        if optional:
             return None
         raise ConfigError(f"{where}: '{name}' cannot be empty.")
     try:

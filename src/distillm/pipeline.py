@@ -19,7 +19,6 @@ Run directory layout::
 from __future__ import annotations
 
 import logging
-import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -43,7 +42,7 @@ from .models import (
     real_vocab_size, resolve_model_source,
 )
 from .evaluation.divergence import teacher_nll, teacher_student_divergence
-from .training.callbacks import MethodStepCallback, OnPolicyRoundCallback
+from .training.callbacks import OnPolicyRoundCallback
 from .training.collate import PairCollator, PairDataset
 from .training.trainer import DistillTrainer
 
@@ -311,11 +310,7 @@ def train_distillm2(config: RunConfig, models: ModelPair, train_prompts, teacher
         args=args, train_dataset=dataset,
         data_collator=PairCollator(tokenizer.pad_token_id, config.data.max_length), processing_class=tokenizer,
     )
-    steps_per_round = math.ceil(
-        math.ceil(len(dataset) / (args.per_device_train_batch_size * args.world_size)) / args.gradient_accumulation_steps
-    )
-    trainer.add_callback(OnPolicyRoundCallback(dataset, refresh, steps_per_round))
-    trainer.add_callback(MethodStepCallback(method))
+    trainer.add_callback(OnPolicyRoundCallback(dataset, refresh))
     last = get_last_checkpoint(str(paths.checkpoints)) if paths.checkpoints.is_dir() else None
     if last:
         logger.info("Resuming training from %s", last)

@@ -8,7 +8,8 @@ Categories: explain, definition, list, rewrite, summarise, reasoning, conversion
 Every prompt is short and answerable in one to four sentences, so a small student model can produce a useful
 response within ~64 new tokens. Arithmetic word problems and unit conversions carry the exact numeric `answer`.
 The split is fixed in the file (200 train, 40 eval; no eval prompt repeats a train prompt), so ids and splits are
-stable across runs and machines.
+stable across runs and machines. Within each split the file interleaves the categories, so the first N prompts
+(`--num-prompts N`) are a balanced mix.
 """
 
 from __future__ import annotations

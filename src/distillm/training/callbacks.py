@@ -12,13 +12,13 @@ class OnPolicyRoundCallback(TrainerCallback):
     swap them into the training set. `refresh(round_index, model)` does the generation (cached on disk, so a
     resumed run reuses the data its round already produced) and returns the new pair rows."""
 
-    def __init__(self, dataset, refresh: Callable[[int, object], list[dict]], steps_per_round: int):
+    def __init__(self, dataset, refresh: Callable[[int, object], list[dict]]):
         self.dataset = dataset
         self.refresh = refresh
-        self.steps_per_round = steps_per_round
 
     def on_epoch_begin(self, args, state, control, model=None, **kwargs):
-        round_index = state.global_step // self.steps_per_round
+        steps_per_round = max(state.max_steps // max(int(state.num_train_epochs), 1), 1)
+        round_index = state.global_step // steps_per_round
         self.dataset.replace_rows(self.refresh(round_index, model))
 
 

@@ -21,6 +21,8 @@ import torch
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .callbacks import MethodStepCallback
+
 METHOD_STATE_FILE = "distillm_method_state.json"
 
 
@@ -39,6 +41,7 @@ class DistillTrainer(Trainer):
         super().__init__(**kwargs)
         self.teacher = freeze(teacher).to(self.args.device)
         self.method = method
+        self.add_callback(MethodStepCallback(method))
         self.vocab_size = vocab_size
         self._metric_sums: dict[str, float] = defaultdict(float)
         self._gauges: dict[str, float] = {}

@@ -1,0 +1,169 @@
+"""The `distillm` command end to end on tiny models, and its errors on bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from distillm.cli import main
+from distillm.tiny import build_tiny_model, build_tiny_tokenizer
+
+DISTILLM = str(Path(sys.executable).parent / "distillm")
+
+
+def run_cli(*args, cwd=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run([DISTILLM, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+
+
+def mean(values):
+    return sum(values) / len(values)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "tiny"
+    result = run_cli("run", "--preset", "tiny", "--output-dir", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result
+
+
+def test_tiny_run_produces_student_pairs_and_metrics(tiny_run):
+    out, result = tiny_run
+    assert (out / "student" / "model.safetensors").is_file() and (out / "student" / "config.json").is_file()
+    assert (out / "student" / "tokenizer.json").is_file()
+    assert (out / "config.yaml").is_file()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["complete"] and metrics["training"]["steps"] == 24  # 32 prompts / batch 4 x 3 rounds
+    # training loss went down: mean of the last round's steps below the first round's
+    losses = [json.loads(line)["loss"] for line in (out / "logs" / "train_log.jsonl").read_text().splitlines()]
+    assert len(losses) == 24 and mean(losses[-8:]) < mean(losses[:8])
+    # the distilled student is closer to the teacher on held-out teacher responses
+    assert metrics["after"]["kl"] < metrics["before"]["kl"]
+    assert metrics["after"]["acceptance_rate"] == pytest.approx(1 - metrics["after"]["tvd"], abs=1e-6)
+    assert "held-out metric" in result.stdout and "Distilled student" in result.stdout
+
+
+def test_paired_data_uses_trl_dpo_columns_and_fresh_student_responses(tiny_run):
+    out, _ = tiny_run
+    teacher = {r["id"]: r for r in map(json.loads, (out / "data" / "teacher_train.jsonl").read_text().splitlines())}
+    rounds = []
+    for k in range(3):
+        rows = [json.loads(line) for line in (out / "rounds" / f"round_{k}" / "pairs.jsonl").read_text().splitlines()]
+        assert len(rows) == 32
+        for row in rows:
+            assert {"prompt", "chosen", "rejected"} <= set(row)
+            assert row["chosen"] == teacher[row["id"]]["response"]  # teacher responses are generated once
+        rounds.append([row["rejected"] for row in rows])
+    assert rounds[0] != rounds[1] != rounds[2]  # the student's responses are regenerated every round
+    assert not list(out.rglob("*.partial"))
+
+
+def test_rerun_of_a_finished_run_is_a_no_op(tiny_run):
+    out, _ = tiny_run
+    before = (out / "metrics.json").read_text()
+    result = run_cli("run", "--preset", "tiny", "--output-dir", str(out))
+    assert result.returncode == 0 and (out / "metrics.json").read_text() == before
+
+
+def test_run_dir_with_a_different_config_is_refused(tiny_run):
+    out, _ = tiny_run
+    result = run_cli("run", "--preset", "tiny", "--output-dir", str(out), "--learning-rate", "0.5")
+    assert result.returncode == 2
+    assert "different config" in result.stderr and "learning_rate" in result.stderr and "--overwrite" in result.stderr
+
+
+def test_resume_from_checkpoint_after_losing_the_end_of_training(tmp_path, tiny_run):
+    """Delete everything after a mid-run checkpoint: the rerun resumes from it and reaches the same step count."""
+    out, _ = tiny_run
+    import shutil
+
+    copy = tmp_path / "tiny"
+    shutil.copytree(out, copy)
+    for name in ("student", "metrics.json"):
+        path = copy / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    checkpoints = sorted((copy / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    assert checkpoints, "the tiny preset saves checkpoints"
+    for extra in checkpoints[1:]:
+        shutil.rmtree(extra)
+    result = run_cli("run", "--preset", "tiny", "--output-dir", str(copy))
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads((copy / "metrics.json").read_text())
+    assert metrics["training"]["steps"] == 24
+    assert "Resuming training from" in result.stderr
+
+
+def test_help_explains_every_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--teacher", "--student-layers", "--prompts", "--max-new-tokens", "--rounds", "--alpha0",
+                 "--curriculum", "--b-ramp", "--reduction", "--output-dir", "--overwrite", "--preset"):
+        assert flag in text
+
+
+def _run_main(capsys, *args):
+    code = main(list(args))
+    return code, capsys.readouterr().err
+
+
+def test_malformed_jsonl_prompt_line_is_named(tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "fine"}\n{"prompt": "broken"\n')
+    code, err = _run_main(capsys, "run", "--preset", "tiny", "--output-dir", str(tmp_path / "o"), "--prompts",
+                          str(prompts))
+    assert code == 2 and "prompts.jsonl:2" in err
+
+
+def test_missing_prompt_field_is_named(tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"question": "what?"}\n')
+    code, err = _run_main(capsys, "run", "--preset", "tiny", "--output-dir", str(tmp_path / "o"), "--prompts",
+                          str(prompts))
+    assert code == 2 and "prompts.jsonl:1" in err and "'prompt'" in err and "question" in err
+    assert "--prompt-field" in err
+
+
+def test_vocabulary_mismatch_is_a_clear_error(tmp_path, capsys):
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.add_tokens(["<extra-token>"])
+    model = build_tiny_model(tokenizer, num_layers=2)
+    model.save_pretrained(tmp_path / "student")
+    tokenizer.save_pretrained(tmp_path / "student")
+    code, err = _run_main(capsys, "run", "--preset", "tiny", "--output-dir", str(tmp_path / "o"), "--student",
+                          str(tmp_path / "student"))
+    assert code == 2 and "vocabularies differ" in err and "cross-tokenizer" in err
+
+
+def test_unknown_model_name_is_a_clear_error(tmp_path, capsys):
+    code, err = _run_main(capsys, "run", "--preset", "tiny", "--output-dir", str(tmp_path / "o"), "--teacher",
+                          "smollm3-huge")
+    assert code == 2 and "Unknown model 'smollm3-huge'" in err and "smollm2-135m-instruct" in err
+
+
+def test_mistyped_option_in_config_file(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("max_new_tokns: 5\n")
+    code, err = _run_main(capsys, "run", "--config", str(config), "--output-dir", str(tmp_path / "o"))
+    assert code == 2 and "max_new_tokns" in err and "max_new_tokens" in err
+
+
+def test_generate_then_train_from_teacher_responses(tmp_path):
+    responses = tmp_path / "teacher.jsonl"
+    result = run_cli("generate", "--model", "tiny-random", "--prompts", "builtin:train", "--num-prompts", "8",
+                     "--max-new-tokens", "8", "--output", str(responses))
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [json.loads(line) for line in responses.read_text().splitlines()]
+    assert len(rows) == 8 and all({"id", "prompt", "response", "response_ids"} <= set(r) for r in rows)
+    out = tmp_path / "train"
+    result = run_cli("train", "--preset", "tiny", "--output-dir", str(out), "--teacher-responses", str(responses),
+                     "--num-prompts", "8", "--rounds", "1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    copied = [json.loads(line) for line in (out / "data" / "teacher_train.jsonl").read_text().splitlines()]
+    assert [r["response"] for r in copied] == [r["response"] for r in rows]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "before" not in metrics and metrics["training"]["steps"] == 2

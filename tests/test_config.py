@@ -1,0 +1,72 @@
+"""Config: presets, YAML (flat and sectioned), command-line overrides, clear errors for bad keys and values."""
+
+import pytest
+
+from distillm.config import ConfigError, PRESETS, RunConfig, load_config, option_fields
+
+
+def test_defaults_follow_method_md():
+    c = RunConfig()
+    assert (c.loss.alpha0, c.loss.alpha_min, c.loss.alpha_max) == (0.1, 0.01, 0.5)
+    assert c.loss.curriculum and c.loss.b_ramp and (c.loss.b_start, c.loss.b_end, c.loss.ramp_fraction) == (1.0, 1.5, 0.5)
+    assert (c.generation.temperature, c.generation.top_p) == (0.8, 0.95)
+    assert (c.training.learning_rate, c.training.lr_scheduler_type, c.training.warmup_ratio) == (5e-5, "cosine", 0.1)
+    assert c.loss.reduction == "seq_mean" and not c.model.trust_remote_code
+
+
+def test_option_names_are_unique_and_documented():
+    fields = option_fields()
+    assert len(fields) == sum(1 for _ in fields)  # dict: a duplicate name would have collapsed
+    for name, (_, f) in fields.items():
+        assert f.metadata.get("help"), f"option {name} has no help text"
+
+
+def test_yaml_flat_and_sectioned_then_overrides(tmp_path):
+    flat = tmp_path / "flat.yaml"
+    flat.write_text("teacher: my/teacher\nlearning_rate: 2e-5\ncurriculum: false\n")
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("model:\n  teacher: my/teacher\ntraining:\n  learning_rate: 2.0e-5\nloss:\n  curriculum: no\n")
+    for path in (flat, nested):
+        c = load_config(path, preset="default", overrides={"rounds": "4", "max_new_tokens": 8})
+        assert c.model.teacher == "my/teacher" and c.training.learning_rate == 2e-5 and c.loss.curriculum is False
+        assert c.training.rounds == 4 and c.generation.max_new_tokens == 8
+        assert c.data.num_prompts == PRESETS["default"]["num_prompts"]  # the preset stays under the file
+
+
+def test_unknown_key_suggests_the_closest_name(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("learning_rte: 1e-4\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: unknown option 'learning_rte'.*Did you mean 'learning_rate'"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"section 'model'.*'teachr'.*'teacher'"):
+        load_config(overrides={"model": {"teachr": "x"}})
+    with pytest.raises(ConfigError, match="section 'loss'"):
+        load_config(overrides={"loss": {"teacher": "x"}})  # a real option, but in the wrong section
+
+
+def test_bad_values_name_the_option():
+    with pytest.raises(ConfigError, match="'rounds' expects int"):
+        load_config(overrides={"rounds": "two"})
+    with pytest.raises(ConfigError, match="'rounds' expects int"):
+        load_config(overrides={"rounds": 1.5})
+    with pytest.raises(ConfigError, match="'curriculum' expects bool"):
+        load_config(overrides={"curriculum": "maybe"})
+    with pytest.raises(ConfigError, match="alpha"):
+        load_config(overrides={"alpha_max": 0.05})  # below alpha0
+    with pytest.raises(ConfigError, match="preset"):
+        load_config(preset="huge")
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("/nonexistent/config.yaml")
+
+
+def test_optional_fields_accept_empty(tmp_path):
+    c = load_config(overrides={"student": "", "eval_prompts": "none", "num_prompts": None})
+    assert c.model.student is None and c.data.eval_prompts is None and c.data.num_prompts is None
+
+
+def test_yaml_round_trip():
+    c = load_config(preset="tiny", overrides={"learning_rate": 0.01})
+    import yaml
+
+    again = load_config(preset=None, overrides=yaml.safe_load(c.to_yaml()))
+    assert again.flat() == c.flat()

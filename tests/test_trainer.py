@@ -1,0 +1,171 @@
+"""DistillTrainer invariants: exact gradient accumulation, padded vocabularies, a frozen teacher, logging."""
+
+import copy
+import random
+
+import pytest
+import torch
+from transformers import TrainingArguments
+
+from distillm.methods.distillm2 import DistiLLM2, DistiLLM2Options
+from distillm.training.collate import PairCollator, PairDataset, pad_left
+from distillm.training.trainer import DistillTrainer
+
+
+def make_pairs(tokenizer, n=8, seed=0):
+    rng = random.Random(seed)
+    vocab = list(range(0, 256))
+    rows = []
+    for i in range(n):
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": f"question {i} " + "x" * rng.randint(0, 9)}],
+                                               add_generation_prompt=True, tokenize=True)
+        if hasattr(prompt, "input_ids"):
+            prompt = prompt["input_ids"]
+        rows.append({
+            "prompt_ids": list(prompt),
+            "chosen_ids": [rng.choice(vocab) for _ in range(rng.randint(1, 7))] + [tokenizer.eos_token_id],
+            "rejected_ids": [rng.choice(vocab) for _ in range(rng.randint(1, 7))],
+        })
+    return rows
+
+
+def make_trainer(tmp_path, teacher, student, tokenizer, rows, *, batch, accum, steps=1, options=None, vocab=None,
+                 **extra):
+    args = TrainingArguments(
+        output_dir=str(tmp_path / f"ckpt-{batch}-{accum}"), per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accum, max_steps=steps, learning_rate=0.1, optim="sgd",
+        lr_scheduler_type="constant", seed=0, report_to=[], save_strategy="no", logging_steps=1,
+        remove_unused_columns=False, use_cpu=True, disable_tqdm=True, **extra,
+    )
+    method = DistiLLM2(options or DistiLLM2Options(curriculum=False, b_ramp=False))
+    return DistillTrainer(model=student, teacher=teacher, method=method, vocab_size=vocab or len(tokenizer),
+                          args=args, train_dataset=PairDataset(rows),
+                          data_collator=PairCollator(tokenizer.pad_token_id, 256))
+
+
+def test_collator_marks_only_response_tokens(tokenizer):
+    rows = make_pairs(tokenizer, n=2)
+    batch = PairCollator(tokenizer.pad_token_id, 256)(rows)
+    assert batch["input_ids"].shape[0] == 4
+    for i, row in enumerate(rows + rows):
+        response = row["chosen_ids"] if i < 2 else row["rejected_ids"]
+        labels = batch["labels"][i]
+        assert labels[labels != -100].tolist() == response  # exactly the response, at the end (left padding)
+        assert batch["input_ids"][i, -len(response):].tolist() == response
+        n_real = len(row["prompt_ids"]) + len(response)
+        assert batch["attention_mask"][i].sum().item() == n_real
+        assert batch["position_ids"][i, -n_real:].tolist() == list(range(n_real))
+
+
+def test_left_padding_does_not_change_logits(teacher, tokenizer):
+    """position_ids from the attention mask make a left-padded row equal to the same row alone."""
+    short = pad_left([([5, 6, 7, 8], 2)], tokenizer.pad_token_id)
+    both = pad_left([([5, 6, 7, 8], 2), (list(range(20, 32)), 3)], tokenizer.pad_token_id)
+    fwd = lambda b: teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                            position_ids=b["position_ids"]).logits
+    torch.testing.assert_close(fwd(short)[0], fwd(both)[0, -4:], atol=1e-5, rtol=1e-5)
+
+
+def _grads_after_accumulation(trainer, micro_batches):
+    """Run the trainer's own loss over micro-batches as its loop does, and return the accumulated gradient."""
+    model = trainer.model
+    model.zero_grad()
+    counts = trainer._get_num_items_in_batch(micro_batches, torch.device("cpu"))
+    total = 0.0
+    for batch in micro_batches:
+        loss = trainer.compute_loss(model, batch, num_items_in_batch=counts)
+        loss.backward()
+        total += loss.item()
+    return total, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("reduction", ["seq_mean", "token_mean"])
+def test_loss_and_gradients_do_not_depend_on_micro_batching(tmp_path, teacher, student, tokenizer, reduction):
+    rows = make_pairs(tokenizer, n=8)
+    collate = PairCollator(tokenizer.pad_token_id, 256)
+    options = DistiLLM2Options(curriculum=False, b_ramp=False, reduction=reduction)
+    trainer = make_trainer(tmp_path, teacher, student, tokenizer, rows, batch=8, accum=1, options=options)
+    whole_loss, whole_grads = _grads_after_accumulation(trainer, [collate(rows)])
+    for size in (4, 2, 1):
+        split = [collate(rows[i:i + size]) for i in range(0, 8, size)]
+        loss, grads = _grads_after_accumulation(trainer, split)
+        assert loss == pytest.approx(whole_loss, rel=1e-5)
+        for name, grad in whole_grads.items():
+            torch.testing.assert_close(grads[name], grad, atol=1e-6, rtol=1e-4, msg=f"{name} with micro-batch {size}")
+
+
+def test_training_loop_gives_same_weights_for_any_accumulation(tmp_path, teacher, student, tokenizer):
+    """Through Trainer.train (SGD, two steps, curriculum and b ramp on): 8x1, 4x2 and 2x4 agree."""
+    rows = make_pairs(tokenizer, n=16)
+    results = []
+    for batch, accum in ((8, 1), (4, 2), (2, 4)):
+        model = copy.deepcopy(student)
+        trainer = make_trainer(tmp_path, teacher, model, tokenizer, rows, batch=batch, accum=accum, steps=2,
+                               options=DistiLLM2Options(curriculum=True, b_ramp=True))
+        trainer.train()
+        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        results.append((losses, {n: p.detach().clone() for n, p in model.named_parameters()},
+                        dict(trainer.method.gap_ref)))
+    ref_losses, ref_weights, ref_gaps = results[0]
+    assert any((ref_weights[n] != p).any() for n, p in student.named_parameters())  # it did train
+    for losses, weights, gaps in results[1:]:
+        assert losses == pytest.approx(ref_losses, rel=1e-4)
+        assert gaps["t"] == pytest.approx(ref_gaps["t"], rel=1e-5)
+        for name, value in ref_weights.items():
+            torch.testing.assert_close(weights[name], value, atol=1e-5, rtol=1e-4)
+
+
+def _padded_copy(model, rows, seed):
+    """Same model with its embedding/output matrix padded by `rows` extra rows of large random values."""
+    padded = copy.deepcopy(model)
+    old = padded.get_input_embeddings().weight.data
+    torch.manual_seed(seed)
+    extra = torch.randn(rows, old.shape[1]) * 5
+    padded.resize_token_embeddings(old.shape[0] + rows, mean_resizing=False)
+    padded.get_input_embeddings().weight.data[old.shape[0]:] = extra
+    return padded
+
+
+def test_padded_embedding_matrices_compare_over_the_real_vocabulary(tmp_path, teacher, student, tokenizer):
+    rows = make_pairs(tokenizer, n=4)
+    batch = PairCollator(tokenizer.pad_token_id, 256)(rows)
+    base = make_trainer(tmp_path, teacher, student, tokenizer, rows, batch=4, accum=1)
+    padded = make_trainer(tmp_path, _padded_copy(teacher, 13, 1), _padded_copy(student, 29, 2), tokenizer, rows,
+                          batch=4, accum=1)
+    assert padded.model.get_input_embeddings().weight.shape[0] == len(tokenizer) + 29
+    expected = base.compute_loss(base.model, batch).item()
+    assert padded.compute_loss(padded.model, batch).item() == pytest.approx(expected, rel=1e-5)
+    wrong = make_trainer(tmp_path, _padded_copy(teacher, 13, 1), _padded_copy(student, 29, 2), tokenizer, rows,
+                         batch=4, accum=1, vocab=len(tokenizer) + 13)  # comparing padding rows changes the loss
+    assert wrong.compute_loss(wrong.model, batch).item() != pytest.approx(expected, rel=1e-3)
+
+
+def test_teacher_is_frozen_and_holds_no_optimizer_state(tmp_path, teacher, student, tokenizer):
+    rows = make_pairs(tokenizer, n=8)
+    before = {n: p.detach().clone() for n, p in teacher.named_parameters()}
+    trainer = make_trainer(tmp_path, teacher, student, tokenizer, rows, batch=4, accum=1, steps=2)
+    trainer.train()
+    assert not trainer.teacher.training
+    for name, param in trainer.teacher.named_parameters():
+        assert not param.requires_grad and param.grad is None
+        assert torch.equal(param, before[name])
+    optimised = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert not optimised & {id(p) for p in teacher.parameters()}
+    assert optimised == {id(p) for p in student.parameters() if p.requires_grad}
+
+
+def test_each_step_logs_loss_parts_skews_and_b(tmp_path, teacher, student, tokenizer):
+    rows = make_pairs(tokenizer, n=8)
+    trainer = make_trainer(tmp_path, teacher, student, tokenizer, rows, batch=4, accum=1, steps=2,
+                           options=DistiLLM2Options())
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 2
+    for entry in logs:
+        assert {"loss", "skl", "srkl", "alpha_t", "alpha_s", "b", "learning_rate"} <= set(entry)
+        assert entry["skl"] >= 0 and entry["srkl"] >= 0
+        assert 0.01 <= entry["alpha_t"] <= 0.5
+    assert logs[0]["b"] < logs[1]["b"]  # the ramp moves weight to SRKL
+    # loss = (2 - b) SKL + b SRKL of the same step
+    first = logs[0]
+    assert first["loss"] == pytest.approx((2 - first["b"]) * first["skl"] + first["b"] * first["srkl"], rel=1e-3)
