@@ -175,11 +175,6 @@ def test_bad_spec_errors_say_what_is_wrong():
         parse_layer_spec("garbage", 30)
 
 
-@pytest.mark.xfail(
-    reason="parse_layer_spec silently drops a reversed range: '0,5-3' gives [0] (range(5, 4) is empty) "
-    "instead of raising ModelLoadError",
-    strict=True,
-)
 def test_reversed_range_is_rejected_not_silently_dropped():
     with pytest.raises(ModelLoadError):
         parse_layer_spec("0,5-3", 30)

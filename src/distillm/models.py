@@ -226,6 +226,8 @@ def parse_layer_spec(spec: str | list[int], num_layers: int) -> list[int]:
                 layers = []
                 for part in text.split(","):
                     lo, _, hi = part.strip().partition("-")
+                    if hi and int(hi) < int(lo):
+                        raise ValueError
                     layers.extend(range(int(lo), int(hi) + 1) if hi else [int(lo)])
         except ValueError:
             raise ModelLoadError(

@@ -85,8 +85,9 @@ def prepare_run_dir(config: RunConfig, *, overwrite: bool = False) -> RunPaths:
     if paths.root.exists() and overwrite:
         shutil.rmtree(paths.root)
     if paths.config.is_file():
-        previous = yaml.safe_load(paths.config.read_text())
-        current = yaml.safe_load(text)
+        # output_dir itself may differ: a run directory can be moved or copied and continued
+        previous = {**yaml.safe_load(paths.config.read_text()), "output_dir": None}
+        current = {**yaml.safe_load(text), "output_dir": None}
         if previous != current:
             changed = sorted(_diff_keys(previous, current))
             raise RunDirError(

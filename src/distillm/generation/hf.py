@@ -41,7 +41,7 @@ class HFBackend:
             input_ids[row, width - len(ids):] = torch.tensor(ids)
             attention_mask[row, width - len(ids):] = 1
         sampling = params.temperature > 0
-        kwargs = dict(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0) if sampling \
+        kwargs = dict(do_sample=True, temperature=float(params.temperature), top_p=float(params.top_p), top_k=0) if sampling \
             else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
         was_training = self.model.training
         self.model.eval()
