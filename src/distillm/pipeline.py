@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from accelerate import PartialState
 from transformers import TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -175,6 +176,13 @@ def sampling_params(config: RunConfig, *, seed_offset: int = 0, max_new_tokens: 
                           max_new_tokens=max_new_tokens or g.max_new_tokens, seed=g.generation_seed + seed_offset)
 
 
+def generate_once(*args, **kwargs) -> list[dict]:
+    """`generate_responses`, done by the main process first; in a multi-process run the other processes then
+    find the finished file and read it (no duplicated work in the file, no two writers)."""
+    with PartialState().main_process_first():
+        return generate_responses(*args, **kwargs)
+
+
 def make_backend(config: RunConfig, model, tokenizer, *, model_dir: str | None):
     """The configured backend for `model`; vLLM needs the model saved in `model_dir`."""
     g = config.generation
@@ -184,6 +192,13 @@ def make_backend(config: RunConfig, model, tokenizer, *, model_dir: str | None):
                            gpu_memory_utilization=g.vllm_gpu_memory_utilization,
                            trust_remote_code=config.model.trust_remote_code)
     return HFBackend(model, tokenizer, max_batch_size=g.generation_batch_size, max_batch_tokens=g.max_batch_tokens)
+
+
+def release(backend) -> None:
+    """Free what a backend holds (a vLLM engine keeps GPU memory until closed)."""
+    close = getattr(backend, "close", None)
+    if close is not None:
+        close()
 
 
 def pair_rows(teacher_rows: list[dict], student_rows: list[dict]) -> list[dict]:
@@ -229,7 +244,7 @@ def evaluate(config: RunConfig, models: ModelPair, eval_prompts, teacher_eval_ro
     start = time.time()
     backend = HFBackend(models.student, models.tokenizer, max_batch_size=g.generation_batch_size,
                         max_batch_tokens=g.max_batch_tokens)
-    samples = generate_responses(
+    samples = generate_once(
         backend, eval_prompts, paths.eval_samples(tag),
         sampling_params(config, seed_offset=7_777, max_new_tokens=config.evaluation.eval_max_new_tokens),
         models.tokenizer, desc=f"student samples ({tag})",
@@ -293,10 +308,14 @@ def train_distillm2(config: RunConfig, models: ModelPair, train_prompts, teacher
                 model.save_pretrained(model_dir)
                 tokenizer.save_pretrained(model_dir)
         backend = make_backend(config, model, tokenizer, model_dir=model_dir)
-        student_rows = generate_responses(
-            backend, train_prompts, folder / "student.jsonl", sampling_params(config, seed_offset=1000 * (round_index + 1)),
-            tokenizer, desc=f"student responses (round {round_index})",
-        )
+        try:
+            student_rows = generate_once(
+                backend, train_prompts, folder / "student.jsonl",
+                sampling_params(config, seed_offset=1000 * (round_index + 1)), tokenizer,
+                desc=f"student responses (round {round_index})",
+            )
+        finally:
+            release(backend)
         pairs = pair_rows(teacher_rows, student_rows)
         if not (folder / "pairs.jsonl").is_file():
             write_jsonl(folder / "pairs.jsonl", pairs)
@@ -342,22 +361,27 @@ def run(config: RunConfig, *, overwrite: bool = False) -> dict:
             return metrics
     models = load_models(config)
     train_prompts = load_prompt_set(config, models.tokenizer, "train")
+    evaluating = bool(config.evaluation.evaluate and config.data.eval_prompts)
+    eval_prompts = load_prompt_set(config, models.tokenizer, "eval") if evaluating else []
     teacher_backend = make_backend(config, models.teacher, models.tokenizer, model_dir=models.teacher_path)
-    teacher_rows = generate_responses(teacher_backend, train_prompts, paths.teacher_train, sampling_params(config),
-                                      models.tokenizer, desc="teacher responses")
-    evaluating = config.evaluation.evaluate and config.data.eval_prompts
-    metrics: dict = {"config": str(paths.config.name), "teacher": config.model.teacher,
+    try:
+        teacher_rows = generate_once(teacher_backend, train_prompts, paths.teacher_train, sampling_params(config),
+                                     models.tokenizer, desc="teacher responses")
+        teacher_eval = generate_once(teacher_backend, eval_prompts, paths.teacher_eval,
+                                     sampling_params(config, seed_offset=99), models.tokenizer,
+                                     desc="teacher responses (held-out)") if evaluating else []
+    finally:
+        release(teacher_backend)
+    metrics: dict = {"teacher": config.model.teacher,
                      "student": config.model.student or f"teacher layers {config.model.student_layers}",
-                     "num_train_prompts": len(train_prompts)}
+                     "num_train_prompts": len(train_prompts), "num_eval_prompts": len(eval_prompts)}
     if evaluating:
-        eval_prompts = load_prompt_set(config, models.tokenizer, "eval")
-        teacher_eval = generate_responses(teacher_backend, eval_prompts, paths.teacher_eval,
-                                          sampling_params(config, seed_offset=99), models.tokenizer,
-                                          desc="teacher responses (held-out)")
-        metrics["num_eval_prompts"] = len(eval_prompts)
-        previous = read_jsonl(paths.root / "eval" / "before.jsonl") if (paths.root / "eval" / "before.jsonl").is_file() else []
-        metrics["before"] = previous[0] if previous else evaluate(config, models, eval_prompts, teacher_eval, paths, "before")
-        write_jsonl(paths.root / "eval" / "before.jsonl", [metrics["before"]])
+        before_file = paths.root / "eval" / "before.json"
+        if before_file.is_file():  # a resumed run: the student has trained since, so reuse the first figures
+            metrics["before"] = yaml.safe_load(before_file.read_text())
+        else:
+            metrics["before"] = evaluate(config, models, eval_prompts, teacher_eval, paths, "before")
+            atomic_write_json(before_file, metrics["before"])
     metrics["training"] = train_distillm2(config, models, train_prompts, teacher_rows, paths)
     if evaluating:
         metrics["after"] = evaluate(config, models, eval_prompts, teacher_eval, paths, "after")
