@@ -41,6 +41,8 @@ def test_tiny_run_produces_student_pairs_and_metrics(tiny_run):
     # training loss went down: mean of the last round's steps below the first round's
     losses = [json.loads(line)["loss"] for line in (out / "logs" / "train_log.jsonl").read_text().splitlines()]
     assert len(losses) == 24 and mean(losses[-8:]) < mean(losses[:8])
+    per_round = metrics["training"]["mean_loss_per_round"]
+    assert len(per_round) == 3 and per_round[-1] < per_round[0]
     # the distilled student is closer to the teacher on held-out teacher responses
     assert metrics["after"]["kl"] < metrics["before"]["kl"]
     assert metrics["after"]["acceptance_rate"] == pytest.approx(1 - metrics["after"]["tvd"], abs=1e-6)

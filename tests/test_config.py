@@ -27,10 +27,10 @@ def test_yaml_flat_and_sectioned_then_overrides(tmp_path):
     nested = tmp_path / "nested.yaml"
     nested.write_text("model:\n  teacher: my/teacher\ntraining:\n  learning_rate: 2.0e-5\nloss:\n  curriculum: no\n")
     for path in (flat, nested):
-        c = load_config(path, preset="default", overrides={"rounds": "4", "max_new_tokens": 8})
+        c = load_config(path, preset="demo", overrides={"rounds": "4", "max_new_tokens": 8})
         assert c.model.teacher == "my/teacher" and c.training.learning_rate == 2e-5 and c.loss.curriculum is False
         assert c.training.rounds == 4 and c.generation.max_new_tokens == 8
-        assert c.data.num_prompts == PRESETS["default"]["num_prompts"]  # the preset stays under the file
+        assert c.data.num_prompts == PRESETS["demo"]["num_prompts"]  # the preset stays under the file
 
 
 def test_unknown_key_suggests_the_closest_name(tmp_path):

@@ -25,8 +25,10 @@ METRIC_ROWS = [
 
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="YAML config file (flat or sectioned keys).")
-    parser.add_argument("--preset", default="default", choices=sorted(PRESETS),
-                        help="Starting settings: 'default' is the SmolLM2 demo, 'tiny' uses tiny random models.")
+    parser.add_argument("--preset", default=None, choices=[*sorted(PRESETS), "none"],
+                        help="Starting settings under your config and flags: 'demo' sizes the SmolLM2 CPU demo "
+                        "(128 prompts, 3 rounds), 'tiny' uses tiny random models. Default: 'demo' when no --config, "
+                        "--teacher, --student or --prompts is given, else none.")
     parser.add_argument("--overwrite", action="store_true", help="Replace a different run in --output-dir.")
     groups: dict[str, argparse._ArgumentGroup] = {}
     for name, (section, f) in option_fields().items():
@@ -114,7 +116,13 @@ def _cmd_run(args, *, evaluate_default: bool) -> int:
     overrides = _overrides(args)
     if not evaluate_default:
         overrides.setdefault("evaluate", False)
-    config = load_config(args.config, preset=args.preset, overrides=overrides)
+    preset = args.preset
+    if preset is None:
+        own_setup = args.config or any(key in overrides for key in ("teacher", "student", "prompts"))
+        preset = "none" if own_setup else "demo"
+        if preset == "demo":
+            logger.info("Preset 'demo' (the SmolLM2 CPU demo sizing); --preset none for the plain defaults")
+    config = load_config(args.config, preset=preset, overrides=overrides)
     if getattr(args, "teacher_responses", None):
         from .pipeline import RunPaths, import_teacher_responses, prepare_run_dir
 
@@ -124,8 +132,8 @@ def _cmd_run(args, *, evaluate_default: bool) -> int:
     metrics = run(config, overwrite=args.overwrite)
     training = metrics.get("training", {})
     print(f"\nDistilled student: {Path(config.output_dir) / 'student'}")
-    print(f"Training: {training.get('steps')} optimizer steps, loss {training.get('first_loss')} -> "
-          f"{training.get('last_loss')}")
+    losses = " -> ".join(f"{x:.3f}" for x in training.get("mean_loss_per_round", []))
+    print(f"Training: {training.get('steps')} optimizer steps; mean loss per round: {losses}")
     table = format_metrics(metrics)
     if table:
         print(table)
@@ -137,7 +145,7 @@ def _cmd_generate(args) -> int:
     from .data.prompts import encode_prompts, load_prompts
     from .generation.base import SamplingParams
     from .generation.runner import generate_responses
-    from .models import load_model, resolve_model_source, gguf_to_safetensors
+    from .models import load_model, loadable_path
     from .pipeline import make_backend
     from .config import RunConfig
 
@@ -149,10 +157,7 @@ def _cmd_generate(args) -> int:
     config = RunConfig()
     config.generation.backend = args.backend
     config.generation.generation_batch_size = args.batch_size
-    source = resolve_model_source(args.model)
-    model_dir = str(gguf_to_safetensors(source.path)) if source.kind == "gguf" else (
-        None if source.kind == "tiny" else source.path)
-    backend = make_backend(config, model, tokenizer, model_dir=model_dir)
+    backend = make_backend(config, model, tokenizer, model_dir=loadable_path(args.model))
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                             seed=args.seed)
     rows = generate_responses(backend, prompts, args.output, params, tokenizer, desc=f"responses ({args.model})")

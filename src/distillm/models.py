@@ -168,6 +168,15 @@ def load_model(
     return model, tokenizer
 
 
+def loadable_path(spec: str | os.PathLike) -> str | None:
+    """A path or Hub id another engine (vLLM) can load the model from: the cached safetensors directory of a
+    GGUF file, the local directory, or the Hub id; None for the built-in tiny models, which exist only in memory."""
+    source = resolve_model_source(spec)
+    if source.kind == "gguf":
+        return str(gguf_to_safetensors(source.path))
+    return None if source.kind == "tiny" else source.path
+
+
 def real_vocab_size(tokenizer: PreTrainedTokenizerBase) -> int:
     """Tokens the tokenizer can actually produce; embedding rows past this are padding and never compared."""
     return len(tokenizer)

@@ -19,6 +19,7 @@ Run directory layout::
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -39,8 +40,8 @@ from .generation.vllm_backend import VLLMBackend, choose_backend_name
 from .io import atomic_write_json, read_jsonl, write_jsonl
 from .methods.distillm2 import DistiLLM2, DistiLLM2Options
 from .models import (
-    check_same_tokenizer, count_parameters, gguf_to_safetensors, load_model, parse_layer_spec, prune_layers,
-    real_vocab_size, resolve_model_source,
+    check_same_tokenizer, count_parameters, load_model, loadable_path, parse_layer_spec, prune_layers,
+    real_vocab_size,
 )
 from .evaluation.divergence import teacher_nll, teacher_student_divergence
 from .training.callbacks import OnPolicyRoundCallback
@@ -138,9 +139,7 @@ def load_models(config: RunConfig) -> ModelPair:
         keep = parse_layer_spec(m.student_layers, teacher.config.num_hidden_layers)
         student = prune_layers(teacher, keep)
         logger.info("Student: teacher layers %s (%d of %d)", keep, len(keep), teacher.config.num_hidden_layers)
-    source = resolve_model_source(m.teacher)
-    teacher_path = {"gguf": lambda: str(gguf_to_safetensors(source.path)), "local": lambda: source.path,
-                    "hub": lambda: source.path}.get(source.kind, lambda: None)()
+    teacher_path = loadable_path(m.teacher)
     logger.info("Teacher %s: %.1fM parameters; student: %.1fM", m.teacher, count_parameters(teacher) / 1e6,
                 count_parameters(student) / 1e6)
     return ModelPair(teacher, student, tokenizer, real_vocab_size(tokenizer), teacher_path)
@@ -159,7 +158,7 @@ def load_prompt_set(config: RunConfig, tokenizer, which: str) -> list[EncodedPro
     if report.n_empty_skipped:
         logger.warning("%s: skipped %d empty prompts", report.path, report.n_empty_skipped)
     encoded, n_truncated = encode_prompts(records, tokenizer, max_prompt_length=d.max_prompt_length,
-                                          use_chat_template=d.use_chat_template)
+                                          use_chat_template=d.chat_template)
     if not encoded:
         raise ValueError(f"{report.path}: no usable prompts (all {report.n_empty_skipped} were empty).")
     logger.info("%s prompts: %d from %s (%d truncated, %d empty skipped)", which, len(encoded), report.path,
@@ -338,11 +337,14 @@ def train_distillm2(config: RunConfig, models: ModelPair, train_prompts, teacher
     trainer.save_model(str(paths.student))
     history = [entry for entry in trainer.state.log_history if "loss" in entry]
     write_jsonl(paths.train_log, history)
+    by_round: dict[int, list[float]] = {}
+    for entry in history:  # epoch k+1 is the end of round k; steps of round k have epoch in (k, k+1]
+        by_round.setdefault(max(math.ceil(entry["epoch"]) - 1, 0), []).append(entry["loss"])
+    round_means = [round(sum(v) / len(v), 4) for _, v in sorted(by_round.items())]
     return {
         "steps": trainer.state.global_step,
         "train_seconds": round(result.metrics.get("train_runtime", 0.0), 1),
-        "first_loss": history[0]["loss"] if history else None,
-        "last_loss": history[-1]["loss"] if history else None,
+        "mean_loss_per_round": round_means,
         "log": str(paths.train_log.relative_to(paths.root)),
     }
 
