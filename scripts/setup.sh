@@ -18,26 +18,28 @@ TORCH_CPU_INDEX=${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}
 # shellcheck disable=SC1091
 . "$VENV/bin/activate"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
+# pip's exit status is kept; only the noise of mirror locations that do not exist is filtered out.
+pip_install() { pip install -q "$@" 2> >(grep -v "^WARNING: Location" >&2); }
 
 if python -c "import torch" 2>/dev/null; then
     echo "setup: keeping the installed torch $(python -c 'import torch; print(torch.__version__)')"
 elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     echo "setup: NVIDIA GPU found: installing the CUDA build of torch from PyPI"
-    pip install -q "torch>=2.4"
+    pip_install "torch>=2.4"
 else
     # No GPU: never pull the 5 GB CUDA build. Use a CPU wheel the configured sources already offer
     # (a local wheel or mirror), else PyTorch's CPU index.
     report=$(pip install --dry-run --quiet --no-deps --report - "torch==$TORCH_VERSION" 2>/dev/null || true)
     if echo "$report" | grep -Eq "(\+|%2B)cpu"; then
         echo "setup: no GPU: installing torch==$TORCH_VERSION (CPU build from the configured sources)"
-        pip install -q "torch==$TORCH_VERSION"
+        pip_install "torch==$TORCH_VERSION"
     else
         echo "setup: no GPU: installing torch==$TORCH_VERSION from $TORCH_CPU_INDEX"
-        pip install -q "torch==$TORCH_VERSION" --index-url "$TORCH_CPU_INDEX" --extra-index-url https://pypi.org/simple
+        pip_install "torch==$TORCH_VERSION" --index-url "$TORCH_CPU_INDEX" --extra-index-url https://pypi.org/simple
     fi
 fi
 
 spec="."
 [ -n "${EXTRAS:-}" ] && spec=".[${EXTRAS}]"
-pip install -q -e "$spec" 2>&1 | grep -v "^WARNING: Location" || true
+pip_install -e "$spec"
 python -c "import distillm, torch; print(f'setup: distillm {distillm.__version__} with torch {torch.__version__} ready in $VENV')"

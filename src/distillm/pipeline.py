@@ -37,7 +37,7 @@ from .generation.base import SamplingParams
 from .generation.hf import HFBackend
 from .generation.runner import generate_responses
 from .generation.vllm_backend import VLLMBackend, choose_backend_name
-from .io import atomic_write_json, read_jsonl, write_jsonl
+from .io import atomic_write_json, atomic_write_text, read_jsonl, write_jsonl
 from .methods.distillm2 import DistiLLM2, DistiLLM2Options
 from .models import (
     check_same_tokenizer, count_parameters, load_model, loadable_path, parse_layer_spec, prune_layers,
@@ -90,18 +90,18 @@ def prepare_run_dir(config: RunConfig, *, overwrite: bool = False) -> RunPaths:
         # output_dir itself may differ: a run directory can be moved or copied and continued
         previous = {**yaml.safe_load(paths.config.read_text()), "output_dir": None}
         current = {**yaml.safe_load(text), "output_dir": None}
-        if previous != current:
+        produced = [p for p in paths.root.iterdir() if p.name != paths.config.name]
+        if previous != current and produced:
             changed = sorted(_diff_keys(previous, current))
             raise RunDirError(
                 f"{paths.root} already holds a run with a different config (differs in: {', '.join(changed)}). "
                 "Pass --overwrite to replace it, or choose another --output-dir."
             )
-        logger.info("Continuing the run in %s", paths.root)
+        if produced:
+            logger.info("Continuing the run in %s", paths.root)
     elif paths.root.exists() and any(paths.root.iterdir()):
         raise RunDirError(f"{paths.root} is not empty and holds no distillm run: pass --overwrite or another --output-dir.")
     paths.root.mkdir(parents=True, exist_ok=True)
-    from .io import atomic_write_text
-
     atomic_write_text(paths.config, text)
     return paths
 
