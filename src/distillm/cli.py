@@ -11,7 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .config import PRESETS, ConfigError, load_config, option_fields
+from .config import PRESETS, load_config, option_fields
 
 logger = logging.getLogger("distillm")
 
@@ -175,15 +175,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         args = parser.parse_args([*argv, "run"])
     _setup_logging(args.quiet)
-    from .data.prompts import DataError
-    from .models import ModelLoadError
-    from .pipeline import RunDirError
+    from .errors import DistillmError
 
     try:
         if args.command == "generate":
             return _cmd_generate(args)
         return _cmd_run(args, evaluate_default=args.command == "run")
-    except (ConfigError, DataError, ModelLoadError, RunDirError) as err:
+    except DistillmError as err:
         print(f"distillm: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

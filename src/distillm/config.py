@@ -17,8 +17,10 @@ from typing import Any
 
 import yaml
 
+from .errors import DistillmError
 
-class ConfigError(ValueError):
+
+class ConfigError(DistillmError):
     """A bad config key or value; the message names it and suggests a fix."""
 
 

@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
+from .errors import DistillmError
+
 logger = logging.getLogger("distillm")
 
 
@@ -58,7 +60,7 @@ def read_jsonl(path: str | os.PathLike, *, tolerate_torn_tail: bool = False) -> 
             if tolerate_torn_tail and is_last:
                 logger.warning("%s:%d: dropping a torn last line left by an interrupted write", path, number)
                 break
-            raise ValueError(f"{path}:{number}: not a valid JSON line ({err}).") from err
+            raise DistillmError(f"{path}:{number}: not a valid JSON line ({err}).") from err
         if tolerate_torn_tail and is_last and not complete:
             # Parsed, but the newline never made it to disk: the write was interrupted; redo this row.
             rows.pop()

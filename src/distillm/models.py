@@ -23,10 +23,12 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from .errors import DistillmError
+
 logger = logging.getLogger("distillm")
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(DistillmError):
     """A model or tokenizer could not be resolved or loaded; the message says why and what to pass instead."""
 
 

@@ -32,6 +32,7 @@ from transformers import TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from .config import RunConfig
+from .errors import DistillmError
 from .data.prompts import EncodedPrompt, encode_prompts, load_prompts
 from .generation.base import SamplingParams
 from .generation.hf import HFBackend
@@ -51,7 +52,7 @@ from .training.trainer import DistillTrainer
 logger = logging.getLogger("distillm")
 
 
-class RunDirError(ValueError):
+class RunDirError(DistillmError):
     """The output directory holds another run."""
 
 
@@ -159,8 +160,6 @@ def load_prompt_set(config: RunConfig, tokenizer, which: str) -> list[EncodedPro
         logger.warning("%s: skipped %d empty prompts", report.path, report.n_empty_skipped)
     encoded, n_truncated = encode_prompts(records, tokenizer, max_prompt_length=d.max_prompt_length,
                                           use_chat_template=d.chat_template)
-    if not encoded:
-        raise ValueError(f"{report.path}: no usable prompts (all {report.n_empty_skipped} were empty).")
     logger.info("%s prompts: %d from %s (%d truncated, %d empty skipped)", which, len(encoded), report.path,
                 n_truncated, report.n_empty_skipped)
     return encoded
@@ -222,7 +221,7 @@ def import_teacher_responses(config: RunConfig, path: str, paths: RunPaths) -> N
     for number, row in enumerate(rows, start=1):
         for key in ("id", "prompt", "response"):
             if key not in row:
-                raise ValueError(f"{path}:{number}: missing field '{key}' (a teacher response row needs id, prompt "
+                raise DistillmError(f"{path}:{number}: missing field '{key}' (a teacher response row needs id, prompt "
                                  "and response; `distillm generate` writes such files).")
         if "prompt_ids" not in row:
             row["prompt_ids"] = tokenizer(row["prompt"], add_special_tokens=False).input_ids

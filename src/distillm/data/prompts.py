@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from distillm.data.builtin import BUILTIN_SPLITS, load_builtin
+from distillm.errors import DistillmError
 
 logger = logging.getLogger("distillm")
 
@@ -29,7 +30,7 @@ SUPPORTED_FORMATS = (
 )
 
 
-class DataError(ValueError):
+class DataError(DistillmError):
     """Bad prompt input. The message names the file, the line or row (1-based) and the field, and how to fix it."""
 
 

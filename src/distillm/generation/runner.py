@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from ..data.prompts import EncodedPrompt
+from ..errors import DistillmError
 from ..io import JsonlAppender
 from .base import GenerationBackend, SamplingParams
 
@@ -57,14 +58,14 @@ def generate_responses(
     """
     ids = [p.id for p in prompts]
     if len(set(ids)) != len(ids):
-        raise ValueError(f"Prompt ids must be unique to resume generation into {out_path}.")
+        raise DistillmError(f"Prompt ids must be unique to resume generation into {out_path}.")
     writer = JsonlAppender(out_path)
     done = {row["id"]: row for row in writer.existing_rows()}
     unknown = set(done) - set(ids)
     if writer.path.is_file() and not unknown and len(done) == len(ids):
         return [done[i] for i in ids]
     if unknown:
-        raise ValueError(
+        raise DistillmError(
             f"{writer.path if writer.path.is_file() else writer.partial} holds responses for prompts that are not in "
             f"this prompt set (e.g. id {sorted(unknown)[0]!r}): it belongs to another run. Use another output "
             "directory, or --overwrite."

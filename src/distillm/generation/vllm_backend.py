@@ -13,6 +13,7 @@ from typing import Sequence
 
 import torch
 
+from ..errors import DistillmError
 from .base import Completion, SamplingParams
 
 
@@ -77,9 +78,9 @@ class VLLMBackend:
 def choose_backend_name(requested: str) -> str:
     """'auto' picks vLLM when it is installed and a GPU is present, else transformers' generate."""
     if requested not in ("auto", "hf", "vllm"):
-        raise ValueError(f"Unknown generation backend '{requested}': use auto, hf or vllm.")
+        raise DistillmError(f"Unknown generation backend '{requested}': use auto, hf or vllm.")
     if requested == "auto":
         return "vllm" if vllm_available() and torch.cuda.is_available() else "hf"
     if requested == "vllm" and not vllm_available():
-        raise ValueError("generation backend 'vllm' requested but vLLM is not installed: pip install 'distillm[vllm]'")
+        raise DistillmError("generation backend 'vllm' requested but vLLM is not installed: pip install 'distillm[vllm]'")
     return requested
