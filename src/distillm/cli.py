@@ -130,6 +130,10 @@ def _cmd_run(args, *, evaluate_default: bool) -> int:
         import_teacher_responses(config, args.teacher_responses, RunPaths(config.output_dir))
         args.overwrite = False
     metrics = run(config, overwrite=args.overwrite)
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # one summary per run, not one per process
+        return 0
     training = metrics.get("training", {})
     print(f"\nDistilled student: {Path(config.output_dir) / 'student'}")
     losses = " -> ".join(f"{x:.3f}" for x in training.get("mean_loss_per_round", []))

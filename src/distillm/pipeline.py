@@ -354,7 +354,9 @@ def train_distillm2(config: RunConfig, models: ModelPair, train_prompts, teacher
 def run(config: RunConfig, *, overwrite: bool = False) -> dict:
     """Teacher responses, rounds of student responses + training, before/after evaluation, metrics.json."""
     started = time.time()
-    paths = prepare_run_dir(config, overwrite=overwrite)
+    state = PartialState()
+    with state.main_process_first():  # one process sets the directory up (and wipes it), the others then agree
+        paths = prepare_run_dir(config, overwrite=overwrite and state.is_main_process)
     if paths.metrics.is_file():
         metrics = yaml.safe_load(paths.metrics.read_text())
         if metrics.get("complete"):
@@ -388,5 +390,6 @@ def run(config: RunConfig, *, overwrite: bool = False) -> dict:
         metrics["after"] = evaluate(config, models, eval_prompts, teacher_eval, paths, "after")
     metrics["wall_seconds"] = round(time.time() - started, 1)
     metrics["complete"] = True
-    atomic_write_json(paths.metrics, metrics)
+    if state.is_main_process:
+        atomic_write_json(paths.metrics, metrics)
     return metrics
