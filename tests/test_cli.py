@@ -169,3 +169,12 @@ def test_generate_then_train_from_teacher_responses(tmp_path):
     assert [r["response"] for r in copied] == [r["response"] for r in rows]
     metrics = json.loads((out / "metrics.json").read_text())
     assert "before" not in metrics and metrics["training"]["steps"] == 2
+
+
+def test_global_flags_before_run_options_imply_run(monkeypatch):
+    import distillm.cli as cli
+
+    seen = {}
+    monkeypatch.setattr(cli, "_cmd_run", lambda args, evaluate_default: seen.update(vars(args)) or 0)
+    assert cli.main(["-q", "--rounds", "2"]) == 0
+    assert seen["command"] == "run" and seen["rounds"] == "2" and seen["quiet"]

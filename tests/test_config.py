@@ -70,3 +70,18 @@ def test_yaml_round_trip():
 
     again = load_config(preset=None, overrides=yaml.safe_load(c.to_yaml()))
     assert again.flat() == c.flat()
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("loss_temperature", 0, "loss_temperature"),
+    ("lr_scheduler_type", "cosin", "lr_scheduler_type must be one of"),
+    ("warmup_ratio", 1.0, "warmup_ratio"),
+    ("b_end", 2.5, "b_start and b_end"),
+    ("gap_momentum", 1.0, "gap_momentum"),
+    ("max_new_tokens", 0, "max_new_tokens"),
+    ("num_prompts", 0, "num_prompts"),
+    ("dtype", "int8", "dtype"),
+])
+def test_values_are_validated_before_any_work(key, value, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides={key: value})

@@ -286,3 +286,13 @@ def test_duplicate_prompt_ids_are_rejected(tmp_path, encoded_prompts, tokenizer)
     with pytest.raises(ValueError, match="unique"):
         generate_responses(RefusingBackend(), prompts, out, SAMPLED, tokenizer)
     assert not out.exists() and not (tmp_path / "responses.jsonl.partial").exists()
+
+
+def test_generation_leaves_the_global_random_state_alone(teacher, tokenizer, encoded_prompts):
+    """Sampling uses a private RNG: the training loop's random stream is the same with or without it."""
+    params = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=3)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    HFBackend(teacher, tokenizer).generate_batch([encoded_prompts[0].input_ids], params, seed=7)
+    assert torch.equal(torch.rand(3), expected)

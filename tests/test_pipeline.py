@@ -35,3 +35,57 @@ def test_pair_rows_use_trl_dpo_columns():
     (row,) = pair_rows(teacher, student)
     assert (row["prompt"], row["chosen"], row["rejected"]) == ("P", "T", "S")
     assert (row["chosen_ids"], row["rejected_ids"]) == ([2, 9], [3])
+
+
+def test_overwrite_never_wipes_a_directory_that_is_not_a_run(tmp_path):
+    foreign = tmp_path / "home"
+    foreign.mkdir()
+    (foreign / "important.txt").write_text("keep me")
+    with pytest.raises(RunDirError, match="holds no distillm run"):
+        prepare_run_dir(load_config(preset="tiny", overrides={"output_dir": str(foreign)}), overwrite=True)
+    assert (foreign / "important.txt").read_text() == "keep me"
+
+
+def test_resume_skips_a_checkpoint_cut_off_mid_write(tmp_path):
+    from distillm.training.trainer import METHOD_STATE_FILE, last_complete_checkpoint
+
+    assert last_complete_checkpoint(tmp_path / "none") is None
+    for step, complete in ((4, True), (8, True), (12, False)):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        if complete:
+            (folder / METHOD_STATE_FILE).write_text("{}")
+    (tmp_path / "checkpoint-x").mkdir()
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-8")
+
+
+def test_pairs_must_share_prompt_tokens():
+    from distillm.errors import DistillmError
+
+    teacher = [{"id": "a", "prompt": "P", "response": "T", "prompt_ids": [1, 2], "response_ids": [5]}]
+    student = [{"id": "a", "prompt": "P", "response": "S", "prompt_ids": [2], "response_ids": [6]}]
+    with pytest.raises(DistillmError, match="different prompt tokens"):
+        pair_rows(teacher, student)
+
+
+def test_import_teacher_responses_matches_prompts_by_id(tmp_path, tokenizer, encoded_prompts):
+    import json
+
+    from distillm.errors import DistillmError
+    from distillm.pipeline import import_teacher_responses
+
+    with pytest.raises(DistillmError, match="not found"):
+        import_teacher_responses(str(tmp_path / "missing.jsonl"), encoded_prompts, tokenizer, tmp_path / "out.jsonl")
+    source = tmp_path / "teacher.jsonl"
+    rows = [{"id": p.id, "prompt": "other rendering", "response": f"answer {i}"} for i, p in enumerate(encoded_prompts)]
+    source.write_text("".join(json.dumps(r) + "\n" for r in reversed(rows)))
+    out = tmp_path / "out.jsonl"
+    import_teacher_responses(str(source), encoded_prompts, tokenizer, out)
+    got = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [g["id"] for g in got] == [p.id for p in encoded_prompts]  # prompt order, not file order
+    assert got[0]["prompt_ids"] == encoded_prompts[0].input_ids  # the run's own prompt tokens
+    assert got[0]["response_ids"][-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(got[0]["response_ids"], skip_special_tokens=True) == "answer 0"
+    source.write_text(json.dumps(rows[0]) + "\n")
+    with pytest.raises(DistillmError, match="no response for"):
+        import_teacher_responses(str(source), encoded_prompts, tokenizer, tmp_path / "out2.jsonl")

@@ -11,7 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .config import PRESETS, load_config, option_fields
+from .config import PRESETS, RunConfig, load_config, option_fields
 
 logger = logging.getLogger("distillm")
 
@@ -61,14 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
                          "the default demo (SmolLM2-135M-Instruct -> 10-layer pruned student on built-in prompts).")
     _add_config_options(run)
 
-    train = sub.add_parser("train", help="Train a student from teacher responses you already have (no evaluation).",
+    train = sub.add_parser("train", help="Train a student, e.g. from teacher responses you already have (no evaluation).",
                            description="Like `run`, without the before/after evaluation by default. "
-                           "--teacher-responses reuses a JSONL made by `distillm generate` (or with prompt and "
-                           "response fields) instead of generating teacher responses.")
-    train.add_argument("--teacher-responses", metavar="FILE",
-                       help="JSONL of teacher responses (from `distillm generate`) for the training prompts.")
+                           "--teacher-responses reuses a JSONL made by `distillm generate` instead of generating "
+                           "teacher responses.")
     _add_config_options(train)
 
+    defaults = RunConfig()  # `generate` samples as `run` does unless told otherwise
     gen = sub.add_parser("generate", help="Sample one response per prompt with a model, into resumable JSONL.")
     gen.add_argument("--model", required=True, help="Alias, Hugging Face id, local directory or .gguf file.")
     gen.add_argument("--prompts", default="builtin:train", help="Prompt file or builtin:train / builtin:eval.")
@@ -76,13 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-prompts", type=int, default=None, help="Use only the first N prompts.")
     gen.add_argument("--prompt-field", default="prompt")
     gen.add_argument("--messages-field", default="messages")
-    gen.add_argument("--max-prompt-length", type=int, default=256)
+    gen.add_argument("--max-prompt-length", type=int, default=defaults.data.max_prompt_length)
     gen.add_argument("--no-chat-template", action="store_true", help="Use raw prompt text (no chat template).")
     gen.add_argument("--backend", default="auto", choices=["auto", "hf", "vllm"])
-    gen.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding.")
-    gen.add_argument("--top-p", type=float, default=0.95)
-    gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--batch-size", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=defaults.generation.temperature, help="0 for greedy decoding.")
+    gen.add_argument("--top-p", type=float, default=defaults.generation.top_p)
+    gen.add_argument("--max-new-tokens", type=int, default=defaults.generation.max_new_tokens)
+    gen.add_argument("--batch-size", type=int, default=defaults.generation.generation_batch_size)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--dtype", default="auto")
     gen.add_argument("--trust-remote-code", action="store_true")
@@ -123,12 +122,6 @@ def _cmd_run(args, *, evaluate_default: bool) -> int:
         if preset == "demo":
             logger.info("Preset 'demo' (the SmolLM2 CPU demo sizing); --preset none for the plain defaults")
     config = load_config(args.config, preset=preset, overrides=overrides)
-    if getattr(args, "teacher_responses", None):
-        from .pipeline import RunPaths, import_teacher_responses, prepare_run_dir
-
-        prepare_run_dir(config, overwrite=args.overwrite)
-        import_teacher_responses(config, args.teacher_responses, RunPaths(config.output_dir))
-        args.overwrite = False
     metrics = run(config, overwrite=args.overwrite)
     from accelerate import PartialState
 
@@ -151,7 +144,6 @@ def _cmd_generate(args) -> int:
     from .generation.runner import generate_responses
     from .models import load_model, loadable_path
     from .pipeline import make_backend
-    from .config import RunConfig
 
     model, tokenizer = load_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     records, report = load_prompts(args.prompts, prompt_field=args.prompt_field, messages_field=args.messages_field,
@@ -172,12 +164,13 @@ def _cmd_generate(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help", "-q", "--quiet"):
-        argv = ["run", *argv]  # `distillm` alone (or with run's flags) runs the default demo
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `distillm` alone, or with only run's flags, runs the default demo: insert "run" after the global flags
+    n_global = next((i for i, a in enumerate(argv) if a not in ("-q", "--quiet")), len(argv))
+    rest = argv[n_global:]
+    if not rest or (rest[0] not in ("run", "train", "generate", "-h", "--help")):
+        argv = [*argv[:n_global], "run", *rest]
     args = parser.parse_args(argv)
-    if args.command is None:
-        args = parser.parse_args([*argv, "run"])
     _setup_logging(args.quiet)
     from .errors import DistillmError
 

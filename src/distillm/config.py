@@ -40,6 +40,7 @@ class ModelSection:
 @dataclass
 class DataSection:
     prompts: str = opt("builtin:train", "Training prompts: JSONL, JSON, CSV, Parquet, a saved HF dataset directory ('DIR' or 'DIR:split'), or builtin:train.")
+    teacher_responses: str | None = opt(None, "JSONL of teacher responses to reuse instead of generating them (from `distillm generate`, or rows with id and response matching the prompt ids).")
     eval_prompts: str | None = opt("builtin:eval", "Held-out prompts for the before/after evaluation (same formats); empty to skip.")
     num_prompts: int | None = opt(None, "Use only the first N training prompts.")
     num_eval_prompts: int | None = opt(None, "Use only the first N held-out prompts.")
@@ -49,8 +50,8 @@ class DataSection:
     id_field: str = opt("id", "Field holding a unique prompt id (default: file name and line number).")
     system_prompt: str | None = opt(None, "System message prepended to every chat that has none.")
     chat_template: bool = opt(True, "Render prompts with the tokenizer's own chat template (--no-chat-template: raw text).")
-    max_prompt_length: int = opt(256, "Prompts longer than this many tokens are cut from the left (counted and reported).")
-    max_length: int = opt(512, "Maximum prompt + response tokens in training.")
+    max_prompt_length: int = opt(512, "Prompts longer than this many tokens are cut from the left (counted and reported).")
+    max_length: int = opt(1024, "Maximum prompt + response tokens in training.")
 
 
 @dataclass
@@ -58,7 +59,7 @@ class GenerationSection:
     backend: str = opt("auto", "Generation backend: auto (vLLM if installed and a GPU is present, else hf), hf or vllm.")
     temperature: float = opt(0.8, "Sampling temperature for teacher and student responses (0 = greedy).")
     top_p: float = opt(0.95, "Nucleus sampling top-p.")
-    max_new_tokens: int = opt(64, "Maximum tokens per generated response.")
+    max_new_tokens: int = opt(512, "Maximum tokens per generated response.")
     generation_batch_size: int = opt(32, "Prompts per generation batch (hf backend).")
     max_batch_tokens: int | None = opt(None, "Cap on batch x (prompt + new tokens) per generation batch.")
     generation_seed: int = opt(0, "Seed of the sampling (each batch and round derives its own from it).")
@@ -88,7 +89,7 @@ class TrainingSection:
     lr_scheduler_type: str = opt("cosine", "Learning-rate schedule (any transformers scheduler name).")
     warmup_ratio: float = opt(0.1, "Fraction of the steps spent warming up the learning rate.")
     per_device_train_batch_size: int = opt(8, "Pairs per micro-batch per process.")
-    gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step.")
+    gradient_accumulation_steps: int = opt(4, "Micro-batches per optimizer step (default: effective batch 8 x 4 = 32, as the released configs).")
     weight_decay: float = opt(0.0, "AdamW weight decay.")
     max_grad_norm: float = opt(1.0, "Gradient clipping norm.")
     seed: int = opt(42, "Training seed (data order, initialisation of anything random).")
@@ -200,16 +201,40 @@ def _unknown(key: str, known: dict, where: str):
 
 
 def validate(config: RunConfig) -> None:
-    checks = [
-        (config.training.rounds >= 1, "rounds must be >= 1"),
-        (config.training.learning_rate > 0, "learning_rate must be > 0"),
-        (0 <= config.loss.alpha_min <= config.loss.alpha0 <= config.loss.alpha_max < 1,
-         "need 0 <= alpha_min <= alpha0 <= alpha_max < 1"),
-        (config.loss.reduction in ("seq_mean", "token_mean"), "reduction must be seq_mean or token_mean"),
-        (0 < config.generation.top_p <= 1, "top_p must be in (0, 1]"),
-        (config.generation.temperature >= 0, "temperature must be >= 0"),
-        (config.data.max_prompt_length < config.data.max_length, "max_prompt_length must be < max_length"),
-        (config.generation.backend in ("auto", "hf", "vllm"), "backend must be auto, hf or vllm"),
+    """Check values before any work starts, so a typo fails in a second, not after the teacher has generated."""
+    from transformers.trainer_utils import SchedulerType
+
+    m, d, g, lo, t, e = (config.model, config.data, config.generation, config.loss, config.training,
+                         config.evaluation)
+    positive = {"max_prompt_length": d.max_prompt_length, "max_length": d.max_length,
+                "max_new_tokens": g.max_new_tokens, "generation_batch_size": g.generation_batch_size,
+                "vllm_tensor_parallel_size": g.vllm_tensor_parallel_size, "rounds": t.rounds,
+                "per_device_train_batch_size": t.per_device_train_batch_size,
+                "gradient_accumulation_steps": t.gradient_accumulation_steps, "logging_steps": t.logging_steps,
+                "save_steps": t.save_steps, "save_total_limit": t.save_total_limit}
+    optional_positive = {"num_prompts": d.num_prompts, "num_eval_prompts": d.num_eval_prompts,
+                         "max_batch_tokens": g.max_batch_tokens, "eval_max_new_tokens": e.eval_max_new_tokens}
+    checks = [(value >= 1, f"{name} must be >= 1 (got {value})") for name, value in positive.items()]
+    checks += [(value is None or value >= 1, f"{name} must be >= 1 or empty (got {value})")
+               for name, value in optional_positive.items()]
+    schedulers = [s.value for s in SchedulerType]
+    checks += [
+        (t.learning_rate > 0, "learning_rate must be > 0"),
+        (0 <= t.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
+        (t.lr_scheduler_type in schedulers, f"lr_scheduler_type must be one of {', '.join(schedulers)}"),
+        (0 <= lo.alpha_min <= lo.alpha0 <= lo.alpha_max < 1, "need 0 <= alpha_min <= alpha0 <= alpha_max < 1"),
+        (0 <= lo.gap_momentum < 1, "gap_momentum must be in [0, 1)"),
+        (0 <= lo.b_start <= 2 and 0 <= lo.b_end <= 2, "b_start and b_end must be in [0, 2] (SKL gets weight 2 - b)"),
+        (0 <= lo.ramp_fraction <= 1, "ramp_fraction must be in [0, 1]"),
+        (lo.loss_temperature > 0, "loss_temperature must be > 0"),
+        (lo.reduction in ("seq_mean", "token_mean"), "reduction must be seq_mean or token_mean"),
+        (0 < g.top_p <= 1, "top_p must be in (0, 1]"),
+        (g.temperature >= 0, "temperature must be >= 0"),
+        (0 < g.vllm_gpu_memory_utilization <= 1, "vllm_gpu_memory_utilization must be in (0, 1]"),
+        (g.backend in ("auto", "hf", "vllm"), "backend must be auto, hf or vllm"),
+        (d.max_prompt_length < d.max_length, "max_prompt_length must be < max_length"),
+        (m.dtype in ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"),
+         "dtype must be auto, float32, bfloat16 or float16"),
     ]
     for ok, message in checks:
         if not ok:
@@ -229,6 +254,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "rounds": 3,
         "learning_rate": 2e-4,
         "per_device_train_batch_size": 8,
+        "gradient_accumulation_steps": 1,
         "generation_batch_size": 32,
     },
     # Tiny random models, the same pipeline in seconds: for tests and smoke runs.
@@ -245,6 +271,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "learning_rate": 3e-3,
         "warmup_ratio": 0.0,
         "per_device_train_batch_size": 4,
+        "gradient_accumulation_steps": 1,
         "generation_batch_size": 16,
         "save_steps": 4,
     },

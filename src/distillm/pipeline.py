@@ -18,6 +18,7 @@ Run directory layout::
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import shutil
@@ -29,7 +30,6 @@ import torch
 import yaml
 from accelerate import PartialState
 from transformers import TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from .config import RunConfig
 from .errors import DistillmError
@@ -37,17 +37,17 @@ from .data.prompts import EncodedPrompt, encode_prompts, load_prompts
 from .generation.base import SamplingParams
 from .generation.hf import HFBackend
 from .generation.runner import generate_responses
-from .generation.vllm_backend import VLLMBackend, choose_backend_name
+from .generation.vllm_backend import LazyVLLMBackend, choose_backend_name
 from .io import atomic_write_json, atomic_write_text, read_jsonl, write_jsonl
 from .methods.distillm2 import DistiLLM2, DistiLLM2Options
 from .models import (
     check_same_tokenizer, count_parameters, load_model, loadable_path, parse_layer_spec, prune_layers,
-    real_vocab_size,
+    real_vocab_size, resolve_dtype,
 )
 from .evaluation.divergence import teacher_nll, teacher_student_divergence
 from .training.callbacks import OnPolicyRoundCallback
 from .training.collate import PairCollator, PairDataset
-from .training.trainer import DistillTrainer
+from .training.trainer import DistillTrainer, last_complete_checkpoint
 
 logger = logging.getLogger("distillm")
 
@@ -85,7 +85,12 @@ def prepare_run_dir(config: RunConfig, *, overwrite: bool = False) -> RunPaths:
     """
     paths = RunPaths(config.output_dir)
     text = config.to_yaml()
-    if paths.root.exists() and overwrite:
+    is_run = paths.config.is_file()
+    if not is_run and paths.root.exists() and any(paths.root.iterdir()):
+        # never wiped, even with --overwrite: it may be anything (a home directory, a dataset)
+        raise RunDirError(f"{paths.root} is not empty and holds no distillm run (no config.yaml): choose another "
+                          "--output-dir.")
+    if is_run and overwrite:
         shutil.rmtree(paths.root)
     if paths.config.is_file():
         # output_dir itself may differ: a run directory can be moved or copied and continued
@@ -100,8 +105,6 @@ def prepare_run_dir(config: RunConfig, *, overwrite: bool = False) -> RunPaths:
             )
         if produced:
             logger.info("Continuing the run in %s", paths.root)
-    elif paths.root.exists() and any(paths.root.iterdir()):
-        raise RunDirError(f"{paths.root} is not empty and holds no distillm run: pass --overwrite or another --output-dir.")
     paths.root.mkdir(parents=True, exist_ok=True)
     atomic_write_text(paths.config, text)
     return paths
@@ -131,15 +134,19 @@ class ModelPair:
 
 
 def load_models(config: RunConfig) -> ModelPair:
+    """Teacher in the configured dtype; student in fp32 (its master weights: a bf16/fp16 dtype trains it under
+    autocast instead, see training_arguments), both on this process's device."""
     m = config.model
+    device = PartialState().device
     teacher, tokenizer = load_model(m.teacher, dtype=m.dtype, trust_remote_code=m.trust_remote_code)
     if m.student:
-        student, student_tok = load_model(m.student, dtype=m.dtype, trust_remote_code=m.trust_remote_code)
+        student, student_tok = load_model(m.student, dtype="float32", trust_remote_code=m.trust_remote_code)
         check_same_tokenizer(tokenizer, student_tok)
     else:
         keep = parse_layer_spec(m.student_layers, teacher.config.num_hidden_layers)
-        student = prune_layers(teacher, keep)
+        student = prune_layers(teacher, keep).float()
         logger.info("Student: teacher layers %s (%d of %d)", keep, len(keep), teacher.config.num_hidden_layers)
+    teacher, student = teacher.to(device), student.to(device)
     teacher_path = loadable_path(m.teacher)
     logger.info("Teacher %s: %.1fM parameters; student: %.1fM", m.teacher, count_parameters(teacher) / 1e6,
                 count_parameters(student) / 1e6)
@@ -171,7 +178,8 @@ def load_prompt_set(config: RunConfig, tokenizer, which: str) -> list[EncodedPro
 def sampling_params(config: RunConfig, *, seed_offset: int = 0, max_new_tokens: int | None = None) -> SamplingParams:
     g = config.generation
     return SamplingParams(temperature=g.temperature, top_p=g.top_p,
-                          max_new_tokens=max_new_tokens or g.max_new_tokens, seed=g.generation_seed + seed_offset)
+                          max_new_tokens=g.max_new_tokens if max_new_tokens is None else max_new_tokens,
+                          seed=g.generation_seed + seed_offset)
 
 
 def generate_once(*args, **kwargs) -> list[dict]:
@@ -186,7 +194,7 @@ def make_backend(config: RunConfig, model, tokenizer, *, model_dir: str | None):
     g = config.generation
     name = choose_backend_name(g.backend)
     if name == "vllm" and model_dir is not None:
-        return VLLMBackend(model_dir, tensor_parallel_size=g.vllm_tensor_parallel_size,
+        return LazyVLLMBackend(model_dir, tensor_parallel_size=g.vllm_tensor_parallel_size,
                            gpu_memory_utilization=g.vllm_gpu_memory_utilization,
                            trust_remote_code=config.model.trust_remote_code)
     return HFBackend(model, tokenizer, max_batch_size=g.generation_batch_size, max_batch_tokens=g.max_batch_tokens)
@@ -200,36 +208,44 @@ def release(backend) -> None:
 
 
 def pair_rows(teacher_rows: list[dict], student_rows: list[dict]) -> list[dict]:
-    """TRL DPO columns (prompt, chosen = teacher response, rejected = student response) plus token ids."""
+    """TRL DPO columns (prompt, chosen = teacher response, rejected = student response) plus token ids.
+    Both responses must answer the same prompt tokens: each is scored under the prompt it was sampled from."""
     by_id = {row["id"]: row for row in student_rows}
-    return [
-        {"id": t["id"], "prompt": t["prompt"], "chosen": t["response"], "rejected": by_id[t["id"]]["response"],
-         "prompt_ids": t["prompt_ids"], "chosen_ids": t["response_ids"],
-         "rejected_ids": by_id[t["id"]]["response_ids"]}
-        for t in teacher_rows
-    ]
+    pairs = []
+    for t in teacher_rows:
+        s = by_id[t["id"]]
+        if s["prompt_ids"] != t["prompt_ids"]:
+            raise DistillmError(f"Prompt {t['id']!r}: the teacher and student responses were generated from different "
+                                "prompt tokens (a teacher file made with other prompt settings?).")
+        pairs.append({"id": t["id"], "prompt": t["prompt"], "chosen": t["response"], "rejected": s["response"],
+                      "prompt_ids": t["prompt_ids"], "chosen_ids": t["response_ids"], "rejected_ids": s["response_ids"]})
+    return pairs
 
 
-def import_teacher_responses(config: RunConfig, path: str, paths: RunPaths) -> None:
-    """Use existing teacher responses (JSONL from `distillm generate`, or rows with id, prompt and response
-    text) as the run's teacher data. Rows lacking token ids are tokenized (the response gets an EOS)."""
-    if paths.teacher_train.is_file():
-        return
-    _, tokenizer = load_model(config.model.teacher, dtype=config.model.dtype,
-                              trust_remote_code=config.model.trust_remote_code)
-    rows = read_jsonl(path)
-    for number, row in enumerate(rows, start=1):
-        for key in ("id", "prompt", "response"):
-            if key not in row:
-                raise DistillmError(f"{path}:{number}: missing field '{key}' (a teacher response row needs id, prompt "
-                                 "and response; `distillm generate` writes such files).")
-        if "prompt_ids" not in row:
-            row["prompt_ids"] = tokenizer(row["prompt"], add_special_tokens=False).input_ids
-        if "response_ids" not in row:
-            row["response_ids"] = tokenizer(row["response"], add_special_tokens=False).input_ids + [
-                tokenizer.eos_token_id]
-            row["finish_reason"] = "stop"
-    write_jsonl(paths.teacher_train, rows)
+def import_teacher_responses(path: str, prompts: list[EncodedPrompt], tokenizer, out: Path) -> None:
+    """Use existing teacher responses as the run's teacher data. Rows are matched to the prompt set by id and
+    take its (templated, truncated) prompt tokens; rows without `response_ids` are tokenized (plus EOS)."""
+    if not Path(path).is_file():
+        raise DistillmError(f"Teacher responses file not found: {path}")
+    rows = {}
+    for number, row in enumerate(read_jsonl(path), start=1):
+        if "id" not in row or "response" not in row:
+            raise DistillmError(f"{path}:{number}: a teacher response row needs 'id' and 'response' fields "
+                                "(`distillm generate` writes such files).")
+        rows[str(row["id"])] = row
+    missing = [p.id for p in prompts if p.id not in rows]
+    if missing:
+        raise DistillmError(f"{path} has no response for {len(missing)} of the {len(prompts)} training prompts "
+                            f"(e.g. id {missing[0]!r}): generate it from the same prompt file and settings.")
+    imported = []
+    for prompt in prompts:
+        row = rows[prompt.id]
+        ids = row.get("response_ids") or tokenizer(row["response"], add_special_tokens=False).input_ids + [
+            tokenizer.eos_token_id]
+        imported.append({"id": prompt.id, "prompt": prompt.text, "response": row["response"],
+                         "prompt_ids": prompt.input_ids, "response_ids": ids,
+                         "finish_reason": row.get("finish_reason", "stop")})
+    write_jsonl(out, imported)
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
@@ -276,7 +292,8 @@ def training_arguments(config: RunConfig, paths: RunPaths) -> TrainingArguments:
         save_total_limit=t.save_total_limit,
         report_to=[] if t.report_to == "none" else [t.report_to],
         **({"gradient_checkpointing": True} if t.gradient_checkpointing else {}),
-        bf16=config.model.dtype in ("bf16", "bfloat16"),
+        bf16=resolve_dtype(config.model.dtype) == torch.bfloat16,
+        fp16=resolve_dtype(config.model.dtype) == torch.float16,
         remove_unused_columns=False,
         dataloader_num_workers=0,
         disable_tqdm=False,
@@ -299,6 +316,8 @@ def train_distillm2(config: RunConfig, models: ModelPair, train_prompts, teacher
 
     def refresh(round_index: int, model) -> list[dict]:
         folder = paths.round_dir(round_index)
+        if (folder / "pairs.jsonl").is_file():  # this round's data is complete (a resumed run, or round 0 again)
+            return read_jsonl(folder / "pairs.jsonl")
         model_dir = None
         if choose_backend_name(config.generation.backend) == "vllm":
             model_dir = str(folder / "student_weights")
@@ -315,8 +334,7 @@ def train_distillm2(config: RunConfig, models: ModelPair, train_prompts, teacher
         finally:
             release(backend)
         pairs = pair_rows(teacher_rows, student_rows)
-        if not (folder / "pairs.jsonl").is_file():
-            write_jsonl(folder / "pairs.jsonl", pairs)
+        write_jsonl(folder / "pairs.jsonl", pairs)
         return pairs
 
     method = DistiLLM2(method_options(config))
@@ -329,7 +347,7 @@ def train_distillm2(config: RunConfig, models: ModelPair, train_prompts, teacher
         data_collator=PairCollator(tokenizer.pad_token_id, config.data.max_length), processing_class=tokenizer,
     )
     trainer.add_callback(OnPolicyRoundCallback(dataset, refresh))
-    last = get_last_checkpoint(str(paths.checkpoints)) if paths.checkpoints.is_dir() else None
+    last = last_complete_checkpoint(paths.checkpoints)
     if last:
         logger.info("Resuming training from %s", last)
     result = trainer.train(resume_from_checkpoint=last)
@@ -358,7 +376,7 @@ def run(config: RunConfig, *, overwrite: bool = False) -> dict:
     with state.main_process_first():  # one process sets the directory up (and wipes it), the others then agree
         paths = prepare_run_dir(config, overwrite=overwrite and state.is_main_process)
     if paths.metrics.is_file():
-        metrics = yaml.safe_load(paths.metrics.read_text())
+        metrics = json.loads(paths.metrics.read_text())
         if metrics.get("complete"):
             logger.info("%s already holds a finished run; metrics.json is unchanged", paths.root)
             return metrics
@@ -366,6 +384,9 @@ def run(config: RunConfig, *, overwrite: bool = False) -> dict:
     train_prompts = load_prompt_set(config, models.tokenizer, "train")
     evaluating = bool(config.evaluation.evaluate and config.data.eval_prompts)
     eval_prompts = load_prompt_set(config, models.tokenizer, "eval") if evaluating else []
+    if config.data.teacher_responses and not paths.teacher_train.is_file() and state.is_main_process:
+        import_teacher_responses(config.data.teacher_responses, train_prompts, models.tokenizer, paths.teacher_train)
+    state.wait_for_everyone()
     teacher_backend = make_backend(config, models.teacher, models.tokenizer, model_dir=models.teacher_path)
     try:
         teacher_rows = generate_once(teacher_backend, train_prompts, paths.teacher_train, sampling_params(config),
@@ -381,7 +402,7 @@ def run(config: RunConfig, *, overwrite: bool = False) -> dict:
     if evaluating:
         before_file = paths.root / "eval" / "before.json"
         if before_file.is_file():  # a resumed run: the student has trained since, so reuse the first figures
-            metrics["before"] = yaml.safe_load(before_file.read_text())
+            metrics["before"] = json.loads(before_file.read_text())
         else:
             metrics["before"] = evaluate(config, models, eval_prompts, teacher_eval, paths, "before")
             atomic_write_json(before_file, metrics["before"])

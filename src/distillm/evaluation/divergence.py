@@ -14,25 +14,17 @@ import torch
 from tqdm.auto import tqdm
 
 from ..losses.divergences import acceptance_rate, forward_kl, token_log_probs, total_variation
-from ..training.collate import build_sequences, pad_left
+from ..training.collate import IGNORE, build_sequences, pad_left, response_logits
 
 
-def _batches(rows: Sequence[dict], batch_size: int, max_length: int, pad_token_id: int):
+def _batches(rows: Sequence[dict], batch_size: int, max_length: int, pad_token_id: int, device):
     # longest first: padding is shared by similar lengths, and an out-of-memory shows up at once
     order = sorted(range(len(rows)), key=lambda i: -(len(rows[i]["prompt_ids"]) + len(rows[i]["response_ids"])))
     for start in range(0, len(order), batch_size):
         chunk = [rows[i] for i in order[start:start + batch_size]]
         batch = pad_left([build_sequences(r["prompt_ids"], r["response_ids"], max_length) for r in chunk],
                          pad_token_id)
-        width = max(int((batch["labels"] != -100).sum(-1).max().item()), 1)
-        yield batch, width
-
-
-def _logits(model, batch, width, vocab_size):
-    device = next(model.parameters()).device
-    out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                position_ids=batch["position_ids"].to(device), logits_to_keep=width + 1, use_cache=False)
-    return out.logits[:, :-1, :vocab_size].float()
+        yield {key: value.to(device) for key, value in batch.items()}
 
 
 @torch.inference_mode()
@@ -42,11 +34,11 @@ def teacher_nll(teacher, rows: Sequence[dict], *, vocab_size: int, pad_token_id:
     was_training = teacher.training
     teacher.eval()
     total, count = 0.0, 0
-    for batch, width in tqdm(list(_batches(rows, batch_size, max_length, pad_token_id)), desc=desc, leave=False):
-        targets = batch["labels"][:, -width:]
-        logp = token_log_probs(_logits(teacher, batch, width, vocab_size), targets.to(teacher.device))
-        total += -logp.sum().item()
-        count += int((targets != -100).sum().item())
+    for batch in tqdm(list(_batches(rows, batch_size, max_length, pad_token_id, teacher.device)), desc=desc,
+                      leave=False):
+        logits, targets = response_logits(teacher, batch, vocab_size)
+        total += -token_log_probs(logits, targets).sum().item()
+        count += int((targets != IGNORE).sum().item())
     teacher.train(was_training)
     return total / max(count, 1)
 
@@ -60,10 +52,11 @@ def teacher_student_divergence(teacher, student, rows: Sequence[dict], *, vocab_
     student.eval()
     sums = {"kl": 0.0, "tvd": 0.0, "acceptance_rate": 0.0}
     count = 0
-    for batch, width in tqdm(list(_batches(rows, batch_size, max_length, pad_token_id)), desc=desc, leave=False):
-        mask = (batch["labels"][:, -width:] != -100).to(teacher.device)
-        p_logits = _logits(teacher, batch, width, vocab_size)
-        q_logits = _logits(student, batch, width, vocab_size).to(p_logits.device)
+    for batch in tqdm(list(_batches(rows, batch_size, max_length, pad_token_id, teacher.device)), desc=desc,
+                      leave=False):
+        p_logits, targets = response_logits(teacher, batch, vocab_size)
+        q_logits, _ = response_logits(student, batch, vocab_size)
+        p_logits, q_logits, mask = p_logits.float(), q_logits.float().to(p_logits.device), targets != IGNORE
         for key, fn in (("kl", forward_kl), ("tvd", total_variation), ("acceptance_rate", acceptance_rate)):
             sums[key] += fn(q_logits, p_logits)[mask].sum().item()
         count += int(mask.sum().item())

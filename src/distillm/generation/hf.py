@@ -45,9 +45,11 @@ class HFBackend:
             else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
         was_training = self.model.training
         self.model.eval()
-        torch.manual_seed(seed)
+        # a private RNG: sampling must not disturb the training loop's random state (dropout, data order)
+        rng_devices = [device] if device.type == "cuda" else []
         try:
-            with torch.inference_mode():
+            with torch.random.fork_rng(devices=rng_devices), torch.inference_mode():
+                torch.manual_seed(seed)
                 output = self.model.generate(
                     input_ids=input_ids.to(device),
                     attention_mask=attention_mask.to(device),

@@ -75,6 +75,29 @@ class VLLMBackend:
             torch.cuda.empty_cache()
 
 
+class LazyVLLMBackend:
+    """Starts the vLLM engine on the first batch, so a generation step whose output file is already complete
+    (a resumed run) never pays for an engine."""
+
+    name = "vllm"
+    max_batch_tokens = None
+
+    def __init__(self, model_path: str, **kwargs):
+        self.model_path, self.kwargs = model_path, kwargs
+        self.max_batch_size = kwargs.get("max_batch_size", 4096)
+        self._engine: VLLMBackend | None = None
+
+    def generate_batch(self, prompts: Sequence[list[int]], params: SamplingParams, *, seed: int) -> list[Completion]:
+        if self._engine is None:
+            self._engine = VLLMBackend(self.model_path, **self.kwargs)
+        return self._engine.generate_batch(prompts, params, seed=seed)
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
+
+
 def choose_backend_name(requested: str) -> str:
     """'auto' picks vLLM when it is installed and a GPU is present, else transformers' generate."""
     if requested not in ("auto", "hf", "vllm"):

@@ -55,8 +55,8 @@ def curriculum_alpha(gap: torch.Tensor, gap_ref: float | None, *, alpha0: float 
 class CALDTerms:
     """Per-pair pieces of the loss ([B] each); the caller weights, sums and normalises them."""
 
-    skl: torch.Tensor  # SKL_{a_t} on the teacher response, reduced per sequence (or summed for token_mean)
-    srkl: torch.Tensor  # SRKL_{a_s} on the student response
+    skl: torch.Tensor  # SKL_{a_t} on the teacher response, mean over its tokens
+    srkl: torch.Tensor  # SRKL_{a_s} on the student response, mean over its tokens
     skl_tokens: torch.Tensor  # per-token SKL values [B, T] (masked positions 0), for token-level reductions
     srkl_tokens: torch.Tensor
 
@@ -77,20 +77,28 @@ def cald_terms(
     return CALDTerms(per_sequence_mean(skl_tok, mask_t), per_sequence_mean(srkl_tok, mask_s), skl_tok, srkl_tok)
 
 
+def combine_cald(terms: CALDTerms, mask_t: torch.Tensor, mask_s: torch.Tensor, *, b: float = 1.0,
+                 reduction: str = "seq_mean", counts=None) -> torch.Tensor:
+    """(2 - b) * SKL + b * SRKL, reduced as `reduction` says ('seq_mean': mean per response, then over responses;
+    'token_mean': over all response tokens). The sums are divided by `counts` = (pairs, teacher-response tokens,
+    student-response tokens), by default this batch's; the trainer passes the whole optimizer step's, so the
+    micro-batches of a gradient-accumulation step add up to exactly the loss of the whole batch."""
+    if counts is None:
+        counts = (terms.skl.shape[0], mask_t.sum(), mask_s.sum())
+    pairs, tokens_t, tokens_s = (max(float(c), 1.0) for c in counts)
+    if reduction == "seq_mean":
+        return ((2.0 - b) * terms.skl.sum() + b * terms.srkl.sum()) / pairs
+    if reduction == "token_mean":
+        return (2.0 - b) * terms.skl_tokens.sum() / tokens_t + b * terms.srkl_tokens.sum() / tokens_s
+    raise ValueError(f"Unknown reduction '{reduction}': use seq_mean or token_mean.")
+
+
 def cald_loss(
     student_logits_t: torch.Tensor, teacher_logits_t: torch.Tensor, mask_t: torch.Tensor, alpha_t,
     student_logits_s: torch.Tensor, teacher_logits_s: torch.Tensor, mask_s: torch.Tensor, alpha_s,
     *, b: float = 1.0, reduction: str = "seq_mean", temperature: float = 1.0,
 ) -> torch.Tensor:
-    """The batch-mean CALD loss: (2 - b) * SKL + b * SRKL, each reduced as `reduction` says
-    ('seq_mean': mean per sequence then over sequences; 'token_mean': over all response tokens)."""
+    """The batch-mean CALD loss of one batch of pairs: `cald_terms`, then `combine_cald`."""
     terms = cald_terms(student_logits_t, teacher_logits_t, mask_t, alpha_t,
                        student_logits_s, teacher_logits_s, mask_s, alpha_s, temperature=temperature)
-    if reduction == "seq_mean":
-        skl, srkl = terms.skl.mean(), terms.srkl.mean()
-    elif reduction == "token_mean":
-        skl = terms.skl_tokens.sum() / mask_t.sum().clamp_min(1)
-        srkl = terms.srkl_tokens.sum() / mask_s.sum().clamp_min(1)
-    else:
-        raise ValueError(f"Unknown reduction '{reduction}': use seq_mean or token_mean.")
-    return (2.0 - b) * skl + b * srkl
+    return combine_cald(terms, mask_t, mask_s, b=b, reduction=reduction)

@@ -14,9 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..losses.cald import b_schedule, cald_terms, curriculum_alpha, sequence_mean_logprob
-
-DATA = "paired-on-policy"
+from ..losses.cald import b_schedule, cald_terms, combine_cald, curriculum_alpha, sequence_mean_logprob
+from ..losses.divergences import IGNORE_INDEX
 
 
 @dataclass
@@ -48,10 +47,10 @@ class DistiLLM2:
     def compute_loss(self, student_logits, teacher_logits, targets, *, step, total_steps, normalizer):
         """Loss of one micro-batch, already divided by the global batch's counts `normalizer` =
         (pairs, chosen tokens, rejected tokens), so micro-batch losses add up to the batch loss.
-        Returns (loss, metric sums)."""
+        Returns (loss, metric sums over this micro-batch's pairs, gauges such as b)."""
         o = self.opt
         n = targets.shape[0] // 2
-        mask = targets != -100
+        mask = targets != IGNORE_INDEX
         chosen, rejected = slice(0, n), slice(n, 2 * n)
         alpha_t = alpha_s = torch.full((n,), o.alpha0, device=targets.device)
         with torch.no_grad():
@@ -73,12 +72,7 @@ class DistiLLM2:
         )
         b = b_schedule(step, total_steps, b_start=o.b_start, b_end=o.b_end, ramp_fraction=o.ramp_fraction,
                        ramp=o.b_ramp)
-        pairs, chosen_tokens, rejected_tokens = (float(x) for x in normalizer)
-        if o.reduction == "seq_mean":
-            loss = ((2.0 - b) * terms.skl.sum() + b * terms.srkl.sum()) / max(pairs, 1.0)
-        else:
-            loss = ((2.0 - b) * terms.skl_tokens.sum() / max(chosen_tokens, 1.0)
-                    + b * terms.srkl_tokens.sum() / max(rejected_tokens, 1.0))
+        loss = combine_cald(terms, mask[chosen], mask[rejected], b=b, reduction=o.reduction, counts=normalizer)
         metrics = {
             "pairs": float(n),
             "skl": terms.skl.detach().sum().item(),

@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 from torch.utils.data import Dataset
 
-IGNORE = -100
+from ..losses.divergences import IGNORE_INDEX as IGNORE
 
 
 class PairDataset(Dataset):
@@ -71,3 +71,14 @@ def pad_left(sequences: Sequence[tuple[list[int], int]], pad_token_id: int) -> d
     position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
             "labels": labels}
+
+
+def response_logits(model, batch: dict[str, torch.Tensor], vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits that predict each response token, and those tokens: ([N, R, V], [N, R]) with R the longest
+    response and -100 where a row's response is shorter. Only the last R + 1 columns get logits (left padding
+    puts every response there); the vocabulary is cut to the tokenizer's `vocab_size` real tokens."""
+    labels = batch["labels"]
+    width = max(int((labels != IGNORE).sum(-1).max().item()), 1)
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                position_ids=batch["position_ids"], logits_to_keep=width + 1, use_cache=False)
+    return out.logits[:, :-1, :vocab_size], labels[:, -width:]

@@ -21,7 +21,10 @@ import torch
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from ..errors import DistillmError
+from ..io import atomic_write_json
 from .callbacks import MethodStepCallback
+from .collate import IGNORE, response_logits
 
 METHOD_STATE_FILE = "distillm_method_state.json"
 
@@ -53,7 +56,7 @@ class DistillTrainer(Trainer):
         for batch in batch_samples:
             labels = batch["labels"]
             n = labels.shape[0] // 2
-            counts += torch.tensor([n, (labels[:n] != -100).sum().item(), (labels[n:] != -100).sum().item()],
+            counts += torch.tensor([n, (labels[:n] != IGNORE).sum().item(), (labels[n:] != IGNORE).sum().item()],
                                    dtype=torch.float64)
         counts = counts.to(device)
         if self.args.world_size > 1:
@@ -61,16 +64,12 @@ class DistillTrainer(Trainer):
         return counts
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        labels = inputs["labels"]
         if num_items_in_batch is None:  # e.g. called outside the training loop
-            num_items_in_batch = self._get_num_items_in_batch([inputs], labels.device)
-        width = max(int((labels != -100).sum(-1).max().item()), 1)
-        forward = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                       position_ids=inputs["position_ids"], logits_to_keep=width + 1, use_cache=False)
-        student_logits = model(**forward).logits[:, :-1, : self.vocab_size]
+            num_items_in_batch = self._get_num_items_in_batch([inputs], inputs["labels"].device)
+        student_logits, targets = response_logits(model, inputs, self.vocab_size)
+        # no_grad, not inference_mode: the teacher's logits are saved for the loss's backward pass
         with torch.no_grad():
-            teacher_logits = self.teacher(**forward).logits[:, :-1, : self.vocab_size]
-        targets = labels[:, -width:]
+            teacher_logits, _ = response_logits(self.teacher, inputs, self.vocab_size)
         loss, metric_sums, gauges = self.method.compute_loss(
             student_logits, teacher_logits, targets,
             step=self.state.global_step, total_steps=self.state.max_steps, normalizer=num_items_in_batch,
@@ -103,13 +102,29 @@ class DistillTrainer(Trainer):
         if self.args.should_save:
             folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             if os.path.isdir(folder):
-                with open(os.path.join(folder, METHOD_STATE_FILE), "w") as handle:
-                    json.dump(self.method.state_dict(), handle)
+                # written last and atomically: its presence marks the checkpoint as complete (see last_complete_checkpoint)
+                atomic_write_json(os.path.join(folder, METHOD_STATE_FILE), self.method.state_dict())
 
     def train(self, resume_from_checkpoint=None, **kwargs):
         if isinstance(resume_from_checkpoint, str):
             path = os.path.join(resume_from_checkpoint, METHOD_STATE_FILE)
-            if os.path.isfile(path):
-                with open(path) as handle:
-                    self.method.load_state_dict(json.load(handle))
+            if not os.path.isfile(path):
+                raise DistillmError(f"{resume_from_checkpoint} is incomplete (no {METHOD_STATE_FILE}): it was cut off "
+                                    "while being written. Delete it to resume from the previous checkpoint.")
+            with open(path) as handle:
+                self.method.load_state_dict(json.load(handle))
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+
+def last_complete_checkpoint(folder: str | os.PathLike) -> str | None:
+    """The newest `checkpoint-N` in `folder` that was written to the end (it holds the method state, which
+    DistillTrainer writes last); a checkpoint cut off mid-write is passed over."""
+    if not os.path.isdir(folder):
+        return None
+    steps = []
+    for name in os.listdir(folder):
+        prefix, _, step = name.partition("-")
+        path = os.path.join(folder, name)
+        if prefix == PREFIX_CHECKPOINT_DIR and step.isdigit() and os.path.isfile(os.path.join(path, METHOD_STATE_FILE)):
+            steps.append((int(step), path))
+    return max(steps)[1] if steps else None
