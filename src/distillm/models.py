@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import importlib.util
@@ -287,6 +288,19 @@ def prune_layers(model: PreTrainedModel, keep: list[int]) -> PreTrainedModel:
     student.load_state_dict(state, strict=True)
     student.generation_config = copy.deepcopy(model.generation_config)
     return student
+
+
+@contextlib.contextmanager
+def eval_mode(*models: torch.nn.Module):
+    """Put models in eval mode for the block and give each back the train/eval mode it had."""
+    modes = [model.training for model in models]
+    for model in models:
+        model.eval()
+    try:
+        yield
+    finally:
+        for model, mode in zip(models, modes):
+            model.train(mode)
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -195,8 +195,8 @@ def make_backend(config: RunConfig, model, tokenizer, *, model_dir: str | None):
     name = choose_backend_name(g.backend)
     if name == "vllm" and model_dir is not None:
         return LazyVLLMBackend(model_dir, tensor_parallel_size=g.vllm_tensor_parallel_size,
-                           gpu_memory_utilization=g.vllm_gpu_memory_utilization,
-                           trust_remote_code=config.model.trust_remote_code)
+                               gpu_memory_utilization=g.vllm_gpu_memory_utilization,
+                               trust_remote_code=config.model.trust_remote_code)
     return HFBackend(model, tokenizer, max_batch_size=g.generation_batch_size, max_batch_tokens=g.max_batch_tokens)
 
 
@@ -254,10 +254,9 @@ def import_teacher_responses(path: str, prompts: list[EncodedPrompt], tokenizer,
 def evaluate(config: RunConfig, models: ModelPair, eval_prompts, teacher_eval_rows, paths: RunPaths, tag: str):
     """Held-out figures for the current student: teacher NLL of its samples, KL / TVD / acceptance rate on the
     teacher's responses."""
-    g, d = config.generation, config.data
+    d = config.data
     start = time.time()
-    backend = HFBackend(models.student, models.tokenizer, max_batch_size=g.generation_batch_size,
-                        max_batch_tokens=g.max_batch_tokens)
+    backend = make_backend(config, models.student, models.tokenizer, model_dir=None)  # HF: the live student
     samples = generate_once(
         backend, eval_prompts, paths.eval_samples(tag),
         sampling_params(config, seed_offset=7_777, max_new_tokens=config.evaluation.eval_max_new_tokens),

@@ -13,6 +13,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from ..models import eval_mode
 from ..losses.divergences import acceptance_rate, forward_kl, token_log_probs, total_variation
 from ..training.collate import IGNORE, build_sequences, pad_left, response_logits
 
@@ -31,15 +32,13 @@ def _batches(rows: Sequence[dict], batch_size: int, max_length: int, pad_token_i
 def teacher_nll(teacher, rows: Sequence[dict], *, vocab_size: int, pad_token_id: int, max_length: int,
                 batch_size: int = 8, desc: str = "teacher NLL") -> float:
     """Mean over all response tokens of -log p_teacher(token | prefix)."""
-    was_training = teacher.training
-    teacher.eval()
     total, count = 0.0, 0
-    for batch in tqdm(list(_batches(rows, batch_size, max_length, pad_token_id, teacher.device)), desc=desc,
-                      leave=False):
-        logits, targets = response_logits(teacher, batch, vocab_size)
-        total += -token_log_probs(logits, targets).sum().item()
-        count += int((targets != IGNORE).sum().item())
-    teacher.train(was_training)
+    with eval_mode(teacher):
+        for batch in tqdm(list(_batches(rows, batch_size, max_length, pad_token_id, teacher.device)), desc=desc,
+                          leave=False):
+            logits, targets = response_logits(teacher, batch, vocab_size)
+            total += -token_log_probs(logits, targets).sum().item()
+            count += int((targets != IGNORE).sum().item())
     return total / max(count, 1)
 
 
@@ -47,19 +46,15 @@ def teacher_nll(teacher, rows: Sequence[dict], *, vocab_size: int, pad_token_id:
 def teacher_student_divergence(teacher, student, rows: Sequence[dict], *, vocab_size: int, pad_token_id: int,
                                max_length: int, batch_size: int = 8, desc: str = "divergence") -> dict[str, float]:
     """Token-mean KL(p || q), TVD and acceptance rate (1 - TVD) over the response tokens of `rows`."""
-    modes = (teacher.training, student.training)
-    teacher.eval()
-    student.eval()
     sums = {"kl": 0.0, "tvd": 0.0, "acceptance_rate": 0.0}
     count = 0
-    for batch in tqdm(list(_batches(rows, batch_size, max_length, pad_token_id, teacher.device)), desc=desc,
-                      leave=False):
-        p_logits, targets = response_logits(teacher, batch, vocab_size)
-        q_logits, _ = response_logits(student, batch, vocab_size)
-        p_logits, q_logits, mask = p_logits.float(), q_logits.float().to(p_logits.device), targets != IGNORE
-        for key, fn in (("kl", forward_kl), ("tvd", total_variation), ("acceptance_rate", acceptance_rate)):
-            sums[key] += fn(q_logits, p_logits)[mask].sum().item()
-        count += int(mask.sum().item())
-    teacher.train(modes[0])
-    student.train(modes[1])
+    with eval_mode(teacher, student):
+        for batch in tqdm(list(_batches(rows, batch_size, max_length, pad_token_id, teacher.device)), desc=desc,
+                          leave=False):
+            p_logits, targets = response_logits(teacher, batch, vocab_size)
+            q_logits, _ = response_logits(student, batch, vocab_size)
+            p_logits, q_logits, mask = p_logits.float(), q_logits.float().to(p_logits.device), targets != IGNORE
+            for key, fn in (("kl", forward_kl), ("tvd", total_variation), ("acceptance_rate", acceptance_rate)):
+                sums[key] += fn(q_logits, p_logits)[mask].sum().item()
+            count += int(mask.sum().item())
     return {key: value / max(count, 1) for key, value in sums.items()}

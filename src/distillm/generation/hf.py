@@ -7,6 +7,7 @@ from typing import Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ..models import eval_mode
 from .base import Completion, SamplingParams
 
 
@@ -43,24 +44,19 @@ class HFBackend:
         sampling = params.temperature > 0
         kwargs = dict(do_sample=True, temperature=float(params.temperature), top_p=float(params.top_p), top_k=0) if sampling \
             else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-        was_training = self.model.training
-        self.model.eval()
         # a private RNG: sampling must not disturb the training loop's random state (dropout, data order)
         rng_devices = [device] if device.type == "cuda" else []
-        try:
-            with torch.random.fork_rng(devices=rng_devices), torch.inference_mode():
-                torch.manual_seed(seed)
-                output = self.model.generate(
-                    input_ids=input_ids.to(device),
-                    attention_mask=attention_mask.to(device),
-                    max_new_tokens=params.max_new_tokens,
-                    pad_token_id=self.pad_id,
-                    eos_token_id=sorted(self.eos_ids),
-                    use_cache=True,
-                    **kwargs,
-                )
-        finally:
-            self.model.train(was_training)
+        with eval_mode(self.model), torch.random.fork_rng(devices=rng_devices), torch.inference_mode():
+            torch.manual_seed(seed)
+            output = self.model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                max_new_tokens=params.max_new_tokens,
+                pad_token_id=self.pad_id,
+                eos_token_id=sorted(self.eos_ids),
+                use_cache=True,
+                **kwargs,
+            )
         completions = []
         for row in output[:, width:].tolist():
             stop = next((i for i, tok in enumerate(row) if tok in self.eos_ids), None)
