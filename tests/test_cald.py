@@ -6,7 +6,17 @@ import pytest
 import torch
 
 from distillm.losses.cald import b_schedule, cald_loss, curriculum_alpha, sequence_mean_logprob
-from distillm.methods.distillm2 import DistiLLM2, DistiLLM2Options
+from distillm.config import load_config
+from distillm.methods.base import LossInputs
+from distillm.methods.distillm2 import DistiLLM2
+
+
+def distillm2(**options):
+    return DistiLLM2(load_config(overrides=options))
+
+
+def _inputs(student, teacher, targets, step, total_steps, normalizer):
+    return LossInputs(student, teacher, targets, targets.shape[0] // 2, normalizer, step=step, total_steps=total_steps)
 
 
 def brute_skl(s, t, a):
@@ -92,34 +102,34 @@ def _method_batch(seed=0, n=2, T=3, V=7):
 
 def test_method_normalises_by_global_counts_and_reports_metrics():
     student, teacher, targets = _method_batch()
-    method = DistiLLM2(DistiLLM2Options(curriculum=False, b_ramp=False))
-    loss, sums, gauges = method.compute_loss(student, teacher, targets, step=0, total_steps=10,
-                                             normalizer=torch.tensor([2.0, 5.0, 6.0]))
-    loss_half, _, _ = method.compute_loss(student, teacher, targets, step=0, total_steps=10,
-                                          normalizer=torch.tensor([4.0, 10.0, 12.0]))
+    method = distillm2(curriculum=False, b_ramp=False)
+    loss, sums, gauges = method.compute_loss(
+        _inputs(student, teacher, targets, step=0, total_steps=10, normalizer=torch.tensor([2.0, 5.0, 6.0])))
+    loss_half, _, _ = method.compute_loss(
+        _inputs(student, teacher, targets, step=0, total_steps=10, normalizer=torch.tensor([4.0, 10.0, 12.0])))
     assert loss_half.item() == pytest.approx(loss.item() / 2)  # divided by the optimizer-step batch, not this one
     mask = targets != -100
     expected = cald_loss(student[:2], teacher[:2], mask[:2], 0.1, student[2:], teacher[2:], mask[2:], 0.1, b=1.0)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
-    assert sums["pairs"] == 2 and sums["alpha_t"] == pytest.approx(0.2) and gauges["b"] == 1.0
+    assert sums["units"] == 2 and sums["alpha_t"] == pytest.approx(0.2) and gauges["b"] == 1.0
     assert (sums["skl"] + sums["srkl"]) / 2 == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_curriculum_reference_updates_once_per_optimizer_step():
     student, teacher, targets = _method_batch()
-    method = DistiLLM2(DistiLLM2Options(curriculum=True, gap_momentum=0.5))
+    method = distillm2(curriculum=True, gap_momentum=0.5)
     norm = torch.tensor([2.0, 5.0, 6.0])
-    _, sums, _ = method.compute_loss(student, teacher, targets, step=0, total_steps=4, normalizer=norm)
+    _, sums, _ = method.compute_loss(_inputs(student, teacher, targets, step=0, total_steps=4, normalizer=norm))
     assert sums["alpha_t"] == pytest.approx(0.2)  # no reference yet: a0 for every sample
     assert method.gap_ref == {"t": None, "s": None}  # nothing folded before the step ends
     method.on_step_end()
     first = dict(method.gap_ref)
     assert first["t"] is not None and first["s"] is not None
-    method.compute_loss(student, teacher, targets, step=1, total_steps=4, normalizer=norm)
+    method.compute_loss(_inputs(student, teacher, targets, step=1, total_steps=4, normalizer=norm))
     method.on_step_end()
     # same batch again: the momentum average of two equal batch gaps is unchanged
     assert method.gap_ref["t"] == pytest.approx(first["t"])
-    restored = DistiLLM2(DistiLLM2Options())
+    restored = distillm2()
     restored.load_state_dict(method.state_dict())
     assert restored.gap_ref == method.gap_ref
     assert not math.isnan(first["t"])

@@ -7,9 +7,15 @@ import pytest
 import torch
 from transformers import TrainingArguments
 
-from distillm.methods.distillm2 import DistiLLM2, DistiLLM2Options
-from distillm.training.collate import PairCollator, PairDataset, pad_left
+from distillm.config import load_config
+from distillm.methods.distillm2 import DistiLLM2
+from distillm.training.collate import DistillCollator, RowDataset, pad_left
 from distillm.training.trainer import DistillTrainer
+
+
+def distillm2(**options):
+    """A DistiLLM-2 method with these loss options (curriculum, b_ramp, reduction, ...)."""
+    return DistiLLM2(load_config(overrides=options))
 
 
 def make_pairs(tokenizer, n=8, seed=0):
@@ -37,15 +43,15 @@ def make_trainer(tmp_path, teacher, student, tokenizer, rows, *, batch, accum, s
         lr_scheduler_type="constant", seed=0, report_to=[], save_strategy="no", logging_steps=1,
         remove_unused_columns=False, use_cpu=True, disable_tqdm=True, **extra,
     )
-    method = DistiLLM2(options or DistiLLM2Options(curriculum=False, b_ramp=False))
+    method = options or distillm2(curriculum=False, b_ramp=False)
     return DistillTrainer(model=student, teacher=teacher, method=method, vocab_size=vocab or len(tokenizer),
-                          args=args, train_dataset=PairDataset(rows),
-                          data_collator=PairCollator(tokenizer.pad_token_id, 256))
+                          args=args, train_dataset=RowDataset(rows),
+                          data_collator=DistillCollator(tokenizer.pad_token_id, 256))
 
 
 def test_collator_marks_only_response_tokens(tokenizer):
     rows = make_pairs(tokenizer, n=2)
-    batch = PairCollator(tokenizer.pad_token_id, 256)(rows)
+    batch = DistillCollator(tokenizer.pad_token_id, 256)(rows)
     assert batch["input_ids"].shape[0] == 4
     for i, row in enumerate(rows + rows):
         response = row["chosen_ids"] if i < 2 else row["rejected_ids"]
@@ -82,8 +88,8 @@ def _grads_after_accumulation(trainer, micro_batches):
 @pytest.mark.parametrize("reduction", ["seq_mean", "token_mean"])
 def test_loss_and_gradients_do_not_depend_on_micro_batching(tmp_path, teacher, student, tokenizer, reduction):
     rows = make_pairs(tokenizer, n=8)
-    collate = PairCollator(tokenizer.pad_token_id, 256)
-    options = DistiLLM2Options(curriculum=False, b_ramp=False, reduction=reduction)
+    collate = DistillCollator(tokenizer.pad_token_id, 256)
+    options = distillm2(curriculum=False, b_ramp=False, reduction=reduction)
     trainer = make_trainer(tmp_path, teacher, student, tokenizer, rows, batch=8, accum=1, options=options)
     whole_loss, whole_grads = _grads_after_accumulation(trainer, [collate(rows)])
     for size in (4, 2, 1):
@@ -101,7 +107,7 @@ def test_training_loop_gives_same_weights_for_any_accumulation(tmp_path, teacher
     for batch, accum in ((8, 1), (4, 2), (2, 4)):
         model = copy.deepcopy(student)
         trainer = make_trainer(tmp_path, teacher, model, tokenizer, rows, batch=batch, accum=accum, steps=2,
-                               options=DistiLLM2Options(curriculum=True, b_ramp=True))
+                               options=distillm2(curriculum=True, b_ramp=True))
         trainer.train()
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
         results.append((losses, {n: p.detach().clone() for n, p in model.named_parameters()},
@@ -128,7 +134,7 @@ def _padded_copy(model, rows, seed):
 
 def test_padded_embedding_matrices_compare_over_the_real_vocabulary(tmp_path, teacher, student, tokenizer):
     rows = make_pairs(tokenizer, n=4)
-    batch = PairCollator(tokenizer.pad_token_id, 256)(rows)
+    batch = DistillCollator(tokenizer.pad_token_id, 256)(rows)
     base = make_trainer(tmp_path, teacher, student, tokenizer, rows, batch=4, accum=1)
     padded = make_trainer(tmp_path, _padded_copy(teacher, 13, 1), _padded_copy(student, 29, 2), tokenizer, rows,
                           batch=4, accum=1)
@@ -157,7 +163,7 @@ def test_teacher_is_frozen_and_holds_no_optimizer_state(tmp_path, teacher, stude
 def test_each_step_logs_loss_parts_skews_and_b(tmp_path, teacher, student, tokenizer):
     rows = make_pairs(tokenizer, n=8)
     trainer = make_trainer(tmp_path, teacher, student, tokenizer, rows, batch=4, accum=1, steps=2,
-                           options=DistiLLM2Options())
+                           options=distillm2())
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logs) == 2

@@ -67,6 +67,34 @@ class GenerationSection:
     vllm_tensor_parallel_size: int = opt(1, "vLLM tensor-parallel size.")
 
 
+METHOD_NAMES = ("distillm2", "distillm", "kd", "seqkd", "imitkd", "gkd", "minillm", "dpkd", "speculative-kd",
+                "step-by-step")
+
+
+@dataclass
+class MethodSection:
+    method: str = opt("distillm2", "Distillation method: " + ", ".join(METHOD_NAMES) + " (see README: Methods).")
+    fixed_responses: str = opt("teacher", "Fixed (off-policy) responses of kd, imitkd, gkd and distillm: 'teacher' (sampled once from the teacher) or 'dataset' (the prompt file's response / last assistant message).")
+    jsd_beta: float = opt(0.5, "gkd (and speculative-kd with --skd-loss jsd): b of the generalised JSD (0 -> forward KL, 1 -> reverse KL).")
+    gkd_lambda: float = opt(0.5, "gkd: probability that a batch is sampled on-policy from the current student (else fixed data).")
+    imitkd_fixed_fraction: float = opt(0.0, "imitkd: probability that a batch uses the fixed responses instead of fresh student samples.")
+    v1_loss: str = opt("skl", "distillm (v1): skl (skew KL) or srkl (skew reverse KL).")
+    v1_alpha: float = opt(0.1, "distillm (v1): the skew a of SKL / SRKL.")
+    v1_threshold_init: float = opt(0.0, "distillm (v1): initial probability tau that a batch uses student outputs (fresh or replayed).")
+    v1_threshold_step: float = opt(0.1, "distillm (v1): tau rises by this much each time the validation loss rises.")
+    v1_fresh_start: float = opt(1.0, "distillm (v1): probability that a student-output batch is freshly generated (and pushed to the replay buffer) rather than replayed, at the start of training.")
+    v1_fresh_end: float = opt(0.2, "distillm (v1): that probability at the end of training (linear decay).")
+    v1_buffer_capacity: int = opt(1000, "distillm (v1): replay buffer capacity (responses; the oldest are replaced).")
+    v1_val_interval: int = opt(10, "distillm (v1): optimizer steps between validation-loss measurements that adapt tau.")
+    dpkd_beta: float = opt(0.2, "dpkd: beta of the DPO-style loss.")
+    skd_top_k: int = opt(25, "speculative-kd: the teacher keeps a student token if it is in the teacher's top-K, else samples its own.")
+    skd_loss: str = opt("fkl", "speculative-kd: loss on the jointly decoded responses: fkl, rkl, jsd or tvd.")
+    sbs_rationale_weight: float = opt(1.0, "step-by-step: weight of the rationale task (loss = answer NLL + weight * rationale NLL).")
+    sbs_answer_prefix: str = opt("[answer] ", "step-by-step: task prefix of the answer task (prepended to the prompt).")
+    sbs_rationale_prefix: str = opt("[rationale] ", "step-by-step: task prefix of the rationale task.")
+    sbs_instruction: str = opt("Think step by step: explain your reasoning, then give the final answer on its own last line as 'Answer: <answer>'.", "step-by-step: instruction appended to each prompt when asking the teacher for a rationale.")
+
+
 @dataclass
 class LossSection:
     alpha0: float = opt(0.1, "Base skew a0 (the skew of a sample whose gap equals the running reference gap).")
@@ -108,8 +136,9 @@ class EvaluationSection:
 
 @dataclass
 class RunConfig:
-    output_dir: str = opt("runs/distillm2", "Where the config, data, checkpoints, logs, student and metrics go.")
+    output_dir: str = opt("runs/{method}", "Where the config, data, checkpoints, logs, student and metrics go ('{method}' is replaced by the method's name).")
     model: ModelSection = field(default_factory=ModelSection)
+    method: MethodSection = field(default_factory=MethodSection)
     data: DataSection = field(default_factory=DataSection)
     generation: GenerationSection = field(default_factory=GenerationSection)
     loss: LossSection = field(default_factory=LossSection)
@@ -129,7 +158,7 @@ class RunConfig:
         return yaml.safe_dump(nested, sort_keys=False)
 
 
-SECTIONS = ("model", "data", "generation", "loss", "training", "evaluation")
+SECTIONS = ("model", "method", "data", "generation", "loss", "training", "evaluation")
 
 
 def option_fields() -> dict[str, tuple[str | None, dataclasses.Field]]:
@@ -206,6 +235,7 @@ def validate(config: RunConfig) -> None:
 
     m, d, g, lo, t, e = (config.model, config.data, config.generation, config.loss, config.training,
                          config.evaluation)
+    me = config.method
     positive = {"max_prompt_length": d.max_prompt_length, "max_length": d.max_length,
                 "max_new_tokens": g.max_new_tokens, "generation_batch_size": g.generation_batch_size,
                 "vllm_tensor_parallel_size": g.vllm_tensor_parallel_size, "rounds": t.rounds,
@@ -233,6 +263,22 @@ def validate(config: RunConfig) -> None:
         (0 < g.vllm_gpu_memory_utilization <= 1, "vllm_gpu_memory_utilization must be in (0, 1]"),
         (g.backend in ("auto", "hf", "vllm"), "backend must be auto, hf or vllm"),
         (d.max_prompt_length < d.max_length, "max_prompt_length must be < max_length"),
+        (me.method in METHOD_NAMES, f"method must be one of {', '.join(METHOD_NAMES)} (got '{me.method}')"),
+        (me.fixed_responses in ("teacher", "dataset"), "fixed_responses must be teacher or dataset"),
+        (0 <= me.jsd_beta <= 1, "jsd_beta must be in [0, 1]"),
+        (0 <= me.gkd_lambda <= 1, "gkd_lambda must be in [0, 1]"),
+        (0 <= me.imitkd_fixed_fraction <= 1, "imitkd_fixed_fraction must be in [0, 1]"),
+        (me.v1_loss in ("skl", "srkl"), "v1_loss must be skl or srkl"),
+        (0 <= me.v1_alpha < 1, "v1_alpha must be in [0, 1)"),
+        (0 <= me.v1_threshold_init <= 1, "v1_threshold_init must be in [0, 1]"),
+        (0 <= me.v1_threshold_step <= 1, "v1_threshold_step must be in [0, 1]"),
+        (0 <= me.v1_fresh_end <= 1 and 0 <= me.v1_fresh_start <= 1, "v1_fresh_start and v1_fresh_end must be in [0, 1]"),
+        (me.v1_buffer_capacity >= 1, "v1_buffer_capacity must be >= 1"),
+        (me.v1_val_interval >= 1, "v1_val_interval must be >= 1"),
+        (me.dpkd_beta > 0, "dpkd_beta must be > 0"),
+        (me.skd_top_k >= 1, "skd_top_k must be >= 1"),
+        (me.skd_loss in ("fkl", "rkl", "jsd", "tvd"), "skd_loss must be fkl, rkl, jsd or tvd"),
+        (me.sbs_rationale_weight >= 0, "sbs_rationale_weight must be >= 0"),
         (m.dtype in ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"),
          "dtype must be auto, float32, bfloat16 or float16"),
     ]
@@ -245,7 +291,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The default demo: SmolLM2-135M-Instruct -> its 10-layer layer-pruned copy, sized for 2 CPU cores
     # (about 10 minutes). A higher learning rate than the 7B recipes: the pruned student starts far away.
     "demo": {
-        "output_dir": "runs/demo",
+        "output_dir": "runs/demo/{method}",
         "num_prompts": 128,
         "num_eval_prompts": 24,
         "max_new_tokens": 48,
@@ -259,7 +305,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # Tiny random models, the same pipeline in seconds: for tests and smoke runs.
     "tiny": {
-        "output_dir": "runs/tiny",
+        "output_dir": "runs/tiny/{method}",
         "teacher": "tiny-random",
         "student_layers": "0,3",
         "num_prompts": 32,
@@ -299,4 +345,5 @@ def load_config(path: str | os.PathLike | None = None, *, preset: str | None = N
         apply_overrides(config, data, where=str(path))
     if overrides:
         apply_overrides(config, overrides, where="command line")
+    config.output_dir = config.output_dir.replace("{method}", config.method.method)
     return config

@@ -1,16 +1,19 @@
-"""The DistiLLM-2 pipeline: teacher responses once, then rounds of (fresh student responses, one epoch of CALD),
-with a held-out evaluation before and after. Every stage writes its output atomically into the run directory
-and is skipped or continued when the same command is run again.
+"""The distillation pipeline: the method's data (teacher responses once, for most methods), then `rounds` epochs
+of training -- for DistiLLM-2 and DPKD each round starts by regenerating the student's responses; the on-policy
+baselines draw fresh student data inside the trainer -- with a held-out evaluation before and after. Every stage
+writes its output atomically into the run directory and is skipped or continued when the same command is run
+again.
 
 Run directory layout::
 
     config.yaml                  the resolved config of the run
     data/teacher_train.jsonl     teacher responses (prompt, response, ids), generated once
     data/teacher_eval.jsonl      teacher responses to the held-out prompts
-    rounds/round_K/student.jsonl the student's responses at the start of round K
+    data/teacher_rationales_train.jsonl  step-by-step only: the teacher's rationale + answer responses
+    rounds/round_K/student.jsonl the student's responses at the start of round K (distillm2, dpkd)
     rounds/round_K/pairs.jsonl   TRL DPO columns: prompt, chosen (teacher), rejected (student), plus token ids
     checkpoints/checkpoint-N     transformers Trainer checkpoints (resume from the last one)
-    logs/train_log.jsonl         per-step loss, skl, srkl, alpha_t, alpha_s, b, learning rate
+    logs/train_log.jsonl         per-step loss, the method's metrics (e.g. skl, srkl, alpha_t, alpha_s, b), sources
     student/                     the distilled student (safetensors + tokenizer)
     eval/{before,after}_samples.jsonl  student samples on held-out prompts
     metrics.json                 before/after metrics, training summary, timings
@@ -39,14 +42,16 @@ from .generation.hf import HFBackend
 from .generation.runner import generate_responses
 from .generation.vllm_backend import LazyVLLMBackend, choose_backend_name
 from .io import atomic_write_json, atomic_write_text, read_jsonl, write_jsonl
-from .methods.distillm2 import DistiLLM2, DistiLLM2Options
+from .methods import build_method
+from .methods.base import Method
 from .models import (
     check_same_tokenizer, count_parameters, load_model, loadable_path, parse_layer_spec, prune_layers,
     real_vocab_size, resolve_dtype,
 )
 from .evaluation.divergence import teacher_nll, teacher_student_divergence
 from .training.callbacks import OnPolicyRoundCallback
-from .training.collate import PairCollator, PairDataset
+from .training.collate import DistillCollator, RowDataset
+from .training.sources import OnlineSampler
 from .training.trainer import DistillTrainer, last_complete_checkpoint
 
 logger = logging.getLogger("distillm")
@@ -248,6 +253,66 @@ def import_teacher_responses(path: str, prompts: list[EncodedPrompt], tokenizer,
     write_jsonl(out, imported)
 
 
+class DataContext:
+    """What a method's `build_rows` may use: the training prompts, the teacher (while its backend is open) and
+    the run directory. Teacher responses are generated at most once and cached in data/."""
+
+    def __init__(self, config: RunConfig, tokenizer, prompts: list[EncodedPrompt], paths: RunPaths, teacher_backend):
+        self.config, self.tokenizer, self.prompts, self.paths = config, tokenizer, prompts, paths
+        self.backend = teacher_backend
+        self._teacher_rows: list[dict] | None = None
+
+    def teacher_generate(self, prompts: list[EncodedPrompt], filename: str, desc: str) -> list[dict]:
+        """The teacher's sampled responses to `prompts`, generated (resumably) into data/`filename`."""
+        return generate_once(self.backend, prompts, self.paths.root / "data" / filename, sampling_params(self.config),
+                             self.tokenizer, desc=desc)
+
+    def teacher_rows(self) -> list[dict]:
+        """Rows (id, prompt_ids, response_ids, ...) of the teacher's responses to the training prompts."""
+        if self._teacher_rows is None:
+            self._teacher_rows = self.teacher_generate(self.prompts, self.paths.teacher_train.name, "teacher responses")
+        return self._teacher_rows
+
+    def dataset_rows(self) -> list[dict]:
+        """Rows of the prompt file's own reference responses (its response field or last assistant message)."""
+        missing = [p.id for p in self.prompts if not p.response]
+        if missing:
+            d = self.config.data
+            raise DistillmError(
+                f"{d.prompts}: --fixed-responses dataset needs a reference response for every prompt (field "
+                f"'{d.response_field}', or a final assistant message in '{d.messages_field}'), but {len(missing)} of "
+                f"{len(self.prompts)} have none (e.g. id {missing[0]!r}). Add them, point --response-field at the "
+                "field that holds them, or use --fixed-responses teacher.")
+        return [{"id": p.id, "prompt": p.text, "response": p.response, "prompt_ids": p.input_ids,
+                 "response_ids": self.encode_response(p.response)} for p in self.prompts]
+
+    def fixed_rows(self) -> list[dict]:
+        """The fixed (off-policy) responses the config asks for: the teacher's or the data set's."""
+        return self.dataset_rows() if self.config.method.fixed_responses == "dataset" else self.teacher_rows()
+
+    def prompt_rows(self) -> list[dict]:
+        """Prompt-only rows, for methods that answer every prompt afresh while training."""
+        return [{"id": p.id, "prompt": p.text, "prompt_ids": p.input_ids, "response_ids": []} for p in self.prompts]
+
+    def encode(self, transform) -> list[EncodedPrompt]:
+        """The training prompts again, each chat passed through `transform(messages) -> messages` first (e.g. to
+        add a task prefix), in the same order and with the same ids."""
+        d = self.config.data
+        records, _ = load_prompts(d.prompts, prompt_field=d.prompt_field, messages_field=d.messages_field,
+                                  response_field=d.response_field, id_field=d.id_field,
+                                  system_prompt=d.system_prompt, limit=d.num_prompts)
+        wanted = {p.id for p in self.prompts}
+        records = [r for r in records if r.id in wanted]
+        for record in records:
+            record.messages = transform(record.messages)
+        encoded, _ = encode_prompts(records, self.tokenizer, max_prompt_length=d.max_prompt_length,
+                                    use_chat_template=d.chat_template)
+        return encoded
+
+    def encode_response(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False).input_ids + [self.tokenizer.eos_token_id]
+
+
 # ----------------------------------------------------------------------------------------------- evaluation
 
 
@@ -300,17 +365,10 @@ def training_arguments(config: RunConfig, paths: RunPaths) -> TrainingArguments:
     )
 
 
-def method_options(config: RunConfig) -> DistiLLM2Options:
-    lo = config.loss
-    return DistiLLM2Options(
-        alpha0=lo.alpha0, alpha_min=lo.alpha_min, alpha_max=lo.alpha_max, curriculum=lo.curriculum,
-        gap_momentum=lo.gap_momentum, b_ramp=lo.b_ramp, b_start=lo.b_start, b_end=lo.b_end,
-        ramp_fraction=lo.ramp_fraction, reduction=lo.reduction, temperature=lo.loss_temperature,
-    )
-
-
-def train_distillm2(config: RunConfig, models: ModelPair, train_prompts, teacher_rows, paths: RunPaths) -> dict:
-    """Batched on-policy DistiLLM-2 training; resumes from the last checkpoint in the run directory."""
+def train(config: RunConfig, models: ModelPair, method: Method, rows: list[dict], paths: RunPaths, *,
+          train_prompts: list[EncodedPrompt], validation_rows: list[dict] | None = None) -> dict:
+    """`rounds` epochs of the method on its rows; resumes from the last complete checkpoint in the run directory.
+    Paired methods (distillm2, dpkd) regenerate the student's responses at the start of every round."""
     tokenizer = models.tokenizer
 
     def refresh(round_index: int, model) -> list[dict]:
@@ -332,32 +390,38 @@ def train_distillm2(config: RunConfig, models: ModelPair, train_prompts, teacher
             )
         finally:
             release(backend)
-        pairs = pair_rows(teacher_rows, student_rows)
+        pairs = pair_rows(rows, student_rows)
         write_jsonl(folder / "pairs.jsonl", pairs)
         return pairs
 
-    method = DistiLLM2(method_options(config))
     args = training_arguments(config, paths)
     set_seed(config.training.seed)
-    dataset = PairDataset(refresh(0, models.student))
+    if not rows:
+        raise DistillmError(f"Method {method.name!r} has no training rows: check the prompt file {config.data.prompts}.")
+    dataset = RowDataset(refresh(0, models.student) if method.paired_rounds else rows)
+    sampler = OnlineSampler(models.student, models.teacher, tokenizer, sampling_params(config), models.vocab_size)
     trainer = DistillTrainer(
         model=models.student, teacher=models.teacher, method=method, vocab_size=models.vocab_size,
-        args=args, train_dataset=dataset,
-        data_collator=PairCollator(tokenizer.pad_token_id, config.data.max_length), processing_class=tokenizer,
+        sampler=sampler, validation_rows=validation_rows, args=args, train_dataset=dataset,
+        data_collator=DistillCollator(tokenizer.pad_token_id, config.data.max_length, method.sequences),
+        processing_class=tokenizer,
     )
-    trainer.add_callback(OnPolicyRoundCallback(dataset, refresh))
+    if method.paired_rounds:
+        trainer.add_callback(OnPolicyRoundCallback(dataset, refresh))
     last = last_complete_checkpoint(paths.checkpoints)
     if last:
         logger.info("Resuming training from %s", last)
     result = trainer.train(resume_from_checkpoint=last)
     trainer.save_model(str(paths.student))
+    write_jsonl(paths.train_log, [entry for entry in trainer.state.log_history
+                                  if "loss" in entry or "validation_loss" in entry])
     history = [entry for entry in trainer.state.log_history if "loss" in entry]
-    write_jsonl(paths.train_log, history)
     by_round: dict[int, list[float]] = {}
     for entry in history:  # epoch k+1 is the end of round k; steps of round k have epoch in (k, k+1]
         by_round.setdefault(max(math.ceil(entry["epoch"]) - 1, 0), []).append(entry["loss"])
     round_means = [round(sum(v) / len(v), 4) for _, v in sorted(by_round.items())]
     return {
+        "method": method.name,
         "steps": trainer.state.global_step,
         "train_seconds": round(result.metrics.get("train_runtime", 0.0), 1),
         "mean_loss_per_round": round_means,
@@ -386,16 +450,16 @@ def run(config: RunConfig, *, overwrite: bool = False) -> dict:
     if config.data.teacher_responses and not paths.teacher_train.is_file() and state.is_main_process:
         import_teacher_responses(config.data.teacher_responses, train_prompts, models.tokenizer, paths.teacher_train)
     state.wait_for_everyone()
+    method = build_method(config)
     teacher_backend = make_backend(config, models.teacher, models.tokenizer, model_dir=models.teacher_path)
     try:
-        teacher_rows = generate_once(teacher_backend, train_prompts, paths.teacher_train, sampling_params(config),
-                                     models.tokenizer, desc="teacher responses")
+        rows = method.build_rows(DataContext(config, models.tokenizer, train_prompts, paths, teacher_backend))
         teacher_eval = generate_once(teacher_backend, eval_prompts, paths.teacher_eval,
                                      sampling_params(config, seed_offset=99), models.tokenizer,
                                      desc="teacher responses (held-out)") if evaluating else []
     finally:
         release(teacher_backend)
-    metrics: dict = {"teacher": config.model.teacher,
+    metrics: dict = {"method": method.name, "teacher": config.model.teacher,
                      "student": config.model.student or f"teacher layers {config.model.student_layers}",
                      "num_train_prompts": len(train_prompts), "num_eval_prompts": len(eval_prompts)}
     if evaluating:
@@ -405,7 +469,13 @@ def run(config: RunConfig, *, overwrite: bool = False) -> dict:
         else:
             metrics["before"] = evaluate(config, models, eval_prompts, teacher_eval, paths, "before")
             atomic_write_json(before_file, metrics["before"])
-    metrics["training"] = train_distillm2(config, models, train_prompts, teacher_rows, paths)
+    validation = teacher_eval
+    if not validation and method.uses_validation:
+        logger.warning("No held-out prompts: %s measures its validation loss on the first %d training rows",
+                       method.name, min(32, len(rows)))
+        validation = rows[:32]
+    metrics["training"] = train(config, models, method, rows, paths, train_prompts=train_prompts,
+                                validation_rows=validation)
     if evaluating:
         metrics["after"] = evaluate(config, models, eval_prompts, teacher_eval, paths, "after")
     metrics["wall_seconds"] = round(time.time() - started, 1)

@@ -1,61 +1,51 @@
 """DistiLLM-2: CALD on (teacher response, fresh student response) pairs, curriculum skew, b ramp.
 
-Data: paired, batched on-policy -- each round the student's responses are regenerated from the current student
-(the pipeline does that); a batch holds the B "chosen" rows (prompt + teacher response) followed by the B
-"rejected" rows (prompt + student response).
-Loss: `losses.cald`. This module only keeps the run state the loss needs: the running reference gaps of the
-curriculum, updated once per optimizer step so that splitting a batch into more gradient-accumulation
-micro-batches changes nothing.
+Data: pairs, batched on-policy -- the teacher's response (chosen, generated once) and the student's (rejected,
+regenerated from the current student at the start of every round by the pipeline); a batch holds the B chosen
+sequences followed by the B rejected ones.
+Loss: `losses.cald`: (2 - b) SKL_{a_t} on the teacher responses + b SRKL_{a_s} on the student responses, b ramped
+by `b_schedule`, the skews set per sample by `curriculum_alpha`. This module keeps the run state the loss needs:
+the running reference gaps of the curriculum, updated once per optimizer step so that splitting a batch into
+more gradient-accumulation micro-batches changes nothing.
+Options (config section `loss`): alpha0, alpha_min, alpha_max, curriculum, gap_momentum, b_ramp, b_start, b_end,
+ramp_fraction; the paper's ablations are --no-curriculum (constant a) and --no-b-ramp (constant b).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from ..losses.cald import b_schedule, cald_terms, combine_cald, curriculum_alpha, sequence_mean_logprob
-from ..losses.divergences import IGNORE_INDEX
+from .base import LossInputs, Method
 
 
-@dataclass
-class DistiLLM2Options:
-    alpha0: float = 0.1
-    alpha_min: float = 0.01
-    alpha_max: float = 0.5
-    curriculum: bool = True
-    gap_momentum: float = 0.9
-    b_ramp: bool = True
-    b_start: float = 1.0
-    b_end: float = 1.5
-    ramp_fraction: float = 0.5
-    reduction: str = "seq_mean"
-    temperature: float = 1.0
-
-
-class DistiLLM2:
+class DistiLLM2(Method):
     name = "distillm2"
+    summary = "CALD: skew KL on teacher responses + skew reverse KL on fresh student responses, curriculum a, b ramp"
+    paired_rounds = True
 
-    def __init__(self, options: DistiLLM2Options):
-        if options.reduction not in ("seq_mean", "token_mean"):
-            raise ValueError(f"loss reduction must be seq_mean or token_mean, got '{options.reduction}'")
-        self.opt = options
+    def __init__(self, config):
+        super().__init__(config)
+        self.opt = config.loss
         self.gap_ref = {"t": None, "s": None}  # running reference gaps (teacher side, student side)
         self._pending = {"t": [], "s": []}  # this optimizer step's gaps, folded in by on_step_end
 
+    def build_rows(self, ctx) -> list[dict]:
+        return ctx.teacher_rows()  # the chosen responses are the teacher's, whatever fixed_responses says
+
+    def sequences(self, row):
+        return [(row["prompt_ids"], row["chosen_ids"]), (row["prompt_ids"], row["rejected_ids"])]
+
     # ------------------------------------------------------------------ loss
-    def compute_loss(self, student_logits, teacher_logits, targets, *, step, total_steps, normalizer):
-        """Loss of one micro-batch, already divided by the global batch's counts `normalizer` =
-        (pairs, chosen tokens, rejected tokens), so micro-batch losses add up to the batch loss.
-        Returns (loss, metric sums over this micro-batch's pairs, gauges such as b)."""
+    def compute_loss(self, batch: LossInputs):
         o = self.opt
-        n = targets.shape[0] // 2
-        mask = targets != IGNORE_INDEX
-        chosen, rejected = slice(0, n), slice(n, 2 * n)
+        n, targets = batch.n_first, batch.targets
+        mask = batch.mask
+        chosen, rejected = batch.first, batch.second
         alpha_t = alpha_s = torch.full((n,), o.alpha0, device=targets.device)
         with torch.no_grad():
-            lp = {who: sequence_mean_logprob(logits, targets, mask, temperature=o.temperature).exp()
-                  for who, logits in (("p", teacher_logits), ("q", student_logits))}
+            lp = {who: sequence_mean_logprob(logits, targets, mask, temperature=self.temperature).exp()
+                  for who, logits in (("p", batch.teacher_logits), ("q", batch.student_logits))}
             gap_t = lp["p"][chosen] - lp["q"][chosen]  # how far the student lags on the teacher's response
             gap_s = lp["q"][rejected] - lp["p"][rejected]  # how overconfident it is on its own response
         if o.curriculum:
@@ -65,16 +55,14 @@ class DistiLLM2:
                                        alpha_max=o.alpha_max)
             self._pending["t"].extend(gap_t.tolist())
             self._pending["s"].extend(gap_s.tolist())
-        terms = cald_terms(
-            student_logits[chosen], teacher_logits[chosen], mask[chosen], alpha_t,
-            student_logits[rejected], teacher_logits[rejected], mask[rejected], alpha_s,
-            temperature=o.temperature,
-        )
-        b = b_schedule(step, total_steps, b_start=o.b_start, b_end=o.b_end, ramp_fraction=o.ramp_fraction,
-                       ramp=o.b_ramp)
-        loss = combine_cald(terms, mask[chosen], mask[rejected], b=b, reduction=o.reduction, counts=normalizer)
+        s, t = batch.student_logits, batch.teacher_logits
+        terms = cald_terms(s[chosen], t[chosen], mask[chosen], alpha_t, s[rejected], t[rejected], mask[rejected],
+                           alpha_s, temperature=self.temperature)
+        b = b_schedule(batch.step, batch.total_steps, b_start=o.b_start, b_end=o.b_end,
+                       ramp_fraction=o.ramp_fraction, ramp=o.b_ramp)
+        loss = combine_cald(terms, mask[chosen], mask[rejected], b=b, reduction=self.reduction, counts=batch.counts)
         metrics = {
-            "pairs": float(n),
+            "units": float(n),
             "skl": terms.skl.detach().sum().item(),
             "srkl": terms.srkl.detach().sum().item(),
             "alpha_t": alpha_t.sum().item(),
@@ -83,7 +71,7 @@ class DistiLLM2:
         return loss, metrics, {"b": b}
 
     # ------------------------------------------------------------------ run state
-    def on_step_end(self) -> None:
+    def on_step_end(self, step: int = 0) -> None:
         """Fold this optimizer step's gaps into the running reference (a mean over recent batches)."""
         m = self.opt.gap_momentum
         for side, gaps in self._pending.items():

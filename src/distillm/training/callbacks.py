@@ -23,10 +23,17 @@ class OnPolicyRoundCallback(TrainerCallback):
 
 
 class MethodStepCallback(TrainerCallback):
-    """Calls `method.on_step_end()` after every optimizer step (e.g. to update the curriculum's reference)."""
+    """After every optimizer step: `method.on_step_end(step)` (e.g. to update the curriculum's reference), and the
+    validation loss when the method asks for it (distillm v1 adapts its student-data probability to it)."""
 
-    def __init__(self, method):
-        self.method = method
+    def __init__(self, trainer):
+        self.trainer = trainer
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.method.on_step_end()
+        method = self.trainer.method
+        method.on_step_end(state.global_step)
+        if method.validation_due(state.global_step):
+            loss = self.trainer.validation_loss()
+            if loss is not None:
+                method.observe_validation(loss, state.global_step)
+                self.trainer.log({"validation_loss": round(loss, 6)})

@@ -6,7 +6,7 @@ last R columns (R = the longest response): the models only need to produce logit
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch.utils.data import Dataset
@@ -14,11 +14,12 @@ from torch.utils.data import Dataset
 from ..losses.divergences import IGNORE_INDEX as IGNORE
 
 
-class PairDataset(Dataset):
-    """Rows with prompt_ids, chosen_ids (teacher response) and rejected_ids (student response).
+class RowDataset(Dataset):
+    """The training rows of a method (prompt ids plus the response ids it trains on; see methods.base).
 
-    `replace_rows` swaps in a new round's pairs (same prompts, fresh student responses) between epochs; the
-    Trainer's data loader reads rows lazily, so the next epoch sees the new ones."""
+    Items carry their index, so the trainer can hand a micro-batch's rows to the method (which may swap in fresh
+    responses). `replace_rows` swaps in a new round's rows (same prompts, fresh student responses) between
+    epochs; the Trainer's data loader reads rows lazily, so the next epoch sees the new ones."""
 
     def __init__(self, rows: Sequence[dict]):
         self.rows = list(rows)
@@ -27,7 +28,7 @@ class PairDataset(Dataset):
         return len(self.rows)
 
     def __getitem__(self, index: int) -> dict:
-        return self.rows[index]
+        return {**self.rows[index], "_index": index}
 
     def replace_rows(self, rows: Sequence[dict]) -> None:
         if len(rows) != len(self.rows):
@@ -42,17 +43,32 @@ def build_sequences(prompt_ids: list[int], response_ids: list[int], max_length: 
     return list(prompt_ids) + response, len(response)
 
 
-class PairCollator:
-    """Turns B pair rows into 2B sequences: rows 0..B-1 are prompt + chosen, rows B..2B-1 prompt + rejected."""
+def pair_sequences(row: dict) -> list[tuple[list[int], list[int]]]:
+    """A DPO-style pair row: prompt + chosen (teacher) response, then prompt + rejected (student) response."""
+    return [(row["prompt_ids"], row["chosen_ids"]), (row["prompt_ids"], row["rejected_ids"])]
 
-    def __init__(self, pad_token_id: int, max_length: int):
+
+class DistillCollator:
+    """Turns B rows into the sequences the models score: each row gives one sequence (group 1) or two (groups 1
+    and 2) through `sequences(row)` (a method's `sequences`); the batch holds all first-group sequences, then all
+    second-group ones. Adds `n_first` (the first group's size) and `row_index` (each row's dataset index, -1 for
+    rows that are not from the dataset)."""
+
+    def __init__(self, pad_token_id: int, max_length: int, sequences: Callable[[dict], list] = pair_sequences):
         self.pad_token_id = pad_token_id
         self.max_length = max_length
+        self.sequences = sequences
 
     def __call__(self, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
-        sequences = [build_sequences(r["prompt_ids"], r["chosen_ids"], self.max_length) for r in rows]
-        sequences += [build_sequences(r["prompt_ids"], r["rejected_ids"], self.max_length) for r in rows]
-        return pad_left(sequences, self.pad_token_id)
+        per_row = [self.sequences(r) for r in rows]
+        groups = {len(seqs) for seqs in per_row}
+        if len(groups) != 1:
+            raise ValueError("every row of a batch must give the same number of sequences")
+        sequences = [build_sequences(*seqs[g], self.max_length) for g in range(groups.pop()) for seqs in per_row]
+        batch = pad_left(sequences, self.pad_token_id)
+        batch["n_first"] = torch.tensor(len(rows))
+        batch["row_index"] = torch.tensor([r.get("_index", -1) for r in rows], dtype=torch.long)
+        return batch
 
 
 def pad_left(sequences: Sequence[tuple[list[int], int]], pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -3,19 +3,24 @@
 The Trainer keeps what it does well (optimizer, LR schedule, gradient accumulation, checkpoints and resume,
 logging to TensorBoard/W&B through `report_to`, accelerate for devices and processes). This subclass adds:
 
-- the teacher: frozen, in eval mode, no gradients, no optimizer state, forwarded under `torch.no_grad`;
+- the method (`distillm.methods`): it draws each micro-batch (fixed rows, or fresh data from the live student
+  through an `OnlineSampler`, see `get_batch_samples`) and computes the loss from the models' logits;
+- the teacher: frozen, in eval mode, no gradients, no optimizer state, forwarded under `torch.no_grad` (and not
+  at all for methods that do not need it, e.g. SeqKD);
 - logits only over the response columns of the (left-padded) batch, sliced to the tokenizer's real vocabulary,
   so models whose embedding matrices are padded to different sizes are compared over real tokens only;
-- exact gradient accumulation: the loss of each micro-batch is divided by the counts (pairs, tokens) of the
+- exact gradient accumulation: the loss of each micro-batch is divided by the counts (prompts, tokens) of the
   whole optimizer-step batch, summed over processes, so splitting a batch differently changes nothing;
-- per-step logging of the method's metrics (loss, SKL, SRKL, mean skews, b) and its run state in checkpoints.
+- per-step logging of the method's metrics (e.g. SKL, SRKL, mean skews, b for DistiLLM-2) and of where the
+  step's batches came from (`source_fixed`, `source_student`, ...), and the method's run state in checkpoints.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections import defaultdict
+import random
+from collections import Counter, defaultdict
 
 import torch
 from transformers import Trainer
@@ -23,10 +28,23 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..errors import DistillmError
 from ..io import atomic_write_json
+from ..methods.base import LossInputs
+from ..models import eval_mode
 from .callbacks import MethodStepCallback
 from .collate import IGNORE, response_logits
 
 METHOD_STATE_FILE = "distillm_method_state.json"
+
+
+def local_counts(batch_samples) -> torch.Tensor:
+    """(prompts, first-group tokens, second-group tokens) of this process's micro-batches."""
+    counts = torch.zeros(3, dtype=torch.float64)
+    for batch in batch_samples:
+        labels = batch["labels"]
+        n = int(batch["n_first"])
+        counts += torch.tensor([n, (labels[:n] != IGNORE).sum().item(), (labels[n:] != IGNORE).sum().item()],
+                               dtype=torch.float64)
+    return counts
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
@@ -40,40 +58,70 @@ class DistillTrainer(Trainer):
     # compute_loss already divides by the whole accumulated batch's counts
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *, teacher: torch.nn.Module, method, vocab_size: int, **kwargs):
+    def __init__(self, *, teacher: torch.nn.Module, method, vocab_size: int, sampler=None,
+                 validation_rows: list[dict] | None = None, **kwargs):
         super().__init__(**kwargs)
         self.teacher = freeze(teacher).to(self.args.device)
         self.method = method
-        self.add_callback(MethodStepCallback(method))
+        self.sampler = sampler  # training.sources.OnlineSampler, for methods that draw fresh data
+        self.validation_rows = validation_rows or []
+        self.add_callback(MethodStepCallback(self))
         self.vocab_size = vocab_size
         self._metric_sums: dict[str, float] = defaultdict(float)
         self._gauges: dict[str, float] = {}
+        self._sources: Counter = Counter()
+
+    # ------------------------------------------------------------------ data: the method draws each micro-batch
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """The optimizer step's micro-batches, each as the method draws it (fixed rows, or fresh responses from
+        the live student), then counted for the loss normalisation."""
+        batch_samples = []
+        for _ in range(num_batches):
+            try:
+                batch_samples.append(next(epoch_iterator))
+            except StopIteration:
+                break
+        batch_samples = [self._draw(batch, index) for index, batch in enumerate(batch_samples)]
+        return batch_samples, self._get_num_items_in_batch(batch_samples, device)
+
+    def _draw(self, batch: dict, micro_index: int) -> dict:
+        rows = [self.train_dataset.rows[i] for i in batch["row_index"].tolist()]
+        step = self.state.global_step
+        # one RNG per (seed, step, micro-batch, process): a resumed run makes the same choices from its step on
+        rng = random.Random(f"{self.args.seed}:{step}:{micro_index}:{self.args.process_index}")
+        sampler = None
+        if self.sampler is not None:
+            sampler = self.sampler.bound(self.accelerator.unwrap_model(self.model), rng.getrandbits(31))
+        drawn, source = self.method.draw(rows, sampler, rng, step, self.state.max_steps)
+        self._sources[source] += 1
+        if drawn is rows:
+            return batch
+        fresh = self.data_collator(drawn)
+        return {key: value.to(batch["input_ids"].device) for key, value in fresh.items()}
 
     # ------------------------------------------------------------------ loss normalisation
     def _get_num_items_in_batch(self, batch_samples, device):
-        """(pairs, chosen tokens, rejected tokens) of the whole optimizer step, summed over processes."""
-        counts = torch.zeros(3, dtype=torch.float64)
-        for batch in batch_samples:
-            labels = batch["labels"]
-            n = labels.shape[0] // 2
-            counts += torch.tensor([n, (labels[:n] != IGNORE).sum().item(), (labels[n:] != IGNORE).sum().item()],
-                                   dtype=torch.float64)
-        counts = counts.to(device)
+        """(prompts, first-group tokens, second-group tokens) of the whole optimizer step, summed over processes."""
+        counts = local_counts(batch_samples).to(device)
         if self.args.world_size > 1:
             counts = self.accelerator.reduce(counts, reduction="sum")
         return counts
 
+    def method_inputs(self, model, inputs, counts) -> LossInputs:
+        """The models' logits over the batch's response tokens, as the method's loss takes them."""
+        student_logits, targets = response_logits(model, inputs, self.vocab_size)
+        teacher_logits = None
+        if self.method.needs_teacher:
+            # no_grad, not inference_mode: the teacher's logits are saved for the loss's backward pass
+            with torch.no_grad():
+                teacher_logits, _ = response_logits(self.teacher, inputs, self.vocab_size)
+        return LossInputs(student_logits, teacher_logits, targets, int(inputs["n_first"]), counts,
+                          step=self.state.global_step, total_steps=self.state.max_steps)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if num_items_in_batch is None:  # e.g. called outside the training loop
             num_items_in_batch = self._get_num_items_in_batch([inputs], inputs["labels"].device)
-        student_logits, targets = response_logits(model, inputs, self.vocab_size)
-        # no_grad, not inference_mode: the teacher's logits are saved for the loss's backward pass
-        with torch.no_grad():
-            teacher_logits, _ = response_logits(self.teacher, inputs, self.vocab_size)
-        loss, metric_sums, gauges = self.method.compute_loss(
-            student_logits, teacher_logits, targets,
-            step=self.state.global_step, total_steps=self.state.max_steps, normalizer=num_items_in_batch,
-        )
+        loss, metric_sums, gauges = self.method.compute_loss(self.method_inputs(model, inputs, num_items_in_batch))
         if model.training:
             for key, value in metric_sums.items():
                 self._metric_sums[key] += value
@@ -82,19 +130,39 @@ class DistillTrainer(Trainer):
         loss = loss * self.args.world_size
         return (loss, None) if return_outputs else loss
 
+    @torch.no_grad()
+    def validation_loss(self) -> float | None:
+        """The method's loss on the validation rows (held-out fixed responses), student in eval mode."""
+        if not self.validation_rows:
+            return None
+        size = self.args.per_device_train_batch_size
+        total, units = 0.0, 0
+        model = self.accelerator.unwrap_model(self.model)
+        with eval_mode(model):
+            for start in range(0, len(self.validation_rows), size):
+                rows = self.validation_rows[start:start + size]
+                batch = {k: v.to(self.args.device) for k, v in self.data_collator(rows).items()}
+                loss, _, _ = self.method.compute_loss(self.method_inputs(model, batch, local_counts([batch])))
+                total += loss.item() * len(rows)
+                units += len(rows)
+        return total / max(units, 1)
+
     # ------------------------------------------------------------------ logging and state
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        if "loss" in logs and self._metric_sums.get("pairs"):
+        if "loss" in logs and self._metric_sums.get("units"):
             sums = self._metric_sums
             if self.args.world_size > 1:
                 keys = sorted(sums)
                 total = self.accelerator.reduce(torch.tensor([sums[k] for k in keys], device=self.args.device),
                                                 reduction="sum")
                 sums = dict(zip(keys, total.tolist()))
-            pairs = sums.pop("pairs")
-            logs.update({key: round(value / pairs, 6) for key, value in sums.items()})
+            units = sums.pop("units")
+            logs.update({key: round(value / units, 6) for key, value in sums.items()})
             logs.update({key: round(value, 6) for key, value in self._gauges.items()})
+            total = max(sum(self._sources.values()), 1)
+            logs.update({f"source_{name}": round(self._sources[name] / total, 4) for name in self.method.sources})
             self._metric_sums.clear()
+            self._sources.clear()
         super().log(logs, *args, **kwargs)
 
     def _save_checkpoint(self, model, trial):

@@ -1,0 +1,84 @@
+"""DistiLLM (v1, Ko et al. 2024): skew KL or skew reverse KL with adaptive off-policy student data.
+
+Data, decided per micro-batch (u, v uniform draws from the step's seeded RNG):
+- with probability tau (the "threshold"), the batch uses student-generated outputs: with probability
+  fresh(step) -- decaying linearly from `v1_fresh_start` to `v1_fresh_end` over training -- they are generated
+  afresh from the current student and pushed to the replay buffer (capacity `v1_buffer_capacity`), otherwise
+  drawn from the buffer (fresh anyway while the buffer holds fewer responses than the batch needs);
+- otherwise the batch uses the fixed responses (the teacher's, or the data set's with fixed_responses=dataset).
+tau starts at `v1_threshold_init` (0.0) and rises by `v1_threshold_step` (0.1, at most 1) each time the
+validation loss -- this loss on held-out teacher responses, measured every `v1_val_interval` optimizer steps --
+is higher than at the previous measurement: when the student stops improving on fixed data, it gets more of its
+own outputs.
+Loss: token-level SKL_a (default) or SRKL_a with a = `v1_alpha` (0.1), student inside the mixture not detached
+in SKL and detached in SRKL (see losses.divergences).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..data.replay import ReplayBuffer
+from ..losses.divergences import skew_forward_kl, skew_reverse_kl
+from .base import LossInputs, Method, reduce_group, sequence_sums
+
+
+class DistiLLMv1(Method):
+    name = "distillm"
+    summary = "v1: skew KL / skew reverse KL, adaptive off-policy student data with a replay buffer"
+    uses_validation = True
+    sources = ("fixed", "fresh", "replay")
+
+    def __init__(self, config):
+        super().__init__(config)
+        o = config.method
+        self.loss_name, self.alpha = o.v1_loss, o.v1_alpha
+        self.threshold = o.v1_threshold_init
+        self.buffer = ReplayBuffer(o.v1_buffer_capacity)
+        self.last_validation: float | None = None
+        self.validations: list[tuple[int, float, float]] = []  # (step, validation loss, tau after it)
+
+    # ------------------------------------------------------------------ data
+    def fresh_probability(self, step: int, total_steps: int) -> float:
+        o = self.config.method
+        progress = min(max(step / total_steps, 0.0), 1.0) if total_steps > 0 else 0.0
+        return o.v1_fresh_start + (o.v1_fresh_end - o.v1_fresh_start) * progress
+
+    def draw(self, rows, sampler, rng, step, total_steps):
+        u, v = rng.random(), rng.random()  # both drawn every time: one batch's choice never shifts another's
+        if u >= self.threshold:
+            return rows, "fixed"
+        if v < self.fresh_probability(step, total_steps) or len(self.buffer) < len(rows):
+            fresh = sampler.student(rows)
+            self.buffer.push(fresh)
+            return fresh, "fresh"
+        return self.buffer.sample(len(rows), rng), "replay"
+
+    # ------------------------------------------------------------------ loss
+    def compute_loss(self, batch: LossInputs):
+        mask = batch.mask
+        alpha = torch.full((batch.targets.shape[0],), self.alpha, device=batch.targets.device)
+        fn = skew_forward_kl if self.loss_name == "skl" else skew_reverse_kl
+        values = fn(batch.student_logits, batch.teacher_logits, alpha, temperature=self.temperature)
+        loss = reduce_group(values, mask, batch.counts, 0, self.reduction)
+        metrics = {"units": float(batch.n_first), self.loss_name: sequence_sums(values, mask)}
+        return loss, metrics, {"tau": self.threshold, "buffer": float(len(self.buffer))}
+
+    # ------------------------------------------------------------------ adaptive threshold
+    def validation_due(self, step: int) -> bool:
+        return step > 0 and step % self.config.method.v1_val_interval == 0
+
+    def observe_validation(self, loss: float, step: int) -> None:
+        if self.last_validation is not None and loss > self.last_validation:
+            self.threshold = min(1.0, round(self.threshold + self.config.method.v1_threshold_step, 10))
+        self.last_validation = loss
+        self.validations.append((step, loss, self.threshold))
+
+    def state_dict(self) -> dict:
+        return {"threshold": self.threshold, "last_validation": self.last_validation,
+                "validations": self.validations, "buffer": self.buffer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.threshold, self.last_validation = state["threshold"], state["last_validation"]
+        self.validations = [tuple(v) for v in state["validations"]]
+        self.buffer.load_state_dict(state["buffer"])

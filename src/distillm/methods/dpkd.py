@@ -1,0 +1,38 @@
+"""DPKD: distillation as preference optimisation, the teacher as the reference model.
+
+Data: pairs, as in DistiLLM-2 -- the teacher's response (chosen, generated once) and the current student's
+response (rejected, regenerated at the start of every round). Loss (losses.preference.dpkd_loss):
+-log sigmoid(beta [(log q(y_t) - log q(y_s)) - (log p(y_t) - log p(y_s))]) with length-normalised log-probs and
+beta = `dpkd_beta` (0.2), averaged over pairs.
+"""
+
+from __future__ import annotations
+
+from ..losses.cald import sequence_mean_logprob
+from ..losses.preference import dpkd_logits, dpkd_loss
+from .base import LossInputs, Method
+
+
+class DPKD(Method):
+    name = "dpkd"
+    summary = "DPO-style: teacher response preferred over the student's, teacher as reference"
+    paired_rounds = True
+
+    def build_rows(self, ctx) -> list[dict]:
+        return ctx.teacher_rows()  # the chosen responses are the teacher's, whatever fixed_responses says
+
+    def sequences(self, row):
+        return [(row["prompt_ids"], row["chosen_ids"]), (row["prompt_ids"], row["rejected_ids"])]
+
+    def compute_loss(self, batch: LossInputs):
+        mask, t = batch.mask, self.temperature
+        q = sequence_mean_logprob(batch.student_logits, batch.targets, mask, temperature=t)
+        p = sequence_mean_logprob(batch.teacher_logits, batch.targets, mask, temperature=t)
+        c, r = batch.first, batch.second
+        beta = self.config.method.dpkd_beta
+        losses = dpkd_loss(q[c], q[r], p[c], p[r], beta=beta)
+        margins = dpkd_logits(q[c], q[r], p[c], p[r], beta=beta).detach()
+        loss = losses.sum() / max(float(batch.counts[0]), 1.0)
+        metrics = {"units": float(batch.n_first), "dpkd": losses.detach().sum().item(),
+                   "margin": margins.sum().item(), "accuracy": (margins > 0).float().sum().item()}
+        return loss, metrics, {}

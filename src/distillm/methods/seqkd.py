@@ -1,0 +1,32 @@
+"""SeqKD: supervised fine-tuning on the teacher's responses.
+
+Data: the teacher's sampled responses (fixed, generated once). Loss: the negative log-likelihood of the response
+tokens under the student (cross-entropy with the sampled token), reduced per the `reduction` option. The teacher
+is not run while training: this is the cheapest method per step.
+"""
+
+from __future__ import annotations
+
+from ..losses.divergences import token_log_probs
+from .base import LossInputs, Method, reduce_group, sequence_sums
+
+
+def response_nll(batch: LossInputs, rows: slice, group: int, reduction: str, temperature: float = 1.0):
+    """(loss, per-token NLL) of the response tokens of `rows` of the batch."""
+    targets = batch.targets[rows]
+    mask = targets != -100
+    nll = -token_log_probs(batch.student_logits[rows], targets, temperature=temperature)
+    return reduce_group(nll, mask, batch.counts, group, reduction), nll, mask
+
+
+class SeqKD(Method):
+    name = "seqkd"
+    summary = "SFT (NLL) on the teacher's responses; no teacher pass while training"
+    needs_teacher = False
+
+    def build_rows(self, ctx) -> list[dict]:
+        return ctx.teacher_rows()  # by definition the teacher's outputs, whatever fixed_responses says
+
+    def compute_loss(self, batch: LossInputs):
+        loss, nll, mask = response_nll(batch, batch.first, 0, self.reduction)
+        return loss, {"units": float(batch.n_first), "nll": sequence_sums(nll, mask)}, {}

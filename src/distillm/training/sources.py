@@ -1,0 +1,47 @@
+"""Fresh training data made during training, shared by the on-policy methods (gkd, imitkd, minillm, distillm v1,
+speculative-kd): the current student's responses to a micro-batch's prompts, or the joint student-teacher
+decoding of speculative KD.
+
+The trainer binds one `OnlineSampler` to the live student and a per-micro-batch seed (derived from the training
+seed, the optimizer step and the micro-batch), so the data of a step is reproducible and a resumed run draws
+exactly what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..generation.base import SamplingParams
+from ..generation.hf import HFBackend
+from ..generation.speculative import speculative_decode
+
+
+@dataclass
+class OnlineSampler:
+    model: object  # the live (unwrapped) student
+    teacher: object
+    tokenizer: object
+    params: SamplingParams
+    vocab_size: int
+    seed: int = 0
+
+    def bound(self, model, seed: int) -> "OnlineSampler":
+        return OnlineSampler(model, self.teacher, self.tokenizer, self.params, self.vocab_size, seed)
+
+    # the `Sampler` protocol of methods.base
+    def student(self, rows: list[dict]) -> list[dict]:
+        """The current student's responses to the rows' prompts (sampled with the run's settings)."""
+        backend = HFBackend(self.model, self.tokenizer, max_batch_size=len(rows))
+        completions = backend.generate_batch([r["prompt_ids"] for r in rows], self.params, seed=self.seed)
+        return [{"id": r["id"], "prompt_ids": r["prompt_ids"], "response_ids": c.token_ids, "source": "student"}
+                for r, c in zip(rows, completions)]
+
+    def speculative(self, rows: list[dict], top_k: int) -> list[dict]:
+        """Responses decoded jointly: the student proposes, the teacher keeps its top-K (generation.speculative)."""
+        backend = HFBackend(self.model, self.tokenizer)  # for its pad and end-of-sequence ids
+        completions = speculative_decode(
+            self.model, self.teacher, [r["prompt_ids"] for r in rows], self.params, top_k=top_k, seed=self.seed,
+            eos_ids=backend.eos_ids, pad_id=backend.pad_id, vocab_size=self.vocab_size,
+        )
+        return [{"id": r["id"], "prompt_ids": r["prompt_ids"], "response_ids": c.token_ids, "source": "speculative",
+                 "proposals": c.proposals, "replaced": c.replaced} for r, c in zip(rows, completions)]
