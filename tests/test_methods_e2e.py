@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from distillm.cli import main
 from distillm.config import METHOD_NAMES
@@ -23,3 +24,29 @@ def test_every_method_runs_end_to_end_from_the_cli(name, tmp_path, capsys):
     losses = [entry["loss"] for entry in log if "loss" in entry]
     assert len(losses) == 4 and all(loss == loss and abs(loss) < 1e6 for loss in losses)  # finite
     assert "Distilled student" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, extra", [("distillm", ["--v1-threshold-init", "1.0", "--v1-val-interval", "1"]),
+                                         ("gkd", [])])
+def test_on_policy_methods_resume_to_the_same_student(name, extra, tmp_path):
+    """Drawn data (coin flips, fresh samples, the replay buffer) is a function of the step, so a run resumed from
+    a mid-run checkpoint ends with the same weights as an uninterrupted one."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    args = ["-q", "run", "--preset", "tiny", "--method", name, "--rounds", "2", "--num-prompts", "8",
+            "--no-evaluate", "--max-new-tokens", "8", "--save-steps", "2", *extra]
+    whole = tmp_path / "whole"
+    assert main([*args, "--output-dir", str(whole)]) == 0
+    resumed = tmp_path / "resumed"
+    shutil.copytree(whole, resumed)
+    for name_ in ("student", "metrics.json", "checkpoints/checkpoint-4"):
+        path = resumed / name_
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    assert main([*args, "--output-dir", str(resumed)]) == 0
+    a, b = (load_file(str(d / "student" / "model.safetensors")) for d in (whole, resumed))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)

@@ -3,6 +3,8 @@
 import pytest
 
 from distillm.config import load_config
+from distillm.data.prompts import encode_prompts, load_prompts
+from distillm.methods import build_method
 from distillm.pipeline import RunDirError, pair_rows, prepare_run_dir
 
 
@@ -89,3 +91,26 @@ def test_import_teacher_responses_matches_prompts_by_id(tmp_path, tokenizer, enc
     source.write_text(json.dumps(rows[0]) + "\n")
     with pytest.raises(DistillmError, match="no response for"):
         import_teacher_responses(str(source), encoded_prompts, tokenizer, tmp_path / "out2.jsonl")
+
+
+def test_fixed_responses_from_the_data_set_for_kd(tmp_path, tokenizer):
+    from distillm.errors import DistillmError
+    from distillm.pipeline import DataContext, RunPaths
+
+    prompts_file = tmp_path / "p.jsonl"
+    prompts_file.write_text('{"id": "a", "prompt": "2+2?", "response": "4"}\n'
+                            '{"id": "b", "messages": [{"role": "user", "content": "Hi"}, '
+                            '{"role": "assistant", "content": "Hello!"}]}\n')
+    config = load_config(overrides={"method": "kd", "fixed_responses": "dataset", "prompts": str(prompts_file)})
+    records, _ = load_prompts(str(prompts_file))
+    prompts, _ = encode_prompts(records, tokenizer, max_prompt_length=64)
+    ctx = DataContext(config, tokenizer, prompts, RunPaths(tmp_path / "run"), teacher_backend=None)
+    rows = build_method(config).build_rows(ctx)  # no teacher needed: the backend is never touched
+    assert [tokenizer.decode(r["response_ids"]) for r in rows] == ["4<|im_end|>", "Hello!<|im_end|>"]
+    assert rows[0]["prompt_ids"] == prompts[0].input_ids
+
+    prompts_file.write_text('{"id": "a", "prompt": "2+2?", "response": "4"}\n{"id": "b", "prompt": "Hi"}\n')
+    records, _ = load_prompts(str(prompts_file))
+    ctx.prompts, _ = encode_prompts(records, tokenizer, max_prompt_length=64)
+    with pytest.raises(DistillmError, match=r"p\.jsonl.*1 of 2 have none \(e\.g\. id 'b'\).*--fixed-responses teacher"):
+        build_method(config).build_rows(ctx)
