@@ -277,6 +277,7 @@ def test_v1_in_the_trainer_measures_validation_and_checkpoints_its_buffer(tmp_pa
     trainer.train()
     logs = trainer.state.log_history
     assert [e["step"] for e in logs if "validation_loss" in e] == [2, 4, 6, 8]
+    assert [e["step"] for e in logs if "loss" in e] == list(range(1, 9))  # one entry per step, none lost
     assert len(m.validations) == 4
     assert m.buffer.pushed > 0 and m.buffer.replayed > 0  # it filled and it replayed
     sources = [(e["source_fresh"], e["source_replay"]) for e in logs if "loss" in e]

@@ -50,15 +50,18 @@ def _overrides(args: argparse.Namespace) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="distillm",
-        description="Distil a teacher LLM into a smaller student with DistiLLM-2 (contrastive distillation).",
+        description="Distil a teacher LLM into a smaller student with DistiLLM-2 (contrastive distillation) or one of "
+        "the classic baselines (--method).",
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="Only warnings and errors.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     run = sub.add_parser("run", help="Whole pipeline: teacher responses, on-policy rounds of training, evaluation.",
-                         description="Teacher responses (once), then rounds of fresh student responses and one "
-                         "epoch of DistiLLM-2 each, with a held-out evaluation before and after. With no arguments: "
-                         "the default demo (SmolLM2-135M-Instruct -> 10-layer pruned student on built-in prompts).")
+                         description="The method's data (teacher responses, once, for most methods), then --rounds "
+                         "epochs of training (DistiLLM-2 and DPKD regenerate the student's responses every round; the "
+                         "on-policy baselines sample the student while training), with a held-out evaluation before "
+                         "and after. --method picks the method (default distillm2). With no arguments: the default "
+                         "demo (SmolLM2-135M-Instruct -> 10-layer pruned student on built-in prompts).")
     _add_config_options(run)
 
     train = sub.add_parser("train", help="Train a student, e.g. from teacher responses you already have (no evaluation).",

@@ -413,9 +413,8 @@ def train(config: RunConfig, models: ModelPair, method: Method, rows: list[dict]
         logger.info("Resuming training from %s", last)
     result = trainer.train(resume_from_checkpoint=last)
     trainer.save_model(str(paths.student))
-    write_jsonl(paths.train_log, [entry for entry in trainer.state.log_history
-                                  if "loss" in entry or "validation_loss" in entry])
     history = [entry for entry in trainer.state.log_history if "loss" in entry]
+    write_jsonl(paths.train_log, history)
     by_round: dict[int, list[float]] = {}
     for entry in history:  # epoch k+1 is the end of round k; steps of round k have epoch in (k, k+1]
         by_round.setdefault(max(math.ceil(entry["epoch"]) - 1, 0), []).append(entry["loss"])

@@ -36,4 +36,4 @@ class MethodStepCallback(TrainerCallback):
             loss = self.trainer.validation_loss()
             if loss is not None:
                 method.observe_validation(loss, state.global_step)
-                self.trainer.log({"validation_loss": round(loss, 6)})
+                self.trainer.log_once["validation_loss"] = round(loss, 6)  # goes into this step's log entry

@@ -70,6 +70,7 @@ class DistillTrainer(Trainer):
         self._metric_sums: dict[str, float] = defaultdict(float)
         self._gauges: dict[str, float] = {}
         self._sources: Counter = Counter()
+        self.log_once: dict[str, float] = {}  # added to the next log entry only (e.g. a validation loss)
 
     # ------------------------------------------------------------------ data: the method draws each micro-batch
     def get_batch_samples(self, epoch_iterator, num_batches, device):
@@ -161,8 +162,10 @@ class DistillTrainer(Trainer):
             logs.update({key: round(value, 6) for key, value in self._gauges.items()})
             total = max(sum(self._sources.values()), 1)
             logs.update({f"source_{name}": round(self._sources[name] / total, 4) for name in self.method.sources})
+            logs.update(self.log_once)
             self._metric_sums.clear()
             self._sources.clear()
+            self.log_once.clear()
         super().log(logs, *args, **kwargs)
 
     def _save_checkpoint(self, model, trial):
