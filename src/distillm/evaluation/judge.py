@@ -71,7 +71,8 @@ def judge_messages(instruction: str, answer_a: str, answer_b: str) -> list[dict]
 
 _BRACKETED = re.compile(r"\[\[\s*(A|B|C|TIE)\s*\]\]", re.IGNORECASE)
 _LABEL = r"(?:answer|output|response|assistant|model)?\s*[\(\[]?([AB])[\)\]]?"
-_KEYED = re.compile(r"(?:verdict|winner|better|best|choice|final answer|decision|preferred|prefer)\s*(?:is|:|=|-)?\s*"
+_KEYED = re.compile(r"(?:verdict|winner|better|best|choice|final answer|decision|preferred|prefer)"
+                    r"(?:\s+(?:answer|one|response|output))?(?:\s*(?:is|:|=|-))*\s*"
                     r"[\"'*\s]*" + _LABEL + r"(?![A-Za-z])", re.IGNORECASE)
 _STATED = re.compile(r"(?:answer|output|response|assistant)\s*[\(\[]?([AB])[\)\]]?\s+(?:is|was)\s+(?:clearly\s+|much\s+|"
                      r"slightly\s+)?(?:better|superior|preferred|more helpful|the better|the winner)", re.IGNORECASE)
