@@ -263,13 +263,17 @@ def judge_pairs(judge: Judge, items: Sequence[PairItem], *, cache: VerdictCache 
             cache.put(key, reply)
         return reply
 
+    unique: dict[str, list[dict]] = {}  # identical requests (e.g. identical answers) are asked once
+    for messages in requests:
+        unique.setdefault(VerdictCache.key(judge.identity, messages), messages)
     with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool, \
-            tqdm(total=len(requests), desc=desc, unit="verdict", leave=False) as bar:
-        futures = [pool.submit(ask, messages) for messages in requests]
-        replies = []
-        for future in futures:
-            replies.append(future.result())
+            tqdm(total=len(unique), desc=desc, unit="verdict", leave=False) as bar:
+        futures = {key: pool.submit(ask, messages) for key, messages in unique.items()}
+        answers = {}
+        for key, future in futures.items():
+            answers[key] = future.result()
             bar.update(1)
+    replies = [answers[VerdictCache.key(judge.identity, messages)] for messages in requests]
     results = []
     for index, item in enumerate(items):
         first, second = parse_verdict(replies[2 * index]), parse_verdict(replies[2 * index + 1])
