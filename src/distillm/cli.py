@@ -1,4 +1,4 @@
-"""The `distillm` command: generate, train, run.
+"""The `distillm` command: generate, train, run, eval.
 
 Every option of the config (see `distillm.config`) is a flag of `train` and `run`; a YAML file given with
 `--config` sets many at once, and flags override it. `distillm run` with no arguments is the default demo.
@@ -88,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--dtype", default="auto")
     gen.add_argument("--trust-remote-code", action="store_true")
+
+    from .evaluation.cli import add_eval_parser
+
+    add_eval_parser(sub)
     return parser
 
 
@@ -171,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     # `distillm` alone, or with only run's flags, runs the default demo: insert "run" after the global flags
     n_global = next((i for i, a in enumerate(argv) if a not in ("-q", "--quiet")), len(argv))
     rest = argv[n_global:]
-    if not rest or (rest[0] not in ("run", "train", "generate", "-h", "--help")):
+    if not rest or (rest[0] not in ("run", "train", "generate", "eval", "-h", "--help")):
         argv = [*argv[:n_global], "run", *rest]
     args = parser.parse_args(argv)
     _setup_logging(args.quiet)
@@ -180,6 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return _cmd_generate(args)
+        if args.command == "eval":
+            from .evaluation.cli import cmd_eval
+
+            args.argv = argv
+            return cmd_eval(args)
         return _cmd_run(args, evaluate_default=args.command == "run")
     except DistillmError as err:
         print(f"distillm: error: {err}", file=sys.stderr)
