@@ -321,3 +321,18 @@ def test_fused_inputs_match_response_logits(teacher, student, encoded_prompts, t
     for r, f in zip(g_ref, g_fused):
         if r is not None:
             torch.testing.assert_close(f, r, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["fkl", "srkl", "jsd", "acceptance"])
+def test_frozen_head_per_token(name):
+    """Only the hidden states need a gradient: the forward keeps dd/dh, the backward does not recompute."""
+    student, teacher, mask, up = make(15)
+    ref_h = student.hidden.clone().requires_grad_(True)
+    ref = plain_values(name, HeadInputs(ref_h, student.weight, student.bias), teacher, WEIGHTS[name], mask)
+    (ref * up).sum().backward()
+    h = student.hidden.clone().requires_grad_(True)
+    out = fused_divergence(name, HeadInputs(h, student.weight, student.bias), teacher, WEIGHTS[name], mask=mask,
+                           vocab_size=V, chunk_size=4)
+    (out * up).sum().backward()
+    torch.testing.assert_close(out, ref.detach())
+    torch.testing.assert_close(h.grad, ref_h.grad)

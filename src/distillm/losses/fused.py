@@ -8,18 +8,23 @@ teacher's logits z^T_n either given or computed the same way from the teacher's 
     d_n   = D(p_n, q_n)                       (D: FKL, RKL, SKL_a, SRKL_a, JSD_b, TVD, acceptance; see divergences)
 
 The full [N, V] logits are never built. The tokens are split into chunks of C rows; for each chunk the C x V
-student and teacher logits are formed, the divergence of each row is computed by the *same* plain function of
-`divergences.py` (so values, masking of -inf entries and the a/b end points are exactly those of the plain
-path), and the chunk's logits are freed. For the gradient, with g_n the upstream gradient of d_n and
-G_n = g_n * dd_n/dz^S_n (a [V] row, found by autograd through the plain function on the chunk):
+student and teacher logits are formed, the chunk's values and their gradient w.r.t. the student logits are
+computed in closed form (the kernels below; one pass of a few elementwise ops instead of autograd through the
+plain functions, which is several times slower on CPU), and the chunk's logits are freed. With g_n the upstream
+gradient of d_n and G_n = g_n dd_n/dz^S_n (a [V] row):
 
     dL/dh_n = G_n W,    dL/dW = sum_n G_n^T h_n,    dL/db = sum_n G_n
+
+The conventions are those of `divergences.py` (true KLs with the entropy term, 0 log 0 = 0, -inf logits as exact
+zeros, a = 0 / b = 0 / b = 1 end points, a and b constants for the gradient), and the tests check every value
+and gradient against the plain functions on full logits.
 
 Two entry points share this machinery:
 
 - `fused_divergence` (and the named wrappers `fused_forward_kl`, ...) returns the per-token values [...] with a
   backward that is exact for *any* upstream gradient (per-token weights, per-sequence means, anything). Its
-  backward recomputes each chunk's logits (one more head matmul per model than the plain path).
+  backward recomputes each chunk's logits (one more head matmul per model than the plain path); with a frozen
+  head (only the hidden states need a gradient) the forward keeps dd_n/dh_n [N, H] instead.
 - `fused_weighted_divergence` takes the per-token weights w_n up front and returns L = sum_n w_n d_n (plus the
   per-token values, detached). It computes the gradient during the forward pass, chunk by chunk, and keeps only
   dL/dh [N, H], dL/dW [V, H], dL/db [V]; the backward scales them. No recomputation: use it for training,
@@ -29,8 +34,8 @@ Two entry points share this machinery:
 DistiLLM-2, DPO-style sequence log-probs). `fused_inputs` turns a transformers causal LM and a batch into the
 hidden states of the response positions and the head.
 
-Memory: the forward and the backward hold at most one chunk's student and teacher logits and the plain
-function's temporaries on them (a small multiple of C x V); what is saved for the backward is the inputs
+Memory: the forward and the backward hold at most one chunk's student and teacher logits and the kernel's
+temporaries on them (a small multiple of C x V); what is saved for the backward is the inputs
 themselves (hidden states, head weights, teacher logits if those were given), or, for the weighted form, the
 gradients [N, H] and [V, H]. Nothing of size N x V is saved or created.
 
@@ -47,7 +52,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import divergences as D
 from .divergences import IGNORE_INDEX
 
 __all__ = [
@@ -84,37 +88,173 @@ def default_chunk_size(vocab_size: int) -> int:
     return max(1, CHUNK_BYTES // (4 * vocab_size))
 
 
-# ------------------------------------------------------------------------------------------ per-chunk values
-def _divergence_fn(divergence: str, detach_student_in_mixture: bool | None) -> Callable:
-    """(student_logits [C, V], teacher_logits [C, V], weight, tau) -> [C], by the plain function."""
-    if divergence == "fkl":
-        return lambda s, t, w, tau: D.forward_kl(s, t, temperature=tau)
-    if divergence == "rkl":
-        return lambda s, t, w, tau: D.reverse_kl(s, t, temperature=tau)
-    if divergence == "skl":
-        detach = False if detach_student_in_mixture is None else detach_student_in_mixture
-        return lambda s, t, w, tau: D.skew_forward_kl(s, t, w, temperature=tau, detach_student_in_mixture=detach)
-    if divergence == "srkl":
-        detach = True if detach_student_in_mixture is None else detach_student_in_mixture
-        return lambda s, t, w, tau: D.skew_reverse_kl(s, t, w, temperature=tau, detach_student_in_mixture=detach)
-    if divergence == "jsd":
-        return lambda s, t, w, tau: D.generalized_jsd(s, t, w, temperature=tau)
-    if divergence == "tvd":
-        return lambda s, t, w, tau: D.total_variation(s, t, temperature=tau)
-    if divergence == "acceptance":
-        return lambda s, t, w, tau: D.acceptance_rate(s, t, temperature=tau)
-    raise ValueError(f"unknown divergence {divergence!r}; valid options: {', '.join(DIVERGENCES)}")
+# ------------------------------------------------------------------------------------------ per-chunk kernels
+# Each kernel takes the chunk's log-probabilities log p, log q [C, V] (float32 or float64) and the chunk's weight
+# (a, b: a float or a [C, 1] column) and returns the values [C] and r = dd/d(log q) [C, V] (None when d does not
+# depend on the student, or when no gradient is wanted), taking log q as free coordinates. The chain rule
+# through log q = s - logsumexp(s), s = z / tau, then gives dd/dz = (r - q sum_v r) / tau (`_logits_grad`).
+# r, worked out per divergence (m the mixture, terms with a zero weight in front are 0):
+#   FKL   r = -p                           RKL   r = q (log q - log p + 1)
+#   SKL   r = -p (1 - a) q / m1            SRKL  r = q (log q - log m2 + 1) [- a q^2 / m2 if q is not detached]
+#   JSD   r = (1 - b) q (log q - log m)    (the terms through m cancel: b p + (1 - b) q = m)
+#   TVD   r = 0.5 sign(q - p) q            acceptance  r = q [q < p] (+ q / 2 where q = p, as torch.minimum)
+# Values follow divergences.py: 0 log 0 = 0, a zero of the second argument under a positive first gives +inf.
+
+def _terms(log_a: Tensor, log_b: Tensor) -> Tensor:
+    """a (log a - log b) elementwise, 0 where a = 0."""
+    a = log_a.exp()
+    return (a * (log_a - log_b)).masked_fill_(a == 0, 0.0)
 
 
-def _log_prob_fn(s: Tensor, t: None, labels: Tensor, tau: float) -> Tensor:
-    return D.token_log_probs(s, labels, temperature=tau)
+def _log_weight(w, like: Tensor) -> tuple[Tensor, Tensor]:
+    """log w and log(1 - w) for a float or a [C] weight, shaped to broadcast against [C, V]."""
+    w = torch.as_tensor(w, dtype=like.dtype, device=like.device)
+    if w.dim() == 1:
+        w = w.unsqueeze(-1)
+    return torch.log(w), torch.log1p(-w)
+
+
+def _fkl(log_p, log_q, w, detach, need_grad):
+    values = _terms(log_p, log_q).sum(-1)
+    return values, (-log_p.exp() if need_grad else None)
+
+
+def _rkl(log_p, log_q, w, detach, need_grad):
+    terms = _terms(log_q, log_p)
+    values = terms.sum(-1)
+    return values, (terms.add_(log_q.exp()) if need_grad else None)
+
+
+def _skl(log_p, log_q, w, detach, need_grad):
+    log_a, log_1ma = _log_weight(w, log_p)
+    log_m = torch.logaddexp(log_a + log_p, log_1ma + log_q)
+    values = _terms(log_p, log_m).sum(-1)
+    if detach or not need_grad:
+        return values, None
+    p = log_p.exp()
+    r = (log_1ma + log_q - log_m).exp_().mul_(p).neg_()
+    return values, r.masked_fill_(p == 0, 0.0)
+
+
+def _srkl(log_p, log_q, w, detach, need_grad):
+    log_a, log_1ma = _log_weight(w, log_p)
+    log_m = torch.logaddexp(log_1ma + log_p, log_a + log_q)
+    terms = _terms(log_q, log_m)
+    values = terms.sum(-1)
+    if not need_grad:
+        return values, None
+    q = log_q.exp()
+    r = terms.add_(q)
+    if not detach:
+        r.sub_((log_a + log_q - log_m).exp_().mul_(q).masked_fill_(q == 0, 0.0))
+    return values, r
+
+
+def _jsd_mix(log_p, log_q, b, need_grad):
+    log_b, log_1mb = _log_weight(b, log_p)
+    log_m = torch.logaddexp(log_b + log_p, log_1mb + log_q)
+    b = torch.as_tensor(b, dtype=log_p.dtype, device=log_p.device)
+    terms_q = _terms(log_q, log_m)
+    values = b * _terms(log_p, log_m).sum(-1) + (1 - b) * terms_q.sum(-1)
+    if not need_grad:
+        return values, None
+    return values, terms_q.mul_(1 - b if b.dim() == 0 else (1 - b).unsqueeze(-1))
+
+
+def _jsd(log_p, log_q, w, detach, need_grad):
+    """b = 0 is FKL and b = 1 is RKL (per row when b is a column), as generalized_jsd defines them."""
+    if not isinstance(w, Tensor):
+        if w == 0:
+            return _fkl(log_p, log_q, w, detach, need_grad)
+        if w == 1:
+            return _rkl(log_p, log_q, w, detach, need_grad)
+        return _jsd_mix(log_p, log_q, w, need_grad)
+    is_fkl, is_rkl = w == 0, w == 1
+    values, r = _jsd_mix(log_p, log_q, torch.where(is_fkl | is_rkl, 0.5, w), need_grad)
+    for rows, kernel in ((is_fkl, _fkl), (is_rkl, _rkl)):
+        if bool(rows.any()):
+            rows = rows.nonzero().squeeze(1)
+            v_end, r_end = kernel(log_p[rows], log_q[rows], None, detach, need_grad)
+            values[rows] = v_end
+            if need_grad:
+                r[rows] = r_end
+    return values, r
+
+
+def _tvd(log_p, log_q, w, detach, need_grad):
+    p, q = log_p.exp(), log_q.exp()
+    diff = q - p
+    values = diff.abs().sum(-1).mul_(0.5)
+    return values, (diff.sign_().mul_(q).mul_(0.5) if need_grad else None)
+
+
+def _acceptance(log_p, log_q, w, detach, need_grad):
+    p, q = log_p.exp(), log_q.exp()
+    values = torch.minimum(p, q).sum(-1)
+    if not need_grad:
+        return values, None
+    share = (q < p).to(q.dtype).add_((q == p).to(q.dtype), alpha=0.5)
+    return values, share.mul_(q)
+
+
+KERNELS = {"fkl": _fkl, "rkl": _rkl, "skl": _skl, "srkl": _srkl, "jsd": _jsd, "tvd": _tvd,
+           "acceptance": _acceptance}
+
+
+def _log_softmax(logits: Tensor, tau: float) -> Tensor:
+    z = logits if logits.dtype == torch.float64 else logits.float()
+    return torch.log_softmax(z / tau if tau != 1.0 else z, dim=-1)
+
+
+def _logits_grad(r: Tensor, log_q: Tensor, tau: float) -> Tensor:
+    """dd/dz = (r - q sum_v r) / tau, in place on r."""
+    r.addcmul_(log_q.exp(), r.sum(-1, keepdim=True), value=-1.0)
+    return r.div_(tau) if tau != 1.0 else r
+
+
+def _divergence_kernel(divergence: str, detach_student_in_mixture: bool | None) -> Callable:
+    """(student_logits [C, V], teacher_logits [C, V], weight, tau, need_grad) -> (values [C], dd/dz or None)."""
+    if divergence not in KERNELS:
+        raise ValueError(f"unknown divergence {divergence!r}; valid options: {', '.join(DIVERGENCES)}")
+    kernel = KERNELS[divergence]
+    detach = {"skl": False, "srkl": True}.get(divergence, False)
+    if detach_student_in_mixture is not None:
+        detach = detach_student_in_mixture
+
+    def run(s, t, w, tau, need_grad):
+        log_q, log_p = _log_softmax(s, tau), _log_softmax(t, tau)
+        if log_p.dtype != log_q.dtype:  # a float64 side makes the pair float64, as in the plain functions
+            log_p, log_q = log_p.double(), log_q.double()
+        values, r = kernel(log_p, log_q, w, detach, need_grad)
+        return values, (None if r is None else _logits_grad(r, log_q, tau))
+
+    return run
+
+
+def _log_prob_kernel(s: Tensor, t: None, labels: Tensor, tau: float, need_grad: bool):
+    """log q(y) = s_y - logsumexp(s), s = z / tau; d/dz = (onehot(y) - q) / tau."""
+    log_q = _log_softmax(s, tau)
+    idx = labels.long().unsqueeze(-1)
+    values = log_q.gather(-1, idx).squeeze(-1)
+    if not need_grad:
+        return values, None
+    grad = log_q.exp_().neg_().scatter_add_(-1, idx, torch.ones_like(idx, dtype=log_q.dtype))
+    return values, (grad.div_(tau) if tau != 1.0 else grad)
+
+
+def _check_weight(w, name: str, allow_one: bool) -> None:
+    values = w.detach().flatten() if isinstance(w, Tensor) else torch.tensor([float(w)])
+    bad = (values < 0) | (values > 1) | torch.isnan(values) | ((values == 1) & (not allow_one))
+    if bool(bad.any()):
+        interval = "[0, 1]" if allow_one else "[0, 1)"
+        raise ValueError(f"{name} must be in {interval}, got {values[bad][:8].tolist()}")
 
 
 # --------------------------------------------------------------------------------------------- the engine
 class _Problem(NamedTuple):
     """Everything the chunk loop needs, flattened: rows [K] are the token indices into the N flat positions."""
 
-    value_fn: Callable
+    kernel: Callable
     temperature: float
     vocab: int
     chunk_size: int
@@ -146,19 +286,13 @@ def _chunks(prob: _Problem):
         yield prob.rows[start:start + prob.chunk_size]
 
 
-def _chunk_grad(prob: _Problem, hidden, weight, bias, teacher, extra, idx, upstream, want_values: bool):
-    """Values [C] of one chunk and the gradient G [C, V] of sum(upstream * values) w.r.t. its student logits."""
+def _chunk(prob: _Problem, hidden, weight, bias, teacher, extra, idx: Tensor, need_grad: bool):
+    """Values [C] of one chunk of rows and dd/dz [C, V] w.r.t. its student logits (None: not wanted, or d does
+    not depend on the student)."""
     with torch.no_grad():
-        s_logits = _student_logits(hidden, weight, bias, idx, prob.vocab)
-        t_logits = _teacher_logits(teacher, idx, prob.vocab)
-    s_logits.requires_grad_(True)
-    with torch.enable_grad():
-        values = prob.value_fn(s_logits, t_logits, _chunk_extra(extra, idx), prob.temperature)
-        if values.requires_grad:
-            (grad,) = torch.autograd.grad(values, s_logits, upstream.to(values.dtype))
-        else:  # e.g. SKL with the student detached inside the mixture: no dependence on the student
-            grad = torch.zeros_like(s_logits)
-    return (values.detach() if want_values else None), grad
+        s = _student_logits(hidden, weight, bias, idx, prob.vocab)
+        t = _teacher_logits(teacher, idx, prob.vocab)
+        return prob.kernel(s, t, _chunk_extra(extra, idx), prob.temperature, need_grad)
 
 
 class _Accumulator:
@@ -173,6 +307,7 @@ class _Accumulator:
         self.grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if self.need_b else None
 
     def add(self, idx: Tensor, grad_logits: Tensor) -> None:
+        """grad_logits [C, V]: the loss's gradient w.r.t. the chunk's logits (upstream gradient included)."""
         vocab = self.prob.vocab
         g = grad_logits.to(self.weight.dtype)  # what the plain path's linear layer receives
         if self.need_h:
@@ -190,35 +325,51 @@ class _Accumulator:
 
 
 class _FusedPerToken(torch.autograd.Function):
-    """Per-token values [N] (0 off the rows); the backward recomputes each chunk's logits."""
+    """Per-token values [N] (0 off the rows). When the head weight and bias need a gradient, the backward
+    recomputes each chunk's logits. When only the hidden states do (a frozen head), the forward keeps
+    dd_n/dh_n [N, H] instead (exact for any upstream gradient, since dL/dh_n = g_n dd_n/dh_n) and nothing is
+    recomputed."""
 
     @staticmethod
     def forward(ctx, prob: _Problem, hidden, weight, bias, t_logits, t_hidden, t_weight, t_bias, extra):
         teacher = (t_logits, t_hidden, t_weight, t_bias)
+        need_h, need_w, need_b = ctx.needs_input_grad[1:4]
+        frozen_head = need_h and not (need_w or need_b)
         out = torch.zeros(prob.n, dtype=prob.out_dtype, device=hidden.device)
+        acc = _Accumulator(prob, hidden, weight, bias, (True, False, False)) if frozen_head else None
         for idx in _chunks(prob):
-            s = _student_logits(hidden, weight, bias, idx, prob.vocab)
-            t = _teacher_logits(teacher, idx, prob.vocab)
-            out.index_copy_(0, idx, prob.value_fn(s, t, _chunk_extra(extra, idx), prob.temperature).to(out.dtype))
-            del s, t
+            values, grad = _chunk(prob, hidden, weight, bias, teacher, extra, idx, need_grad=frozen_head)
+            out.index_copy_(0, idx, values.to(out.dtype))
+            if grad is not None:
+                acc.add(idx, grad)
+            del values, grad
         ctx.prob = prob
         ctx.extra_scalar = None if isinstance(extra, Tensor) else extra
-        ctx.save_for_backward(hidden, weight, bias, t_logits, t_hidden, t_weight, t_bias,
-                              extra if isinstance(extra, Tensor) else None)
+        ctx.dd_dh = acc.grad_h if frozen_head else None
+        if frozen_head:
+            ctx.save_for_backward(acc.grad_h)
+        else:
+            ctx.save_for_backward(hidden, weight, bias, t_logits, t_hidden, t_weight, t_bias,
+                                  extra if isinstance(extra, Tensor) else None)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
+        nothing = (None, None, None, None, None)
+        if ctx.dd_dh is not None:
+            (dd_dh,) = ctx.saved_tensors
+            return (None, dd_dh * grad_out.unsqueeze(-1).to(dd_dh.dtype), None, None, *nothing)
         prob = ctx.prob
         hidden, weight, bias, t_logits, t_hidden, t_weight, t_bias, extra = ctx.saved_tensors
         extra = ctx.extra_scalar if extra is None else extra
         teacher = (t_logits, t_hidden, t_weight, t_bias)
         acc = _Accumulator(prob, hidden, weight, bias, ctx.needs_input_grad[1:4])
         for idx in _chunks(prob):
-            _, grad = _chunk_grad(prob, hidden, weight, bias, teacher, extra, idx, grad_out.index_select(0, idx),
-                                  want_values=False)
-            acc.add(idx, grad)
-        return (None, *acc.result(bias), None, None, None, None, None)
+            _, grad = _chunk(prob, hidden, weight, bias, teacher, extra, idx, need_grad=True)
+            if grad is not None:
+                acc.add(idx, grad.mul_(grad_out.index_select(0, idx).unsqueeze(-1).to(grad.dtype)))
+            del grad
+        return (None, *acc.result(bias), *nothing)
 
 
 class _FusedWeighted(torch.autograd.Function):
@@ -232,20 +383,14 @@ class _FusedWeighted(torch.autograd.Function):
         out = torch.zeros(prob.n, dtype=prob.out_dtype, device=hidden.device)
         acc = _Accumulator(prob, hidden, weight, bias, needs)
         for idx in _chunks(prob):
-            w = token_weights.index_select(0, idx)
-            if any(needs):
-                values, grad = _chunk_grad(prob, hidden, weight, bias, teacher, extra, idx, w, want_values=True)
-                acc.add(idx, grad)
-                del grad
-            else:
-                s = _student_logits(hidden, weight, bias, idx, prob.vocab)
-                values = prob.value_fn(s, _teacher_logits(teacher, idx, prob.vocab), _chunk_extra(extra, idx),
-                                       prob.temperature)
+            values, grad = _chunk(prob, hidden, weight, bias, teacher, extra, idx, need_grad=any(needs))
             out.index_copy_(0, idx, values.to(out.dtype))
+            if grad is not None:
+                acc.add(idx, grad.mul_(token_weights.index_select(0, idx).unsqueeze(-1).to(grad.dtype)))
+            del values, grad
         # 0 * inf would be nan: positions with weight 0 do not enter the sum
         loss = torch.where(token_weights != 0, token_weights.to(out.dtype) * out, 0.0).sum()
-        grads = acc.result(bias)
-        ctx.save_for_backward(*(g if g is not None else None for g in grads))
+        ctx.save_for_backward(*acc.result(bias))
         ctx.mark_non_differentiable(out)
         return loss, out
 
@@ -257,7 +402,7 @@ class _FusedWeighted(torch.autograd.Function):
 
 # ------------------------------------------------------------------------------------------ argument handling
 def _prepare(student: HeadInputs, teacher, extra, mask, positions, temperature, vocab_size, chunk_size,
-             value_fn, needs_teacher: bool, extra_name: str):
+             kernel, needs_teacher: bool, extra_name: str):
     """Validate and flatten; returns (problem, student tensors, teacher tuple, extra, leading shape)."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -304,8 +449,15 @@ def _prepare(student: HeadInputs, teacher, extra, mask, positions, temperature, 
     wide = torch.float64 in (hidden.dtype, weight.dtype) or any(
         t is not None and t.dtype == torch.float64 for t in t_tuple)
     out_dtype = torch.float64 if wide else torch.float32
-    prob = _Problem(value_fn, float(temperature), vocab, int(chunk_size), rows, n, out_dtype)
+    prob = _Problem(kernel, float(temperature), vocab, int(chunk_size), rows, n, out_dtype)
     return prob, (flat_hidden, weight, bias), t_tuple, extra, lead
+
+
+def _check_divergence_weight(divergence: str, weight) -> None:
+    if divergence in ("skl", "srkl", "jsd"):
+        if weight is None:
+            raise ValueError(f"{divergence} needs its weight (a for skl/srkl, b for jsd)")
+        _check_weight(weight, "beta" if divergence == "jsd" else "alpha", allow_one=divergence == "jsd")
 
 
 def _rows(lead: torch.Size, n: int, mask: Tensor | None, positions: Tensor | None, device) -> Tensor:
@@ -358,11 +510,10 @@ def fused_divergence(
     detach_student_in_mixture: None = the plain functions' defaults (SKL False, SRKL True).
     Exact for any upstream gradient; the backward recomputes each chunk's logits.
     """
-    if divergence in ("skl", "srkl", "jsd") and weight is None:
-        raise ValueError(f"{divergence} needs its weight (a for skl/srkl, b for jsd)")
-    value_fn = _divergence_fn(divergence, detach_student_in_mixture)
+    _check_divergence_weight(divergence, weight)
+    kernel = _divergence_kernel(divergence, detach_student_in_mixture)
     prob, (h, w, b), t, extra, lead = _prepare(student, teacher, weight, mask, positions, temperature, vocab_size,
-                                               chunk_size, value_fn, True, "weight")
+                                               chunk_size, kernel, True, "weight")
     return _reshape_out(_FusedPerToken.apply(prob, h, w, b, *t, extra), lead)
 
 
@@ -379,11 +530,10 @@ def fused_weighted_divergence(
     or with weight 0 do not count. The gradient of L is computed during this call, chunk by chunk (no
     recomputation in the backward), which is the fast path for training. Other arguments as `fused_divergence`.
     """
-    if divergence in ("skl", "srkl", "jsd") and weight is None:
-        raise ValueError(f"{divergence} needs its weight (a for skl/srkl, b for jsd)")
-    value_fn = _divergence_fn(divergence, detach_student_in_mixture)
+    _check_divergence_weight(divergence, weight)
+    kernel = _divergence_kernel(divergence, detach_student_in_mixture)
     prob, (h, w, b), t, extra, lead = _prepare(student, teacher, weight, mask, positions, temperature, vocab_size,
-                                               chunk_size, value_fn, True, "weight")
+                                               chunk_size, kernel, True, "weight")
     if token_weights.shape != lead:
         raise ValueError(f"token_weights must have shape {tuple(lead)}, got {tuple(token_weights.shape)}")
     tw = token_weights.detach().reshape(prob.n)
@@ -446,7 +596,7 @@ def fused_token_log_probs(head: HeadInputs, labels: Tensor, *, temperature: floa
     if bool(valid.any()) and (int(labels[valid].min()) < 0 or int(labels[valid].max()) >= vocab):
         raise ValueError(f"labels must be -100 or in [0, {vocab})")
     prob, (h, w, b), t, extra, lead = _prepare(head, None, labels, valid, None, temperature, vocab_size,
-                                               chunk_size, _log_prob_fn, False, "labels")
+                                               chunk_size, _log_prob_kernel, False, "labels")
     return _reshape_out(_FusedPerToken.apply(prob, h, w, b, *t, extra), lead)
 
 
