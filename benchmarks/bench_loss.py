@@ -206,6 +206,7 @@ def main(argv=None) -> None:
     parser.add_argument("--mem-cap-gib", type=float, default=18.0)
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--json", help="also write the results as JSON lines to this file")
+    parser.add_argument("--from-json", help="print the table and headline of an earlier --json file; run nothing")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--impl", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -216,6 +217,13 @@ def main(argv=None) -> None:
         args.vocab, args.length = [49152], [512]
     if args.divergence != "jsd":
         args.impls = [i for i in args.impls if i not in ("liger", "trl")]
+    if args.from_json:
+        with open(args.from_json) as handle:
+            rows = [json.loads(line) for line in handle if line.strip()]
+        results = {(r["vocab"], r["length"], r["impl"]): r for r in rows}
+        args.vocab = sorted({r["vocab"] for r in rows})
+        args.length = sorted({r["length"] for r in rows})
+        return summarize(results, args)
 
     import platform
 
@@ -237,32 +245,52 @@ def main(argv=None) -> None:
                 print(f"  V={vocab} L={length} {impl}: {fmt(r, 'extra_peak_gib', '.3f')} GiB, "
                       f"{fmt(r, 'time_s', '.2f')} s{note}", flush=True)
 
+    summarize(results, args)
+
+
+def summarize(results: dict, args) -> None:
+    """The table, the ratios to plain, and the headline (last line) at the largest configuration."""
     print()
-    print(f"| V | L | N = B*L | implementation | extra peak memory (GiB) | fwd+bwd time (s) | memory / plain | time / plain |")
+    print("| V | L | N = B*L | implementation | extra peak memory (GiB) | fwd+bwd time (s) | memory / plain | time / plain |")
     print("|---:|---:|---:|---|---:|---:|---:|---:|")
     for vocab in args.vocab:
         for length in args.length:
             plain = results.get((vocab, length, "plain"))
             for impl in args.impls:
-                r = results[(vocab, length, impl)]
+                r = results.get((vocab, length, impl))
+                if r is None:
+                    continue
                 ok = r["status"] == "ok" and plain is not None and plain["status"] == "ok"
                 mem_ratio = f"{r['extra_peak_gib'] / plain['extra_peak_gib']:.3f}" if ok else "-"
                 time_ratio = f"{r['time_s'] / plain['time_s']:.2f}" if ok else "-"
                 print(f"| {vocab} | {length} | {args.batch * length} | {LABELS[impl]} | {fmt(r, 'extra_peak_gib', '.3f')} "
                       f"| {fmt(r, 'time_s', '.2f')} | {mem_ratio} | {time_ratio} |")
     print()
+    # the largest configuration where plain ran, for the time ratio when plain is infeasible at the largest
+    feasible = [(v, l) for v in args.vocab for l in args.length
+                if results.get((v, l, "plain"), {}).get("status") == "ok"]
     vocab, length = max(args.vocab), max(args.length)
     plain = results.get((vocab, length, "plain"))
-    for impl in ("fused", "fused_weighted"):
+    for impl in ("fused_weighted", "fused"):
         r = results.get((vocab, length, impl))
-        if r is None or plain is None:
+        if r is None or plain is None or r["status"] != "ok":
             continue
-        if r["status"] == "ok" and plain["status"] == "ok":
-            print(f"{impl}/plain extra peak memory at V={vocab} L={length}: "
-                  f"{r['extra_peak_gib'] / plain['extra_peak_gib']:.3f}, time ratio {r['time_s'] / plain['time_s']:.2f}")
-        else:
-            print(f"{impl}/plain at V={vocab} L={length}: {impl} {fmt(r, 'extra_peak_gib', '.3f')} GiB in "
-                  f"{fmt(r, 'time_s', '.2f')} s; plain {fmt(plain, 'extra_peak_gib', '.3f')} (no ratio)")
+        head = f"{impl}/plain extra peak memory at V={vocab} L={length}: "
+        if plain["status"] == "ok":
+            print(head + f"{r['extra_peak_gib'] / plain['extra_peak_gib']:.3f}, "
+                         f"time ratio {r['time_s'] / plain['time_s']:.2f}")
+        elif plain["status"] == "oom":
+            line = (head + f"< {r['extra_peak_gib'] / plain['cap_gib']:.3f} (plain does not fit in the "
+                    f"{plain['cap_gib']:.1f} GiB cap; fused needs {r['extra_peak_gib']:.3f} GiB), time ratio not "
+                    "measurable here")
+            if feasible:
+                v, l = max(feasible, key=lambda vl: vl[0] * vl[1])
+                small, small_plain = results.get((v, l, impl)), results[(v, l, "plain")]
+                if small and small["status"] == "ok":
+                    line += (f"; at V={v} L={l}, the largest that plain fits: memory "
+                             f"{small['extra_peak_gib'] / small_plain['extra_peak_gib']:.3f}, "
+                             f"time ratio {small['time_s'] / small_plain['time_s']:.2f}")
+            print(line)
 
 
 if __name__ == "__main__":

@@ -347,7 +347,7 @@ class _FusedPerToken(torch.autograd.Function):
             del values, grad
         ctx.prob = prob
         ctx.extra_scalar = None if isinstance(extra, Tensor) else extra
-        ctx.dd_dh = acc.grad_h if frozen_head else None
+        ctx.frozen_head = frozen_head
         if frozen_head:
             ctx.save_for_backward(acc.grad_h)
         else:
@@ -358,7 +358,7 @@ class _FusedPerToken(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         nothing = (None, None, None, None, None)
-        if ctx.dd_dh is not None:
+        if ctx.frozen_head:
             (dd_dh,) = ctx.saved_tensors
             return (None, dd_dh * grad_out.unsqueeze(-1).to(dd_dh.dtype), None, None, *nothing)
         prob = ctx.prob
