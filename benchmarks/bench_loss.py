@@ -241,9 +241,11 @@ def main(argv=None) -> None:
                 if args.json:
                     with open(args.json, "a") as handle:
                         handle.write(json.dumps(r) + "\n")
-                note = "" if r["status"] == "ok" else f"  [{r['status']}: {r.get('why', '')}]"
-                print(f"  V={vocab} L={length} {impl}: {fmt(r, 'extra_peak_gib', '.3f')} GiB, "
-                      f"{fmt(r, 'time_s', '.2f')} s{note}", flush=True)
+                if r["status"] == "ok":
+                    print(f"  V={vocab} L={length} {impl}: {r['extra_peak_gib']:.3f} GiB, {r['time_s']:.2f} s",
+                          flush=True)
+                else:
+                    print(f"  V={vocab} L={length} {impl}: {fmt(r, 'time_s', '')} [{r.get('why', '')}]", flush=True)
 
     summarize(results, args)
 
