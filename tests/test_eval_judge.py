@@ -144,3 +144,21 @@ def test_endpoint_judge_gives_up_and_refuses_bad_keys(tmp_path):
         with pytest.raises(JudgeError, match="HTTP 401"):
             judge.complete([{"role": "user", "content": "x"}])
         assert server.calls == 1  # a refused key is not retried
+
+
+def test_local_hf_judge_replies_with_the_models_greedy_continuation():
+    """The local judge renders the chat with the model's template and decodes greedily: its reply is exactly what
+    the model generates for that prompt, and asking twice gives the same reply."""
+    from distillm.evaluation.judge import HFJudge, judge_messages
+    from distillm.generation.base import SamplingParams
+    from distillm.generation.hf import HFBackend
+
+    judge = HFJudge("tiny-random", max_new_tokens=12)
+    messages = judge_messages("What is 2 + 2?", "4", "5")
+    reply = judge.complete(messages)
+    prompt = judge.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                 return_dict=True)["input_ids"]
+    expected = HFBackend(judge.model, judge.tokenizer).generate_batch(
+        [list(prompt)], SamplingParams(temperature=0, max_new_tokens=12), seed=0)[0]
+    assert reply == judge.tokenizer.decode(expected.token_ids, skip_special_tokens=True)
+    assert reply and judge.complete(messages) == reply
