@@ -175,3 +175,69 @@ def test_each_step_logs_loss_parts_skews_and_b(tmp_path, teacher, student, token
     # loss = (2 - b) SKL + b SRKL of the same step
     first = logs[0]
     assert first["loss"] == pytest.approx((2 - first["b"]) * first["skl"] + first["b"] * first["srkl"], rel=1e-3)
+
+
+class PoisonedKD:
+    """KD whose loss is NaN on any batch holding the response token 250 (a stand-in for a numerical blow-up)."""
+
+    def __new__(cls, config):
+        from distillm.methods.kd import KD
+
+        class _Poisoned(KD):
+            def compute_loss(self, batch):
+                loss, metrics, gauges = super().compute_loss(batch)
+                if (batch.targets == 250).any():
+                    loss = loss * float("nan")
+                return loss, metrics, gauges
+
+        return _Poisoned(config)
+
+
+def kd_rows(tokenizer, bad_ids):
+    rows = []
+    for i in range(8):
+        response = [250, 250, 251] if i in bad_ids else [65 + i, 66, tokenizer.eos_token_id]
+        rows.append({"id": f"row{i}", "prompt_ids": [257, 80 + i, 258], "response_ids": response})
+    return rows
+
+
+def guarded_trainer(tmp_path, teacher, student, tokenizer, rows, *, steps, max_nonfinite=3):
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "guard"), per_device_train_batch_size=2, max_steps=steps, learning_rate=0.05,
+        lr_scheduler_type="constant", seed=0, report_to=[], save_strategy="no", logging_steps=1,
+        remove_unused_columns=False, use_cpu=True, disable_tqdm=True, data_seed=0,
+    )
+    method = PoisonedKD(load_config(overrides={"method": "kd"}))
+    return DistillTrainer(model=student, teacher=teacher, method=method, vocab_size=len(tokenizer), args=args,
+                          train_dataset=RowDataset(rows), max_nonfinite_steps=max_nonfinite,
+                          data_collator=DistillCollator(tokenizer.pad_token_id, 64, method.sequences))
+
+
+def test_a_nan_step_is_skipped_counted_and_training_goes_on(tmp_path, teacher, student, tokenizer):
+    rows = kd_rows(tokenizer, bad_ids={0, 1, 2, 3, 4, 5, 6, 7})
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    trainer = guarded_trainer(tmp_path, teacher, student, tokenizer, rows, steps=2, max_nonfinite=5)
+    trainer.train()
+    assert trainer.nonfinite_guard.skipped == 2 and trainer.nonfinite_stop is None
+    for name, param in student.named_parameters():  # nothing applied: every step was poisoned
+        assert torch.equal(param, before[name]), name
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    assert [e["skipped_nonfinite"] for e in logs] == [1, 2]
+
+    # one poisoned pair of rows among good ones: only its step is skipped, the others train, weights stay finite
+    good = copy.deepcopy(student)
+    trainer = guarded_trainer(tmp_path, teacher, good, tokenizer, kd_rows(tokenizer, bad_ids={3}), steps=4)
+    trainer.train()
+    assert trainer.nonfinite_guard.skipped == 1 and trainer.nonfinite_stop is None
+    assert all(torch.isfinite(p).all() for p in good.parameters())
+    assert any(not torch.equal(p, before[n]) for n, p in good.named_parameters())  # the good steps trained
+
+
+def test_too_many_nan_steps_in_a_row_stop_with_a_checkpoint_naming_the_batch(tmp_path, teacher, student, tokenizer):
+    rows = kd_rows(tokenizer, bad_ids=set(range(8)))
+    trainer = guarded_trainer(tmp_path, teacher, student, tokenizer, rows, steps=4, max_nonfinite=3)
+    trainer.train()
+    stop = trainer.nonfinite_stop
+    assert stop["step"] == 3 and stop["in_a_row"] == 3 and trainer.state.global_step == 3
+    assert len(stop["batch_ids"]) == 2 and all(i.startswith("row") for i in stop["batch_ids"])
+    assert (tmp_path / "guard" / "checkpoint-3").is_dir()  # saved before stopping

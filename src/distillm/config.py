@@ -126,6 +126,7 @@ class TrainingSection:
     save_total_limit: int = opt(2, "Checkpoints kept.")
     report_to: str = opt("none", "Where logs go besides the output directory: none, tensorboard, wandb, ...")
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
+    max_nonfinite_steps: int = opt(3, "Optimizer steps whose loss or gradients are NaN/inf are skipped and counted; after this many in a row the run stops with a checkpoint and names the batch.")
 
 
 @dataclass
@@ -241,7 +242,8 @@ def validate(config: RunConfig) -> None:
                 "vllm_tensor_parallel_size": g.vllm_tensor_parallel_size, "rounds": t.rounds,
                 "per_device_train_batch_size": t.per_device_train_batch_size,
                 "gradient_accumulation_steps": t.gradient_accumulation_steps, "logging_steps": t.logging_steps,
-                "save_steps": t.save_steps, "save_total_limit": t.save_total_limit}
+                "save_steps": t.save_steps, "save_total_limit": t.save_total_limit,
+                "max_nonfinite_steps": t.max_nonfinite_steps}
     optional_positive = {"num_prompts": d.num_prompts, "num_eval_prompts": d.num_eval_prompts,
                          "max_batch_tokens": g.max_batch_tokens, "eval_max_new_tokens": e.eval_max_new_tokens}
     checks = [(value >= 1, f"{name} must be >= 1 (got {value})") for name, value in positive.items()]

@@ -402,7 +402,8 @@ def train(config: RunConfig, models: ModelPair, method: Method, rows: list[dict]
     sampler = OnlineSampler(models.student, models.teacher, tokenizer, sampling_params(config), models.vocab_size)
     trainer = DistillTrainer(
         model=models.student, teacher=models.teacher, method=method, vocab_size=models.vocab_size,
-        sampler=sampler, validation_rows=validation_rows, args=args, train_dataset=dataset,
+        sampler=sampler, validation_rows=validation_rows, max_nonfinite_steps=config.training.max_nonfinite_steps,
+        args=args, train_dataset=dataset,
         data_collator=DistillCollator(tokenizer.pad_token_id, config.data.max_length, method.sequences),
         processing_class=tokenizer,
     )
@@ -412,6 +413,13 @@ def train(config: RunConfig, models: ModelPair, method: Method, rows: list[dict]
     if last:
         logger.info("Resuming training from %s", last)
     result = trainer.train(resume_from_checkpoint=last)
+    if trainer.nonfinite_stop:
+        stop = trainer.nonfinite_stop
+        raise DistillmError(
+            f"Training stopped at step {stop['step']}: {stop['in_a_row']} optimizer steps in a row had a NaN/inf loss "
+            f"or gradient and were skipped (last batch: prompt ids {', '.join(stop['batch_ids'][:8])}). A checkpoint "
+            f"was saved in {paths.checkpoints}. Lower --learning-rate or check those prompts, then rerun the same "
+            "command to resume (or raise --max-nonfinite-steps).")
     trainer.save_model(str(paths.student))
     history = [entry for entry in trainer.state.log_history if "loss" in entry]
     write_jsonl(paths.train_log, history)

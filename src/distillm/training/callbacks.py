@@ -37,3 +37,41 @@ class MethodStepCallback(TrainerCallback):
             if loss is not None:
                 method.observe_validation(loss, state.global_step)
                 self.trainer.log_once["validation_loss"] = round(loss, 6)  # goes into this step's log entry
+
+
+class NonFiniteGuard(TrainerCallback):
+    """Skips an optimizer step whose gradients are not finite (a NaN/inf loss gives such gradients): just before
+    the optimizer steps, every gradient is dropped (AdamW then leaves each parameter and its moments untouched).
+    Counted in the log (`skipped_nonfinite`); after `max_in_a_row` such steps in a row, training stops with a
+    checkpoint and the trainer records which batch it was (see DistillTrainer.nonfinite_stop)."""
+
+    def __init__(self, trainer, max_in_a_row: int):
+        self.trainer = trainer
+        self.max_in_a_row = max_in_a_row
+        self.in_a_row = 0
+        self.skipped = 0
+        self._skip_this_step = False
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        import torch
+
+        params = [p for p in self.trainer.model.parameters() if p.grad is not None]
+        finite = all(bool(torch.isfinite(p.grad).all()) for p in params)
+        self._skip_this_step = not finite
+        if not finite:
+            for p in params:
+                p.grad = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not self._skip_this_step:
+            self.in_a_row = 0
+            return
+        self._skip_this_step = False
+        self.in_a_row += 1
+        self.skipped += 1
+        self.trainer.log_once["skipped_nonfinite"] = self.skipped
+        if self.in_a_row >= self.max_in_a_row:
+            self.trainer.nonfinite_stop = {"step": state.global_step, "in_a_row": self.in_a_row,
+                                           "batch_ids": list(self.trainer.last_batch_ids)}
+            control.should_save = True
+            control.should_training_stop = True

@@ -30,7 +30,7 @@ from ..errors import DistillmError
 from ..io import atomic_write_json
 from ..methods.base import LossInputs
 from ..models import eval_mode
-from .callbacks import MethodStepCallback
+from .callbacks import MethodStepCallback, NonFiniteGuard
 from .collate import IGNORE, response_logits
 
 METHOD_STATE_FILE = "distillm_method_state.json"
@@ -59,13 +59,17 @@ class DistillTrainer(Trainer):
     loss_is_scaled_for_ga = True
 
     def __init__(self, *, teacher: torch.nn.Module, method, vocab_size: int, sampler=None,
-                 validation_rows: list[dict] | None = None, **kwargs):
+                 validation_rows: list[dict] | None = None, max_nonfinite_steps: int = 3, **kwargs):
         super().__init__(**kwargs)
         self.teacher = freeze(teacher).to(self.args.device)
         self.method = method
         self.sampler = sampler  # training.sources.OnlineSampler, for methods that draw fresh data
         self.validation_rows = validation_rows or []
         self.add_callback(MethodStepCallback(self))
+        self.nonfinite_guard = NonFiniteGuard(self, max_nonfinite_steps)
+        self.add_callback(self.nonfinite_guard)
+        self.nonfinite_stop: dict | None = None  # set when the guard stopped training
+        self.last_batch_ids: list[str] = []  # prompt ids of the latest optimizer step's rows (for error messages)
         self.vocab_size = vocab_size
         self._metric_sums: dict[str, float] = defaultdict(float)
         self._gauges: dict[str, float] = {}
@@ -82,6 +86,7 @@ class DistillTrainer(Trainer):
                 batch_samples.append(next(epoch_iterator))
             except StopIteration:
                 break
+        self.last_batch_ids = []
         batch_samples = [self._draw(batch, index) for index, batch in enumerate(batch_samples)]
         return batch_samples, self._get_num_items_in_batch(batch_samples, device)
 
@@ -95,6 +100,7 @@ class DistillTrainer(Trainer):
             sampler = self.sampler.bound(self.accelerator.unwrap_model(self.model), rng.getrandbits(31))
         drawn, source = self.method.draw(rows, sampler, rng, step, self.state.max_steps)
         self._sources[source] += 1
+        self.last_batch_ids.extend(str(row.get("id")) for row in drawn)
         if drawn is rows:
             return batch
         fresh = self.data_collator(drawn)
