@@ -42,6 +42,26 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
+def iter_json_objects(path: str | os.PathLike, error: type[Exception] = DistillmError):
+    """(line number, object) for each non-empty line of a JSONL file (gzipped if it ends in .gz); a line that is
+    not a JSON object raises `error` naming the file and line."""
+    import gzip
+
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise error(f"{path}:{number}: not a valid JSON line ({err}).") from err
+            if not isinstance(row, dict):
+                raise error(f"{path}:{number}: expected a JSON object per line.")
+            yield number, row
+
+
 def read_jsonl(path: str | os.PathLike, *, tolerate_torn_tail: bool = False) -> list[dict]:
     """Read a JSONL file. With `tolerate_torn_tail`, an unterminated or unparsable LAST line is dropped
     (and logged); anywhere else a bad line is an error naming the file and line."""

@@ -10,9 +10,7 @@
 
 from __future__ import annotations
 
-import gzip
 import importlib.util
-import json
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,6 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..errors import DistillmError
+from ..io import iter_json_objects
 from .sandbox import SandboxLimits, SandboxResult, run_python
 
 
@@ -75,18 +74,7 @@ def humaneval_path() -> Path:
 
 
 def _jsonl_rows(path: Path):
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise CodeDataError(f"{path}:{number}: not a valid JSON line ({err}).") from err
-            if not isinstance(row, dict):
-                raise CodeDataError(f"{path}:{number}: expected a JSON object per line.")
-            yield number, row
+    return iter_json_objects(path, CodeDataError)
 
 
 def _need(row: dict, field: str, path: Path, number: int, kind: type | tuple = str):

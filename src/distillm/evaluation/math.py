@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from fractions import Fraction
 from pathlib import Path
 
 from ..errors import DistillmError
+from ..io import iter_json_objects
 
 #: The instruction appended to every problem: the format `extract_answer` reads first.
 ANSWER_INSTRUCTION = "Solve the problem step by step, then write the final answer on its own line as '#### <number>'."
@@ -118,15 +118,7 @@ def load_math_problems(path: str | Path, *, limit: int | None = None) -> list[Ma
     if not path.is_file():
         raise MathDataError(f"Math problem file not found: {path}")
     problems = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise MathDataError(f"{path}:{number}: not a valid JSON line ({err}).") from err
-        if not isinstance(row, dict):
-            raise MathDataError(f"{path}:{number}: expected a JSON object per line.")
+    for number, row in iter_json_objects(path, MathDataError):
         question = row.get("question", row.get("problem"))
         if not isinstance(question, str) or not question.strip():
             raise MathDataError(f"{path}:{number}: no 'question' (GSM8K) or 'problem' (MATH) text field.")
