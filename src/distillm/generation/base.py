@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
+import torch
+
 from ..errors import DistillmError
 
 
@@ -46,3 +48,15 @@ class GenerationBackend(Protocol):
     def generate_batch(
         self, prompts: Sequence[list[int]], params: SamplingParams, *, seed: int
     ) -> list[Completion]: ...
+
+
+def left_pad_prompts(prompts: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) [B, W] of prompts left-padded to the longest, so every prompt ends in the last
+    column (where decoding continues)."""
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, ids in enumerate(prompts):
+        input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, width - len(ids):] = 1
+    return input_ids, attention_mask

@@ -8,7 +8,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..models import eval_mode
-from .base import Completion, SamplingParams
+from .base import Completion, SamplingParams, left_pad_prompts
 
 
 class HFBackend:
@@ -35,12 +35,8 @@ class HFBackend:
 
     def generate_batch(self, prompts: Sequence[list[int]], params: SamplingParams, *, seed: int) -> list[Completion]:
         device = next(self.model.parameters()).device
-        width = max(len(p) for p in prompts)
-        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, ids in enumerate(prompts):  # left padding: every prompt ends at the same column
-            input_ids[row, width - len(ids):] = torch.tensor(ids)
-            attention_mask[row, width - len(ids):] = 1
+        input_ids, attention_mask = left_pad_prompts(prompts, self.pad_id)
+        width = input_ids.shape[1]
         sampling = params.temperature > 0
         kwargs = dict(do_sample=True, temperature=float(params.temperature), top_p=float(params.top_p), top_k=0) if sampling \
             else dict(do_sample=False, temperature=None, top_p=None, top_k=None)

@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 
 from ..models import eval_mode
-from .base import SamplingParams
+from .base import SamplingParams, left_pad_prompts
 
 
 @dataclass
@@ -68,13 +68,7 @@ def speculative_decode(student, teacher, prompts: Sequence[list[int]], params: S
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     device = next(student.parameters()).device
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, ids in enumerate(prompts):
-        input_ids[row, width - len(ids):] = torch.tensor(ids)
-        attention_mask[row, width - len(ids):] = 1
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    input_ids, attention_mask = (t.to(device) for t in left_pad_prompts(prompts, pad_id))
     generator = torch.Generator(device=device).manual_seed(seed)
     eos = torch.tensor(sorted(eos_ids), device=device)
     k = min(top_k, vocab_size)

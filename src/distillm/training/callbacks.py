@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
+
 from transformers import TrainerCallback
 
 
@@ -53,8 +55,6 @@ class NonFiniteGuard(TrainerCallback):
         self._skip_this_step = False
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        import torch
-
         params = [p for p in self.trainer.model.parameters() if p.grad is not None]
         finite = all(bool(torch.isfinite(p.grad).all()) for p in params)
         self._skip_this_step = not finite

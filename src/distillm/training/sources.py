@@ -9,7 +9,7 @@ exactly what an uninterrupted one would.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..generation.base import SamplingParams
 from ..generation.hf import HFBackend
@@ -26,7 +26,7 @@ class OnlineSampler:
     seed: int = 0
 
     def bound(self, model, seed: int) -> "OnlineSampler":
-        return OnlineSampler(model, self.teacher, self.tokenizer, self.params, self.vocab_size, seed)
+        return replace(self, model=model, seed=seed)
 
     # the `Sampler` protocol of methods.base
     def student(self, rows: list[dict]) -> list[dict]:
