@@ -152,7 +152,7 @@ def worker(args) -> None:
         print(json.dumps({**result, "status": status, "why": msg}))
         return
     print(json.dumps({**result, "status": "ok", "loss": loss, "extra_peak_gib": (peak - base) / 2**20,
-                      "time_s": min(times), "times": times}))
+                      "time_s": min(times), "times": times, "load1": os.getloadavg()[0]}))
 
 
 # ----------------------------------------------------------------------------------------------- driver side
@@ -216,7 +216,8 @@ def main(argv=None) -> None:
     parser.add_argument("--mem-cap-gib", type=float, default=18.0)
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--json", help="also write the results as JSON lines to this file")
-    parser.add_argument("--from-json", help="print the table and headline of an earlier --json file; run nothing")
+    parser.add_argument("--from-json", nargs="+", help="print the table and headline of earlier --json files (a later "
+                        "file's result replaces an earlier one's for the same configuration); run nothing")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--impl", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -236,8 +237,12 @@ def main(argv=None) -> None:
     if args.divergence != "jsd":
         args.impls = [i for i in args.impls if i not in ("liger", "trl")]
     if args.from_json:
-        with open(args.from_json) as handle:
-            rows = [json.loads(line) for line in handle if line.strip()]
+        rows = []
+        for path in args.from_json:  # a configuration in a later file replaces all of its rows from earlier files
+            with open(path) as handle:
+                new = [json.loads(line) for line in handle if line.strip()]
+            shapes = {(r["vocab"], r["length"]) for r in new}
+            rows = [r for r in rows if (r["vocab"], r["length"]) not in shapes] + new
         results = {(r["vocab"], r["length"], r["impl"]): r for r in rows}
         args.shapes = sorted({(r["vocab"], r["length"]) for r in rows})
         return summarize(results, args)
@@ -328,8 +333,8 @@ def summarize(results: dict, args) -> None:
         print(f"headline: no fused result at V={vocab} L={length}")
         return
     note = "" if plain["status"] == "ok" else (
-        f" [plain does not fit: it needs > {_plain_bound(plain):.1f} GiB more than the {plain['cap_gib']:.1f} GiB "
-        "address-space cap left it; bound = fused / that]")
+        f" [plain does not fit: it needs more than the {_plain_bound(plain):.1f} GiB of address space the "
+        f"{plain['cap_gib']:.1f} GiB cap left it; bound = fused / that]")
     print(f"headline: fused/plain extra peak memory at V={vocab} L={length} (target <= 0.125){note}: "
           + "; ".join(parts))
 
