@@ -1,0 +1,61 @@
+"""The benchmark scripts' reporting (not their timings): the loss benchmark's table and headline from result
+rows, including the bound it gives when plain does not fit."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _ok(impl, vocab, length, gib, seconds):
+    return {"impl": impl, "vocab": vocab, "length": length, "status": "ok", "extra_peak_gib": gib, "time_s": seconds}
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_loss_headline_bounds_and_extrapolates_when_plain_does_not_fit(tmp_path, capsys):
+    rows = [
+        _ok("plain", 100, 10, 10.0, 10.0), _ok("fused", 100, 10, 1.0, 5.0), _ok("fused_weighted", 100, 10, 0.5, 12.0),
+        {"impl": "plain", "vocab": 200, "length": 20, "status": "oom", "why": "alloc", "cap_gib": 8.0,
+         "needs_more_than_gib": 6.0},
+        _ok("fused", 200, 20, 1.2, 30.0), _ok("fused_weighted", 200, 20, 0.6, 20.0),
+    ]
+    _load("bench_loss").main(["--from-json", _write(tmp_path / "r.jsonl", rows)])
+    lines = capsys.readouterr().out.strip().splitlines()
+    headline = lines[-1]
+    assert headline.startswith("headline: fused/plain extra peak memory at V=200 L=20")
+    # measured bound 1.2 / 6; plain extrapolated linearly in N x V: 10 GiB x 4 = 40 GiB -> 1.2 / 40
+    assert "fused < 0.200 (1.20 GiB), ~0.030 against plain's 40 GiB extrapolated, time 0.50x at V=100 L=10" in headline
+    assert "fused_weighted < 0.100" in headline and "time 1.20x at V=100 L=10" in headline
+    assert "time fused/plain at V=100 L=10: 0.50 (meets the <= 1.15 target)" in lines
+    assert "time fused_weighted/plain at V=100 L=10: 1.20 (MISSES the <= 1.15 target)" in lines
+    assert any(line.startswith("| 200 | 20 | 80 | plain") and "does not fit (needs > 6.0)" in line for line in lines)
+
+
+def test_loss_later_result_file_replaces_a_whole_shape(tmp_path, capsys):
+    early = [_ok("plain", 100, 10, 10.0, 10.0), _ok("fused", 100, 10, 1.0, 5.0)]
+    late = [_ok("plain", 100, 10, 8.0, 40.0)]  # a rerun of plain alone: the early fused row must not be mixed in
+    _load("bench_loss").main(["--from-json", _write(tmp_path / "a.jsonl", early), _write(tmp_path / "b.jsonl", late)])
+    out = capsys.readouterr().out
+    assert "fused per-token" not in out
+    assert "| 100 | 10 | 40 | plain (full logits, distillm divergences) | 8.000 | 40.00 |" in out
+
+
+def test_generation_benchmark_refuses_too_few_prompts_for_its_batch():
+    with pytest.raises(SystemExit):
+        _load("bench_generation").main(["--num-prompts", "8", "--batch-sizes", "1", "32"])
