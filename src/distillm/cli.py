@@ -130,9 +130,9 @@ def _cmd_run(args, *, evaluate_default: bool) -> int:
             logger.info("Preset 'demo' (the SmolLM2 CPU demo sizing); --preset none for the plain defaults")
     config = load_config(args.config, preset=preset, overrides=overrides)
     metrics = run(config, overwrite=args.overwrite)
-    from accelerate import PartialState
+    from .distributed import process_state
 
-    if not PartialState().is_main_process:  # one summary per run, not one per process
+    if not process_state().is_main_process:  # one summary per run, not one per process
         return 0
     training = metrics.get("training", {})
     print(f"\nDistilled student: {Path(config.output_dir) / 'student'}")

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from accelerate import PartialState
+from .distributed import process_state
 from transformers import TrainingArguments, set_seed
 
 from .config import RunConfig
@@ -144,7 +144,7 @@ def load_models(config: RunConfig) -> ModelPair:
     autocast instead, see training_arguments), both on this process's device. With --lora the student is wrapped
     in a PEFT LoRA adapter; with --load-in-4bit (QLoRA) its base weights are loaded in 4-bit first."""
     m = config.model
-    device = PartialState().device
+    device = process_state().device
     if m.load_in_4bit:
         check_quantization_supported()  # before the teacher is loaded
     teacher, tokenizer = load_model(m.teacher, dtype=m.dtype, trust_remote_code=m.trust_remote_code)
@@ -161,9 +161,9 @@ def load_models(config: RunConfig) -> ModelPair:
         base_dir = loadable_path(m.student) if m.student else None
         if base_dir is None:
             base_dir = str(Path(config.output_dir) / "student_base")
-            if PartialState().is_main_process and not (Path(base_dir) / "config.json").is_file():
+            if process_state().is_main_process and not (Path(base_dir) / "config.json").is_file():
                 student.save_pretrained(base_dir)
-            PartialState().wait_for_everyone()
+            process_state().wait_for_everyone()
         student = load_quantized_student(base_dir, compute_dtype=resolve_dtype(m.dtype),
                                          trust_remote_code=m.trust_remote_code)
     else:
@@ -403,7 +403,7 @@ def train(config: RunConfig, models: ModelPair, method: Method, rows: list[dict]
             # vLLM loads weights from a directory: the current student is saved (a LoRA adapter merged in) by
             # rank 0, and each round's engine is started afresh on it, so every round samples the latest weights
             model_dir = str(folder / "student_weights")
-            state = PartialState()
+            state = process_state()
             if state.is_main_process and not (folder / "student.jsonl").is_file() \
                     and not (Path(model_dir) / "config.json").is_file():
                 tmp = folder / "student_weights.tmp"
@@ -504,7 +504,7 @@ def save_student(trainer: DistillTrainer, config: RunConfig, models: ModelPair, 
 def run(config: RunConfig, *, overwrite: bool = False) -> dict:
     """Teacher responses, rounds of student responses + training, before/after evaluation, metrics.json."""
     started = time.time()
-    state = PartialState()
+    state = process_state()
     with state.main_process_first():  # one process sets the directory up (and wipes it), the others then agree
         paths = prepare_run_dir(config, overwrite=overwrite and state.is_main_process)
     if paths.metrics.is_file():

@@ -141,12 +141,12 @@ def generate_sharded(
     `generate_responses`. The backend of each rank must hold the same model (DDP replicas, or an engine loaded
     from the same directory).
     """
-    from accelerate import PartialState
+    from ..distributed import process_state
     from accelerate.utils import broadcast_object_list, gather_object
 
     from ..io import read_jsonl, write_jsonl
 
-    state = PartialState()
+    state = process_state()
     world, rank = state.num_processes, state.process_index
     if world == 1:
         return generate_responses(backend, prompts, out_path, params, tokenizer, desc=desc)
