@@ -221,7 +221,14 @@ def make_backend(config: RunConfig, model, tokenizer, *, model_dir: str | None):
     g = config.generation
     name = choose_backend_name(g.backend)
     if name == "vllm" and model_dir is not None:
-        return LazyVLLMBackend(model_dir, tensor_parallel_size=g.vllm_tensor_parallel_size,
+        if process_state().num_processes > 1 and g.vllm_tensor_parallel_size > 1:
+            raise DistillmError(
+                "--vllm-tensor-parallel-size > 1 inside a multi-process run is not supported: each training process "
+                "starts its own vLLM engine on its own GPU (colocated, tensor parallel size 1). Generate the teacher "
+                "responses first in one process with `distillm generate --backend vllm --vllm-tensor-parallel-size "
+                "N`, then pass them with --teacher-responses.")
+        return LazyVLLMBackend(model_dir, dtype=str(resolve_dtype(config.model.dtype)).removeprefix("torch."),
+                               tensor_parallel_size=g.vllm_tensor_parallel_size,
                                gpu_memory_utilization=g.vllm_gpu_memory_utilization,
                                trust_remote_code=config.model.trust_remote_code)
     return HFBackend(model, tokenizer, max_batch_size=g.generation_batch_size, max_batch_tokens=g.max_batch_tokens)
