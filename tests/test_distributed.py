@@ -88,6 +88,19 @@ def test_prepare_teacher_takes_the_engine_branch(monkeypatch, teacher, engine, e
     assert not prepared.training and not any(p.requires_grad for p in prepared.parameters())
 
 
+@pytest.mark.parametrize("env, sharded", [({}, False), ({"ACCELERATE_USE_FSDP": "true"}, True),
+                                          ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}, False),
+                                          ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, True)])
+def test_sharded_engine_is_read_from_accelerate_launch(monkeypatch, env, sharded):
+    from distillm.pipeline import sharded_engine
+
+    for key in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert sharded_engine() is sharded
+
+
 # ---------------------------------------------------------------------------------------------- accelerate configs
 
 

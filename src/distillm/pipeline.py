@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -475,6 +476,14 @@ def train(config: RunConfig, models: ModelPair, method: Method, rows: list[dict]
     }
 
 
+def sharded_engine() -> bool:
+    """Whether `accelerate launch` started this run under FSDP or DeepSpeed ZeRO-3 (weights sharded over processes)."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        return True
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true") and \
+        os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "") == "3"
+
+
 def save_student(trainer: DistillTrainer, config: RunConfig, models: ModelPair, paths: RunPaths) -> None:
     """The distilled student into student/ as a plain transformers model (safetensors + tokenizer, loadable with
     from_pretrained). A LoRA student's adapter is kept in adapter/ and merged into the weights saved in student/
@@ -552,7 +561,10 @@ def run(config: RunConfig, *, overwrite: bool = False) -> dict:
         validation = rows[:32]
     metrics["training"] = train(config, models, method, rows, paths, train_prompts=train_prompts,
                                 validation_rows=validation)
-    if evaluating:
+    if evaluating and sharded_engine():
+        logger.warning("No 'after' evaluation under FSDP / DeepSpeed ZeRO-3: the models are sharded now. Evaluate "
+                       "the saved student with `distillm eval --model distilled=%s`.", paths.student)
+    elif evaluating:
         metrics["after"] = evaluate(config, models, eval_prompts, teacher_eval, paths, "after")
     metrics["wall_seconds"] = round(time.time() - started, 1)
     metrics["complete"] = True
