@@ -32,10 +32,10 @@ from pathlib import Path
 
 import torch
 import yaml
-from .distributed import process_state
 from transformers import TrainingArguments, set_seed
 
 from .config import RunConfig
+from .distributed import process_state
 from .errors import DistillmError
 from .data.prompts import EncodedPrompt, encode_prompts, load_prompts
 from .generation.base import SamplingParams
