@@ -403,7 +403,7 @@ def train(config: RunConfig, models: ModelPair, method: Method, rows: list[dict]
     trainer = DistillTrainer(
         model=models.student, teacher=models.teacher, method=method, vocab_size=models.vocab_size,
         sampler=sampler, validation_rows=validation_rows, max_nonfinite_steps=config.training.max_nonfinite_steps,
-        args=args, train_dataset=dataset,
+        loss_impl=config.loss.loss_impl, loss_chunk_size=config.loss.loss_chunk_size, args=args, train_dataset=dataset,
         data_collator=DistillCollator(tokenizer.pad_token_id, config.data.max_length, method.sequences),
         processing_class=tokenizer,
     )

@@ -609,29 +609,43 @@ def fused_inputs(model, batch: dict[str, Tensor], *, ignore_index: int = IGNORE_
     The fused counterpart of `training.collate.response_logits`: the batch is left-padded (input_ids,
     attention_mask, position_ids, labels with -100 off the responses), so every response lies in the last R
     columns (R = the longest response) and is predicted by the hidden states of columns -(R + 1) .. -2. The
-    *base* model (`model.get_decoder()`, e.g. `model.model` for Llama/Qwen) returns `last_hidden_state`
-    [B, T, H] (after the final norm) without the [B, T, V] logits a causal LM's forward builds (which
-    `logits_to_keep` would only shrink to [B, R + 1, V]); the head is `model.get_output_embeddings()`
-    (`model.lm_head`), tied or not. Pass `vocab_size` (the tokenizer's real vocabulary) to the losses when the
-    head is padded. Gradients flow as usual: run the teacher's call under torch.no_grad().
+    model runs its own forward (so wrappers -- PEFT, DDP -- see the call) with `logits_to_keep=R + 1`; a
+    forward pre-hook on the output head (`model.get_output_embeddings()`, tied or not) keeps the hidden
+    states it receives (the final normed states of those R + 1 columns, [B, R + 1, H]) and hands the head an
+    empty slice instead, so no [B, R + 1, V] logits are built. Pass `vocab_size` (the tokenizer's real
+    vocabulary) to the losses when the head is padded. Gradients flow as usual: run the teacher's call under
+    torch.no_grad() or torch.inference_mode().
 
     Models that change their logits after the head (Gemma-2's final soft-capping, a logit scale) are
     refused: the fused losses assume logits = W h + b.
     """
-    config = getattr(model, "config", None)
+    core = getattr(model, "module", model)  # DistributedDataParallel keeps the model in .module
+    config = getattr(core, "config", None)
     for attr in ("final_logit_softcapping", "logit_scale"):
         value = getattr(config, attr, None)
         if value not in (None, 1, 1.0):
-            raise ValueError(f"{type(model).__name__} has {attr}={value}: its logits are not W h + b, "
+            raise ValueError(f"{type(core).__name__} has {attr}={value}: its logits are not W h + b, "
                              "fused losses do not support it")
-    head = model.get_output_embeddings()
+    head = core.get_output_embeddings()
     if head is None or not hasattr(head, "weight"):
-        raise ValueError(f"{type(model).__name__} has no output embedding layer with a weight")
+        raise ValueError(f"{type(core).__name__} has no output embedding layer with a weight")
     labels = batch["labels"]
     width = max(int((labels != ignore_index).sum(-1).max().item()), 1)
-    base = model.get_decoder()
-    out = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-               position_ids=batch.get("position_ids"), use_cache=False)
-    hidden = out.last_hidden_state[:, -(width + 1):-1]
+    kept: list[Tensor] = []
+
+    def keep_hidden(module, args):
+        kept.append(args[0])
+        return (args[0][..., :0, :],) + tuple(args[1:])  # the head sees no positions: [B, 0, V] logits
+
+    handle = head.register_forward_pre_hook(keep_hidden)
+    try:
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+              position_ids=batch.get("position_ids"), logits_to_keep=width + 1, use_cache=False)
+    finally:
+        handle.remove()
+    if len(kept) != 1 or kept[0].shape[-2] != width + 1:
+        raise ValueError(f"{type(core).__name__} did not call its output head once on the last {width + 1} "
+                         "positions: fused losses need a causal LM that supports logits_to_keep")
+    hidden = kept[0][:, :-1]
     labels = labels[:, -width:]
     return FusedBatch(HeadInputs(hidden, head.weight, getattr(head, "bias", None)), labels, labels != ignore_index)
