@@ -52,6 +52,7 @@ from .evaluation.divergence import teacher_nll, teacher_student_divergence
 from .training.callbacks import OnPolicyRoundCallback
 from .training.collate import DistillCollator, RowDataset
 from .training.sources import OnlineSampler
+from .training.teacher_cache import TeacherCache
 from .training.trainer import DistillTrainer, last_complete_checkpoint
 
 logger = logging.getLogger("distillm")
@@ -400,10 +401,18 @@ def train(config: RunConfig, models: ModelPair, method: Method, rows: list[dict]
         raise DistillmError(f"Method {method.name!r} has no training rows: check the prompt file {config.data.prompts}.")
     dataset = RowDataset(refresh(0, models.student) if method.paired_rounds else rows)
     sampler = OnlineSampler(models.student, models.teacher, tokenizer, sampling_params(config), models.vocab_size)
+    teacher_cache = None
+    if config.training.teacher_cache != "off" and method.needs_teacher and (
+            method.uses_fixed_responses or method.paired_rounds):
+        # the first group of every row is a fixed (teacher) response: the same sequences every round
+        teacher_cache = TeacherCache(config.training.teacher_cache_dir or paths.root / "teacher_cache",
+                                     config.training.teacher_cache).build(
+            models.teacher.to(args.device), [method.sequences(row)[0] for row in dataset.rows], max_length=config.data.max_length,
+            pad_token_id=tokenizer.pad_token_id, batch_size=config.training.per_device_train_batch_size)
     trainer = DistillTrainer(
         model=models.student, teacher=models.teacher, method=method, vocab_size=models.vocab_size,
         sampler=sampler, validation_rows=validation_rows, max_nonfinite_steps=config.training.max_nonfinite_steps,
-        loss_impl=config.loss.loss_impl, loss_chunk_size=config.loss.loss_chunk_size, args=args, train_dataset=dataset,
+        loss_impl=config.loss.loss_impl, loss_chunk_size=config.loss.loss_chunk_size, teacher_cache=teacher_cache, args=args, train_dataset=dataset,
         data_collator=DistillCollator(tokenizer.pad_token_id, config.data.max_length, method.sequences),
         processing_class=tokenizer,
     )

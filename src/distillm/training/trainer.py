@@ -124,10 +124,10 @@ class DistillTrainer(Trainer):
             counts = self.accelerator.reduce(counts, reduction="sum")
         return counts
 
-    def scores(self, model, inputs) -> tuple[Scores, torch.Tensor]:
+    def scores(self, model, inputs, fused: bool | None = None) -> tuple[Scores, torch.Tensor]:
         """A model's scores over the batch's response columns and the response tokens [N, R]: hidden states and
         head (fused) or logits [N, R, V] (plain)."""
-        if self.loss_impl == "fused":
+        if fused or (fused is None and self.loss_impl == "fused"):
             fused = fused_inputs(model, inputs)
             return fused.head, fused.labels
         return response_logits(model, inputs, self.vocab_size)
@@ -140,9 +140,9 @@ class DistillTrainer(Trainer):
             return self.teacher_cache.scores(self, inputs)
         return self.run_teacher(inputs)
 
-    def run_teacher(self, inputs) -> Scores:
+    def run_teacher(self, inputs, fused: bool | None = None) -> Scores:
         with torch.inference_mode():
-            scores, _ = self.scores(self.teacher, inputs)
+            scores, _ = self.scores(self.teacher, inputs, fused)
         if isinstance(scores, HeadInputs):
             return HeadInputs(scores.hidden.clone(), scores.weight, scores.bias)
         return scores.clone()
