@@ -96,3 +96,29 @@ def test_a_corrupted_or_partial_cache_is_detected_and_rebuilt(tmp_path, teacher,
     assert counter.rows == len(rows)  # the teacher ran again
     assert "rebuilding" in caplog.text
     np.testing.assert_allclose(np.asarray(rebuilt.hidden), good, rtol=0, atol=0)
+
+
+def test_topk_cache_is_exact_at_k_equal_vocab_and_approximate_below(tmp_path, teacher, student, tokenizer):
+    rows, vocab = rows_for_every_method(tokenizer), len(tokenizer)
+    live = trainer_for(tmp_path, teacher, copy.deepcopy(student), tokenizer, method_for("distillm2", {}), rows, "fused")
+    batch = live.data_collator(rows)
+    loss_live, grads_live = loss_and_grads(live, batch)
+    losses = {}
+    for k in (vocab, 4):
+        for impl in ("fused", "plain"):
+            method = method_for("distillm2", {})
+            trainer = trainer_for(tmp_path, teacher, copy.deepcopy(student), tokenizer, method, rows, impl)
+            trainer.teacher_cache = TeacherCache(tmp_path / f"top{k}", "topk", k=k, vocab_size=vocab).build(
+                teacher, [method.sequences(r)[0] for r in rows], max_length=256,
+                pad_token_id=tokenizer.pad_token_id, batch_size=3)
+            counter = RowCounter(teacher)
+            losses[k, impl] = loss_and_grads(trainer, batch)
+            assert counter.rows == len(rows)  # only the student responses went through the teacher
+    for impl in ("fused", "plain"):
+        loss, grads = losses[vocab, impl]
+        torch.testing.assert_close(loss, loss_live, rtol=1e-4, atol=1e-5)
+        for key in grads_live:
+            torch.testing.assert_close(grads[key], grads_live[key], rtol=1e-3, atol=1e-5)
+    # k = 4 of ~300 tokens: a different loss, the same under both paths
+    assert abs(losses[4, "fused"][0].item() - loss_live.item()) > 1e-3
+    torch.testing.assert_close(losses[4, "fused"][0], losses[4, "plain"][0], rtol=1e-5, atol=1e-6)

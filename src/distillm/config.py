@@ -128,7 +128,7 @@ class TrainingSection:
     save_total_limit: int = opt(2, "Checkpoints kept.")
     report_to: str = opt("none", "Where logs go besides the output directory: none, tensorboard, wandb, ...")
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
-    teacher_cache: str = opt("off", "Cache the teacher's scores on the fixed (teacher) responses across rounds and resumes: off; exact (its final hidden states, H floats per token, head applied in the loss: exact); topk (top-k log-probs + the target's, tail mass spread over the other tokens: approximate, see README).")
+    teacher_cache: str = opt("off", "Cache the teacher's scores on the fixed (teacher) responses across rounds and resumes: off; exact (its final hidden states, H floats per token, memory-mapped; the head is applied in the loss, so losses are unchanged); topk (its top-k log-probs, the tail mass spread over the other tokens: approximate, see README).")
     teacher_cache_k: int = opt(64, "k of --teacher-cache topk.")
     teacher_cache_dir: str | None = opt(None, "Where the teacher cache lives (default: teacher_cache/ in the run directory).")
     max_nonfinite_steps: int = opt(3, "Optimizer steps whose loss or gradients are NaN/inf are skipped and counted; after this many in a row the run stops with a checkpoint and names the batch.")

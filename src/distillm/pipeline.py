@@ -406,7 +406,8 @@ def train(config: RunConfig, models: ModelPair, method: Method, rows: list[dict]
             method.uses_fixed_responses or method.paired_rounds):
         # the first group of every row is a fixed (teacher) response: the same sequences every round
         teacher_cache = TeacherCache(config.training.teacher_cache_dir or paths.root / "teacher_cache",
-                                     config.training.teacher_cache).build(
+                                     config.training.teacher_cache, k=config.training.teacher_cache_k,
+                                     vocab_size=models.vocab_size).build(
             models.teacher.to(args.device), [method.sequences(row)[0] for row in dataset.rows], max_length=config.data.max_length,
             pad_token_id=tokenizer.pad_token_id, batch_size=config.training.per_device_train_batch_size)
     trainer = DistillTrainer(

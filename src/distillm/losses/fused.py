@@ -55,10 +55,10 @@ from torch import Tensor
 from .divergences import IGNORE_INDEX
 
 __all__ = [
-    "DIVERGENCES", "HeadInputs", "FusedBatch", "default_chunk_size", "fused_divergence", "fused_weighted_divergence",
+    "DIVERGENCES", "HeadInputs", "TopKTeacher", "FusedBatch", "default_chunk_size", "fused_divergence", "fused_weighted_divergence",
     "fused_forward_kl", "fused_reverse_kl", "fused_skew_forward_kl", "fused_skew_reverse_kl",
     "fused_generalized_jsd", "fused_total_variation", "fused_acceptance_rate", "fused_token_log_probs",
-    "fused_inputs",
+    "fused_inputs", "topk_logprobs",
 ]
 
 DIVERGENCES = ("fkl", "rkl", "skl", "srkl", "jsd", "tvd", "acceptance")
@@ -74,6 +74,16 @@ class HeadInputs(NamedTuple):
     hidden: Tensor
     weight: Tensor
     bias: Tensor | None = None
+
+
+class TopKTeacher(NamedTuple):
+    """An approximate teacher: its k most likely tokens' log-probabilities [..., k] and ids [..., k] per
+    position. The fused losses rebuild a full distribution from it, a chunk at a time: the k stored log-probs,
+    and the tail mass 1 - sum_k p spread evenly over the other V - k tokens (at least the smallest normal
+    float, so no token has probability exactly 0). Pass it as `teacher` to any fused divergence."""
+
+    logprobs: Tensor
+    indices: Tensor
 
 
 class FusedBatch(NamedTuple):
@@ -270,13 +280,26 @@ def _student_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, idx: Te
 
 
 def _teacher_logits(teacher: tuple, idx: Tensor, vocab: int) -> Tensor | None:
-    """teacher = (logits [N, V_t] or None, hidden [N, H_t] or None, weight or None, bias or None)."""
+    """teacher = (logits [N, V_t] or None, hidden [N, H_t] or None, weight or None, bias or None); a top-k
+    teacher comes as (None, log-probs [N, k], ids [N, k] (an integer 'weight'), None)."""
     logits, hidden, weight, bias = teacher
     if logits is not None:
         return logits.index_select(0, idx)[:, :vocab]
+    if hidden is not None and not weight.is_floating_point():
+        return topk_logprobs(hidden.index_select(0, idx), weight.index_select(0, idx), vocab)
     if hidden is not None:
         return _student_logits(hidden, weight, bias, idx, vocab)
     return None
+
+
+def topk_logprobs(logprobs: Tensor, indices: Tensor, vocab: int) -> Tensor:
+    """[C, V] log-probabilities: the top-k ones where given, the tail mass spread evenly over the rest."""
+    logprobs = logprobs if logprobs.dtype == torch.float64 else logprobs.float()
+    k = logprobs.shape[-1]
+    tiny = torch.finfo(logprobs.dtype).tiny
+    tail = (1.0 - logprobs.exp().sum(-1)).clamp_min(tiny * max(vocab - k, 1)) / max(vocab - k, 1)
+    dense = tail.log().unsqueeze(-1).expand(logprobs.shape[0], vocab).clone()
+    return dense.scatter_(1, indices.long(), logprobs)
 
 
 def _chunk_extra(extra: Tensor | float | None, idx: Tensor):
@@ -431,6 +454,15 @@ def _prepare(student: HeadInputs, teacher, extra, mask, positions, temperature, 
             if vocab_size is None and t_weight.shape[0] != vocab:
                 raise ValueError(f"teacher and student heads have {t_weight.shape[0]} and {vocab} rows: pass vocab_size")
             t_tuple = (None, t_hidden.reshape(n, t_hidden.shape[-1]), t_weight, t_bias)
+        elif isinstance(teacher, TopKTeacher):
+            values, ids = teacher.logprobs.detach(), teacher.indices.detach()
+            if values.shape[:-1] != lead or ids.shape != values.shape:
+                raise ValueError(f"top-k teacher log-probs {tuple(values.shape)} and ids {tuple(ids.shape)} must "
+                                 f"both be [{', '.join(map(str, lead))}, k]")
+            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+                raise ValueError(f"top-k teacher ids must be in [0, {vocab})")
+            k = values.shape[-1]
+            t_tuple = (None, values.reshape(n, k), ids.reshape(n, k), None)
         elif isinstance(teacher, Tensor):
             t_logits = teacher.detach()
             if t_logits.shape[:-1] != lead or t_logits.shape[-1] < vocab:
@@ -439,7 +471,8 @@ def _prepare(student: HeadInputs, teacher, extra, mask, positions, temperature, 
                 raise ValueError(f"teacher logits have {t_logits.shape[-1]} entries, the student head {vocab}: pass vocab_size")
             t_tuple = (t_logits.reshape(n, t_logits.shape[-1]), None, None, None)
         else:
-            raise TypeError("teacher must be HeadInputs(hidden, weight, bias) or a tensor of logits / log-probs")
+            raise TypeError("teacher must be HeadInputs(hidden, weight, bias), TopKTeacher(logprobs, indices) or a "
+                            "tensor of logits / log-probs")
 
     rows = _rows(lead, n, mask, positions, hidden.device)
     if isinstance(extra, Tensor):

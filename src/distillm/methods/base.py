@@ -17,6 +17,7 @@ The trainer (`training.trainer.DistillTrainer`) and the pipeline do the rest, th
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Protocol, Sequence, Union
@@ -25,14 +26,14 @@ import torch
 
 from ..losses import divergences as plain
 from ..losses.divergences import IGNORE_INDEX, per_sequence_mean
-from ..losses.fused import HeadInputs, fused_token_log_probs, fused_weighted_divergence
+from ..losses.fused import HeadInputs, TopKTeacher, fused_token_log_probs, fused_weighted_divergence, topk_logprobs
 
 if TYPE_CHECKING:
     from ..config import RunConfig
 
 #: what a model's scores over the response columns are given as: full logits [N, R, V] (the plain path), or the
 #: last hidden states [N, R, H] with the output head (the fused path: logits are formed a chunk at a time)
-Scores = Union[torch.Tensor, HeadInputs]
+Scores = Union[torch.Tensor, HeadInputs, TopKTeacher]
 
 
 @dataclass
@@ -86,14 +87,54 @@ class LossInputs:
         return slice(self.n_first, self.targets.shape[0])
 
 
-def _rows(scores: Scores, rows: slice) -> Scores:
+@dataclass
+class TeacherGroups:
+    """Teacher scores given per group of sequences (rows [0, n_first) and [n_first, N)), when the two come in
+    different forms: e.g. a top-k teacher cache for the fixed responses, a live teacher pass for the fresh ones."""
+
+    first: Scores
+    second: Scores | None
+    n_first: int
+
+
+def _rows(scores, rows: slice):
+    if isinstance(scores, TeacherGroups):
+        n, stop = scores.n_first, rows.stop
+        if rows.start in (0, None) and stop == n:
+            return scores.first
+        if rows.start == n and scores.second is not None:
+            return scores.second
+        raise ValueError(f"teacher scores come per group: ask for rows [0, {n}) or [{n}, N), not {rows}")
     if isinstance(scores, HeadInputs):
         return HeadInputs(scores.hidden[rows], scores.weight, scores.bias)
+    if isinstance(scores, TopKTeacher):
+        return TopKTeacher(scores.logprobs[rows], scores.indices[rows])
     return scores[rows]
 
 
-def _plain_logits(scores: torch.Tensor, vocab_size: int | None) -> torch.Tensor:
+def _plain_logits(scores, vocab_size: int | None) -> torch.Tensor:
+    if isinstance(scores, TopKTeacher):  # the plain (reference) path spells the distribution out in full
+        lead, k = scores.logprobs.shape[:-1], scores.logprobs.shape[-1]
+        dense = topk_logprobs(scores.logprobs.reshape(-1, k), scores.indices.reshape(-1, k), vocab_size)
+        return dense.reshape(*lead, vocab_size)
     return scores if vocab_size is None else scores[..., :vocab_size]
+
+
+def _topk_token_log_probs(scores: TopKTeacher, targets: torch.Tensor, vocab: int, temperature: float):
+    """log p_tau(y) of the top-k-plus-tail distribution, without spelling it out: its log-probs are the k stored
+    ones and `tail` on V - k tokens; at temperature tau they are renormalised after dividing by tau."""
+    values = scores.logprobs.float()
+    k = values.shape[-1]
+    mass = (1.0 - values.exp().sum(-1)).clamp_min(torch.finfo(values.dtype).tiny * max(vocab - k, 1))
+    tail = torch.log(mass / max(vocab - k, 1))
+    safe = targets.clamp_min(0).unsqueeze(-1)
+    hit = scores.indices.long() == safe
+    own = torch.where(hit.any(-1), (values * hit).sum(-1), tail)
+    parts = [values / temperature]
+    if vocab > k:
+        parts.append((math.log(vocab - k) + tail / temperature).unsqueeze(-1))
+    norm = torch.logsumexp(torch.cat(parts, -1), -1)
+    return torch.where(targets != IGNORE_INDEX, own / temperature - norm, torch.zeros_like(own))
 
 
 # per-token divergences on full logits, by name (weight: a of skl/srkl, b of jsd)
@@ -134,8 +175,15 @@ def divergence_loss(batch: LossInputs, name: str, rows: slice, token_weights: to
 def token_log_probs(batch: LossInputs, who: str, rows: slice, *, temperature: float = 1.0) -> torch.Tensor:
     """log q(y_n) (who='student') or log p(y_n) (who='teacher') of the response tokens of `rows`, [n, R], 0 off
     the mask; differentiable for the student. Fused inputs go through `losses.fused.fused_token_log_probs`."""
-    scores = _rows(batch.student if who == "student" else batch.teacher, rows)
+    scores = batch.student if who == "student" else batch.teacher
+    if isinstance(scores, TeacherGroups) and rows == slice(None):
+        first = token_log_probs(batch, who, batch.first, temperature=temperature)
+        return torch.cat([first, token_log_probs(batch, who, batch.second, temperature=temperature)])
+    scores = _rows(scores, rows)
     targets = batch.targets[rows]
+    if isinstance(scores, TopKTeacher):
+        return _topk_token_log_probs(scores, targets, batch.vocab_size or int(scores.indices.max()) + 1,
+                                     temperature)
     if batch.fused:
         return fused_token_log_probs(scores, targets, temperature=temperature, vocab_size=batch.vocab_size,
                                      chunk_size=batch.chunk_size)

@@ -39,12 +39,13 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..io import atomic_write_json
-from ..losses.fused import HeadInputs, fused_inputs
+from ..losses.fused import HeadInputs, TopKTeacher, fused_inputs
+from ..methods.base import TeacherGroups
 from .collate import IGNORE, build_sequences, pad_left
 
 logger = logging.getLogger("distillm")
 
-MODES = ("exact",)
+MODES = ("exact", "topk")
 
 
 def teacher_fingerprint(model: torch.nn.Module) -> str:
@@ -72,6 +73,19 @@ def sequence_keys(batch: dict[str, torch.Tensor]) -> list[str]:
     return keys
 
 
+def _save_atomic(path: Path, array: np.ndarray) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.save(handle, array)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -88,13 +102,17 @@ class TeacherCache:
     a live teacher pass (`trainer.run_teacher`) for the others. `teacher_rows` counts the rows the teacher ran on
     (`cached_rows` those read from the cache)."""
 
-    def __init__(self, directory: str | os.PathLike, mode: str = "exact"):
+    def __init__(self, directory: str | os.PathLike, mode: str = "exact", k: int = 64, vocab_size: int | None = None):
         if mode not in MODES:
             raise ValueError(f"teacher cache mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if mode == "topk" and (k < 1 or vocab_size is None):
+            raise ValueError("a top-k teacher cache needs k >= 1 and the vocabulary size")
         self.directory = Path(directory)
-        self.mode = mode
+        self.mode, self.k, self.vocab_size = mode, k, vocab_size
+        self.label = mode if mode == "exact" else f"top{k}"
         self.index: dict[str, tuple[int, int]] = {}
-        self.hidden: np.ndarray | None = None
+        self.hidden: np.ndarray | None = None  # exact: [tokens, H]; topk: log-probs [tokens, k]
+        self.ids: np.ndarray | None = None  # topk: token ids [tokens, k]
         self.teacher_rows = 0
         self.cached_rows = 0
 
@@ -106,7 +124,7 @@ class TeacherCache:
         batches = self._batches(list(sequences), max_length, pad_token_id, batch_size)
         keys = [key for batch in batches for key in sequence_keys(batch)]
         data_key = hashlib.sha256("\n".join(sorted(set(keys))).encode()).hexdigest()[:16]
-        stem = f"{self.mode}-{teacher_fingerprint(teacher)[:16]}-{data_key}"
+        stem = f"{self.label}-{teacher_fingerprint(teacher)[:16]}-{data_key}"
         array_path, manifest_path = self.directory / f"{stem}.npy", self.directory / f"{stem}.json"
         if self._load(array_path, manifest_path):
             logger.info("Teacher cache: %d sequences from %s", len(self.index), array_path)
@@ -122,26 +140,29 @@ class TeacherCache:
             for key, row_hidden, row_mask in zip(sequence_keys(batch), hidden, mask):
                 if key in index:
                     continue
-                rows = row_hidden[row_mask].float().cpu().numpy()
-                index[key] = (offset, rows.shape[0])
-                parts.append(rows)
-                offset += rows.shape[0]
-        width = teacher.get_output_embeddings().weight.shape[1]
-        array = np.concatenate(parts) if parts else np.zeros((0, width), dtype=np.float32)
-        fd, tmp = tempfile.mkstemp(prefix=array_path.name + ".", suffix=".tmp", dir=self.directory)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                np.save(handle, array)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, array_path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        atomic_write_json(manifest_path, {"mode": self.mode, "shape": list(array.shape), "dtype": str(array.dtype),
-                                          "sha256": _sha256(array_path), "index": index})
-        for stale in self.directory.glob(f"{self.mode}-*"):
-            if stale.stem != stem:
+                rows = row_hidden[row_mask]
+                if self.mode == "topk":  # the teacher's k most likely tokens at each position
+                    head = fused.head
+                    logits = F.linear(rows, head.weight, head.bias)[:, :self.vocab_size].float()
+                    top = torch.log_softmax(logits, -1).topk(min(self.k, self.vocab_size), dim=-1)
+                    rows = (top.values, top.indices.to(torch.int32))
+                    parts.append(tuple(x.cpu().numpy() for x in rows))
+                else:
+                    parts.append((rows.float().cpu().numpy(),))
+                index[key] = (offset, parts[-1][0].shape[0])
+                offset += parts[-1][0].shape[0]
+        width = (teacher.get_output_embeddings().weight.shape[1] if self.mode == "exact"
+                 else min(self.k, self.vocab_size))
+        arrays = [np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, width), dtype=np.float32)]
+        if self.mode == "topk":
+            arrays.append(np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, width), dtype=np.int32))
+        paths = [array_path, array_path.with_suffix(".ids.npy")][:len(arrays)]
+        for path, array in zip(paths, arrays):
+            _save_atomic(path, array)
+        atomic_write_json(manifest_path, {"mode": self.label, "shape": list(arrays[0].shape),
+                                          "sha256": [_sha256(path) for path in paths], "index": index})
+        for stale in self.directory.glob(f"{self.label}-*"):
+            if not stale.name.startswith(stem + "."):
                 stale.unlink(missing_ok=True)
         if not self._load(array_path, manifest_path):
             raise RuntimeError(f"the teacher cache just written to {array_path} does not read back")
@@ -153,15 +174,18 @@ class TeacherCache:
             return False
         try:
             manifest = json.loads(manifest_path.read_text())
-            if not array_path.is_file() or _sha256(array_path) != manifest["sha256"]:
+            paths = [array_path, array_path.with_suffix(".ids.npy")][:2 if self.mode == "topk" else 1]
+            if len(manifest["sha256"]) != len(paths) or any(
+                    not path.is_file() or _sha256(path) != digest for path, digest in zip(paths, manifest["sha256"])):
                 raise ValueError("its checksum does not match the manifest")
-            hidden = np.load(array_path, mmap_mode="r")
-            if list(hidden.shape) != manifest["shape"]:
-                raise ValueError(f"shape {hidden.shape} != {manifest['shape']}")
-        except (OSError, ValueError, KeyError) as err:
+            arrays = [np.load(path, mmap_mode="r") for path in paths]
+            if any(list(array.shape) != manifest["shape"] for array in arrays):
+                raise ValueError(f"shape {arrays[0].shape} != {manifest['shape']}")
+        except (OSError, ValueError, KeyError, TypeError) as err:
             logger.warning("Teacher cache %s is incomplete or corrupted (%s): rebuilding it.", array_path, err)
             return False
-        self.hidden = hidden
+        self.hidden = arrays[0]
+        self.ids = arrays[1] if self.mode == "topk" else None
         self.index = {key: (int(start), int(length)) for key, (start, length) in manifest["index"].items()}
         return True
 
@@ -175,6 +199,8 @@ class TeacherCache:
         """The teacher's scores on a micro-batch (as `trainer.run_teacher` gives them): cached rows from disk,
         the others from one teacher pass over just those rows."""
         keys = sequence_keys(inputs)
+        if self.mode == "topk":
+            return self._topk_scores(trainer, inputs, keys)
         hits = [i for i, key in enumerate(keys) if key in self.index]
         if not hits or self.hidden is None:
             self.teacher_rows += len(keys)
@@ -200,3 +226,45 @@ class TeacherCache:
         if trainer.loss_impl == "plain":
             return F.linear(hidden, head.weight, getattr(head, "bias", None))
         return HeadInputs(hidden, head.weight, getattr(head, "bias", None))
+
+    def _topk_scores(self, trainer, inputs, keys):
+        """Per group of sequences: the cached top-k log-probs if the cache holds all of the group's rows, else a
+        live (exact) teacher pass over the group."""
+        labels = inputs["labels"]
+        width = max(int((labels != IGNORE).sum(-1).max().item()), 1)
+        n_first = int(inputs["n_first"])
+        groups = []
+        for rows in (range(0, n_first), range(n_first, len(keys))):
+            if not rows:
+                groups.append(None)
+            elif all(keys[i] in self.index for i in rows):
+                k = self.hidden.shape[1]
+                values = torch.zeros(len(rows), width, k, device=labels.device)
+                ids = torch.zeros(len(rows), width, k, dtype=torch.long, device=labels.device)
+                for j, i in enumerate(rows):
+                    start, length = self.index[keys[i]]
+                    if length:
+                        values[j, width - length:] = torch.from_numpy(np.array(self.hidden[start:start + length]))
+                        ids[j, width - length:] = torch.from_numpy(np.array(self.ids[start:start + length])).long()
+                groups.append(TopKTeacher(values, ids))
+                self.cached_rows += len(rows)
+            else:
+                index = torch.tensor(list(rows), device=labels.device)
+                subset = {name: inputs[name].index_select(0, index)
+                          for name in ("input_ids", "attention_mask", "position_ids", "labels")}
+                live = trainer.run_teacher(subset)
+                groups.append(_widen(live, width))
+                self.teacher_rows += len(rows)
+        return TeacherGroups(groups[0], groups[1], n_first)
+
+
+def _widen(scores, width: int):
+    """Teacher scores of a subset of rows, whose longest response may be shorter, left-padded to `width`."""
+    if isinstance(scores, HeadInputs):
+        hidden = scores.hidden
+        if hidden.shape[1] < width:
+            hidden = F.pad(hidden, (0, 0, width - hidden.shape[1], 0))
+        return HeadInputs(hidden, scores.weight, scores.bias)
+    if scores.shape[1] < width:
+        scores = F.pad(scores, (0, 0, width - scores.shape[1], 0))
+    return scores
