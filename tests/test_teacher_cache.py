@@ -122,3 +122,27 @@ def test_topk_cache_is_exact_at_k_equal_vocab_and_approximate_below(tmp_path, te
     # k = 4 of ~300 tokens: a different loss, the same under both paths
     assert abs(losses[4, "fused"][0].item() - loss_live.item()) > 1e-3
     torch.testing.assert_close(losses[4, "fused"][0], losses[4, "plain"][0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_run_with_the_teacher_cache_trains_as_one_without(tmp_path):
+    import json
+
+    from distillm.cli import main
+
+    args = ["-q", "run", "--preset", "tiny", "--method", "distillm2", "--rounds", "2", "--num-prompts", "8",
+            "--no-evaluate", "--max-new-tokens", "8", "--save-steps", "100"]
+    logs = {}
+    for cache in ("off", "exact"):
+        out = tmp_path / cache
+        assert main([*args, "--teacher-cache", cache, "--output-dir", str(out)]) == 0
+        lines = (out / "logs" / "train_log.jsonl").read_text().splitlines()
+        logs[cache] = [entry["loss"] for entry in map(json.loads, lines) if "loss" in entry]
+        training = json.loads((out / "metrics.json").read_text())["training"]
+    # 4 steps x 4 pairs: every teacher response came from the cache, only the student responses met the teacher
+    assert training["teacher_cache"] == {"mode": "exact", "cached_sequences": 16, "teacher_sequences": 16}
+    assert len(logs["off"]) == 4
+    assert logs["exact"] == pytest.approx(logs["off"], rel=1e-3)
+    cached = sorted(p.suffix for p in (tmp_path / "exact" / "teacher_cache").iterdir())
+    assert cached == [".json", ".npy"]
+    assert not (tmp_path / "off" / "teacher_cache").exists()

@@ -437,13 +437,19 @@ def train(config: RunConfig, models: ModelPair, method: Method, rows: list[dict]
     for entry in history:  # epoch k+1 is the end of round k; steps of round k have epoch in (k, k+1]
         by_round.setdefault(max(math.ceil(entry["epoch"]) - 1, 0), []).append(entry["loss"])
     round_means = [round(sum(v) / len(v), 4) for _, v in sorted(by_round.items())]
-    return {
+    summary = {
         "method": method.name,
         "steps": trainer.state.global_step,
         "train_seconds": round(result.metrics.get("train_runtime", 0.0), 1),
         "mean_loss_per_round": round_means,
         "log": str(paths.train_log.relative_to(paths.root)),
     }
+    if teacher_cache is not None:  # sequences whose teacher scores came from the cache / from a teacher pass
+        summary["teacher_cache"] = {"mode": teacher_cache.label, "cached_sequences": teacher_cache.cached_rows,
+                                    "teacher_sequences": teacher_cache.teacher_rows}
+        logger.info("Teacher cache (%s): %d sequences read from it, %d through the teacher", teacher_cache.label,
+                    teacher_cache.cached_rows, teacher_cache.teacher_rows)
+    return summary
 
 
 # ----------------------------------------------------------------------------------------------- the whole run

@@ -245,11 +245,13 @@ def _divergence_kernel(divergence: str, detach_student_in_mixture: bool | None) 
 
 def _log_prob_kernel(s: Tensor, t: None, labels: Tensor, tau: float, need_grad: bool):
     """log q(y) = s_y - logsumexp(s), s = z / tau; d/dz = (onehot(y) - q) / tau."""
-    log_q = _log_softmax(s, tau)
     idx = labels.long().unsqueeze(-1)
+    if not need_grad:  # no [C, V] log-softmax written out: s_y / tau - logsumexp(s / tau)
+        z = s if s.dtype == torch.float64 else s.float()
+        z = z / tau if tau != 1.0 else z
+        return z.gather(-1, idx).squeeze(-1) - torch.logsumexp(z, dim=-1), None
+    log_q = _log_softmax(s, tau)
     values = log_q.gather(-1, idx).squeeze(-1)
-    if not need_grad:
-        return values, None
     grad = log_q.exp_().neg_().scatter_add_(-1, idx, torch.ones_like(idx, dtype=log_q.dtype))
     return values, (grad.div_(tau) if tau != 1.0 else grad)
 
