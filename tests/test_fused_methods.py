@@ -124,3 +124,21 @@ def test_fused_training_step_never_builds_tokens_by_vocab_logits(tmp_path, teach
     # plain: the probe sees the full logits; fused: nothing wider than one chunk (or the [V, H] head matrices)
     assert widest["plain"] >= tokens
     assert widest["fused"] <= max(chunk, hidden)
+
+
+def test_fused_path_sees_through_a_peft_lora_student(tmp_path, teacher, student, tokenizer):
+    """The student's forward runs through its wrapper (here PEFT's LoRA), so adapters are in the fused path."""
+    peft = pytest.importorskip("peft")
+    rows = rows_for_every_method(tokenizer)
+    results = {}
+    for impl in ("plain", "fused"):
+        torch.manual_seed(0)  # the same random (non-zero) adapters both times
+        lora = peft.get_peft_model(copy.deepcopy(student), peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        trainer = trainer_for(tmp_path, teacher, lora, tokenizer, method_for("distillm2", {}), rows, impl)
+        results[impl] = loss_and_grads(trainer, trainer.data_collator(rows))
+    (loss_p, grads_p), (loss_f, grads_f) = results["plain"], results["fused"]
+    torch.testing.assert_close(loss_f, loss_p, rtol=1e-5, atol=1e-6)
+    assert grads_p and all("lora" in key for key in grads_p) and grads_f.keys() == grads_p.keys()
+    for key in grads_p:
+        torch.testing.assert_close(grads_f[key], grads_p[key], rtol=1e-4, atol=1e-6, msg=key)

@@ -668,11 +668,15 @@ def fused_inputs(model, batch: dict[str, Tensor], *, ignore_index: int = IGNORE_
     width = max(int((labels != ignore_index).sum(-1).max().item()), 1)
     kept: list[Tensor] = []
 
-    def keep_hidden(module, args):
-        kept.append(args[0])
-        return (args[0][..., :0, :],) + tuple(args[1:])  # the head sees no positions: [B, 0, V] logits
+    def keep_hidden(module, args, kwargs):
+        if args:
+            kept.append(args[0])
+            return (args[0][..., :0, :],) + tuple(args[1:]), kwargs  # the head sees no positions: [B, 0, V]
+        name = next(iter(kwargs))  # called with its input as a keyword
+        kept.append(kwargs[name])
+        return args, {**kwargs, name: kwargs[name][..., :0, :]}
 
-    handle = head.register_forward_pre_hook(keep_hidden)
+    handle = head.register_forward_pre_hook(keep_hidden, with_kwargs=True)
     try:
         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
               position_ids=batch.get("position_ids"), logits_to_keep=width + 1, use_cache=False)

@@ -6,12 +6,18 @@ logging to TensorBoard/W&B through `report_to`, accelerate for devices and proce
 - the method (`distillm.methods`): it draws each micro-batch (fixed rows, or fresh data from the live student
   through an `OnlineSampler`, see `get_batch_samples`) and computes the loss from the models' logits;
 - the teacher: frozen, in eval mode, no gradients, no optimizer state, forwarded under `torch.inference_mode`
-  (and not at all for methods that do not need it, e.g. SeqKD, nor for sequences a `teacher_cache` holds);
+  (`torch.no_grad` when sharded) and not at all for methods that do not need it, e.g. SeqKD, nor for sequences
+  a `teacher_cache` holds; placed for the run's engine by `prepare_teacher` (as TRL places its reference
+  models): a replica on each device under DDP, sharded for inference under DeepSpeed ZeRO-3 and FSDP, never
+  wrapped for training;
+- fresh student data drawn inside training (on-policy methods) from the student unwrapped for generation
+  (TRL's `unwrap_model_for_generation`: gathers ZeRO-3 shards, pauses gradient checkpointing);
 - scores only over the response columns of the (left-padded) batch: by default (`loss_impl="fused"`) the
   models' final hidden states there and their output heads, which the fused losses turn into logits a chunk
-  of tokens at a time (no [N, R, V] logits of either model), or (`loss_impl="plain"`, the reference) full
-  logits; either way over the tokenizer's real vocabulary only, so models whose embedding matrices are padded
-  to different sizes are compared over real tokens only;
+  of tokens at a time (no [N, R, V] logits of either model), or (`loss_impl="plain"`, the reference, and the
+  path under DeepSpeed/FSDP, whose sharded head weights exist only inside the module's forward) full logits;
+  either way over the tokenizer's real vocabulary only, so models whose embedding matrices are padded to
+  different sizes are compared over real tokens only;
 - exact gradient accumulation: the loss of each micro-batch is divided by the counts (prompts, tokens) of the
   whole optimizer-step batch, summed over processes, so splitting a batch differently changes nothing;
 - per-step logging of the method's metrics (e.g. SKL, SRKL, mean skews, b for DistiLLM-2) and of where the
@@ -21,6 +27,7 @@ logging to TensorBoard/W&B through `report_to`, accelerate for devices and proce
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 from collections import Counter, defaultdict
@@ -38,6 +45,7 @@ from .callbacks import MethodStepCallback, NonFiniteGuard
 from .collate import IGNORE, response_logits
 
 METHOD_STATE_FILE = "distillm_method_state.json"
+logger = logging.getLogger("distillm")
 
 
 def local_counts(batch_samples) -> torch.Tensor:
@@ -58,6 +66,34 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def teacher_placement(accelerator) -> str:
+    """How the teacher is placed under `accelerator`'s engine: 'deepspeed' (ZeRO-3: sharded; ZeRO-1/2: a stage-0
+    replica), 'fsdp' (sharded, no optimizer) or 'device' (moved to this process's device; DDP and single
+    process). The teacher is never wrapped for training: it has no gradients and no optimizer state."""
+    if getattr(accelerator, "is_deepspeed_enabled", False):
+        return "deepspeed"
+    if getattr(accelerator, "is_fsdp2", False) or getattr(accelerator, "is_fsdp_enabled", False) or \
+            getattr(accelerator.state, "fsdp_plugin", None) is not None:
+        return "fsdp"
+    return "device"
+
+
+def prepare_teacher(teacher: torch.nn.Module, accelerator) -> torch.nn.Module:
+    """The frozen teacher, placed for inference as `teacher_placement` says (TRL's `prepare_deepspeed` /
+    `prepare_fsdp`, the functions TRL uses for its reference and teacher models)."""
+    teacher = freeze(teacher)
+    placement = teacher_placement(accelerator)
+    if placement == "deepspeed":
+        from trl.models.utils import prepare_deepspeed
+
+        return prepare_deepspeed(teacher, accelerator)
+    if placement == "fsdp":
+        from trl.models.utils import prepare_fsdp
+
+        return prepare_fsdp(teacher, accelerator)
+    return teacher.to(accelerator.device)
+
+
 class DistillTrainer(Trainer):
     # compute_loss already divides by the whole accumulated batch's counts
     loss_is_scaled_for_ga = True
@@ -68,11 +104,24 @@ class DistillTrainer(Trainer):
         super().__init__(**kwargs)
         if loss_impl not in ("fused", "plain"):
             raise DistillmError(f"loss_impl must be fused or plain, got {loss_impl!r}")
+        self.sharded = teacher_placement(self.accelerator) != "device"
+        if self.sharded and loss_impl == "fused":
+            # ZeRO-3 / FSDP gather a module's weights only inside its forward: the fused losses, which apply the
+            # heads themselves, would see shards. The plain path calls the heads as modules.
+            logger.warning("loss_impl=fused is not supported under DeepSpeed/FSDP (sharded output heads): using the "
+                           "plain loss path.")
+            loss_impl = "plain"
+        if self.sharded and teacher_cache is not None:
+            raise DistillmError("--teacher-cache is not supported under DeepSpeed/FSDP (the teacher's head is sharded); "
+                                "run without it, or with DDP / one process.")
         self.loss_impl = loss_impl
         self.loss_chunk_size = loss_chunk_size
         self.teacher_cache = teacher_cache  # training.teacher_cache.TeacherCache or None
-        self.teacher = freeze(teacher).to(self.args.device)
+        self.teacher = prepare_teacher(teacher, self.accelerator)
         self.method = method
+        if self.args.world_size > 1:  # the method's run state (e.g. curriculum gaps) is summed over processes
+            method.sum_over_processes = lambda values: self.accelerator.reduce(
+                values.to(self.args.device), reduction="sum").cpu()
         self.sampler = sampler  # training.sources.OnlineSampler, for methods that draw fresh data
         self.validation_rows = validation_rows or []
         self.add_callback(MethodStepCallback(self))
@@ -105,16 +154,25 @@ class DistillTrainer(Trainer):
         step = self.state.global_step
         # one RNG per (seed, step, micro-batch, process): a resumed run makes the same choices from its step on
         rng = random.Random(f"{self.args.seed}:{step}:{micro_index}:{self.args.process_index}")
-        sampler = None
-        if self.sampler is not None:
-            sampler = self.sampler.bound(self.accelerator.unwrap_model(self.model), rng.getrandbits(31))
-        drawn, source = self.method.draw(rows, sampler, rng, step, self.state.max_steps)
+        if self.sampler is None or not self.method.sources:  # the method never samples: no unwrapping needed
+            drawn, source = self.method.draw(rows, None, rng, step, self.state.max_steps)
+        else:
+            seed = rng.getrandbits(31)
+            with self.model_for_generation() as student:
+                drawn, source = self.method.draw(rows, self.sampler.bound(student, seed), rng, step,
+                                                 self.state.max_steps)
         self._sources[source] += 1
         self.last_batch_ids.extend(str(row.get("id")) for row in drawn)
         if drawn is rows:
             return batch
         fresh = self.data_collator(drawn)
         return {key: value.to(batch["input_ids"].device) for key, value in fresh.items()}
+
+    def model_for_generation(self):
+        """Context manager: the student, unwrapped and ready to generate (TRL's `unwrap_model_for_generation`)."""
+        from trl.models.utils import unwrap_model_for_generation
+
+        return unwrap_model_for_generation(self.model_wrapped, self.accelerator)
 
     # ------------------------------------------------------------------ loss normalisation
     def _get_num_items_in_batch(self, batch_samples, device):
@@ -141,7 +199,7 @@ class DistillTrainer(Trainer):
         return self.run_teacher(inputs)
 
     def run_teacher(self, inputs, fused: bool | None = None) -> Scores:
-        with torch.inference_mode():
+        with torch.no_grad() if self.sharded else torch.inference_mode():
             scores, _ = self.scores(self.teacher, inputs, fused)
         if isinstance(scores, HeadInputs):
             return HeadInputs(scores.hidden.clone(), scores.weight, scores.bias)
