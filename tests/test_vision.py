@@ -308,3 +308,51 @@ def test_vlm_teacher_with_text_student_or_mismatched_images_is_refused(tmp_path,
 def test_builtin_prompts_have_no_images(models):
     with pytest.raises(DataError, match="built-in prompts have no images"):
         load_image_prompts("builtin:train")
+
+
+def test_generate_then_train_a_vlm_from_teacher_responses(tmp_path, setup):
+    """`distillm generate` samples a VLM with the images; `distillm train` reuses those responses (kd)."""
+    responses = tmp_path / "teacher.jsonl"
+    assert main(["-q", "generate", "--model", str(setup["teacher"]), "--prompts", str(setup["prompts"]),
+                 "--output", str(responses), "--max-new-tokens", "5", "--num-prompts", "4"]) == 0
+    rows = [json.loads(line) for line in responses.read_text().splitlines()]
+    assert len(rows) == 4 and all(row["image"].endswith(".png") and row["response_ids"] for row in rows)
+    out = tmp_path / "train"
+    assert main(["-q", "train", "--preset", "tiny", "--method", "kd", "--teacher", str(setup["teacher"]),
+                 "--student", str(setup["student"]), "--prompts", str(setup["prompts"]), "--num-prompts", "4",
+                 "--teacher-responses", str(responses), "--rounds", "1", "--output-dir", str(out)]) == 0
+    imported = [json.loads(line) for line in (out / "data" / "teacher_train.jsonl").read_text().splitlines()]
+    assert [row["response_ids"] for row in imported] == [row["response_ids"] for row in rows]
+    assert (out / "student" / "model.safetensors").is_file()
+
+
+def test_vlm_student_derived_with_student_layers(setup):
+    from distillm.vision import load_vision_models
+
+    config = load_config(preset="tiny", overrides={"teacher": str(setup["teacher"]), "student_layers": "0,3",
+                                                   "prompts": str(setup["prompts"])})
+    pair = load_vision_models(config)
+    assert pair.processor is not None and pair.student.config.text_config.num_hidden_layers == 2
+    assert pair.vocab_size == len(pair.processor.tokenizer)
+    with pytest.raises(Exception, match="does not run on vision-language models"):
+        load_vision_models(load_config(preset="tiny", overrides={"teacher": str(setup["teacher"]),
+                                                                 "method": "speculative-kd"}))
+
+
+def test_on_policy_sampling_from_the_live_student_uses_the_images(models, prompts):
+    """gkd / imitkd / minillm draw fresh student responses inside the trainer: with the rows' images."""
+    from distillm.training.sources import OnlineSampler
+
+    teacher, student, processor = models
+    rows = [{"id": p.id, "prompt_ids": p.input_ids, "response_ids": []} for p in prompts[:3]]
+    seen = []
+    hook = student.model.vision_tower.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    try:
+        sampler = OnlineSampler(student, teacher, processor.tokenizer, SamplingParams(max_new_tokens=4),
+                                len(processor.tokenizer),
+                                image_inputs=ImageInputs(processor, {p.id: p.image for p in prompts}))
+        drawn = sampler.bound(student, 5).student(rows)
+    finally:
+        hook.remove()
+    assert seen and seen[0].shape[0] == 3
+    assert len(drawn) == 3 and all(row["response_ids"] for row in drawn)
