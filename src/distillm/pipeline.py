@@ -390,7 +390,7 @@ def train(config: RunConfig, models: ModelPair, method: Method, rows: list[dict]
         if (folder / "pairs.jsonl").is_file():  # this round's data is complete (a resumed run, or round 0 again)
             return read_jsonl(folder / "pairs.jsonl")
         model_dir = None
-        if choose_backend_name(config.generation.backend) == "vllm":
+        if choose_backend_name(config.generation.backend) == "vllm" and models.processor is None:
             model_dir = str(folder / "student_weights")
             if not (folder / "student.jsonl").is_file():
                 model.save_pretrained(model_dir)

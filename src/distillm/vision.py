@@ -42,8 +42,8 @@ def _model_config(spec: str, trust_remote_code: bool = False):
 
     try:
         return AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError):
-        return None  # load_model reports what is wrong with it
+    except Exception:  # unreachable Hub, no config.json, an unknown model type: load_model reports what is wrong
+        return None
 
 
 def is_vision_model(spec: str | os.PathLike, *, trust_remote_code: bool = False) -> bool:
