@@ -230,6 +230,17 @@ def test_distillm_run_on_tiny_vlms_saves_a_student_that_loads(tmp_path, setup):
                        return_tensors="pt")
     assert model.config.text_config.num_hidden_layers == 2
     assert torch.isfinite(model(**inputs).logits).all()
+    # cut off after training: the rerun resumes from the last checkpoint, reusing the generated rows (and images)
+    import shutil
+
+    shutil.rmtree(out / "student")
+    (out / "metrics.json").unlink()
+    assert main(["-q", "run", "--preset", "tiny", "--teacher", str(setup["teacher"]), "--student",
+                 str(setup["student"]), "--prompts", str(setup["prompts"]), "--eval-prompts",
+                 str(setup["eval_prompts"]), "--rounds", "2", "--max-new-tokens", "6", "--output-dir", str(out)]) == 0
+    resumed = json.loads((out / "metrics.json").read_text())
+    assert resumed["training"]["steps"] == 4 and resumed["before"] == metrics["before"]
+    assert resumed["after"]["kl"] == pytest.approx(metrics["after"]["kl"], rel=1e-5)
 
 
 def test_student_derived_from_a_vlm_teacher_keeps_the_vision_tower(models, prompts):
