@@ -197,7 +197,8 @@ class DistillTrainer(Trainer):
         """Resume's weight loading. transformers reads a checkpoint's safetensors with `load_state_dict(strict=False)`,
         but models whose weights transformers converts on loading (LLaVA and other vision-language models, fused
         MoE experts) are saved in their original key format, which that call would skip without a word -- the run
-        would go on from the initial weights. Such a checkpoint is loaded with `from_pretrained`, which converts."""
+        would go on from the initial weights (transformers issues #43701, #40187). Such a checkpoint is loaded with
+        `from_pretrained`, which converts."""
         model = self.model if model is None else model
         unwrapped = self.accelerator.unwrap_model(model)
         saved = checkpoint_weight_names(resume_from_checkpoint)
