@@ -34,7 +34,7 @@ class HFBackend:
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
 
     def generate_batch(self, prompts: Sequence[list[int]], params: SamplingParams, *, seed: int,
-                       **model_inputs: torch.Tensor) -> list[Completion]:
+                       **model_inputs) -> list[Completion]:
         """`model_inputs`: further arguments of `generate` for the whole batch, e.g. a vision-language model's
         pixel_values and suppress_tokens (see training.vision.ImageInputs)."""
         device = next(self.model.parameters()).device
