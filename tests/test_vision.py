@@ -367,3 +367,10 @@ def test_on_policy_sampling_from_the_live_student_uses_the_images(models, prompt
         hook.remove()
     assert seen and seen[0].shape[0] == 3
     assert len(drawn) == 3 and all(row["response_ids"] for row in drawn)
+
+
+def test_text_only_commands_name_a_vlm_as_such(setup):
+    from distillm.models import load_model
+
+    with pytest.raises(ModelLoadError, match="is a vision-language model: `distillm run`, `train` and `generate`"):
+        load_model(setup["teacher"])
