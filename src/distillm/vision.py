@@ -146,8 +146,7 @@ def prune_vision_layers(model, keep) -> torch.nn.Module:
 def load_vision_models(config):
     """The `pipeline.ModelPair` of a vision-language run: the teacher in the configured dtype, the student in fp32
     (`--student`, or the teacher with --student-layers of its language model kept), and the teacher's processor."""
-    from accelerate import PartialState
-
+    from .distributed import process_state
     from .models import count_parameters, real_vocab_size
     from .pipeline import ModelPair
 
@@ -155,6 +154,9 @@ def load_vision_models(config):
     if config.method.method not in VISION_METHODS:
         raise DistillmError(f"--method {config.method.method} does not run on vision-language models; use one of "
                             f"{', '.join(VISION_METHODS)}.")
+    if m.lora or m.load_in_4bit:
+        raise DistillmError("--lora / --load-in-4bit students are not supported for vision-language models yet: "
+                            "distil the whole student (drop those options).")
     teacher, processor = load_vision_model(m.teacher, dtype=m.dtype, trust_remote_code=m.trust_remote_code)
     if m.student:
         if not is_vision_model(m.student, trust_remote_code=m.trust_remote_code):
@@ -170,7 +172,7 @@ def load_vision_models(config):
                     teacher.config.text_config.num_hidden_layers)
     if config.generation.backend == "vllm":
         logger.warning("Vision-language runs generate with transformers (the hf backend); --backend vllm is ignored.")
-    device = PartialState().device
+    device = process_state().device
     teacher, student = teacher.to(device), student.to(device)
     logger.info("Vision-language teacher %s: %.2fM parameters; student: %.2fM", m.teacher,
                 count_parameters(teacher) / 1e6, count_parameters(student) / 1e6)
