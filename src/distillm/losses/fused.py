@@ -638,7 +638,8 @@ def fused_token_log_probs(head: HeadInputs, labels: Tensor, *, temperature: floa
 
 
 # ------------------------------------------------------------------------------------ transformers models
-def fused_inputs(model, batch: dict[str, Tensor], *, ignore_index: int = IGNORE_INDEX) -> FusedBatch:
+def fused_inputs(model, batch: dict[str, Tensor], *, ignore_index: int = IGNORE_INDEX,
+                 extra_inputs: tuple[str, ...] = ()) -> FusedBatch:
     """Hidden states and head of a transformers causal LM at the positions that predict the response tokens.
 
     The fused counterpart of `training.collate.response_logits`: the batch is left-padded (input_ids,
@@ -652,7 +653,8 @@ def fused_inputs(model, batch: dict[str, Tensor], *, ignore_index: int = IGNORE_
     torch.no_grad() or torch.inference_mode().
 
     Models that change their logits after the head (Gemma-2's final soft-capping, a logit scale) are
-    refused: the fused losses assume logits = W h + b.
+    refused: the fused losses assume logits = W h + b. `extra_inputs`: further batch keys passed on to the
+    forward when present (e.g. a vision-language batch's pixel_values).
     """
     core = getattr(model, "module", model)  # DistributedDataParallel keeps the model in .module
     config = getattr(core, "config", None)
@@ -679,7 +681,8 @@ def fused_inputs(model, batch: dict[str, Tensor], *, ignore_index: int = IGNORE_
     handle = head.register_forward_pre_hook(keep_hidden, with_kwargs=True)
     try:
         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-              position_ids=batch.get("position_ids"), logits_to_keep=width + 1, use_cache=False)
+              position_ids=batch.get("position_ids"), logits_to_keep=width + 1, use_cache=False,
+              **{key: batch[key] for key in extra_inputs if key in batch})
     finally:
         handle.remove()
     if len(kept) != 1 or kept[0].shape[-2] != width + 1:

@@ -42,7 +42,7 @@ from ..losses.fused import HeadInputs, fused_inputs
 from ..methods.base import LossInputs, Scores
 from ..models import eval_mode
 from .callbacks import MethodStepCallback, NonFiniteGuard
-from .collate import IGNORE, response_logits
+from .collate import IGNORE, IMAGE_INPUTS, response_logits
 
 METHOD_STATE_FILE = "distillm_method_state.json"
 logger = logging.getLogger("distillm")
@@ -186,7 +186,7 @@ class DistillTrainer(Trainer):
         """A model's scores over the batch's response columns and the response tokens [N, R]: hidden states and
         head (fused) or logits [N, R, V] (plain)."""
         if fused or (fused is None and self.loss_impl == "fused"):
-            fused = fused_inputs(model, inputs)
+            fused = fused_inputs(model, inputs, extra_inputs=IMAGE_INPUTS)
             return fused.head, fused.labels
         return response_logits(model, inputs, self.vocab_size)
 
@@ -279,6 +279,38 @@ class DistillTrainer(Trainer):
             with open(path) as handle:
                 self.method.load_state_dict(json.load(handle))
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """Resume's weight loading. transformers reads a checkpoint's safetensors with `load_state_dict(strict=False)`,
+        but models whose weights transformers converts on loading (LLaVA and other vision-language models, fused
+        MoE experts) are saved in their original key format, which that call would skip without a word -- the run
+        would go on from the initial weights (transformers issues #43701, #40187). Such a checkpoint is loaded with
+        `from_pretrained`, which converts."""
+        model = self.model if model is None else model
+        unwrapped = self.accelerator.unwrap_model(model)
+        saved = checkpoint_weight_names(resume_from_checkpoint)
+        if saved and not self.is_fsdp_enabled and not saved <= set(unwrapped.state_dict()):
+            dtype = next(unwrapped.parameters()).dtype
+            loaded = type(unwrapped).from_pretrained(resume_from_checkpoint, dtype=dtype, use_safetensors=True)
+            unwrapped.load_state_dict(loaded.state_dict(), strict=True)
+            return
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+
+def checkpoint_weight_names(folder: str | os.PathLike) -> set[str]:
+    """The tensor names of a checkpoint's safetensors weights (one file or an index of shards); empty if none."""
+    from safetensors import safe_open
+    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+
+    single, index = os.path.join(folder, SAFE_WEIGHTS_NAME), os.path.join(folder, SAFE_WEIGHTS_INDEX_NAME)
+    if os.path.isfile(single):
+        with safe_open(single, "pt") as handle:
+            return set(handle.keys())
+    if os.path.isfile(index):
+        with open(index) as handle:
+            return set(json.load(handle)["weight_map"])
+    return set()
 
 
 def last_complete_checkpoint(folder: str | os.PathLike) -> str | None:
