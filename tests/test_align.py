@@ -143,8 +143,20 @@ def test_preferences_use_the_chat_template_and_custom_fields(tmp_path, student_d
     path.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"}], "good": "Hello", "bad": "Go"}) + "\n")
     config = _config(tmp_path, student_dir, path, chosen_field="good", rejected_field="bad", system_prompt="Be kind.")
     rows = load_preferences(config, build_tiny_tokenizer())
-    assert rows == [{"id": "prefs-1", "prompt": "<|im_start|>system\nBe kind.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
-                     "<|im_start|>assistant\n", "chosen": "Hello", "rejected": "Go"}]
+    tokenizer = build_tiny_tokenizer()
+    text = "<|im_start|>system\nBe kind.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert rows == [{"id": "prefs-1", "prompt": text, "chosen": "Hello", "rejected": "Go",
+                     "prompt_ids": tokenizer(text, add_special_tokens=False)["input_ids"]}]
+
+
+def test_trainer_sees_the_generation_time_prompt_ids(tmp_path, student_dir, preferences):
+    trainer, rows = build_trainer(_config(tmp_path, student_dir, preferences), RunPaths(tmp_path / "align"))
+    tokenizer = trainer.processing_class
+    first = trainer.train_dataset[0]
+    assert first["prompt_ids"] == rows[0]["prompt_ids"]
+    assert tokenizer.decode(first["prompt_ids"]) == rows[0]["prompt"]
+    assert first["chosen_ids"] == tokenizer(PAIRS[0][1], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert first["rejected_ids"][-1] == tokenizer.eos_token_id
 
 
 def test_align_needs_policy_and_preferences(tmp_path, preferences, student_dir):

@@ -3,7 +3,10 @@
 The distilled student is both the policy's initialisation and the frozen reference model, as in the paper's
 "preference alignment on a distilled base" application. Preference rows (prompt or messages, chosen, rejected)
 are read with the same readers, chat-template rendering and left truncation as the distillation prompts
-(`distillm.data.prompts`); TRL then tokenizes prompt + response and trains. The run directory has the same
+(`distillm.data.prompts`) and tokenized as distillm's pipeline does: the prompt ids exactly as the model sees
+them when it generates, the response tokenized on its own plus EOS (TRL's own tokenization of prompt + response
+as one string can merge tokens across the boundary and cut the prompt's last token). TRL's DPOTrainer does
+the rest (collation, the DPO loss, reference log-probs, metrics). The run directory has the same
 layout as `distillm run`'s: config.yaml, checkpoints/ (resumed from the last complete one), logs/train_log.jsonl,
 student/ (the aligned model, loadable with from_pretrained) and metrics.json.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -68,8 +72,27 @@ def load_preferences(config: AlignConfig, tokenizer) -> list[dict]:
                                           use_chat_template=d.chat_template)
     logger.info("preference pairs: %d from %s (%d prompts truncated, %d empty prompts skipped)", len(encoded),
                 report.path, n_truncated, report.n_empty_skipped)
-    return [{"id": e.id, "prompt": e.text, "chosen": c.response, "rejected": r.response}
+    return [{"id": e.id, "prompt": e.text, "chosen": c.response, "rejected": r.response, "prompt_ids": e.input_ids}
             for e, c, r in zip(encoded, chosen, rejected)]
+
+
+def tokenize_pairs(rows: list[dict], tokenizer, max_length: int) -> list[dict]:
+    """DPOTrainer's tokenized columns: prompt_ids (as encoded at generation time), chosen_ids and rejected_ids
+    (each response tokenized alone, plus EOS). Pairs whose prompt alone fills max_length are dropped."""
+    out = []
+    for row in rows:
+        if len(row["prompt_ids"]) >= max_length:
+            continue
+        ids = {key: tokenizer(row[key], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+               for key in ("chosen", "rejected")}
+        out.append({"id": row["id"], "prompt_ids": row["prompt_ids"], "chosen_ids": ids["chosen"],
+                    "rejected_ids": ids["rejected"]})
+    if len(out) < len(rows):
+        logger.warning("%d preference pairs dropped: their prompt alone fills max_length=%d tokens.",
+                       len(rows) - len(out), max_length)
+    if not out:
+        raise DataError(f"No preference pair fits max_length={max_length}: raise --max-length.")
+    return out
 
 
 def _dpo_trainer_class():
@@ -78,6 +101,12 @@ def _dpo_trainer_class():
     class AlignTrainer(DPOTrainer):
         """TRL's DPOTrainer whose checkpoints end with a completion marker, like DistillTrainer's, so that a
         checkpoint cut off mid-write is passed over on resume (`last_complete_checkpoint`)."""
+
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            # the rows come tokenized (tokenize_pairs); TRL's text tokenization is skipped
+            if "chosen_ids" in dataset.column_names:
+                return dataset
+            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
 
         def _save_checkpoint(self, model, trial):
             super()._save_checkpoint(model, trial)
@@ -94,6 +123,9 @@ def build_trainer(config: AlignConfig, paths: RunPaths):
     from datasets import Dataset
     from trl import DPOConfig
 
+    # TRL 1.16 reads transformers' deprecated gradient-checkpointing names; the warnings are not the user's to fix
+    warnings.filterwarnings("ignore", message=".*gradient_checkpointing.* is deprecated", category=FutureWarning)
+
     policy_spec = resolve_policy(config.model.policy)
     kwargs = dict(dtype=config.model.dtype, trust_remote_code=config.model.trust_remote_code)
     policy, tokenizer = load_model(policy_spec, **kwargs)
@@ -103,8 +135,9 @@ def build_trainer(config: AlignConfig, paths: RunPaths):
     args = DPOConfig(**training_kwargs(config, paths), beta=config.dpo.dpo_beta, loss_type=config.dpo.dpo_loss_type,
                      max_length=config.data.max_length)
     set_seed(config.training.seed)
-    trainer = _dpo_trainer_class()(model=policy, ref_model=reference, args=args,
-                                   train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    dataset = Dataset.from_list(tokenize_pairs(rows, tokenizer, config.data.max_length))
+    trainer = _dpo_trainer_class()(model=policy, ref_model=reference, args=args, train_dataset=dataset,
+                                   processing_class=tokenizer)
     return trainer, rows
 
 
