@@ -96,6 +96,7 @@ def test_speculative_sampling_runs(tmp_path, prompt_file):
                         max_new_tokens=8, temperature=1.0, num_assistant_tokens=2)
     d = results["drafts"]["pruned"]
     assert 0.0 <= d["measured_acceptance_rate"] <= 1.0 and d["new_tokens"] > 0
+    assert d["identical_to_plain"] == "n/a"
 
 
 def test_draft_with_another_tokenizer_is_refused(tmp_path, prompt_file):

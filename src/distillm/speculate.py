@@ -263,6 +263,8 @@ def speculate(teacher_source: str, drafts: list[DraftSpec], *, prompts: str = "b
             "predicted_tokens_per_teacher_call": expected_tokens_per_call(predictor, num_assistant_tokens),
             **stats[spec.name].summary(plain_seconds),
         }
+        if temperature > 0:  # sampled outputs differ from the plain run's sample by design
+            results["drafts"][spec.name]["identical_to_plain"] = "n/a"
     results["wall_seconds"] = round(time.time() - start, 1)
     if output_dir:
         out = Path(output_dir)
