@@ -47,17 +47,18 @@ def test_assisted_generation_counts_and_matches_plain_greedy():
                                  pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1]:]
     # a perfect draft (the teacher's own weights): every proposal is accepted, k + 1 tokens per teacher call
     copy = build_tiny_model(tokenizer, num_layers=4, seed=0)
-    tokens, _, calls, proposed, accepted = assisted_generate(teacher, copy, ids, tokenizer, max_new_tokens=12,
-                                                             num_assistant_tokens=3)
+    tokens, _, calls, proposed, accepted, rejections = assisted_generate(teacher, copy, ids, tokenizer,
+                                                                         max_new_tokens=12, num_assistant_tokens=3)
     assert torch.equal(tokens, plain)
-    assert accepted == proposed == len(tokens) - calls
+    assert accepted == proposed == len(tokens) - calls and rejections == 0
     assert calls == -(-len(tokens) // 4)  # ceil: 4 new tokens per call
     # a pruned draft: same output (greedy assisted decoding is exact), fewer tokens accepted
     draft = prune_layers(teacher, [0, 3])
-    tokens, _, calls, proposed, accepted = assisted_generate(teacher, draft, ids, tokenizer, max_new_tokens=12,
-                                                             num_assistant_tokens=3)
+    tokens, _, calls, proposed, accepted, rejections = assisted_generate(teacher, draft, ids, tokenizer,
+                                                                         max_new_tokens=12, num_assistant_tokens=3)
     assert torch.equal(tokens, plain)
     assert 0 <= accepted <= proposed <= 3 * calls and accepted + calls == len(tokens)
+    assert 1 <= rejections <= calls  # every call that did not keep all 3 proposals (the last may propose fewer)
     assert accepted < 9
 
 
@@ -79,9 +80,9 @@ def test_speculate_reports_before_and_after_for_a_run(tmp_path, prompt_file, cap
     before, after = results["drafts"]["run-initial"], results["drafts"]["run"]
     assert list(results["drafts"]) == ["run-initial", "run"]
     assert after["expected_acceptance_rate"] == pytest.approx(1.0) and after["top1_agreement"] == 1.0
-    assert after["measured_acceptance_rate"] == 1.0
+    assert after["measured_acceptance_rate"] == after["accepted_of_proposed"] == 1.0 and after["rejections"] == 0
     assert after["identical_to_plain"] == before["identical_to_plain"] == "3/3"
-    assert before["measured_acceptance_rate"] < 1.0 and before["expected_acceptance_rate"] < 0.99
+    assert before["accepted_of_proposed"] <= before["measured_acceptance_rate"] < 1.0 and before["expected_acceptance_rate"] < 0.99
     assert before["tokens_per_teacher_call"] < after["tokens_per_teacher_call"] <= 5
     assert results["plain"]["new_tokens"] == after["new_tokens"] == before["new_tokens"]
     for d in (before, after):

@@ -7,7 +7,8 @@ measures, on held-out prompts:
   (the acceptance rate of speculative *sampling* at temperature 1), and the top-1 agreement (how often the
   draft's most likely token is the teacher's, the acceptance rate of *greedy* speculative decoding);
 - with transformers' assisted generation (`teacher.generate(..., assistant_model=draft)`): the measured
-  acceptance rate (accepted / proposed draft tokens), the new tokens per teacher forward call, whether the
+  per-token acceptance rate (accepted / (accepted + rejected) draft tokens; tokens after a rejection are
+  discarded unchecked), the share of proposed tokens accepted, the new tokens per teacher forward call, whether the
   output equals plain teacher decoding, and the wall-clock speed-up over plain teacher decoding.
 
 Plain and assisted decoding run prompt by prompt, interleaved (plain, draft 1, draft 2, ... for each prompt),
@@ -45,16 +46,18 @@ class DraftStats:
     teacher_calls: int = 0
     proposed: int = 0
     accepted: int = 0
+    rejections: int = 0
     seconds: float = 0.0
     identical: int = 0
     prompts: int = 0
 
     def summary(self, plain_seconds: float) -> dict:
         return {
-            "measured_acceptance_rate": self.accepted / max(self.proposed, 1),
+            "measured_acceptance_rate": self.accepted / max(self.accepted + self.rejections, 1),
+            "accepted_of_proposed": self.accepted / max(self.proposed, 1),
             "tokens_per_teacher_call": self.new_tokens / max(self.teacher_calls, 1),
             "teacher_calls": self.teacher_calls, "new_tokens": self.new_tokens, "proposed": self.proposed,
-            "accepted": self.accepted, "seconds": round(self.seconds, 2),
+            "accepted": self.accepted, "rejections": self.rejections, "seconds": round(self.seconds, 2),
             "tokens_per_second": self.new_tokens / max(self.seconds, 1e-9),
             "speedup": plain_seconds / max(self.seconds, 1e-9),
             "identical_to_plain": f"{self.identical}/{self.prompts}",
@@ -65,6 +68,7 @@ class DraftStats:
 class _Counter:
     calls: int = 0
     proposals: list[int] = field(default_factory=list)
+    matches: list[int] = field(default_factory=list)
 
 
 @contextlib.contextmanager
@@ -84,21 +88,30 @@ def count_calls(model: torch.nn.Module):
 
 @contextlib.contextmanager
 def count_proposals(counter: _Counter):
-    """Record how many tokens the assistant proposes per teacher call (the candidate generator's output length)."""
+    """Record, per teacher call, how many tokens the assistant proposed and how many the teacher accepted, from
+    the two methods of transformers' candidate-generator interface that assisted decoding calls once per step:
+    `get_candidates` (its output length) and `update_candidate_strategy` (its `num_matches`)."""
     from transformers.generation.candidate_generator import AssistedCandidateGenerator
 
-    original = AssistedCandidateGenerator.get_candidates
+    original_get, original_update = (AssistedCandidateGenerator.get_candidates,
+                                     AssistedCandidateGenerator.update_candidate_strategy)
 
     def get_candidates(self, input_ids, *args, **kwargs):
-        candidate_ids, candidate_logits = original(self, input_ids, *args, **kwargs)
+        candidate_ids, candidate_logits = original_get(self, input_ids, *args, **kwargs)
         counter.proposals.append(int(candidate_ids.shape[1] - input_ids.shape[1]))
         return candidate_ids, candidate_logits
 
+    def update_candidate_strategy(self, input_ids, scores, num_matches):
+        counter.matches.append(int(num_matches))
+        return original_update(self, input_ids, scores, num_matches)
+
     AssistedCandidateGenerator.get_candidates = get_candidates
+    AssistedCandidateGenerator.update_candidate_strategy = update_candidate_strategy
     try:
         yield counter
     finally:
-        AssistedCandidateGenerator.get_candidates = original
+        AssistedCandidateGenerator.get_candidates = original_get
+        AssistedCandidateGenerator.update_candidate_strategy = original_update
 
 
 @contextlib.contextmanager
@@ -132,15 +145,20 @@ def _generate(model, ids: torch.Tensor, tokenizer, max_new_tokens: int, temperat
 
 def assisted_generate(teacher, draft, ids: torch.Tensor, tokenizer, *, max_new_tokens: int, temperature: float = 0.0,
                       seed: int = 0, num_assistant_tokens: int = 5, schedule: str = "constant"):
-    """One assisted generation; returns (new token ids, seconds, teacher forward calls, proposed, accepted)."""
+    """One assisted generation; returns (new token ids, seconds, teacher forward calls, proposed, accepted,
+    rejections). A rejection is a teacher call that turned down one of the proposed tokens (the tokens after it
+    are discarded unchecked), so accepted / (accepted + rejections) estimates the per-token acceptance rate,
+    the quantity 1 - TVD (sampling) or the top-1 agreement (greedy) predicts."""
     counter = _Counter()
     with draft_settings(draft, num_assistant_tokens, schedule), count_calls(teacher) as calls, \
             count_proposals(counter):
         tokens, seconds = _generate(teacher, ids, tokenizer, max_new_tokens, temperature, seed, assistant_model=draft)
-    # every teacher call keeps the draft tokens it accepted and adds one of its own, so the accepted draft tokens
-    # are the new tokens minus the teacher calls (the last call may be cut short by max_new_tokens or EOS)
-    accepted = max(len(tokens) - calls.calls, 0)
-    return tokens, seconds, calls.calls, sum(counter.proposals), accepted
+    if len(counter.matches) != len(counter.proposals):
+        raise SpeculateError("transformers' assisted decoding did not report one match count per proposal; this "
+                             "version's candidate generator is not supported by `distillm speculate`.")
+    accepted = sum(counter.matches)
+    rejections = sum(m < p for m, p in zip(counter.matches, counter.proposals))
+    return tokens, seconds, calls.calls, sum(counter.proposals), accepted, rejections
 
 
 @torch.inference_mode()
@@ -229,7 +247,7 @@ def speculate(teacher_source: str, drafts: list[DraftSpec], *, prompts: str = "b
         plain_tokens += len(plain)
         rows.append({"id": prompt.id, "prompt_ids": prompt.input_ids, "response_ids": plain.tolist()})
         for name, model in loaded.items():
-            tokens, seconds, calls, proposed, accepted = assisted_generate(
+            tokens, seconds, calls, proposed, accepted, rejections = assisted_generate(
                 teacher, model, ids, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature,
                 seed=seed + i, num_assistant_tokens=num_assistant_tokens, schedule=schedule)
             s = stats[name]
@@ -237,6 +255,7 @@ def speculate(teacher_source: str, drafts: list[DraftSpec], *, prompts: str = "b
             s.teacher_calls += calls
             s.proposed += proposed
             s.accepted += accepted
+            s.rejections += rejections
             s.seconds += seconds
             s.prompts += 1
             s.identical += int(torch.equal(tokens, plain))
@@ -278,6 +297,7 @@ COLUMNS = [
     ("expected_acceptance_rate", "expected acceptance (1 - TVD)", "{:.3f}"),
     ("top1_agreement", "top-1 agreement", "{:.3f}"),
     ("measured_acceptance_rate", "measured acceptance", "{:.3f}"),
+    ("accepted_of_proposed", "accepted / proposed", "{:.3f}"),
     ("tokens_per_teacher_call", "tokens / teacher call", "{:.2f}"),
     ("predicted_tokens_per_teacher_call", "predicted tokens / call", "{:.2f}"),
     ("tokens_per_second", "tokens/s", "{:.1f}"),
