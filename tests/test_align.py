@@ -173,5 +173,7 @@ def test_align_needs_policy_and_preferences(tmp_path, preferences, student_dir):
         load_preferences(config, build_tiny_tokenizer())
     with pytest.raises(ConfigError, match="dpo_beta"):
         load_config(overrides={"dpo_beta": 0}, config_cls=AlignConfig)
+    with pytest.raises(ConfigError, match="teacher_cache is a distillation option"):
+        load_config(overrides={"teacher_cache": "exact"}, config_cls=AlignConfig)
     with pytest.raises(ConfigError, match="Did you mean 'dpo_beta'"):
         load_config(overrides={"dpo_betta": 0.1}, config_cls=AlignConfig)

@@ -376,6 +376,7 @@ def validate_align(config: AlignConfig) -> None:
         (d.max_prompt_length < d.max_length, "max_prompt_length must be < max_length"),
         (d.num_preferences is None or d.num_preferences >= 1, "num_preferences must be >= 1 or empty"),
         (dpo.dpo_beta > 0, "dpo_beta must be > 0"),
+        (t.teacher_cache == "off", "teacher_cache is a distillation option; distillm align has no teacher (leave it off)"),
         (t.rounds >= 1, "rounds (epochs over the preference pairs) must be >= 1"),
         (t.learning_rate > 0, "learning_rate must be > 0"),
         (0 <= t.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
