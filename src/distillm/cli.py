@@ -1,4 +1,4 @@
-"""The `distillm` command: generate, train, run, eval.
+"""The `distillm` command: generate, train, run, eval, align, speculate.
 
 Every option of the config (see `distillm.config`) is a flag of `train` and `run`; a YAML file given with
 `--config` sets many at once, and flags override it. `distillm run` with no arguments is the default demo.
@@ -11,7 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .config import PRESETS, RunConfig, load_config, option_fields
+from .config import PRESETS, AlignConfig, RunConfig, load_config, option_fields
 
 logger = logging.getLogger("distillm")
 
@@ -23,15 +23,16 @@ METRIC_ROWS = [
 ]
 
 
-def _add_config_options(parser: argparse.ArgumentParser) -> None:
+def _add_config_options(parser: argparse.ArgumentParser, config_cls: type = RunConfig) -> None:
     parser.add_argument("--config", metavar="FILE", help="YAML config file (flat or sectioned keys).")
-    parser.add_argument("--preset", default=None, choices=[*sorted(PRESETS), "none"],
-                        help="Starting settings under your config and flags: 'demo' sizes the SmolLM2 CPU demo "
-                        "(128 prompts, 3 rounds), 'tiny' uses tiny random models. Default: 'demo' when no --config, "
-                        "--teacher, --student or --prompts is given, else none.")
     parser.add_argument("--overwrite", action="store_true", help="Replace a different run in --output-dir.")
+    if config_cls is RunConfig:
+        parser.add_argument("--preset", default=None, choices=[*sorted(PRESETS), "none"],
+                            help="Starting settings under your config and flags: 'demo' sizes the SmolLM2 CPU demo "
+                            "(128 prompts, 3 rounds), 'tiny' uses tiny random models. Default: 'demo' when no --config, "
+                            "--teacher, --student or --prompts is given, else none.")
     groups: dict[str, argparse._ArgumentGroup] = {}
-    for name, (section, f) in option_fields().items():
+    for name, (section, f) in option_fields(config_cls).items():
         group = groups.setdefault(section or "run", parser.add_argument_group(f"{section or 'run'} options"))
         flag = "--" + name.replace("_", "-")
         help_text = f"{f.metadata['help']} (default: {f.default})"
@@ -42,8 +43,8 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, dest=name, metavar=name.upper(), default=argparse.SUPPRESS, help=help_text)
 
 
-def _overrides(args: argparse.Namespace) -> dict:
-    known = option_fields()
+def _overrides(args: argparse.Namespace, config_cls: type = RunConfig) -> dict:
+    known = option_fields(config_cls)
     return {key: value for key, value in vars(args).items() if key in known}
 
 
@@ -98,6 +99,20 @@ def build_parser() -> argparse.ArgumentParser:
     from .evaluation.cli import add_eval_parser
 
     add_eval_parser(sub)
+
+    align = sub.add_parser("align", help="Preference alignment (DPO, with TRL) of a distilled student on prompt/chosen/"
+                           "rejected pairs.",
+                           description="Direct preference optimisation with TRL's DPOTrainer: --policy (a distilled "
+                           "student, or a `distillm run` directory) initialises the policy and is the frozen reference "
+                           "model; --preferences holds one prompt (or messages), chosen and rejected response per row. "
+                           "--rounds is the number of epochs over the pairs. Writes config.yaml, checkpoints/, "
+                           "logs/train_log.jsonl, student/ (the aligned model) and metrics.json to --output-dir; rerun "
+                           "the same command to resume.")
+    _add_config_options(align, AlignConfig)
+
+    from .speculate import add_speculate_parser
+
+    add_speculate_parser(sub)
     return parser
 
 
@@ -192,13 +207,29 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _cmd_align(args) -> int:
+    from .align import align
+
+    config = load_config(args.config, overrides=_overrides(args, AlignConfig), config_cls=AlignConfig)
+    metrics = align(config, overwrite=args.overwrite)
+    first, last = metrics["first"], metrics["last"]
+    print(f"\nAligned model: {Path(config.output_dir) / 'student'} ({metrics['pairs']} preference pairs, "
+          f"{metrics['steps']} optimizer steps, {metrics['train_seconds']} s)")
+    print(f"{'DPO (logged per step)':<28}{'first step':>12}{'last step':>12}")
+    for key in ("loss", "rewards/margins", "rewards/accuracies"):
+        if first.get(key) is not None and last.get(key) is not None:
+            print(f"{key:<28}{first[key]:>12.4f}{last[key]:>12.4f}")
+    print(f"Wall time: {metrics['wall_seconds']} s; metrics: {Path(config.output_dir) / 'metrics.json'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     # `distillm` alone, or with only run's flags, runs the default demo: insert "run" after the global flags
     n_global = next((i for i, a in enumerate(argv) if a not in ("-q", "--quiet")), len(argv))
     rest = argv[n_global:]
-    if not rest or (rest[0] not in ("run", "train", "generate", "eval", "-h", "--help")):
+    if not rest or (rest[0] not in ("run", "train", "generate", "eval", "align", "speculate", "-h", "--help")):
         argv = [*argv[:n_global], "run", *rest]
     args = parser.parse_args(argv)
     _setup_logging(args.quiet)
@@ -207,6 +238,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return _cmd_generate(args)
+        if args.command == "align":
+            return _cmd_align(args)
+        if args.command == "speculate":
+            from .speculate import cmd_speculate
+
+            return cmd_speculate(args)
         if args.command == "eval":
             from .evaluation.cli import cmd_eval
 

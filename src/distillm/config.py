@@ -147,8 +147,29 @@ class EvaluationSection:
     eval_max_new_tokens: int | None = opt(None, "Response length of the evaluation samples (default: max-new-tokens).")
 
 
+class _SectionedConfig:
+    """Shared by RunConfig and AlignConfig: a top-level `output_dir` plus dataclass sections of options."""
+
+    output_dir: str
+
+    @classmethod
+    def sections(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls) if f.name != "output_dir")
+
+    def flat(self) -> dict[str, Any]:
+        out = {"output_dir": self.output_dir}
+        for section in self.sections():
+            out.update(dataclasses.asdict(getattr(self, section)))
+        return out
+
+    def to_yaml(self) -> str:
+        nested = {"output_dir": self.output_dir}
+        nested.update({s: dataclasses.asdict(getattr(self, s)) for s in self.sections()})
+        return yaml.safe_dump(nested, sort_keys=False)
+
+
 @dataclass
-class RunConfig:
+class RunConfig(_SectionedConfig):
     output_dir: str = opt("runs/{method}", "Where the config, data, checkpoints, logs, student and metrics go ('{method}' is replaced by the method's name).")
     model: ModelSection = field(default_factory=ModelSection)
     method: MethodSection = field(default_factory=MethodSection)
@@ -158,28 +179,67 @@ class RunConfig:
     training: TrainingSection = field(default_factory=TrainingSection)
     evaluation: EvaluationSection = field(default_factory=EvaluationSection)
 
-    # --------------------------------------------------------------- flat access
-    def flat(self) -> dict[str, Any]:
-        out = {"output_dir": self.output_dir}
-        for section in SECTIONS:
-            out.update(dataclasses.asdict(getattr(self, section)))
-        return out
 
-    def to_yaml(self) -> str:
-        nested = {"output_dir": self.output_dir}
-        nested.update({s: dataclasses.asdict(getattr(self, s)) for s in SECTIONS})
-        return yaml.safe_dump(nested, sort_keys=False)
+# ----------------------------------------------------------------------------------------- `distillm align`
 
 
-SECTIONS = ("model", "method", "data", "generation", "loss", "training", "evaluation")
+@dataclass
+class AlignModelSection:
+    policy: str | None = opt(None, "The model to align, which is also the frozen DPO reference: a distilled student directory (e.g. runs/demo/distillm2/student), a `distillm run` directory (its student/), or any --teacher form.")
+    dtype: str = ModelSection.__dataclass_fields__["dtype"].default
+    trust_remote_code: bool = False
 
 
-def option_fields() -> dict[str, tuple[str | None, dataclasses.Field]]:
-    """Every option name -> (section or None, dataclass field)."""
+@dataclass
+class AlignDataSection:
+    preferences: str | None = opt(None, "Preference pairs: JSONL (or JSON, CSV, Parquet, saved dataset) with a prompt (or messages), a chosen and a rejected response per row.")
+    num_preferences: int | None = opt(None, "Use only the first N preference pairs.")
+    prompt_field: str = DataSection.__dataclass_fields__["prompt_field"].default
+    messages_field: str = DataSection.__dataclass_fields__["messages_field"].default
+    chosen_field: str = opt("chosen", "Field holding the preferred response.")
+    rejected_field: str = opt("rejected", "Field holding the dispreferred response.")
+    id_field: str = DataSection.__dataclass_fields__["id_field"].default
+    system_prompt: str | None = None
+    chat_template: bool = True
+    max_prompt_length: int = 512
+    max_length: int = 1024
+
+
+@dataclass
+class DPOSection:
+    dpo_beta: float = opt(0.1, "DPO beta: strength of the pull towards the reference model (TRL DPOConfig.beta).")
+    dpo_loss_type: str = opt("sigmoid", "TRL DPO loss type: sigmoid (DPO), ipo, hinge, robust, ... (TRL DPOConfig.loss_type).")
+
+
+@dataclass
+class AlignConfig(_SectionedConfig):
+    output_dir: str = opt("runs/align", "Where the config, checkpoints, logs, aligned model (student/) and metrics go.")
+    model: AlignModelSection = field(default_factory=AlignModelSection)
+    data: AlignDataSection = field(default_factory=AlignDataSection)
+    dpo: DPOSection = field(default_factory=DPOSection)
+    training: TrainingSection = field(default_factory=TrainingSection)
+
+
+SECTIONS = RunConfig.sections()
+
+
+def option_fields(config_cls: type = RunConfig) -> dict[str, tuple[str | None, dataclasses.Field]]:
+    """Every option name -> (section or None, dataclass field). An option that repeats another config's option
+    (AlignConfig's dtype, prompt_field, ...) takes its help text from there."""
+    shared = {name: f for name, (_, f) in _option_fields(RunConfig).items()}
+    out = _option_fields(config_cls)
+    for name, (section, f) in out.items():
+        if "help" not in f.metadata and name in shared:
+            out[name] = (section, shared[name])
+    return out
+
+
+def _option_fields(config_cls: type) -> dict[str, tuple[str | None, dataclasses.Field]]:
     out: dict[str, tuple[str | None, dataclasses.Field]] = {}
-    for f in fields(RunConfig):
-        if f.name in SECTIONS:
-            for sub in fields(f.type if isinstance(f.type, type) else globals()[f.type]):
+    hints = {f.name: f.default_factory for f in fields(config_cls) if f.name != "output_dir"}
+    for f in fields(config_cls):
+        if f.name in hints:
+            for sub in fields(hints[f.name]()):
                 out[sub.name] = (f.name, sub)
         else:
             out[f.name] = (None, f)
@@ -214,12 +274,12 @@ def _coerce(name: str, f: dataclasses.Field, value: Any, where: str) -> Any:
         raise ConfigError(f"{where}: '{name}' expects {kind.replace(' | None', ' or empty')}, got {value!r}.") from None
 
 
-def apply_overrides(config: RunConfig, overrides: dict[str, Any], where: str = "config") -> RunConfig:
+def apply_overrides(config, overrides: dict[str, Any], where: str = "config"):
     """Set options from a flat or sectioned dict, validating names and types."""
-    known = option_fields()
+    known = option_fields(type(config))
     flat: dict[str, Any] = {}
     for key, value in overrides.items():
-        if key in SECTIONS and isinstance(value, dict):
+        if key in config.sections() and isinstance(value, dict):
             for sub_key, sub_value in value.items():
                 if sub_key not in known or known[sub_key][0] != key:
                     _unknown(sub_key, known, f"{where} (section '{key}')")
@@ -232,7 +292,7 @@ def apply_overrides(config: RunConfig, overrides: dict[str, Any], where: str = "
         section, f = known[key]
         target = getattr(config, section) if section else config
         setattr(target, key, _coerce(key, f, value, where))
-    validate(config)
+    validate_align(config) if isinstance(config, AlignConfig) else validate(config)
     return config
 
 
@@ -308,6 +368,30 @@ def validate(config: RunConfig) -> None:
             raise ConfigError(f"Invalid config: {message}.")
 
 
+def validate_align(config: AlignConfig) -> None:
+    """The checks of `distillm align`'s options (the policy and preference file are checked when loaded)."""
+    d, t, dpo = config.data, config.training, config.dpo
+    checks = [
+        (d.max_prompt_length >= 1, f"max_prompt_length must be >= 1 (got {d.max_prompt_length})"),
+        (d.max_prompt_length < d.max_length, "max_prompt_length must be < max_length"),
+        (d.num_preferences is None or d.num_preferences >= 1, "num_preferences must be >= 1 or empty"),
+        (dpo.dpo_beta > 0, "dpo_beta must be > 0"),
+        (t.teacher_cache == "off", "teacher_cache is a distillation option; distillm align has no teacher (leave it off)"),
+        (t.rounds >= 1, "rounds (epochs over the preference pairs) must be >= 1"),
+        (t.learning_rate > 0, "learning_rate must be > 0"),
+        (0 <= t.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
+        (t.per_device_train_batch_size >= 1 and t.gradient_accumulation_steps >= 1,
+         "per_device_train_batch_size and gradient_accumulation_steps must be >= 1"),
+        (t.save_steps >= 1 and t.save_total_limit >= 1 and t.logging_steps >= 1,
+         "save_steps, save_total_limit and logging_steps must be >= 1"),
+        (config.model.dtype in ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"),
+         "dtype must be auto, float32, bfloat16 or float16"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(f"Invalid config: {message}.")
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     # The default demo: SmolLM2-135M-Instruct -> its 10-layer layer-pruned copy, sized for 2 CPU cores
     # (about 10 minutes). A higher learning rate than the 7B recipes: the pruned student starts far away.
@@ -346,9 +430,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def load_config(path: str | os.PathLike | None = None, *, preset: str | None = None,
-                overrides: dict[str, Any] | None = None) -> RunConfig:
+                overrides: dict[str, Any] | None = None, config_cls: type = RunConfig):
     """Defaults, then the preset, then the YAML file, then command-line overrides."""
-    config = RunConfig()
+    config = config_cls()
     if preset and preset != "none":
         if preset not in PRESETS:
             raise ConfigError(f"Unknown preset '{preset}': choose one of {', '.join(PRESETS)} or none.")
@@ -366,5 +450,6 @@ def load_config(path: str | os.PathLike | None = None, *, preset: str | None = N
         apply_overrides(config, data, where=str(path))
     if overrides:
         apply_overrides(config, overrides, where="command line")
-    config.output_dir = config.output_dir.replace("{method}", config.method.method)
+    if isinstance(config, RunConfig):
+        config.output_dir = config.output_dir.replace("{method}", config.method.method)
     return config

@@ -384,8 +384,13 @@ def evaluate(config: RunConfig, models: ModelPair, eval_prompts, teacher_eval_ro
 
 
 def training_arguments(config: RunConfig, paths: RunPaths) -> TrainingArguments:
+    return TrainingArguments(**training_kwargs(config, paths))
+
+
+def training_kwargs(config, paths: RunPaths) -> dict:
+    """TrainingArguments' keywords from the config's training section (shared by `run`/`train` and `align`)."""
     t = config.training
-    return TrainingArguments(
+    return dict(
         output_dir=str(paths.checkpoints),
         num_train_epochs=t.rounds,
         per_device_train_batch_size=t.per_device_train_batch_size,

@@ -95,7 +95,11 @@ def _run_models(value: str, with_initial: bool) -> tuple[list[ModelSpec], str | 
     log = root / "logs" / "train_log.jsonl"
     specs = [ModelSpec(name, str(root / "student"), train_log=str(log) if log.is_file() else None)]
     if with_initial:
-        if model_section.get("student"):
+        if model_section.get("policy"):  # a `distillm align` run: the initial model is the policy it aligned
+            from ..align import resolve_policy
+
+            specs.append(ModelSpec(f"{name}-initial", resolve_policy(model_section["policy"])))
+        elif model_section.get("student"):
             specs.append(ModelSpec(f"{name}-initial", model_section["student"]))
         else:
             specs.append(ModelSpec(f"{name}-initial", model_section["teacher"], layers=str(model_section["student_layers"])))
