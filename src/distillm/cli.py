@@ -1,4 +1,4 @@
-"""The `distillm` command: generate, train, run, eval.
+"""The `distillm` command: generate, train, run, eval, compare.
 
 Every option of the config (see `distillm.config`) is a flag of `train` and `run`; a YAML file given with
 `--config` sets many at once, and flags override it. `distillm run` with no arguments is the default demo.
@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .evaluation.cli import add_eval_parser
 
     add_eval_parser(sub)
+    from .compare import add_compare_parser
+
+    add_compare_parser(sub)
     return parser
 
 
@@ -175,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     # `distillm` alone, or with only run's flags, runs the default demo: insert "run" after the global flags
     n_global = next((i for i, a in enumerate(argv) if a not in ("-q", "--quiet")), len(argv))
     rest = argv[n_global:]
-    if not rest or (rest[0] not in ("run", "train", "generate", "eval", "-h", "--help")):
+    if not rest or (rest[0] not in ("run", "train", "generate", "eval", "compare", "-h", "--help")):
         argv = [*argv[:n_global], "run", *rest]
     args = parser.parse_args(argv)
     _setup_logging(args.quiet)
@@ -189,6 +192,11 @@ def main(argv: list[str] | None = None) -> int:
 
             args.argv = argv
             return cmd_eval(args)
+        if args.command == "compare":
+            from .compare import cmd_compare
+
+            args.argv = argv[argv.index("compare"):]
+            return cmd_compare(args)
         return _cmd_run(args, evaluate_default=args.command == "run")
     except DistillmError as err:
         print(f"distillm: error: {err}", file=sys.stderr)
