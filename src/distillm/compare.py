@@ -66,8 +66,8 @@ HEADLINE = ("teacher_nll", "kl", "rouge_l", "math_accuracy", "win_rate")
 
 #: sizes; `full` is the default on SmolLM2 (a few hours on 2 CPU cores), `quick` the same protocol in < 30 min
 SIZES: dict[str, dict] = {
-    "full": dict(num_builtin=200, num_generated=56, rounds=2, max_new_tokens=32, batch_size=8,
-                 num_eval_prompts=40, num_math=40, eval_max_new_tokens=48),
+    "full": dict(num_builtin=128, num_generated=32, rounds=2, max_new_tokens=32, batch_size=8,
+                 num_eval_prompts=40, num_math=40, eval_max_new_tokens=64),
     "quick": dict(num_builtin=14, num_generated=2, rounds=2, max_new_tokens=16, batch_size=8,
                   num_eval_prompts=8, num_math=8, eval_max_new_tokens=24),
     # tiny random models: the tests
