@@ -97,3 +97,22 @@ def test_generated_tokens_adds_rounds_train_log_and_used_teacher_responses(tmp_p
     assert generated_tokens(run, uses_teacher_rows=True, shared_teacher_file=shared) == {
         "student_tokens": 3 + 4 + 5 + 10, "teacher_tokens": 2 + 7}
     assert generated_tokens(run, uses_teacher_rows=False, shared_teacher_file=shared)["teacher_tokens"] == 2
+
+
+def test_a_cell_claimed_by_a_live_process_is_skipped_and_a_stale_claim_taken_over(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from distillm.compare import CellClaim
+
+    with CellClaim(tmp_path / "a") as first:
+        assert first and (tmp_path / "a" / "running.pid").read_text() == str(os.getpid())
+        with CellClaim(tmp_path / "a") as second:
+            assert not second  # held by this (live) process
+    assert not (tmp_path / "a" / "running.pid").exists()
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "running.pid").write_text(gone.stdout.strip())  # a finished process: a stale claim
+    with CellClaim(tmp_path / "b") as claimed:
+        assert claimed

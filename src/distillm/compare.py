@@ -225,9 +225,9 @@ class Comparison:
         key = os.environ.get(self.s.judge_api_key_env) if self.s.judge_api_key_env else None
         return OpenAIChatJudge(self.s.judge_url, self.s.judge_model, api_key=key)
 
-    def evaluate(self, specs) -> dict[str, dict]:
-        """Evaluation-suite metrics of `specs` (the teacher is always evaluated first, from its cache), plus the
-        teacher's NLL of each model's held-out responses."""
+    def evaluate(self, specs, *, include_teacher: bool = False) -> dict[str, dict]:
+        """Evaluation-suite metrics of `specs` (the suite evaluates the teacher first, from its cache after the
+        first time), plus the teacher's NLL of each model's held-out responses."""
         from .evaluation.divergence import teacher_nll
         from .evaluation.suite import ModelSpec, run_evaluation
         from .models import real_vocab_size
@@ -237,7 +237,7 @@ class Comparison:
                                  command=self.command)
         teacher, tokenizer = self.teacher_model()
         out = {}
-        for spec in [teacher_spec, *specs]:
+        for spec in ([teacher_spec] if include_teacher else []) + list(specs):
             metrics = dict(results["models"][spec.name]["metrics"])
             rows = read_jsonl(self.eval_dir / "generations" / spec.name / "responses.jsonl")
             metrics["teacher_nll"] = teacher_nll(teacher, rows, vocab_size=real_vocab_size(tokenizer),
@@ -255,7 +255,8 @@ class Comparison:
         from .evaluation.suite import ModelSpec
 
         started = time.time()
-        metrics = self.evaluate([ModelSpec("initial", self.s.teacher, layers=self.s.student_layers)])
+        metrics = self.evaluate([ModelSpec("initial", self.s.teacher, layers=self.s.student_layers)],
+                                include_teacher=True)
         reference = {"teacher": metrics["teacher"], "initial": metrics["initial"],
                      "seconds": round(time.time() - started, 1)}
         atomic_write_json(path, reference)
@@ -320,7 +321,13 @@ class Comparison:
             bar = tqdm(todo, desc="comparison cells", unit="cell")
             for variant, seed in bar:
                 bar.set_postfix_str(f"{variant} seed {seed}")
-                self.run_cell(variant, seed)
+                if self.finished(variant, seed) is not None:  # another worker finished it meanwhile
+                    continue
+                with CellClaim(self.cell_dir(variant, seed)) as claimed:
+                    if not claimed:
+                        logger.info("%s seed %d is being run by another process; skipping it", variant, seed)
+                        continue
+                    self.run_cell(variant, seed)
             bar.close()
         cells = [cell for cell in (self.finished(*c) for c in self.cells()) if cell is not None]
         if not cells:
@@ -331,6 +338,41 @@ class Comparison:
         summary["cells_skipped"] = skipped
         write_results(summary, self.root, command=self.command)
         return summary
+
+
+class CellClaim:
+    """An exclusive claim on a cell (``CELL/running.pid``, created with O_EXCL), so that several processes can
+    work through one comparison (e.g. one per seed) without two of them running the same cell. A claim left by a
+    process that no longer exists is taken over."""
+
+    def __init__(self, folder: Path):
+        self.path = Path(folder) / "running.pid"
+        self.held = False
+
+    def __enter__(self) -> bool:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    pid = int(self.path.read_text().strip() or 0)
+                    os.kill(pid, 0)
+                    return False  # a live process holds it
+                except (ValueError, ProcessLookupError, FileNotFoundError):
+                    self.path.unlink(missing_ok=True)  # stale: its process is gone
+                    continue
+                except PermissionError:
+                    return False
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            self.held = True
+            return True
+        return False
+
+    def __exit__(self, *exc) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
 
 
 def _uses_teacher_rows(method, config) -> bool:
@@ -506,9 +548,16 @@ def _plot(summary: dict, path: Path, variants: list[str], *, with_reference: boo
         ax.set_title(f"{label}\n({better} is better)", fontsize=9)
         ax.tick_params(axis="x", labelrotation=60, labelsize=7)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, path)
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp" + path.suffix, dir=path.parent)
+    os.close(fd)  # unique: several workers may write the results at once
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     plt.close(fig)
     return True
 
