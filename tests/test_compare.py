@@ -11,7 +11,7 @@ from distillm.compare import CompareError, CompareSettings, Comparison, generate
 
 def tiny_settings(out, **kwargs) -> CompareSettings:
     values = dict(output_dir=str(out), size="tiny", teacher="tiny-random", student_layers="0,3",
-                  variants=["distillm2", "kd", "contrastive"], seeds=[0, 1], learning_rate=3e-3)
+                  variants=["distillm2", "kd", "contrastive+b_ramp"], seeds=[0, 1], learning_rate=3e-3)
     return CompareSettings(**{**values, **kwargs})
 
 
@@ -29,11 +29,11 @@ def test_comparison_end_to_end_then_resume_reruns_only_the_missing_cell(tmp_path
     assert keys[:4] == ["teacher_nll", "kl", "tvd", "rouge_l"] and "math_accuracy" in keys
     cells = json.loads((out / "results.json").read_text())["cells"]
     assert sorted((c["variant"], c["seed"]) for c in cells) == sorted(
-        (v, s) for v in ("distillm2", "kd", "contrastive") for s in (0, 1))
+        (v, s) for v in ("distillm2", "kd", "contrastive+b_ramp") for s in (0, 1))
     for cell in cells:  # the same budget: same steps; generation recorded
         assert cell["steps"] == 4 and cell["teacher_tokens"] > 0
         assert (cell["student_tokens"] > 0) == (cell["variant"] != "kd")
-    for label in ("distillm2", "kd", "contrastive loss only", "all (DistiLLM-2)"):
+    for label in ("distillm2", "kd", "+ b ramp", "all (DistiLLM-2)"):
         row = table_row(text, label)
         values = row[:len(keys)]
         assert all(re.fullmatch(r"-?\d+\.\d+ ± \d+\.\d+", v) for v in values), (label, row)

@@ -284,7 +284,7 @@ class Comparison:
         config = self.run_config(variant, seed, folder / "run")
         metrics = run(config)
         train_seconds = round(time.time() - started, 1)
-        name = f"{variant}-seed{seed}"
+        name = f"{variant}-seed{seed}".replace("+", "_")  # an evaluation model name: letters, digits, . _ -
         spec = ModelSpec(name, str(folder / "run" / "student"), train_log=str(folder / "run" / "logs" / "train_log.jsonl"))
         evaluated = self.evaluate([spec])[name]
         method = build_method(config)
