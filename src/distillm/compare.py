@@ -460,7 +460,9 @@ def _table(summary: dict, variants: list[tuple[str, str]], *, with_reference: bo
         entry = summary["variants"].get(variant)
         if entry is None:
             continue
-        cells = [_ms(entry["metrics"].get(k)) for k in keys]
+        one = len(entry["seeds"]) == 1  # no spread to show from one seed
+        cells = [(_fmt(entry["metrics"][k][0]) if k in entry["metrics"] else "—") if one else _ms(entry["metrics"].get(k))
+                 for k in keys]
         cells += [",".join(map(str, entry["seeds"])), f"{entry['steps'][0]:.0f}", f"{entry['student_tokens'][0]:.0f}",
                   f"{entry['teacher_tokens'][0]:.0f}", f"{entry['wall_seconds'][0]:.0f}"]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -497,7 +499,7 @@ def write_results(summary: dict, out_dir: Path, *, command: str | None = None) -
     total = summary.get("cells_total", len(summary["cells"]))
     if len(summary["cells"]) < total:
         lines += [f"**Partial results: {len(summary['cells'])} of {total} cells finished** (a variant's row is "
-                  "over its finished seeds, listed in its `seeds` column).", ""]
+                  "over its finished seeds, listed in its `seeds` column; a row from one seed has no ± std).", ""]
     lines += ["## Methods", ""]
     method_rows = [(v, v) for v in summary["variants"] if v in METHOD_NAMES]
     lines += _table(summary, method_rows, with_reference=True) + [""]
@@ -510,7 +512,13 @@ def write_results(summary: dict, out_dir: Path, *, command: str | None = None) -
     ranks = {k: ranking(summary, k) for k in summary["metric_keys"] if k in HEADLINE}
     if ranks:
         lines += ["## Ranking (best first, by mean)", ""]
-        lines += [f"- {METRICS[k][0]}: " + " > ".join(r) for k, r in ranks.items() if r] + [""]
+        for key, order in ranks.items():
+            means = {summary["variants"][v]["metrics"][key][0] for v in order}
+            if len(means) == 1:  # nothing to rank
+                lines.append(f"- {METRICS[key][0]}: every method {_fmt(means.pop())}")
+            elif order:
+                lines.append(f"- {METRICS[key][0]}: " + " > ".join(order))
+        lines.append("")
     if _plot(summary, out / "comparison.png", [v for v, _ in method_rows], with_reference=True):
         lines += ["![methods](comparison.png)", ""]
     ablation = [v for _, v in ABLATION_ROWS if v in summary["variants"]]
