@@ -35,6 +35,12 @@ class ModelSection:
     student_layers: str = opt("even:10", "Teacher layers a derived student keeps: 'even:10' (evenly spread, first and last included), 'every:3', 'first:10' or a list '0,3,6-8'.")
     dtype: str = opt("auto", "Weights dtype: auto (fp32 on CPU, bf16 on a GPU that has it), float32, bfloat16, float16.")
     trust_remote_code: bool = opt(False, "Allow model repositories to run their own Python code (off unless you trust them).")
+    lora: bool = opt(False, "Train a LoRA adapter on the student (PEFT) instead of all its weights; the adapter is saved and merged into a plain model at the end.")
+    lora_r: int = opt(16, "LoRA rank (the released DistiLLM-2 configs: 16).")
+    lora_alpha: int = opt(128, "LoRA alpha (the released DistiLLM-2 configs: 128).")
+    lora_dropout: float = opt(0.05, "LoRA dropout.")
+    lora_target_modules: str = opt("all-linear", "Modules that get adapters: all-linear, or a comma-separated list of module names (e.g. q_proj,v_proj).")
+    load_in_4bit: bool = opt(False, "QLoRA: load the student's base weights in 4-bit NF4 (bitsandbytes, NVIDIA GPU only) and train a LoRA adapter on them (implies --lora).")
 
 
 @dataclass
@@ -48,6 +54,7 @@ class DataSection:
     messages_field: str = opt("messages", "Field holding a chat as a list of {role, content} messages (used when present).")
     response_field: str = opt("response", "Field holding a reference response, if any.")
     id_field: str = opt("id", "Field holding a unique prompt id (default: file name and line number).")
+    image_field: str = opt("image", "Vision-language models: field holding each prompt's image path (relative to the prompt file's folder).")
     system_prompt: str | None = opt(None, "System message prepended to every chat that has none.")
     chat_template: bool = opt(True, "Render prompts with the tokenizer's own chat template (--no-chat-template: raw text).")
     max_prompt_length: int = opt(512, "Prompts longer than this many tokens are cut from the left (counted and reported).")
@@ -108,6 +115,8 @@ class LossSection:
     ramp_fraction: float = opt(0.5, "Fraction of the training steps over which b ramps.")
     reduction: str = opt("seq_mean", "seq_mean (mean per response, then over responses) or token_mean.")
     loss_temperature: float = opt(1.0, "Temperature dividing both models' logits inside the loss.")
+    loss_impl: str = opt("fused", "fused: losses from hidden states and the output heads, a chunk of tokens at a time (no full-vocabulary logits of the batch); plain: from full logits (the reference; same values and gradients, more memory).")
+    loss_chunk_size: int | None = opt(None, "Tokens per chunk of the fused losses (default: sized so one chunk's logits take ~64 MiB).")
 
 
 @dataclass
@@ -126,6 +135,9 @@ class TrainingSection:
     save_total_limit: int = opt(2, "Checkpoints kept.")
     report_to: str = opt("none", "Where logs go besides the output directory: none, tensorboard, wandb, ...")
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
+    teacher_cache: str = opt("off", "Cache the teacher's scores on the fixed (teacher) responses across rounds and resumes: off; exact (its final hidden states, H floats per token, memory-mapped; the head is applied in the loss, so losses are unchanged); topk (its top-k log-probs, the tail mass spread over the other tokens: approximate, see README).")
+    teacher_cache_k: int = opt(64, "k of --teacher-cache topk.")
+    teacher_cache_dir: str | None = opt(None, "Where the teacher cache lives (default: teacher_cache/ in the run directory).")
     max_nonfinite_steps: int = opt(3, "Optimizer steps whose loss or gradients are NaN/inf are skipped and counted; after this many in a row the run stops with a checkpoint and names the batch.")
 
 
@@ -260,6 +272,10 @@ def validate(config: RunConfig) -> None:
         (0 <= lo.ramp_fraction <= 1, "ramp_fraction must be in [0, 1]"),
         (lo.loss_temperature > 0, "loss_temperature must be > 0"),
         (lo.reduction in ("seq_mean", "token_mean"), "reduction must be seq_mean or token_mean"),
+        (lo.loss_impl in ("fused", "plain"), f"loss_impl must be fused or plain (got '{lo.loss_impl}')"),
+        (lo.loss_chunk_size is None or lo.loss_chunk_size >= 1, "loss_chunk_size must be >= 1 or empty"),
+        (t.teacher_cache in ("off", "exact", "topk"), f"teacher_cache must be off, exact or topk (got '{t.teacher_cache}')"),
+        (t.teacher_cache_k >= 1, "teacher_cache_k must be >= 1"),
         (0 < g.top_p <= 1, "top_p must be in (0, 1]"),
         (g.temperature >= 0, "temperature must be >= 0"),
         (0 < g.vllm_gpu_memory_utilization <= 1, "vllm_gpu_memory_utilization must be in (0, 1]"),
@@ -281,6 +297,9 @@ def validate(config: RunConfig) -> None:
         (me.skd_top_k >= 1, "skd_top_k must be >= 1"),
         (me.skd_loss in ("fkl", "rkl", "jsd", "tvd"), "skd_loss must be fkl, rkl, jsd or tvd"),
         (me.sbs_rationale_weight >= 0, "sbs_rationale_weight must be >= 0"),
+        (m.lora_r >= 1 and m.lora_alpha >= 1, "lora_r and lora_alpha must be >= 1"),
+        (0 <= m.lora_dropout < 1, "lora_dropout must be in [0, 1)"),
+        (bool(m.lora_target_modules.strip()), "lora_target_modules must be all-linear or a list of module names"),
         (m.dtype in ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"),
          "dtype must be auto, float32, bfloat16 or float16"),
     ]

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -31,27 +32,33 @@ from pathlib import Path
 
 import torch
 import yaml
-from accelerate import PartialState
+from accelerate.utils import DistributedType
 from transformers import TrainingArguments, set_seed
 
 from .config import RunConfig
+from .distributed import process_state
 from .errors import DistillmError
 from .data.prompts import EncodedPrompt, encode_prompts, load_prompts
 from .generation.base import SamplingParams
 from .generation.hf import HFBackend
-from .generation.runner import generate_responses
+from .generation.runner import generate_sharded
 from .generation.vllm_backend import LazyVLLMBackend, choose_backend_name
 from .io import atomic_write_json, atomic_write_text, read_jsonl, write_jsonl
 from .methods import build_method
 from .methods.base import Method
 from .models import (
-    check_same_tokenizer, count_parameters, load_model, loadable_path, parse_layer_spec, prune_layers,
-    real_vocab_size, resolve_dtype,
+    add_lora, check_quantization_supported, check_same_tokenizer, count_parameters, is_peft_model, load_model,
+    load_quantized_student, loadable_path, merged_copy, parse_layer_spec, prune_layers, real_vocab_size,
+    resolve_dtype,
 )
 from .evaluation.divergence import teacher_nll, teacher_student_divergence
 from .training.callbacks import OnPolicyRoundCallback
 from .training.collate import DistillCollator, RowDataset
 from .training.sources import OnlineSampler
+from .training.teacher_cache import TeacherCache
+from .training.vision import ImageInputs, VisionCollator
+from .generation.vision import VisionHFBackend
+from .vision import load_image_prompt_set, load_vision_models, uses_images
 from .training.trainer import DistillTrainer, last_complete_checkpoint
 
 logger = logging.getLogger("distillm")
@@ -136,13 +143,19 @@ class ModelPair:
     tokenizer: object
     vocab_size: int
     teacher_path: str | None  # a directory vLLM can load (None for built-in tiny models)
+    processor: object | None = None  # a vision-language run's processor (see distillm.vision); None for text
 
 
 def load_models(config: RunConfig) -> ModelPair:
     """Teacher in the configured dtype; student in fp32 (its master weights: a bf16/fp16 dtype trains it under
-    autocast instead, see training_arguments), both on this process's device."""
+    autocast instead, see training_arguments), both on this process's device. With --lora the student is wrapped
+    in a PEFT LoRA adapter; with --load-in-4bit (QLoRA) its base weights are loaded in 4-bit first."""
     m = config.model
-    device = PartialState().device
+    if uses_images(config):  # a vision-language teacher: distillm.vision loads the pair and the processor
+        return load_vision_models(config)
+    device = process_state().device
+    if m.load_in_4bit:
+        check_quantization_supported()  # before the teacher is loaded
     teacher, tokenizer = load_model(m.teacher, dtype=m.dtype, trust_remote_code=m.trust_remote_code)
     if m.student:
         student, student_tok = load_model(m.student, dtype="float32", trust_remote_code=m.trust_remote_code)
@@ -151,7 +164,26 @@ def load_models(config: RunConfig) -> ModelPair:
         keep = parse_layer_spec(m.student_layers, teacher.config.num_hidden_layers)
         student = prune_layers(teacher, keep).float()
         logger.info("Student: teacher layers %s (%d of %d)", keep, len(keep), teacher.config.num_hidden_layers)
-    teacher, student = teacher.to(device), student.to(device)
+    teacher = teacher.to(device)
+    if m.load_in_4bit:
+        # bitsandbytes quantises while loading: a derived student is saved once, then loaded in 4-bit
+        base_dir = loadable_path(m.student) if m.student else None
+        if base_dir is None:
+            base_dir = str(Path(config.output_dir) / "student_base")
+            if process_state().is_main_process and not (Path(base_dir) / "config.json").is_file():
+                student.save_pretrained(base_dir)
+            process_state().wait_for_everyone()
+        student = load_quantized_student(base_dir, compute_dtype=resolve_dtype(m.dtype),
+                                         trust_remote_code=m.trust_remote_code)
+    else:
+        student = student.to(device)
+    if m.lora or m.load_in_4bit:
+        student = add_lora(student, r=m.lora_r, alpha=m.lora_alpha, dropout=m.lora_dropout,
+                           target_modules=m.lora_target_modules,
+                           gradient_checkpointing=config.training.gradient_checkpointing)
+        trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
+        logger.info("LoRA student: r=%d, alpha=%d on %s; %.2fM trainable parameters", m.lora_r, m.lora_alpha,
+                    m.lora_target_modules, trainable / 1e6)
     teacher_path = loadable_path(m.teacher)
     logger.info("Teacher %s: %.1fM parameters; student: %.1fM", m.teacher, count_parameters(teacher) / 1e6,
                 count_parameters(student) / 1e6)
@@ -161,7 +193,9 @@ def load_models(config: RunConfig) -> ModelPair:
 # ----------------------------------------------------------------------------------------------- data
 
 
-def load_prompt_set(config: RunConfig, tokenizer, which: str) -> list[EncodedPrompt]:
+def load_prompt_set(config: RunConfig, tokenizer, which: str, *, processor=None) -> list[EncodedPrompt]:
+    if processor is not None:  # (image, prompt) rows, tokenized by the vision-language model's processor
+        return load_image_prompt_set(config, processor, which)
     d = config.data
     path, limit = (d.prompts, d.num_prompts) if which == "train" else (d.eval_prompts, d.num_eval_prompts)
     records, report = load_prompts(
@@ -188,18 +222,28 @@ def sampling_params(config: RunConfig, *, seed_offset: int = 0, max_new_tokens: 
 
 
 def generate_once(*args, **kwargs) -> list[dict]:
-    """`generate_responses`, done by the main process first; in a multi-process run the other processes then
-    find the finished file and read it (no duplicated work in the file, no two writers)."""
-    with PartialState().main_process_first():
-        return generate_responses(*args, **kwargs)
+    """`generate_responses`; in a multi-process run each process answers its share of the batches and rank 0
+    writes the merged file (`generation.runner.generate_sharded`: no prompt lost or answered twice)."""
+    return generate_sharded(*args, **kwargs)
 
 
-def make_backend(config: RunConfig, model, tokenizer, *, model_dir: str | None):
-    """The configured backend for `model`; vLLM needs the model saved in `model_dir`."""
+def make_backend(config: RunConfig, model, tokenizer, *, model_dir: str | None, processor=None):
+    """The configured backend for `model`; vLLM needs the model saved in `model_dir`. A vision-language model
+    (`processor` given) generates with transformers, from each prompt's image."""
     g = config.generation
+    if processor is not None:
+        return VisionHFBackend(model, processor, max_batch_size=g.generation_batch_size,
+                               max_batch_tokens=g.max_batch_tokens)
     name = choose_backend_name(g.backend)
     if name == "vllm" and model_dir is not None:
-        return LazyVLLMBackend(model_dir, tensor_parallel_size=g.vllm_tensor_parallel_size,
+        if process_state().num_processes > 1 and g.vllm_tensor_parallel_size > 1:
+            raise DistillmError(
+                "--vllm-tensor-parallel-size > 1 inside a multi-process run is not supported: each training process "
+                "starts its own vLLM engine on its own GPU (colocated, tensor parallel size 1). Generate the teacher "
+                "responses first in one process with `distillm generate --backend vllm --vllm-tensor-parallel-size "
+                "N`, then pass them with --teacher-responses.")
+        return LazyVLLMBackend(model_dir, dtype=str(resolve_dtype(config.model.dtype)).removeprefix("torch."),
+                               tensor_parallel_size=g.vllm_tensor_parallel_size,
                                gpu_memory_utilization=g.vllm_gpu_memory_utilization,
                                trust_remote_code=config.model.trust_remote_code)
     return HFBackend(model, tokenizer, max_batch_size=g.generation_batch_size, max_batch_tokens=g.max_batch_tokens)
@@ -321,13 +365,15 @@ def evaluate(config: RunConfig, models: ModelPair, eval_prompts, teacher_eval_ro
     teacher's responses."""
     d = config.data
     start = time.time()
-    backend = make_backend(config, models.student, models.tokenizer, model_dir=None)  # HF: the live student
+    backend = make_backend(config, models.student, models.tokenizer, model_dir=None,  # HF: the live student
+                           processor=models.processor)
     samples = generate_once(
         backend, eval_prompts, paths.eval_samples(tag),
         sampling_params(config, seed_offset=7_777, max_new_tokens=config.evaluation.eval_max_new_tokens),
         models.tokenizer, desc=f"student samples ({tag})",
     )
-    common = dict(vocab_size=models.vocab_size, pad_token_id=models.tokenizer.pad_token_id, max_length=d.max_length)
+    common = dict(vocab_size=models.vocab_size, pad_token_id=models.tokenizer.pad_token_id, max_length=d.max_length,
+                  image_inputs=ImageInputs(models.processor) if models.processor is not None else None)
     result = {"teacher_nll_of_student_samples": teacher_nll(models.teacher, samples, **common)}
     result.update(teacher_student_divergence(models.teacher, models.student, teacher_eval_rows, **common))
     result["seconds"] = round(time.time() - start, 1)
@@ -355,7 +401,8 @@ def training_arguments(config: RunConfig, paths: RunPaths) -> TrainingArguments:
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
         report_to=[] if t.report_to == "none" else [t.report_to],
-        **({"gradient_checkpointing": True} if t.gradient_checkpointing else {}),
+        **({"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}}
+           if t.gradient_checkpointing else {}),
         bf16=resolve_dtype(config.model.dtype) == torch.bfloat16,
         fp16=resolve_dtype(config.model.dtype) == torch.float16,
         remove_unused_columns=False,
@@ -376,12 +423,21 @@ def train(config: RunConfig, models: ModelPair, method: Method, rows: list[dict]
         if (folder / "pairs.jsonl").is_file():  # this round's data is complete (a resumed run, or round 0 again)
             return read_jsonl(folder / "pairs.jsonl")
         model_dir = None
-        if choose_backend_name(config.generation.backend) == "vllm":
+        if choose_backend_name(config.generation.backend) == "vllm" and models.processor is None:
+            # vLLM loads weights from a directory: the current student is saved (a LoRA adapter merged in) by
+            # rank 0, and each round's engine is started afresh on it, so every round samples the latest weights
             model_dir = str(folder / "student_weights")
-            if not (folder / "student.jsonl").is_file():
-                model.save_pretrained(model_dir)
-                tokenizer.save_pretrained(model_dir)
-        backend = make_backend(config, model, tokenizer, model_dir=model_dir)
+            state = process_state()
+            if state.is_main_process and not (folder / "student.jsonl").is_file() \
+                    and not (Path(model_dir) / "config.json").is_file():
+                tmp = folder / "student_weights.tmp"
+                shutil.rmtree(tmp, ignore_errors=True)
+                merged_copy(model).save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+                shutil.rmtree(model_dir, ignore_errors=True)
+                tmp.rename(model_dir)
+            state.wait_for_everyone()
+        backend = make_backend(config, model, tokenizer, model_dir=model_dir, processor=models.processor)
         try:
             student_rows = generate_once(
                 backend, train_prompts, folder / "student.jsonl",
@@ -399,16 +455,41 @@ def train(config: RunConfig, models: ModelPair, method: Method, rows: list[dict]
     if not rows:
         raise DistillmError(f"Method {method.name!r} has no training rows: check the prompt file {config.data.prompts}.")
     dataset = RowDataset(refresh(0, models.student) if method.paired_rounds else rows)
-    sampler = OnlineSampler(models.student, models.teacher, tokenizer, sampling_params(config), models.vocab_size)
+    image_inputs = None
+    if models.processor is not None:  # vision-language: each row's image, batched by the processor
+        image_inputs = ImageInputs(models.processor, {p.id: p.image for p in train_prompts})
+        collator = VisionCollator(tokenizer.pad_token_id, config.data.max_length, image_inputs, method.sequences)
+    else:
+        collator = DistillCollator(tokenizer.pad_token_id, config.data.max_length, method.sequences)
+    sampler = OnlineSampler(models.student, models.teacher, tokenizer, sampling_params(config), models.vocab_size,
+                            image_inputs=image_inputs)
+    teacher_cache = None
+    if config.training.teacher_cache != "off" and method.needs_teacher and (
+            method.uses_fixed_responses or method.paired_rounds):
+        # the first group of every row is a fixed (teacher) response: the same sequences every round
+        if image_inputs is not None:  # the teacher's scores depend on the image, which the cache keys leave out
+            raise DistillmError("--teacher-cache is not supported for vision-language runs yet; run without it.")
+        state = process_state()
+        if state.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+            raise DistillmError("--teacher-cache is not supported under DeepSpeed/FSDP (the teacher's head is "
+                                "sharded); run without it, or with DDP / one process.")
+        with state.main_process_first():  # one process builds it, the others then read it
+            teacher_cache = TeacherCache(config.training.teacher_cache_dir or paths.root / "teacher_cache",
+                                         config.training.teacher_cache, k=config.training.teacher_cache_k,
+                                         vocab_size=models.vocab_size).build(
+                models.teacher.to(args.device), [method.sequences(row)[0] for row in dataset.rows],
+                max_length=config.data.max_length, pad_token_id=tokenizer.pad_token_id,
+                batch_size=config.training.per_device_train_batch_size)
     trainer = DistillTrainer(
         model=models.student, teacher=models.teacher, method=method, vocab_size=models.vocab_size,
         sampler=sampler, validation_rows=validation_rows, max_nonfinite_steps=config.training.max_nonfinite_steps,
+        loss_impl=config.loss.loss_impl, loss_chunk_size=config.loss.loss_chunk_size, teacher_cache=teacher_cache,
         args=args, train_dataset=dataset,
-        data_collator=DistillCollator(tokenizer.pad_token_id, config.data.max_length, method.sequences),
-        processing_class=tokenizer,
+        data_collator=collator,
+        processing_class=models.processor or tokenizer,
     )
     if method.paired_rounds:
-        trainer.add_callback(OnPolicyRoundCallback(dataset, refresh))
+        trainer.add_callback(OnPolicyRoundCallback(dataset, refresh, trainer.model_for_generation))
     last = last_complete_checkpoint(paths.checkpoints)
     if last:
         logger.info("Resuming training from %s", last)
@@ -420,20 +501,64 @@ def train(config: RunConfig, models: ModelPair, method: Method, rows: list[dict]
             f"or gradient and were skipped (last batch: prompt ids {', '.join(stop['batch_ids'][:8])}). A checkpoint "
             f"was saved in {paths.checkpoints}. Lower --learning-rate or check those prompts, then rerun the same "
             "command to resume (or raise --max-nonfinite-steps).")
-    trainer.save_model(str(paths.student))
+    save_student(trainer, config, models, paths)
     history = [entry for entry in trainer.state.log_history if "loss" in entry]
     write_jsonl(paths.train_log, history)
     by_round: dict[int, list[float]] = {}
     for entry in history:  # epoch k+1 is the end of round k; steps of round k have epoch in (k, k+1]
         by_round.setdefault(max(math.ceil(entry["epoch"]) - 1, 0), []).append(entry["loss"])
     round_means = [round(sum(v) / len(v), 4) for _, v in sorted(by_round.items())]
-    return {
+    summary = {
         "method": method.name,
         "steps": trainer.state.global_step,
         "train_seconds": round(result.metrics.get("train_runtime", 0.0), 1),
         "mean_loss_per_round": round_means,
         "log": str(paths.train_log.relative_to(paths.root)),
     }
+    if teacher_cache is not None:  # sequences whose teacher scores came from the cache / from a teacher pass
+        summary["teacher_cache"] = {"mode": teacher_cache.label, "cached_sequences": teacher_cache.cached_rows,
+                                    "teacher_sequences": teacher_cache.teacher_rows}
+        logger.info("Teacher cache (%s): %d sequences read from it, %d through the teacher", teacher_cache.label,
+                    teacher_cache.cached_rows, teacher_cache.teacher_rows)
+    return summary
+
+
+def sharded_engine() -> bool:
+    """Whether `accelerate launch` started this run under FSDP or DeepSpeed ZeRO-3 (weights sharded over processes)."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        return True
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true") and \
+        os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "") == "3"
+
+
+def save_student(trainer: DistillTrainer, config: RunConfig, models: ModelPair, paths: RunPaths) -> None:
+    """The distilled student into student/ as a plain transformers model (safetensors + tokenizer, loadable with
+    from_pretrained). A LoRA student's adapter is kept in adapter/ and merged into the weights saved in student/
+    (a QLoRA adapter is merged into the base reloaded in the compute dtype, not into its 4-bit weights).
+    Gathered from all processes by the Trainer (FSDP / DeepSpeed full state dict)."""
+    if not is_peft_model(models.student):
+        trainer.save_model(str(paths.student))
+        return
+    adapter_dir = paths.root / "adapter"
+    trainer.save_model(str(adapter_dir))  # adapter_config.json + adapter_model.safetensors (+ tokenizer)
+    if trainer.args.should_save:
+        if getattr(models.student, "is_loaded_in_4bit", False) or getattr(
+                models.student.get_base_model(), "is_loaded_in_4bit", False):
+            from peft import PeftModel
+
+            base_spec = config.model.student or str(paths.root / "student_base")
+            base, _ = load_model(base_spec, dtype=config.model.dtype)
+            merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+        else:
+            merged = merged_copy(trainer.accelerator.unwrap_model(trainer.model))
+        tmp = paths.root / "student.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        merged.save_pretrained(tmp)
+        models.tokenizer.save_pretrained(tmp)
+        shutil.rmtree(paths.student, ignore_errors=True)
+        tmp.rename(paths.student)
+        logger.info("LoRA adapter: %s; merged student: %s", adapter_dir, paths.student)
+    trainer.accelerator.wait_for_everyone()
 
 
 # ----------------------------------------------------------------------------------------------- the whole run
@@ -442,7 +567,7 @@ def train(config: RunConfig, models: ModelPair, method: Method, rows: list[dict]
 def run(config: RunConfig, *, overwrite: bool = False) -> dict:
     """Teacher responses, rounds of student responses + training, before/after evaluation, metrics.json."""
     started = time.time()
-    state = PartialState()
+    state = process_state()
     with state.main_process_first():  # one process sets the directory up (and wipes it), the others then agree
         paths = prepare_run_dir(config, overwrite=overwrite and state.is_main_process)
     if paths.metrics.is_file():
@@ -451,14 +576,15 @@ def run(config: RunConfig, *, overwrite: bool = False) -> dict:
             logger.info("%s already holds a finished run; metrics.json is unchanged", paths.root)
             return metrics
     models = load_models(config)
-    train_prompts = load_prompt_set(config, models.tokenizer, "train")
+    train_prompts = load_prompt_set(config, models.tokenizer, "train", processor=models.processor)
     evaluating = bool(config.evaluation.evaluate and config.data.eval_prompts)
-    eval_prompts = load_prompt_set(config, models.tokenizer, "eval") if evaluating else []
+    eval_prompts = load_prompt_set(config, models.tokenizer, "eval", processor=models.processor) if evaluating else []
     if config.data.teacher_responses and not paths.teacher_train.is_file() and state.is_main_process:
         import_teacher_responses(config.data.teacher_responses, train_prompts, models.tokenizer, paths.teacher_train)
     state.wait_for_everyone()
     method = build_method(config)
-    teacher_backend = make_backend(config, models.teacher, models.tokenizer, model_dir=models.teacher_path)
+    teacher_backend = make_backend(config, models.teacher, models.tokenizer, model_dir=models.teacher_path,
+                                   processor=models.processor)
     try:
         rows = method.build_rows(DataContext(config, models.tokenizer, train_prompts, paths, teacher_backend))
         teacher_eval = generate_once(teacher_backend, eval_prompts, paths.teacher_eval,
@@ -483,7 +609,10 @@ def run(config: RunConfig, *, overwrite: bool = False) -> dict:
         validation = rows[:32]
     metrics["training"] = train(config, models, method, rows, paths, train_prompts=train_prompts,
                                 validation_rows=validation)
-    if evaluating:
+    if evaluating and sharded_engine():
+        logger.warning("No 'after' evaluation under FSDP / DeepSpeed ZeRO-3: the models are sharded now. Evaluate "
+                       "the saved student with `distillm eval --model distilled=%s`.", paths.student)
+    elif evaluating:
         metrics["after"] = evaluate(config, models, eval_prompts, teacher_eval, paths, "after")
     metrics["wall_seconds"] = round(time.time() - started, 1)
     metrics["complete"] = True

@@ -5,10 +5,19 @@ logging to TensorBoard/W&B through `report_to`, accelerate for devices and proce
 
 - the method (`distillm.methods`): it draws each micro-batch (fixed rows, or fresh data from the live student
   through an `OnlineSampler`, see `get_batch_samples`) and computes the loss from the models' logits;
-- the teacher: frozen, in eval mode, no gradients, no optimizer state, forwarded under `torch.no_grad` (and not
-  at all for methods that do not need it, e.g. SeqKD);
-- logits only over the response columns of the (left-padded) batch, sliced to the tokenizer's real vocabulary,
-  so models whose embedding matrices are padded to different sizes are compared over real tokens only;
+- the teacher: frozen, in eval mode, no gradients, no optimizer state, forwarded under `torch.inference_mode`
+  (`torch.no_grad` when sharded) and not at all for methods that do not need it, e.g. SeqKD, nor for sequences
+  a `teacher_cache` holds; placed for the run's engine by `prepare_teacher` (as TRL places its reference
+  models): a replica on each device under DDP, sharded for inference under DeepSpeed ZeRO-3 and FSDP, never
+  wrapped for training;
+- fresh student data drawn inside training (on-policy methods) from the student unwrapped for generation
+  (TRL's `unwrap_model_for_generation`: gathers ZeRO-3 shards, pauses gradient checkpointing);
+- scores only over the response columns of the (left-padded) batch: by default (`loss_impl="fused"`) the
+  models' final hidden states there and their output heads, which the fused losses turn into logits a chunk
+  of tokens at a time (no [N, R, V] logits of either model), or (`loss_impl="plain"`, the reference, and the
+  path under DeepSpeed/FSDP, whose sharded head weights exist only inside the module's forward) full logits;
+  either way over the tokenizer's real vocabulary only, so models whose embedding matrices are padded to
+  different sizes are compared over real tokens only;
 - exact gradient accumulation: the loss of each micro-batch is divided by the counts (prompts, tokens) of the
   whole optimizer-step batch, summed over processes, so splitting a batch differently changes nothing;
 - per-step logging of the method's metrics (e.g. SKL, SRKL, mean skews, b for DistiLLM-2), of where the
@@ -20,6 +29,7 @@ logging to TensorBoard/W&B through `report_to`, accelerate for devices and proce
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 from collections import Counter, defaultdict
@@ -30,12 +40,14 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..errors import DistillmError
 from ..io import atomic_write_json
-from ..methods.base import LossInputs
+from ..losses.fused import HeadInputs, fused_inputs
+from ..methods.base import LossInputs, Scores
 from ..models import eval_mode
 from .callbacks import MethodStepCallback, NonFiniteGuard
-from .collate import IGNORE, response_logits
+from .collate import IGNORE, IMAGE_INPUTS, response_logits
 
 METHOD_STATE_FILE = "distillm_method_state.json"
+logger = logging.getLogger("distillm")
 
 
 def local_counts(batch_samples) -> torch.Tensor:
@@ -56,15 +68,62 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def teacher_placement(accelerator) -> str:
+    """How the teacher is placed under `accelerator`'s engine: 'deepspeed' (ZeRO-3: sharded; ZeRO-1/2: a stage-0
+    replica), 'fsdp' (sharded, no optimizer) or 'device' (moved to this process's device; DDP and single
+    process). The teacher is never wrapped for training: it has no gradients and no optimizer state."""
+    if getattr(accelerator, "is_deepspeed_enabled", False):
+        return "deepspeed"
+    if getattr(accelerator, "is_fsdp2", False) or getattr(accelerator, "is_fsdp_enabled", False) or \
+            getattr(accelerator.state, "fsdp_plugin", None) is not None:
+        return "fsdp"
+    return "device"
+
+
+def prepare_teacher(teacher: torch.nn.Module, accelerator) -> torch.nn.Module:
+    """The frozen teacher, placed for inference as `teacher_placement` says (TRL's `prepare_deepspeed` /
+    `prepare_fsdp`, the functions TRL uses for its reference and teacher models)."""
+    teacher = freeze(teacher)
+    placement = teacher_placement(accelerator)
+    if placement == "deepspeed":
+        from trl.models.utils import prepare_deepspeed
+
+        return prepare_deepspeed(teacher, accelerator)
+    if placement == "fsdp":
+        from trl.models.utils import prepare_fsdp
+
+        return prepare_fsdp(teacher, accelerator)
+    return teacher.to(accelerator.device)
+
+
 class DistillTrainer(Trainer):
     # compute_loss already divides by the whole accumulated batch's counts
     loss_is_scaled_for_ga = True
 
     def __init__(self, *, teacher: torch.nn.Module, method, vocab_size: int, sampler=None,
-                 validation_rows: list[dict] | None = None, max_nonfinite_steps: int = 3, **kwargs):
+                 validation_rows: list[dict] | None = None, max_nonfinite_steps: int = 3, loss_impl: str = "fused",
+                 loss_chunk_size: int | None = None, teacher_cache=None, **kwargs):
         super().__init__(**kwargs)
-        self.teacher = freeze(teacher).to(self.args.device)
+        if loss_impl not in ("fused", "plain"):
+            raise DistillmError(f"loss_impl must be fused or plain, got {loss_impl!r}")
+        self.sharded = teacher_placement(self.accelerator) != "device"
+        if self.sharded and loss_impl == "fused":
+            # ZeRO-3 / FSDP gather a module's weights only inside its forward: the fused losses, which apply the
+            # heads themselves, would see shards. The plain path calls the heads as modules.
+            logger.warning("loss_impl=fused is not supported under DeepSpeed/FSDP (sharded output heads): using the "
+                           "plain loss path.")
+            loss_impl = "plain"
+        if self.sharded and teacher_cache is not None:
+            raise DistillmError("--teacher-cache is not supported under DeepSpeed/FSDP (the teacher's head is sharded); "
+                                "run without it, or with DDP / one process.")
+        self.loss_impl = loss_impl
+        self.loss_chunk_size = loss_chunk_size
+        self.teacher_cache = teacher_cache  # training.teacher_cache.TeacherCache or None
+        self.teacher = prepare_teacher(teacher, self.accelerator)
         self.method = method
+        if self.args.world_size > 1:  # the method's run state (e.g. curriculum gaps) is summed over processes
+            method.sum_over_processes = lambda values: self.accelerator.reduce(
+                values.to(self.args.device), reduction="sum").cpu()
         self.sampler = sampler  # training.sources.OnlineSampler, for methods that draw fresh data
         self.validation_rows = validation_rows or []
         self.add_callback(MethodStepCallback(self))
@@ -98,16 +157,25 @@ class DistillTrainer(Trainer):
         step = self.state.global_step
         # one RNG per (seed, step, micro-batch, process): a resumed run makes the same choices from its step on
         rng = random.Random(f"{self.args.seed}:{step}:{micro_index}:{self.args.process_index}")
-        sampler = None
-        if self.sampler is not None:
-            sampler = self.sampler.bound(self.accelerator.unwrap_model(self.model), rng.getrandbits(31))
-        drawn, source = self.method.draw(rows, sampler, rng, step, self.state.max_steps)
+        if self.sampler is None or not self.method.sources:  # the method never samples: no unwrapping needed
+            drawn, source = self.method.draw(rows, None, rng, step, self.state.max_steps)
+        else:
+            seed = rng.getrandbits(31)
+            with self.model_for_generation() as student:
+                drawn, source = self.method.draw(rows, self.sampler.bound(student, seed), rng, step,
+                                                 self.state.max_steps)
         self._sources[source] += 1
         self.last_batch_ids.extend(str(row.get("id")) for row in drawn)
         if drawn is rows:
             return batch
         fresh = self.data_collator(drawn)
         return {key: value.to(batch["input_ids"].device) for key, value in fresh.items()}
+
+    def model_for_generation(self):
+        """Context manager: the student, unwrapped and ready to generate (TRL's `unwrap_model_for_generation`)."""
+        from trl.models.utils import unwrap_model_for_generation
+
+        return unwrap_model_for_generation(self.model_wrapped, self.accelerator)
 
     # ------------------------------------------------------------------ loss normalisation
     def _get_num_items_in_batch(self, batch_samples, device):
@@ -117,16 +185,36 @@ class DistillTrainer(Trainer):
             counts = self.accelerator.reduce(counts, reduction="sum")
         return counts
 
+    def scores(self, model, inputs, fused: bool | None = None) -> tuple[Scores, torch.Tensor]:
+        """A model's scores over the batch's response columns and the response tokens [N, R]: hidden states and
+        head (fused) or logits [N, R, V] (plain)."""
+        if fused or (fused is None and self.loss_impl == "fused"):
+            fused = fused_inputs(model, inputs, extra_inputs=IMAGE_INPUTS)
+            return fused.head, fused.labels
+        return response_logits(model, inputs, self.vocab_size)
+
+    def teacher_scores(self, inputs) -> Scores:
+        """The teacher's scores, from the cache where it holds them, else from a teacher pass under
+        torch.inference_mode (no autograd records at all). The (small) result is cloned out of inference mode
+        so the loss may keep it for its backward pass."""
+        if self.teacher_cache is not None:
+            return self.teacher_cache.scores(self, inputs)
+        return self.run_teacher(inputs)
+
+    def run_teacher(self, inputs, fused: bool | None = None) -> Scores:
+        with torch.no_grad() if self.sharded else torch.inference_mode():
+            scores, _ = self.scores(self.teacher, inputs, fused)
+        if isinstance(scores, HeadInputs):
+            return HeadInputs(scores.hidden.clone(), scores.weight, scores.bias)
+        return scores.clone()
+
     def method_inputs(self, model, inputs, counts) -> LossInputs:
-        """The models' logits over the batch's response tokens, as the method's loss takes them."""
-        student_logits, targets = response_logits(model, inputs, self.vocab_size)
-        teacher_logits = None
-        if self.method.needs_teacher:
-            # no_grad, not inference_mode: the teacher's logits are saved for the loss's backward pass
-            with torch.no_grad():
-                teacher_logits, _ = response_logits(self.teacher, inputs, self.vocab_size)
-        return LossInputs(student_logits, teacher_logits, targets, int(inputs["n_first"]), counts,
-                          step=self.state.global_step, total_steps=self.state.max_steps)
+        """The models' scores over the batch's response tokens, as the method's loss takes them."""
+        student, targets = self.scores(model, inputs)
+        teacher = self.teacher_scores(inputs) if self.method.needs_teacher else None
+        return LossInputs(student, teacher, targets, int(inputs["n_first"]), counts, step=self.state.global_step,
+                          total_steps=self.state.max_steps, vocab_size=self.vocab_size,
+                          chunk_size=self.loss_chunk_size)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if num_items_in_batch is None:  # e.g. called outside the training loop
@@ -199,6 +287,38 @@ class DistillTrainer(Trainer):
             with open(path) as handle:
                 self.method.load_state_dict(json.load(handle))
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """Resume's weight loading. transformers reads a checkpoint's safetensors with `load_state_dict(strict=False)`,
+        but models whose weights transformers converts on loading (LLaVA and other vision-language models, fused
+        MoE experts) are saved in their original key format, which that call would skip without a word -- the run
+        would go on from the initial weights (transformers issues #43701, #40187). Such a checkpoint is loaded with
+        `from_pretrained`, which converts."""
+        model = self.model if model is None else model
+        unwrapped = self.accelerator.unwrap_model(model)
+        saved = checkpoint_weight_names(resume_from_checkpoint)
+        if saved and not self.is_fsdp_enabled and not saved <= set(unwrapped.state_dict()):
+            dtype = next(unwrapped.parameters()).dtype
+            loaded = type(unwrapped).from_pretrained(resume_from_checkpoint, dtype=dtype, use_safetensors=True)
+            unwrapped.load_state_dict(loaded.state_dict(), strict=True)
+            return
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+
+def checkpoint_weight_names(folder: str | os.PathLike) -> set[str]:
+    """The tensor names of a checkpoint's safetensors weights (one file or an index of shards); empty if none."""
+    from safetensors import safe_open
+    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+
+    single, index = os.path.join(folder, SAFE_WEIGHTS_NAME), os.path.join(folder, SAFE_WEIGHTS_INDEX_NAME)
+    if os.path.isfile(single):
+        with safe_open(single, "pt") as handle:
+            return set(handle.keys())
+    if os.path.isfile(index):
+        with open(index) as handle:
+            return set(json.load(handle)["weight_map"])
+    return set()
 
 
 def last_complete_checkpoint(folder: str | os.PathLike) -> str | None:
