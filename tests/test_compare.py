@@ -43,6 +43,8 @@ def test_comparison_end_to_end_then_resume_reruns_only_the_missing_cell(tmp_path
         assert table_row(text, variant)[keys.index("kl")] == f"{sum(kls) / 2:.3f} ± {abs(kls[0] - kls[1]) / math.sqrt(2):.3f}"
     teacher, initial = table_row(text, "teacher"), table_row(text, "initial student (pruned, untrained)")
     assert teacher[keys.index("kl")] == "—" and re.fullmatch(r"\d+\.\d+", initial[keys.index("kl")])
+    assert not list(out.glob("cells/*/seed_*/run/checkpoints"))  # finished cells keep their student, not checkpoints
+    assert all((out / c["run_dir"] / "student" / "model.safetensors").is_file() for c in cells)
     assert (out / "comparison.png").stat().st_size > 0 and (out / "ablation.png").stat().st_size > 0
 
     # resume: one cell's final file gone -> only that cell is redone (its run is finished: evaluated again)

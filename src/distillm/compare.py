@@ -27,6 +27,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -296,6 +297,9 @@ class Comparison:
                 "run_seconds": train_seconds, "wall_seconds": round(time.time() - started, 1),
                 "run_dir": str((folder / "run").relative_to(self.root))}
         atomic_write_json(folder / "cell.json", cell)  # last: the cell counts as finished from here
+        # the checkpoints (weights + optimizer state, ~1 GB per cell on SmolLM2) only serve to resume the run,
+        # which is finished: the student and the logs stay
+        shutil.rmtree(folder / "run" / "checkpoints", ignore_errors=True)
         return cell
 
     # ---------------------------------------------------------------- all of it
