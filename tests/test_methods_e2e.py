@@ -50,3 +50,25 @@ def test_on_policy_methods_resume_to_the_same_student(name, extra, tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, extra", [("gkd", ["--gkd-lambda", "1.0"]), ("speculative-kd", ["--skd-top-k", "1"]),
+                                         ("kd", [])])
+def test_train_log_counts_the_tokens_generated_while_training(name, extra, tmp_path):
+    """Methods that draw fresh data log the tokens generated for it per step (student and teacher); the sum is
+    what was sampled, at most batch x max_new_tokens per step. Off-policy methods generate nothing in training."""
+    out = tmp_path / name
+    assert main(["-q", "run", "--preset", "tiny", "--method", name, "--output-dir", str(out), "--rounds", "2",
+                 "--num-prompts", "8", "--no-evaluate", "--max-new-tokens", "8", "--save-steps", "100", *extra]) == 0
+    log = [json.loads(line) for line in (out / "logs" / "train_log.jsonl").read_text().splitlines()]
+    if name == "kd":
+        assert not any("generated_student_tokens" in entry for entry in log)
+        return
+    student = [entry["generated_student_tokens"] for entry in log]
+    teacher = [entry["generated_teacher_tokens"] for entry in log]
+    assert len(student) == 4 and all(0 < n <= 4 * 8 for n in student)  # every step sampled its 4 prompts
+    if name == "gkd":
+        assert sum(teacher) == 0
+    else:  # top-1: the teacher replaces every proposal but those equal to its argmax, and never more than proposed
+        assert 0 < sum(teacher) <= sum(student)

@@ -1,4 +1,4 @@
-"""The `distillm` command: generate, train, run, eval, align, speculate.
+"""The `distillm` command: generate, train, run, eval, compare, align, speculate.
 
 Every option of the config (see `distillm.config`) is a flag of `train` and `run`; a YAML file given with
 `--config` sets many at once, and flags override it. `distillm run` with no arguments is the default demo.
@@ -113,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .speculate import add_speculate_parser
 
     add_speculate_parser(sub)
+
+    from .compare import add_compare_parser
+
+    add_compare_parser(sub)
     return parser
 
 
@@ -229,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     # `distillm` alone, or with only run's flags, runs the default demo: insert "run" after the global flags
     n_global = next((i for i, a in enumerate(argv) if a not in ("-q", "--quiet")), len(argv))
     rest = argv[n_global:]
-    if not rest or (rest[0] not in ("run", "train", "generate", "eval", "align", "speculate", "-h", "--help")):
+    commands = ("run", "train", "generate", "eval", "compare", "align", "speculate", "-h", "--help")
+    if not rest or rest[0] not in commands:
         argv = [*argv[:n_global], "run", *rest]
     args = parser.parse_args(argv)
     _setup_logging(args.quiet)
@@ -249,6 +254,11 @@ def main(argv: list[str] | None = None) -> int:
 
             args.argv = argv
             return cmd_eval(args)
+        if args.command == "compare":
+            from .compare import cmd_compare
+
+            args.argv = argv[argv.index("compare"):]
+            return cmd_compare(args)
         return _cmd_run(args, evaluate_default=args.command == "run")
     except DistillmError as err:
         print(f"distillm: error: {err}", file=sys.stderr)

@@ -65,9 +65,16 @@ def read_train_log(path: str | Path) -> dict[str, list[tuple[float, float]]]:
 
 
 def _save(fig, path: Path) -> None:
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp" + path.suffix, dir=path.parent)
+    os.close(fd)  # a unique name: two processes writing the same figure do not share a temporary file
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _plot_metrics(results: dict, path: Path) -> bool:

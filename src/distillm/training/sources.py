@@ -4,12 +4,14 @@ decoding of speculative KD.
 
 The trainer binds one `OnlineSampler` to the live student and a per-micro-batch seed (derived from the training
 seed, the optimizer step and the micro-batch), so the data of a step is reproducible and a resumed run draws
-exactly what an uninterrupted one would.
+exactly what an uninterrupted one would. It counts the tokens it generates (`generated`, shared by its bound
+copies): the trainer logs them per step, so a run's generation budget can be read off its training log.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from collections import Counter
+from dataclasses import dataclass, field, replace
 
 from ..errors import DistillmError
 from ..generation.base import SamplingParams
@@ -26,6 +28,9 @@ class OnlineSampler:
     vocab_size: int
     seed: int = 0
     image_inputs: object | None = None  # vision-language runs: training.vision.ImageInputs (rows -> pixel_values)
+    #: tokens generated so far: "student" (sampled or proposed by the student), "teacher" (sampled by the teacher
+    #: in joint decoding); one Counter shared by every bound copy
+    generated: Counter = field(default_factory=Counter)
 
     def bound(self, model, seed: int) -> "OnlineSampler":
         return replace(self, model=model, seed=seed)
@@ -36,6 +41,7 @@ class OnlineSampler:
         backend = HFBackend(self.model, self.tokenizer, max_batch_size=len(rows))
         images = self.image_inputs.generate_inputs(rows=rows) if self.image_inputs is not None else {}
         completions = backend.generate_batch([r["prompt_ids"] for r in rows], self.params, seed=self.seed, **images)
+        self.generated["student"] += sum(len(c.token_ids) for c in completions)
         return [{"id": r["id"], "prompt_ids": r["prompt_ids"], "response_ids": c.token_ids, "source": "student"}
                 for r, c in zip(rows, completions)]
 
@@ -49,5 +55,7 @@ class OnlineSampler:
             self.model, self.teacher, [r["prompt_ids"] for r in rows], self.params, top_k=top_k, seed=self.seed,
             eos_ids=backend.eos_ids, pad_id=backend.pad_id, vocab_size=self.vocab_size,
         )
+        self.generated["student"] += sum(len(c.token_ids) for c in completions)  # one proposal per position
+        self.generated["teacher"] += sum(sum(c.replaced) for c in completions)
         return [{"id": r["id"], "prompt_ids": r["prompt_ids"], "response_ids": c.token_ids, "source": "speculative",
                  "proposals": c.proposals, "replaced": c.replaced} for r, c in zip(rows, completions)]

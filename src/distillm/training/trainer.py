@@ -20,8 +20,10 @@ logging to TensorBoard/W&B through `report_to`, accelerate for devices and proce
   different sizes are compared over real tokens only;
 - exact gradient accumulation: the loss of each micro-batch is divided by the counts (prompts, tokens) of the
   whole optimizer-step batch, summed over processes, so splitting a batch differently changes nothing;
-- per-step logging of the method's metrics (e.g. SKL, SRKL, mean skews, b for DistiLLM-2) and of where the
-  step's batches came from (`source_fixed`, `source_student`, ...), and the method's run state in checkpoints.
+- per-step logging of the method's metrics (e.g. SKL, SRKL, mean skews, b for DistiLLM-2), of where the
+  step's batches came from (`source_fixed`, `source_student`, ...) and, for methods that draw fresh data, of the
+  tokens generated for them since the previous entry (`generated_student_tokens`, `generated_teacher_tokens`:
+  the sum over the log is the run's on-the-fly generation budget), and the method's run state in checkpoints.
 """
 
 from __future__ import annotations
@@ -133,6 +135,7 @@ class DistillTrainer(Trainer):
         self._metric_sums: dict[str, float] = defaultdict(float)
         self._gauges: dict[str, float] = {}
         self._sources: Counter = Counter()
+        self._generated_logged: Counter = Counter()  # the sampler's counts at the previous log entry
         self.log_once: dict[str, float] = {}  # added to the next log entry only (e.g. a validation loss)
 
     # ------------------------------------------------------------------ data: the method draws each micro-batch
@@ -256,6 +259,11 @@ class DistillTrainer(Trainer):
             logs.update({key: round(value, 6) for key, value in self._gauges.items()})
             total = max(sum(self._sources.values()), 1)
             logs.update({f"source_{name}": round(self._sources[name] / total, 4) for name in self.method.sources})
+            if self.method.sources and self.sampler is not None:
+                generated = Counter(self.sampler.generated)
+                for who in ("student", "teacher"):
+                    logs[f"generated_{who}_tokens"] = generated[who] - self._generated_logged[who]
+                self._generated_logged = generated
             logs.update(self.log_once)
             self._metric_sums.clear()
             self._sources.clear()

@@ -1,0 +1,120 @@
+"""`distillm compare`: every variant x seed trained and evaluated on the same budget, one table, resumable."""
+
+import json
+import math
+import re
+
+import pytest
+
+from distillm.compare import CompareError, CompareSettings, Comparison, generated_tokens, mean_std
+
+
+def tiny_settings(out, **kwargs) -> CompareSettings:
+    values = dict(output_dir=str(out), size="tiny", teacher="tiny-random", student_layers="0,3",
+                  variants=["distillm2", "kd", "contrastive+b_ramp"], seeds=[0, 1], learning_rate=3e-3)
+    return CompareSettings(**{**values, **kwargs})
+
+
+def table_row(text: str, label: str) -> list[str]:
+    line = next(line for line in text.splitlines() if line.startswith(f"| {label} |"))
+    return [cell.strip() for cell in line.strip("|").split("|")][1:]
+
+
+@pytest.mark.slow
+def test_comparison_end_to_end_then_resume_reruns_only_the_missing_cell(tmp_path):
+    out = tmp_path / "cmp"
+    summary = Comparison(tiny_settings(out), command="distillm compare --size tiny").run()
+    text = (out / "results.md").read_text()
+    keys = summary["metric_keys"]
+    assert keys[:4] == ["teacher_nll", "kl", "tvd", "rouge_l"] and "math_accuracy" in keys
+    cells = json.loads((out / "results.json").read_text())["cells"]
+    assert sorted((c["variant"], c["seed"]) for c in cells) == sorted(
+        (v, s) for v in ("distillm2", "kd", "contrastive+b_ramp") for s in (0, 1))
+    for cell in cells:  # the same budget: same steps; generation recorded
+        assert cell["steps"] == 4 and cell["teacher_tokens"] > 0
+        assert (cell["student_tokens"] > 0) == (cell["variant"] != "kd")
+    for label in ("distillm2", "kd", "+ b ramp", "all (DistiLLM-2)"):
+        row = table_row(text, label)
+        values = row[:len(keys)]
+        assert all(re.fullmatch(r"-?\d+\.\d+ ± \d+\.\d+", v) for v in values), (label, row)
+    # each mean ± std is the mean and sample std of that variant's cells
+    for variant in ("distillm2", "kd"):
+        kls = [c["metrics"]["kl"] for c in cells if c["variant"] == variant]
+        assert table_row(text, variant)[keys.index("kl")] == f"{sum(kls) / 2:.3f} ± {abs(kls[0] - kls[1]) / math.sqrt(2):.3f}"
+    teacher, initial = table_row(text, "teacher"), table_row(text, "initial student (pruned, untrained)")
+    assert teacher[keys.index("kl")] == "—" and re.fullmatch(r"\d+\.\d+", initial[keys.index("kl")])
+    assert not list(out.glob("cells/*/seed_*/run/checkpoints"))  # finished cells keep their student, not checkpoints
+    assert all((out / c["run_dir"] / "student" / "model.safetensors").is_file() for c in cells)
+    assert (out / "comparison.png").stat().st_size > 0 and (out / "ablation.png").stat().st_size > 0
+
+    # resume: one cell's final file gone -> only that cell is redone (its run is finished: evaluated again)
+    gone = out / "cells" / "kd" / "seed_1" / "cell.json"
+    gone.unlink()
+    others = {p: p.stat().st_mtime_ns for p in out.glob("cells/*/seed_*/cell.json")}
+    partial = Comparison(tiny_settings(out)).run(report_only=True)  # the finished cells only, nothing run
+    assert len(partial["cells"]) == 5 and not gone.is_file()
+    assert "Partial results: 5 of 6 cells finished" in (out / "results.md").read_text()
+    assert table_row((out / "results.md").read_text(), "kd")[len(keys)] == "0"  # kd's seeds column
+    again = Comparison(tiny_settings(out)).run()
+    assert again["cells_skipped"] == 5 and gone.is_file()
+    assert all(p.stat().st_mtime_ns == t for p, t in others.items())
+    assert json.loads(gone.read_text())["metrics"] == next(
+        c["metrics"] for c in cells if (c["variant"], c["seed"]) == ("kd", 1))
+
+    # more seeds or variants continue the same comparison; another protocol is refused
+    with pytest.raises(CompareError, match="differs in: learning_rate"):
+        Comparison(tiny_settings(out, learning_rate=1e-3)).run()
+
+
+def test_settings_are_checked_before_any_work(tmp_path):
+    with pytest.raises(CompareError, match="Unknown variant.*gdk"):
+        tiny_settings(tmp_path, variants=["distillm2", "gdk"])
+    with pytest.raises(CompareError, match="distinct"):
+        tiny_settings(tmp_path, seeds=[0, 0])
+    with pytest.raises(CompareError, match="judge-model"):
+        tiny_settings(tmp_path, judge_url="http://localhost:8000/v1")
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "data.txt").write_text("mine")
+    with pytest.raises(CompareError, match="holds no comparison"):
+        Comparison(tiny_settings(tmp_path / "x")).check_directory()
+
+
+def test_mean_std_is_the_sample_standard_deviation():
+    assert mean_std([1.0, 3.0]) == (2.0, math.sqrt(2.0))
+    assert mean_std([5.0]) == (5.0, 0.0)
+
+
+def test_generated_tokens_adds_rounds_train_log_and_used_teacher_responses(tmp_path):
+    run = tmp_path / "run"
+    for k, lengths in enumerate([[3, 4], [5]]):
+        (run / "rounds" / f"round_{k}").mkdir(parents=True)
+        (run / "rounds" / f"round_{k}" / "student.jsonl").write_text(
+            "".join(json.dumps({"response_ids": [1] * n}) + "\n" for n in lengths))
+    (run / "logs").mkdir()
+    (run / "logs" / "train_log.jsonl").write_text(
+        json.dumps({"loss": 1, "generated_student_tokens": 10, "generated_teacher_tokens": 2}) + "\n"
+        + json.dumps({"loss": 1}) + "\n")
+    shared = tmp_path / "teacher.jsonl"
+    shared.write_text(json.dumps({"response_ids": [1] * 7}) + "\n")
+    assert generated_tokens(run, uses_teacher_rows=True, shared_teacher_file=shared) == {
+        "student_tokens": 3 + 4 + 5 + 10, "teacher_tokens": 2 + 7}
+    assert generated_tokens(run, uses_teacher_rows=False, shared_teacher_file=shared)["teacher_tokens"] == 2
+
+
+def test_a_cell_claimed_by_a_live_process_is_skipped_and_a_stale_claim_taken_over(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from distillm.compare import CellClaim
+
+    with CellClaim(tmp_path / "a") as first:
+        assert first and (tmp_path / "a" / "running.pid").read_text() == str(os.getpid())
+        with CellClaim(tmp_path / "a") as second:
+            assert not second  # held by this (live) process
+    assert not (tmp_path / "a" / "running.pid").exists()
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "running.pid").write_text(gone.stdout.strip())  # a finished process: a stale claim
+    with CellClaim(tmp_path / "b") as claimed:
+        assert claimed
