@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from transformers import TrainingArguments, set_seed
 
 from .config import RunConfig
 from .errors import DistillmError
+from .faults import fault_point
 from .data.prompts import EncodedPrompt, encode_prompts, load_prompts
 from .generation.base import SamplingParams
 from .generation.hf import HFBackend
@@ -74,6 +76,7 @@ class RunPaths:
     checkpoints = property(lambda self: self.root / "checkpoints")
     train_log = property(lambda self: self.root / "logs" / "train_log.jsonl")
     student = property(lambda self: self.root / "student")
+    training_summary = property(lambda self: self.root / "logs" / "training.json")
     metrics = property(lambda self: self.root / "metrics.json")
 
     def round_dir(self, k: int) -> Path:
@@ -106,7 +109,8 @@ def prepare_run_dir(config: RunConfig, *, overwrite: bool = False) -> RunPaths:
             changed = sorted(_diff_keys(previous, current))
             raise RunDirError(
                 f"{paths.root} already holds a run with a different config (differs in: {', '.join(changed)}). "
-                "Pass --overwrite to replace it, or choose another --output-dir."
+                "Pass --resume to continue that run with its own config, --overwrite to replace it, or choose "
+                "another --output-dir."
             )
         if produced:
             logger.info("Continuing the run in %s", paths.root)
@@ -329,6 +333,7 @@ def evaluate(config: RunConfig, models: ModelPair, eval_prompts, teacher_eval_ro
     )
     common = dict(vocab_size=models.vocab_size, pad_token_id=models.tokenizer.pad_token_id, max_length=d.max_length)
     result = {"teacher_nll_of_student_samples": teacher_nll(models.teacher, samples, **common)}
+    fault_point(f"eval:{tag}")
     result.update(teacher_student_divergence(models.teacher, models.student, teacher_eval_rows, **common))
     result["seconds"] = round(time.time() - start, 1)
     return result
@@ -370,11 +375,20 @@ def train(config: RunConfig, models: ModelPair, method: Method, rows: list[dict]
     """`rounds` epochs of the method on its rows; resumes from the last complete checkpoint in the run directory.
     Paired methods (distillm2, dpkd) regenerate the student's responses at the start of every round."""
     tokenizer = models.tokenizer
+    summary = read_json_or_none(paths.training_summary)
+    if summary is not None and (paths.student / "config.json").is_file():
+        # Training finished before (the summary is written after the student): a resumed run reuses the student.
+        logger.info("Training already finished: using the student in %s", paths.student)
+        models.student = load_model(str(paths.student), dtype="float32")[0].to(models.student.device)
+        return summary
 
     def refresh(round_index: int, model) -> list[dict]:
         folder = paths.round_dir(round_index)
         if (folder / "pairs.jsonl").is_file():  # this round's data is complete (a resumed run, or round 0 again)
-            return read_jsonl(folder / "pairs.jsonl")
+            try:
+                return read_jsonl(folder / "pairs.jsonl")
+            except DistillmError as err:  # damaged by something else than distillm (it writes it atomically)
+                logger.warning("%s Rebuilding it.", err)
         model_dir = None
         if choose_backend_name(config.generation.backend) == "vllm":
             model_dir = str(folder / "student_weights")
@@ -420,20 +434,48 @@ def train(config: RunConfig, models: ModelPair, method: Method, rows: list[dict]
             f"or gradient and were skipped (last batch: prompt ids {', '.join(stop['batch_ids'][:8])}). A checkpoint "
             f"was saved in {paths.checkpoints}. Lower --learning-rate or check those prompts, then rerun the same "
             "command to resume (or raise --max-nonfinite-steps).")
-    trainer.save_model(str(paths.student))
+    save_student(trainer, paths.student)
     history = [entry for entry in trainer.state.log_history if "loss" in entry]
     write_jsonl(paths.train_log, history)
     by_round: dict[int, list[float]] = {}
     for entry in history:  # epoch k+1 is the end of round k; steps of round k have epoch in (k, k+1]
         by_round.setdefault(max(math.ceil(entry["epoch"]) - 1, 0), []).append(entry["loss"])
     round_means = [round(sum(v) / len(v), 4) for _, v in sorted(by_round.items())]
-    return {
+    summary = {
         "method": method.name,
         "steps": trainer.state.global_step,
         "train_seconds": round(result.metrics.get("train_runtime", 0.0), 1),
         "mean_loss_per_round": round_means,
+        "skipped_nonfinite_steps": trainer.nonfinite_guard.skipped,
         "log": str(paths.train_log.relative_to(paths.root)),
     }
+    if trainer.args.should_save:
+        atomic_write_json(paths.training_summary, summary)  # last: marks the student as complete
+    return summary
+
+
+def save_student(trainer: DistillTrainer, folder: Path) -> None:
+    """The trained student (safetensors + tokenizer), written to `folder.partial` and renamed into place: a
+    student cut off mid-write never stands in `folder`."""
+    partial = folder.with_name(folder.name + ".partial")
+    if trainer.args.should_save and partial.exists():
+        shutil.rmtree(partial)
+    trainer.save_model(str(partial))
+    if trainer.args.should_save:
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(partial, folder)
+
+
+def read_json_or_none(path: Path):
+    """A JSON file written by an earlier attempt, or None if it is missing or unreadable (then it is redone)."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        logger.warning("%s is damaged (%s); redoing that stage", path, err)
+        return None
 
 
 # ----------------------------------------------------------------------------------------------- the whole run
@@ -445,8 +487,8 @@ def run(config: RunConfig, *, overwrite: bool = False) -> dict:
     state = PartialState()
     with state.main_process_first():  # one process sets the directory up (and wipes it), the others then agree
         paths = prepare_run_dir(config, overwrite=overwrite and state.is_main_process)
-    if paths.metrics.is_file():
-        metrics = json.loads(paths.metrics.read_text())
+    metrics = read_json_or_none(paths.metrics)
+    if metrics is not None:
         if metrics.get("complete"):
             logger.info("%s already holds a finished run; metrics.json is unchanged", paths.root)
             return metrics
@@ -471,8 +513,9 @@ def run(config: RunConfig, *, overwrite: bool = False) -> dict:
                      "num_train_prompts": len(train_prompts), "num_eval_prompts": len(eval_prompts)}
     if evaluating:
         before_file = paths.root / "eval" / "before.json"
-        if before_file.is_file():  # a resumed run: the student has trained since, so reuse the first figures
-            metrics["before"] = json.loads(before_file.read_text())
+        before = read_json_or_none(before_file)
+        if before is not None:  # a resumed run: the student has trained since, so reuse the first figures
+            metrics["before"] = before
         else:
             metrics["before"] = evaluate(config, models, eval_prompts, teacher_eval, paths, "before")
             atomic_write_json(before_file, metrics["before"])

@@ -27,6 +27,7 @@ from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..errors import DistillmError
+from ..faults import fault_point
 from ..io import atomic_write_json
 from ..methods.base import LossInputs
 from ..models import eval_mode
@@ -179,6 +180,7 @@ class DistillTrainer(Trainer):
         if self.args.should_save:
             folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             if os.path.isdir(folder):
+                fault_point("checkpoint")  # reliability tests: a kill with the checkpoint half written
                 # written last and atomically: its presence marks the checkpoint as complete (see last_complete_checkpoint)
                 atomic_write_json(os.path.join(folder, METHOD_STATE_FILE), self.method.state_dict())
 
