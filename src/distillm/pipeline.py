@@ -155,11 +155,30 @@ def load_models(config: RunConfig) -> ModelPair:
         keep = parse_layer_spec(m.student_layers, teacher.config.num_hidden_layers)
         student = prune_layers(teacher, keep).float()
         logger.info("Student: teacher layers %s (%d of %d)", keep, len(keep), teacher.config.num_hidden_layers)
+    check_context_length(config, teacher=teacher, student=student)
     teacher, student = teacher.to(device), student.to(device)
     teacher_path = loadable_path(m.teacher)
     logger.info("Teacher %s: %.1fM parameters; student: %.1fM", m.teacher, count_parameters(teacher) / 1e6,
                 count_parameters(student) / 1e6)
     return ModelPair(teacher, student, tokenizer, real_vocab_size(tokenizer), teacher_path)
+
+
+def check_context_length(config: RunConfig, **models: torch.nn.Module) -> None:
+    """Refuse lengths the models cannot take: a training sequence (--max-length) or a prompt plus its response
+    (--max-prompt-length + --max-new-tokens) longer than a model's context. Longer prompts are cut from the left
+    to --max-prompt-length (counted and reported), so the lengths alone decide."""
+    d, g = config.data, config.generation
+    for name, model in models.items():
+        limit = getattr(model.config, "max_position_embeddings", None)
+        if not limit:
+            continue
+        for what, length, fix in (("max_length", d.max_length, f"--max-length {limit}"),
+                                  ("max_prompt_length + max_new_tokens", d.max_prompt_length + g.max_new_tokens,
+                                   "--max-prompt-length and --max-new-tokens with a sum")):
+            if length > limit:
+                raise DistillmError(
+                    f"{what} = {length} tokens is longer than the {name}'s context of {limit} tokens "
+                    f"(max_position_embeddings in its config): set {fix} or less.")
 
 
 # ----------------------------------------------------------------------------------------------- data
