@@ -10,6 +10,11 @@ does. Unset (the normal case) it costs one dictionary lookup. Points:
     train_step      after an optimizer step, before the Trainer saves a checkpoint for it
     checkpoint      while a checkpoint is being saved: weights and optimizer written, method state not yet
     eval:TAG        during the evaluation TAG (before, after), after its samples, before its divergences
+
+Two more faults do not kill but poison a training step's loss (N may be a range, e.g. `nan_loss@3-5`):
+
+    nan_loss        the loss of optimizer step N (counted from 1) is multiplied by NaN
+    inf_loss        the loss of optimizer step N is multiplied by +inf
 """
 
 from __future__ import annotations
@@ -24,15 +29,22 @@ ENV = "DISTILLM_FAULT"
 _passes: Counter = Counter()
 
 
-def _targets() -> dict[str, int]:
+def _targets() -> dict[str, set[int]]:
     spec = os.environ.get(ENV, "").strip()
-    targets = {}
+    targets: dict[str, set[int]] = {}
     for item in filter(None, (part.strip() for part in spec.split(","))):
         point, sep, count = item.rpartition("@")
-        if not sep or not count.isdigit() or int(count) < 1:
-            raise ValueError(f"{ENV}={spec!r}: each fault is POINT@N with N >= 1 (e.g. gen:teacher_train@2).")
-        targets[point] = int(count)
+        first, _, last = count.partition("-")
+        if not sep or not first.isdigit() or not (last or first).isdigit() or int(first) < 1:
+            raise ValueError(f"{ENV}={spec!r}: each fault is POINT@N or POINT@N-M with N >= 1 "
+                             "(e.g. gen:teacher_train@2, nan_loss@3-5).")
+        targets.setdefault(point, set()).update(range(int(first), int(last or first) + 1))
     return targets
+
+
+def fault_active(name: str, n: int) -> bool:
+    """Whether DISTILLM_FAULT asks for the non-killing fault `name` at `n` (e.g. nan_loss at step n)."""
+    return ENV in os.environ and n in _targets().get(name, ())
 
 
 def fault_point(name: str, before_kill: Callable[[], None] | None = None) -> None:
@@ -40,10 +52,11 @@ def fault_point(name: str, before_kill: Callable[[], None] | None = None) -> Non
     if ENV not in os.environ:
         return
     wanted = _targets().get(name)
-    if wanted is None:
+    if not wanted:
         return
     _passes[name] += 1
-    if _passes[name] == wanted:
+    if _passes[name] == min(wanted):
+        wanted = _passes[name]
         if before_kill is not None:
             before_kill()
         sys.stderr.write(f"distillm: fault injection: SIGKILL at {name}@{wanted}\n")
