@@ -66,7 +66,12 @@ def test_a_run_killed_in_any_phase_resumes_to_the_uninterrupted_result(fault, tm
     killed = run_distillm(command, fault=fault)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert f"SIGKILL at {fault}" in killed.stderr
-    assert (out / FAULTS[fault][1]).exists(), "the kill did not happen in the phase under test"
+    evidence = out / FAULTS[fault][1]
+    assert evidence.exists(), "the kill did not happen in the phase under test"
+    if fault.startswith("torn:"):  # the file really ends in half a line
+        assert not evidence.read_bytes().endswith(b"\n")
+    if fault.startswith("checkpoint"):  # weights written, the method state (written last) not
+        assert (evidence / "model.safetensors").is_file() and not (evidence / "distillm_method_state.json").exists()
     assert not (out / "metrics.json").exists()
 
     resumed = run_distillm(command)  # the same command again
