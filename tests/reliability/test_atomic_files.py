@@ -78,8 +78,11 @@ def test_damaged_outputs_of_a_finished_run_are_redone_to_the_same_result(tmp_pat
     (run / "metrics.json").write_text(metrics[: len(metrics) // 2])  # torn by an older crash
     (run / "logs" / "training.json").unlink()  # the student was never marked complete: retrain from checkpoint
     (run / "student" / "model.safetensors").write_bytes(b"half a file")
+    # round 1's training data torn, and the checkpoints since round 1 lost: round 1 must be trained again
     pairs = run / "rounds" / "round_1" / "pairs.jsonl"
     pairs.write_text(pairs.read_text()[:-30])
+    for step in (4, 6):
+        shutil.rmtree(run / "checkpoints" / f"checkpoint-{step}")
     result = run_distillm([*TINY_RUN, "--output-dir", str(run)])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "damaged" in result.stderr and "Rebuilding it" in result.stderr
