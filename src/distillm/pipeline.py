@@ -14,7 +14,8 @@ Run directory layout::
     rounds/round_K/pairs.jsonl   TRL DPO columns: prompt, chosen (teacher), rejected (student), plus token ids
     checkpoints/checkpoint-N     transformers Trainer checkpoints (resume from the last one)
     logs/train_log.jsonl         per-step loss, the method's metrics (e.g. skl, srkl, alpha_t, alpha_s, b), sources
-    student/                     the distilled student (safetensors + tokenizer)
+    logs/training.json           the training summary, written after the student: marks training as finished
+    student/                     the distilled student (safetensors + tokenizer; saved as student.partial, renamed)
     eval/{before,after}_samples.jsonl  student samples on held-out prompts
     metrics.json                 before/after metrics, training summary, timings
 """
@@ -89,7 +90,8 @@ class RunPaths:
 def prepare_run_dir(config: RunConfig, *, overwrite: bool = False) -> RunPaths:
     """Create the run directory, or continue the run it holds if its config is the same one.
 
-    A directory holding a run with a different config is refused unless `overwrite` (which wipes it).
+    A directory holding a run with a different config is refused unless `overwrite` (which wipes it); the CLI's
+    --resume continues such a run by passing the config stored in it.
     """
     paths = RunPaths(config.output_dir)
     text = config.to_yaml()

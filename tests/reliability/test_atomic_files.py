@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import SRC, TINY_RUN, read_rows, run_distillm
+from reliability_helpers import SRC, TINY_RUN, read_rows, run_distillm
 from distillm.generation.base import SamplingParams
 from distillm.generation.hf import HFBackend
 from distillm.generation.runner import generate_responses

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY_RUN, read_rows, run_distillm
+from reliability_helpers import TINY_RUN, read_rows, run_distillm
 
 pytestmark = pytest.mark.slow
 

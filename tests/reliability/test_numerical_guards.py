@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY_RUN, read_rows, run_distillm
+from reliability_helpers import TINY_RUN, read_rows, run_distillm
 from distillm.config import load_config
 from distillm.methods import METHODS, build_method
 from distillm.methods.base import LossInputs
