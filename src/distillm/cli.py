@@ -90,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--batch-size", type=int, default=defaults.generation.generation_batch_size)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--dtype", default="auto")
+    gen.add_argument("--vllm-tensor-parallel-size", type=int, default=defaults.generation.vllm_tensor_parallel_size,
+                     help="vLLM: GPUs one engine spreads the model over (a 70B teacher: 4 or 8).")
+    gen.add_argument("--vllm-gpu-memory-utilization", type=float,
+                     default=defaults.generation.vllm_gpu_memory_utilization,
+                     help="vLLM: fraction of each GPU's memory the engine may take.")
     gen.add_argument("--trust-remote-code", action="store_true")
 
     from .evaluation.cli import add_eval_parser
@@ -135,9 +140,9 @@ def _cmd_run(args, *, evaluate_default: bool) -> int:
     if args.resume:
         config = resumed_config(config.output_dir, overrides, overwrite=args.overwrite)
     metrics = run(config, overwrite=args.overwrite)
-    from accelerate import PartialState
+    from .distributed import process_state
 
-    if not PartialState().is_main_process:  # one summary per run, not one per process
+    if not process_state().is_main_process:  # one summary per run, not one per process
         return 0
     training = metrics.get("training", {})
     print(f"\nDistilled student: {Path(config.output_dir) / 'student'}")
@@ -193,6 +198,9 @@ def _cmd_generate(args) -> int:
     config = RunConfig()
     config.generation.backend = args.backend
     config.generation.generation_batch_size = args.batch_size
+    config.generation.vllm_tensor_parallel_size = args.vllm_tensor_parallel_size
+    config.generation.vllm_gpu_memory_utilization = args.vllm_gpu_memory_utilization
+    config.model.dtype = args.dtype
     backend = make_backend(config, model, tokenizer, model_dir=loadable_path(args.model))
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                             seed=args.seed)

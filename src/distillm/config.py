@@ -35,6 +35,12 @@ class ModelSection:
     student_layers: str = opt("even:10", "Teacher layers a derived student keeps: 'even:10' (evenly spread, first and last included), 'every:3', 'first:10' or a list '0,3,6-8'.")
     dtype: str = opt("auto", "Weights dtype: auto (fp32 on CPU, bf16 on a GPU that has it), float32, bfloat16, float16.")
     trust_remote_code: bool = opt(False, "Allow model repositories to run their own Python code (off unless you trust them).")
+    lora: bool = opt(False, "Train a LoRA adapter on the student (PEFT) instead of all its weights; the adapter is saved and merged into a plain model at the end.")
+    lora_r: int = opt(16, "LoRA rank (the released DistiLLM-2 configs: 16).")
+    lora_alpha: int = opt(128, "LoRA alpha (the released DistiLLM-2 configs: 128).")
+    lora_dropout: float = opt(0.05, "LoRA dropout.")
+    lora_target_modules: str = opt("all-linear", "Modules that get adapters: all-linear, or a comma-separated list of module names (e.g. q_proj,v_proj).")
+    load_in_4bit: bool = opt(False, "QLoRA: load the student's base weights in 4-bit NF4 (bitsandbytes, NVIDIA GPU only) and train a LoRA adapter on them (implies --lora).")
 
 
 @dataclass
@@ -287,6 +293,9 @@ def validate(config: RunConfig) -> None:
         (me.skd_top_k >= 1, "skd_top_k must be >= 1"),
         (me.skd_loss in ("fkl", "rkl", "jsd", "tvd"), "skd_loss must be fkl, rkl, jsd or tvd"),
         (me.sbs_rationale_weight >= 0, "sbs_rationale_weight must be >= 0"),
+        (m.lora_r >= 1 and m.lora_alpha >= 1, "lora_r and lora_alpha must be >= 1"),
+        (0 <= m.lora_dropout < 1, "lora_dropout must be in [0, 1)"),
+        (bool(m.lora_target_modules.strip()), "lora_target_modules must be all-linear or a list of module names"),
         (m.dtype in ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"),
          "dtype must be auto, float32, bfloat16 or float16"),
     ]

@@ -305,3 +305,69 @@ def eval_mode(*models: torch.nn.Module):
 
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------------------------- LoRA / QLoRA (PEFT)
+
+
+def _lora_targets(target_modules: str) -> str | list[str]:
+    text = target_modules.strip()
+    return "all-linear" if text == "all-linear" else [name.strip() for name in text.split(",") if name.strip()]
+
+
+def check_quantization_supported() -> None:
+    """QLoRA's 4-bit weights come from bitsandbytes, which needs an NVIDIA GPU; say so before loading anything."""
+    if not torch.cuda.is_available():
+        raise ModelLoadError("--load-in-4bit (QLoRA) needs an NVIDIA GPU: bitsandbytes' 4-bit kernels do not run on "
+                             "this machine. Drop --load-in-4bit to train a LoRA adapter on full-precision weights "
+                             "(--lora).")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelLoadError("--load-in-4bit (QLoRA) needs the bitsandbytes package: pip install bitsandbytes")
+
+
+def load_quantized_student(path: str, *, compute_dtype: torch.dtype, trust_remote_code: bool = False):
+    """The student's base weights in 4-bit NF4 with double quantisation (the QLoRA recipe), ready for k-bit
+    training (PEFT's prepare_model_for_kbit_training)."""
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    check_quantization_supported()
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=compute_dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization, dtype=compute_dtype,
+                                                 use_safetensors=True, trust_remote_code=trust_remote_code)
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+def add_lora(model: PreTrainedModel, *, r: int = 16, alpha: int = 128, dropout: float = 0.05,
+             target_modules: str = "all-linear", gradient_checkpointing: bool = False):
+    """Wrap `model` in a PEFT LoRA adapter (only the adapter's weights train; the base is frozen). With gradient
+    checkpointing the input embeddings' output is made to require grad, so the checkpointed blocks (whose inputs
+    would otherwise all be frozen) still pass gradients to the adapters."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=_lora_targets(target_modules),
+                        task_type="CAUSAL_LM")
+    try:
+        model = get_peft_model(model, config)
+    except ValueError as err:
+        raise ModelLoadError(f"Cannot add LoRA adapters (--lora-target-modules {target_modules!r}): {err}") from err
+    if gradient_checkpointing:
+        model.enable_input_require_grads()
+    return model
+
+
+def is_peft_model(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def merged_copy(model):
+    """A plain transformers model with the LoRA adapter folded into its weights (the model itself is left as it
+    is); a model without an adapter is returned unchanged."""
+    if not is_peft_model(model):
+        return model
+    return copy.deepcopy(model).merge_and_unload()

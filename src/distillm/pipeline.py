@@ -15,7 +15,7 @@ Run directory layout::
     checkpoints/checkpoint-N     transformers Trainer checkpoints (resume from the last one)
     logs/train_log.jsonl         per-step loss, the method's metrics (e.g. skl, srkl, alpha_t, alpha_s, b), sources
     logs/training.json           the training summary, written after the student: marks training as finished
-    student/                     the distilled student (safetensors + tokenizer; saved as student.partial, renamed)
+    student/                     the distilled student (safetensors + tokenizer; saved as student.tmp, renamed)
     eval/{before,after}_samples.jsonl  student samples on held-out prompts
     metrics.json                 before/after metrics, training summary, timings
 """
@@ -33,23 +33,24 @@ from pathlib import Path
 
 import torch
 import yaml
-from accelerate import PartialState
 from transformers import TrainingArguments, set_seed
 
 from .config import RunConfig
+from .distributed import process_state
 from .errors import DistillmError
 from .faults import fault_point
 from .data.prompts import EncodedPrompt, encode_prompts, load_prompts
 from .generation.base import SamplingParams
 from .generation.hf import HFBackend
-from .generation.runner import generate_responses
+from .generation.runner import generate_sharded
 from .generation.vllm_backend import LazyVLLMBackend, choose_backend_name
 from .io import atomic_write_json, atomic_write_text, read_jsonl, write_jsonl
 from .methods import build_method
 from .methods.base import Method
 from .models import (
-    check_same_tokenizer, count_parameters, load_model, loadable_path, parse_layer_spec, prune_layers,
-    real_vocab_size, resolve_dtype,
+    add_lora, check_quantization_supported, check_same_tokenizer, count_parameters, is_peft_model, load_model,
+    load_quantized_student, loadable_path, merged_copy, parse_layer_spec, prune_layers, real_vocab_size,
+    resolve_dtype,
 )
 from .evaluation.divergence import teacher_nll, teacher_student_divergence
 from .training.callbacks import OnPolicyRoundCallback
@@ -146,9 +147,12 @@ class ModelPair:
 
 def load_models(config: RunConfig) -> ModelPair:
     """Teacher in the configured dtype; student in fp32 (its master weights: a bf16/fp16 dtype trains it under
-    autocast instead, see training_arguments), both on this process's device."""
+    autocast instead, see training_arguments), both on this process's device. With --lora the student is wrapped
+    in a PEFT LoRA adapter; with --load-in-4bit (QLoRA) its base weights are loaded in 4-bit first."""
     m = config.model
-    device = PartialState().device
+    device = process_state().device
+    if m.load_in_4bit:
+        check_quantization_supported()  # before the teacher is loaded
     teacher, tokenizer = load_model(m.teacher, dtype=m.dtype, trust_remote_code=m.trust_remote_code)
     if m.student:
         student, student_tok = load_model(m.student, dtype="float32", trust_remote_code=m.trust_remote_code)
@@ -158,7 +162,26 @@ def load_models(config: RunConfig) -> ModelPair:
         student = prune_layers(teacher, keep).float()
         logger.info("Student: teacher layers %s (%d of %d)", keep, len(keep), teacher.config.num_hidden_layers)
     check_context_length(config, teacher=teacher, student=student)
-    teacher, student = teacher.to(device), student.to(device)
+    teacher = teacher.to(device)
+    if m.load_in_4bit:
+        # bitsandbytes quantises while loading: a derived student is saved once, then loaded in 4-bit
+        base_dir = loadable_path(m.student) if m.student else None
+        if base_dir is None:
+            base_dir = str(Path(config.output_dir) / "student_base")
+            if process_state().is_main_process and not (Path(base_dir) / "config.json").is_file():
+                student.save_pretrained(base_dir)
+            process_state().wait_for_everyone()
+        student = load_quantized_student(base_dir, compute_dtype=resolve_dtype(m.dtype),
+                                         trust_remote_code=m.trust_remote_code)
+    else:
+        student = student.to(device)
+    if m.lora or m.load_in_4bit:
+        student = add_lora(student, r=m.lora_r, alpha=m.lora_alpha, dropout=m.lora_dropout,
+                           target_modules=m.lora_target_modules,
+                           gradient_checkpointing=config.training.gradient_checkpointing)
+        trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
+        logger.info("LoRA student: r=%d, alpha=%d on %s; %.2fM trainable parameters", m.lora_r, m.lora_alpha,
+                    m.lora_target_modules, trainable / 1e6)
     teacher_path = loadable_path(m.teacher)
     logger.info("Teacher %s: %.1fM parameters; student: %.1fM", m.teacher, count_parameters(teacher) / 1e6,
                 count_parameters(student) / 1e6)
@@ -213,10 +236,9 @@ def sampling_params(config: RunConfig, *, seed_offset: int = 0, max_new_tokens: 
 
 
 def generate_once(*args, **kwargs) -> list[dict]:
-    """`generate_responses`, done by the main process first; in a multi-process run the other processes then
-    find the finished file and read it (no duplicated work in the file, no two writers)."""
-    with PartialState().main_process_first():
-        return generate_responses(*args, **kwargs)
+    """`generate_responses`; in a multi-process run each process answers its share of the batches and rank 0
+    writes the merged file (`generation.runner.generate_sharded`: no prompt lost or answered twice)."""
+    return generate_sharded(*args, **kwargs)
 
 
 def make_backend(config: RunConfig, model, tokenizer, *, model_dir: str | None):
@@ -224,7 +246,14 @@ def make_backend(config: RunConfig, model, tokenizer, *, model_dir: str | None):
     g = config.generation
     name = choose_backend_name(g.backend)
     if name == "vllm" and model_dir is not None:
-        return LazyVLLMBackend(model_dir, tensor_parallel_size=g.vllm_tensor_parallel_size,
+        if process_state().num_processes > 1 and g.vllm_tensor_parallel_size > 1:
+            raise DistillmError(
+                "--vllm-tensor-parallel-size > 1 inside a multi-process run is not supported: each training process "
+                "starts its own vLLM engine on its own GPU (colocated, tensor parallel size 1). Generate the teacher "
+                "responses first in one process with `distillm generate --backend vllm --vllm-tensor-parallel-size "
+                "N`, then pass them with --teacher-responses.")
+        return LazyVLLMBackend(model_dir, dtype=str(resolve_dtype(config.model.dtype)).removeprefix("torch."),
+                               tensor_parallel_size=g.vllm_tensor_parallel_size,
                                gpu_memory_utilization=g.vllm_gpu_memory_utilization,
                                trust_remote_code=config.model.trust_remote_code)
     return HFBackend(model, tokenizer, max_batch_size=g.generation_batch_size, max_batch_tokens=g.max_batch_tokens)
@@ -381,7 +410,8 @@ def training_arguments(config: RunConfig, paths: RunPaths) -> TrainingArguments:
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
         report_to=[] if t.report_to == "none" else [t.report_to],
-        **({"gradient_checkpointing": True} if t.gradient_checkpointing else {}),
+        **({"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}}
+           if t.gradient_checkpointing else {}),
         bf16=resolve_dtype(config.model.dtype) == torch.bfloat16,
         fp16=resolve_dtype(config.model.dtype) == torch.float16,
         remove_unused_columns=False,
@@ -412,10 +442,19 @@ def train(config: RunConfig, models: ModelPair, method: Method, rows: list[dict]
                 logger.warning("%s Rebuilding it.", err)
         model_dir = None
         if choose_backend_name(config.generation.backend) == "vllm":
+            # vLLM loads weights from a directory: the current student is saved (a LoRA adapter merged in) by
+            # rank 0, and each round's engine is started afresh on it, so every round samples the latest weights
             model_dir = str(folder / "student_weights")
-            if not (folder / "student.jsonl").is_file():
-                model.save_pretrained(model_dir)
-                tokenizer.save_pretrained(model_dir)
+            state = process_state()
+            if state.is_main_process and not (folder / "student.jsonl").is_file() \
+                    and not (Path(model_dir) / "config.json").is_file():
+                tmp = folder / "student_weights.tmp"
+                shutil.rmtree(tmp, ignore_errors=True)
+                merged_copy(model).save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+                shutil.rmtree(model_dir, ignore_errors=True)
+                tmp.rename(model_dir)
+            state.wait_for_everyone()
         backend = make_backend(config, model, tokenizer, model_dir=model_dir)
         try:
             student_rows = generate_once(
@@ -443,7 +482,7 @@ def train(config: RunConfig, models: ModelPair, method: Method, rows: list[dict]
         processing_class=tokenizer,
     )
     if method.paired_rounds:
-        trainer.add_callback(OnPolicyRoundCallback(dataset, refresh))
+        trainer.add_callback(OnPolicyRoundCallback(dataset, refresh, trainer.model_for_generation))
     last = last_complete_checkpoint(paths.checkpoints)
     if last:
         logger.info("Resuming training from %s", last)
@@ -455,7 +494,7 @@ def train(config: RunConfig, models: ModelPair, method: Method, rows: list[dict]
             f"or gradient and were skipped (last batch: prompt ids {', '.join(stop['batch_ids'][:8])}). A checkpoint "
             f"was saved in {paths.checkpoints}. Lower --learning-rate or check those prompts, then rerun the same "
             "command to resume (or raise --max-nonfinite-steps).")
-    save_student(trainer, paths.student)
+    save_student(trainer, config, models, paths)
     history = [entry for entry in trainer.state.log_history if "loss" in entry]
     write_jsonl(paths.train_log, history)
     by_round: dict[int, list[float]] = {}
@@ -475,19 +514,6 @@ def train(config: RunConfig, models: ModelPair, method: Method, rows: list[dict]
     return summary
 
 
-def save_student(trainer: DistillTrainer, folder: Path) -> None:
-    """The trained student (safetensors + tokenizer), written to `folder.partial` and renamed into place: a
-    student cut off mid-write never stands in `folder`."""
-    partial = folder.with_name(folder.name + ".partial")
-    if trainer.args.should_save and partial.exists():
-        shutil.rmtree(partial)
-    trainer.save_model(str(partial))
-    if trainer.args.should_save:
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(partial, folder)
-
-
 def read_json_or_none(path: Path):
     """A JSON file written by an earlier attempt, or None if it is missing or unreadable (then it is redone)."""
     if not path.is_file():
@@ -499,13 +525,59 @@ def read_json_or_none(path: Path):
         return None
 
 
+def sharded_engine() -> bool:
+    """Whether `accelerate launch` started this run under FSDP or DeepSpeed ZeRO-3 (weights sharded over processes)."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        return True
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true") and \
+        os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "") == "3"
+
+
+def save_student(trainer: DistillTrainer, config: RunConfig, models: ModelPair, paths: RunPaths) -> None:
+    """The distilled student into student/ as a plain transformers model (safetensors + tokenizer, loadable with
+    from_pretrained). A LoRA student's adapter is kept in adapter/ and merged into the weights saved in student/
+    (a QLoRA adapter is merged into the base reloaded in the compute dtype, not into its 4-bit weights).
+    Gathered from all processes by the Trainer (FSDP / DeepSpeed full state dict)."""
+    if not is_peft_model(models.student):
+        # written to student.tmp and renamed: a student cut off mid-write never stands in student/
+        tmp = paths.root / "student.tmp"
+        if trainer.args.should_save:
+            shutil.rmtree(tmp, ignore_errors=True)
+        trainer.save_model(str(tmp))
+        if trainer.args.should_save:
+            shutil.rmtree(paths.student, ignore_errors=True)
+            tmp.rename(paths.student)
+        trainer.accelerator.wait_for_everyone()
+        return
+    adapter_dir = paths.root / "adapter"
+    trainer.save_model(str(adapter_dir))  # adapter_config.json + adapter_model.safetensors (+ tokenizer)
+    if trainer.args.should_save:
+        if getattr(models.student, "is_loaded_in_4bit", False) or getattr(
+                models.student.get_base_model(), "is_loaded_in_4bit", False):
+            from peft import PeftModel
+
+            base_spec = config.model.student or str(paths.root / "student_base")
+            base, _ = load_model(base_spec, dtype=config.model.dtype)
+            merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+        else:
+            merged = merged_copy(trainer.accelerator.unwrap_model(trainer.model))
+        tmp = paths.root / "student.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        merged.save_pretrained(tmp)
+        models.tokenizer.save_pretrained(tmp)
+        shutil.rmtree(paths.student, ignore_errors=True)
+        tmp.rename(paths.student)
+        logger.info("LoRA adapter: %s; merged student: %s", adapter_dir, paths.student)
+    trainer.accelerator.wait_for_everyone()
+
+
 # ----------------------------------------------------------------------------------------------- the whole run
 
 
 def run(config: RunConfig, *, overwrite: bool = False) -> dict:
     """Teacher responses, rounds of student responses + training, before/after evaluation, metrics.json."""
     started = time.time()
-    state = PartialState()
+    state = process_state()
     with state.main_process_first():  # one process sets the directory up (and wipes it), the others then agree
         paths = prepare_run_dir(config, overwrite=overwrite and state.is_main_process)
     metrics = read_json_or_none(paths.metrics)
@@ -547,7 +619,10 @@ def run(config: RunConfig, *, overwrite: bool = False) -> dict:
         validation = rows[:32]
     metrics["training"] = train(config, models, method, rows, paths, train_prompts=train_prompts,
                                 validation_rows=validation)
-    if evaluating:
+    if evaluating and sharded_engine():
+        logger.warning("No 'after' evaluation under FSDP / DeepSpeed ZeRO-3: the models are sharded now. Evaluate "
+                       "the saved student with `distillm eval --model distilled=%s`.", paths.student)
+    elif evaluating:
         metrics["after"] = evaluate(config, models, eval_prompts, teacher_eval, paths, "after")
     metrics["wall_seconds"] = round(time.time() - started, 1)
     metrics["complete"] = True

@@ -33,19 +33,26 @@ class VLLMBackend:
         tensor_parallel_size: int = 1,
         gpu_memory_utilization: float = 0.4,
         max_batch_size: int = 4096,
+        max_model_len: int | None = None,
         trust_remote_code: bool = False,
+        **engine_kwargs,
     ):
         from vllm import LLM  # imported lazily: vLLM is optional
 
         self.max_batch_size = max_batch_size
-        self.llm = LLM(
-            model=model_path,
-            dtype=dtype,
-            tensor_parallel_size=tensor_parallel_size,
-            gpu_memory_utilization=gpu_memory_utilization,
-            trust_remote_code=trust_remote_code,
-            enable_prefix_caching=True,
-        )
+        options = dict(model=model_path, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
+                       gpu_memory_utilization=gpu_memory_utilization, trust_remote_code=trust_remote_code,
+                       enable_prefix_caching=True, **engine_kwargs)
+        if max_model_len is not None:
+            options["max_model_len"] = max_model_len
+        try:
+            self.llm = LLM(**options)
+        except Exception as err:  # vLLM raises many types; name the directory and the settings
+            raise DistillmError(
+                f"vLLM could not start on {model_path} (tensor_parallel_size={tensor_parallel_size}, "
+                f"gpu_memory_utilization={gpu_memory_utilization}, dtype={dtype}): {type(err).__name__}: {err}. "
+                "Lower --vllm-gpu-memory-utilization if another model holds GPU memory, or use --backend hf."
+            ) from err
 
     def generate_batch(self, prompts: Sequence[list[int]], params: SamplingParams, *, seed: int) -> list[Completion]:
         from vllm import SamplingParams as VLLMSampling
@@ -70,7 +77,14 @@ class VLLMBackend:
         return completions
 
     def close(self) -> None:
+        import gc
+
+        engine = getattr(self.llm, "llm_engine", None)
+        shutdown = getattr(getattr(engine, "engine_core", None), "shutdown", None)
+        if shutdown is not None:  # vLLM's V1 engine runs in its own process: stop it now, not at exit
+            shutdown()
         del self.llm
+        gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 

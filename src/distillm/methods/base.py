@@ -122,6 +122,13 @@ class Method:
         self.reduction = config.loss.reduction
         self.temperature = config.loss.loss_temperature
 
+    @staticmethod
+    def sum_over_processes(values: torch.Tensor) -> torch.Tensor:
+        """Element-wise sum of `values` over the processes of a distributed run (the trainer replaces this with
+        an all-reduce when there are several); run state built from it is the same on every process and the
+        same as in a one-process run with the same global batch."""
+        return values
+
     # ------------------------------------------------------------------ data
     def build_rows(self, ctx) -> list[dict]:
         """The rows of the training set (a `pipeline.DataContext` gives access to prompts and the teacher)."""

@@ -73,14 +73,19 @@ class DistiLLM2(Method):
     # ------------------------------------------------------------------ run state
     def on_step_end(self, step: int = 0) -> None:
         """Fold this optimizer step's gaps into the running reference (a mean over recent batches)."""
+        if not self.opt.curriculum:
+            return
         m = self.opt.gap_momentum
-        for side, gaps in self._pending.items():
-            if not gaps:
+        # (sum of gaps, count) per side, summed over processes: every process folds in the whole step's batch
+        local = [[sum(max(g, 1e-6) for g in self._pending[side]), len(self._pending[side])] for side in ("t", "s")]
+        totals = self.sum_over_processes(torch.tensor(local, dtype=torch.float64)).tolist()
+        for side, (total, count) in zip(("t", "s"), totals):
+            self._pending[side].clear()
+            if not count:
                 continue
-            batch_gap = sum(max(g, 1e-6) for g in gaps) / len(gaps)
+            batch_gap = total / count
             ref = self.gap_ref[side]
             self.gap_ref[side] = batch_gap if ref is None else m * ref + (1 - m) * batch_gap
-            gaps.clear()
 
     def state_dict(self) -> dict:
         return {"gap_ref": dict(self.gap_ref)}

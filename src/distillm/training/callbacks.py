@@ -16,14 +16,21 @@ class OnPolicyRoundCallback(TrainerCallback):
     swap them into the training set. `refresh(round_index, model)` does the generation (cached on disk, so a
     resumed run reuses the data its round already produced) and returns the new pair rows."""
 
-    def __init__(self, dataset, refresh: Callable[[int, object], list[dict]]):
+    def __init__(self, dataset, refresh: Callable[[int, object], list[dict]], model_for_generation=None):
         self.dataset = dataset
         self.refresh = refresh
+        # a context manager yielding the student ready to generate (DistillTrainer.model_for_generation: the
+        # unwrapped model, ZeRO-3 shards gathered); None: the callback's `model` as it is
+        self.model_for_generation = model_for_generation
 
     def on_epoch_begin(self, args, state, control, model=None, **kwargs):
         steps_per_round = max(state.max_steps // max(int(state.num_train_epochs), 1), 1)
         round_index = state.global_step // steps_per_round
-        self.dataset.replace_rows(self.refresh(round_index, model))
+        if self.model_for_generation is None:
+            self.dataset.replace_rows(self.refresh(round_index, model))
+            return
+        with self.model_for_generation() as student:
+            self.dataset.replace_rows(self.refresh(round_index, student))
 
 
 class MethodStepCallback(TrainerCallback):

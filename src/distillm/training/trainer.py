@@ -6,7 +6,11 @@ logging to TensorBoard/W&B through `report_to`, accelerate for devices and proce
 - the method (`distillm.methods`): it draws each micro-batch (fixed rows, or fresh data from the live student
   through an `OnlineSampler`, see `get_batch_samples`) and computes the loss from the models' logits;
 - the teacher: frozen, in eval mode, no gradients, no optimizer state, forwarded under `torch.no_grad` (and not
-  at all for methods that do not need it, e.g. SeqKD);
+  at all for methods that do not need it, e.g. SeqKD); placed for the run's engine by `prepare_teacher` (as TRL
+  places its reference models): a replica on each device under DDP, sharded for inference under DeepSpeed
+  ZeRO-3 and FSDP, never wrapped for training;
+- fresh student data drawn inside training (on-policy methods) from the student unwrapped for generation
+  (TRL's `unwrap_model_for_generation`: gathers ZeRO-3 shards, pauses gradient checkpointing);
 - logits only over the response columns of the (left-padded) batch, sliced to the tokenizer's real vocabulary,
   so models whose embedding matrices are padded to different sizes are compared over real tokens only;
 - exact gradient accumulation: the loss of each micro-batch is divided by the counts (prompts, tokens) of the
@@ -55,6 +59,34 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def teacher_placement(accelerator) -> str:
+    """How the teacher is placed under `accelerator`'s engine: 'deepspeed' (ZeRO-3: sharded; ZeRO-1/2: a stage-0
+    replica), 'fsdp' (sharded, no optimizer) or 'device' (moved to this process's device; DDP and single
+    process). The teacher is never wrapped for training: it has no gradients and no optimizer state."""
+    if getattr(accelerator, "is_deepspeed_enabled", False):
+        return "deepspeed"
+    if getattr(accelerator, "is_fsdp2", False) or getattr(accelerator, "is_fsdp_enabled", False) or \
+            getattr(accelerator.state, "fsdp_plugin", None) is not None:
+        return "fsdp"
+    return "device"
+
+
+def prepare_teacher(teacher: torch.nn.Module, accelerator) -> torch.nn.Module:
+    """The frozen teacher, placed for inference as `teacher_placement` says (TRL's `prepare_deepspeed` /
+    `prepare_fsdp`, the functions TRL uses for its reference and teacher models)."""
+    teacher = freeze(teacher)
+    placement = teacher_placement(accelerator)
+    if placement == "deepspeed":
+        from trl.models.utils import prepare_deepspeed
+
+        return prepare_deepspeed(teacher, accelerator)
+    if placement == "fsdp":
+        from trl.models.utils import prepare_fsdp
+
+        return prepare_fsdp(teacher, accelerator)
+    return teacher.to(accelerator.device)
+
+
 class DistillTrainer(Trainer):
     # compute_loss already divides by the whole accumulated batch's counts
     loss_is_scaled_for_ga = True
@@ -62,8 +94,11 @@ class DistillTrainer(Trainer):
     def __init__(self, *, teacher: torch.nn.Module, method, vocab_size: int, sampler=None,
                  validation_rows: list[dict] | None = None, max_nonfinite_steps: int = 3, **kwargs):
         super().__init__(**kwargs)
-        self.teacher = freeze(teacher).to(self.args.device)
+        self.teacher = prepare_teacher(teacher, self.accelerator)
         self.method = method
+        if self.args.world_size > 1:  # the method's run state (e.g. curriculum gaps) is summed over processes
+            method.sum_over_processes = lambda values: self.accelerator.reduce(
+                values.to(self.args.device), reduction="sum").cpu()
         self.sampler = sampler  # training.sources.OnlineSampler, for methods that draw fresh data
         self.validation_rows = validation_rows or []
         self.add_callback(MethodStepCallback(self))
@@ -96,16 +131,25 @@ class DistillTrainer(Trainer):
         step = self.state.global_step
         # one RNG per (seed, step, micro-batch, process): a resumed run makes the same choices from its step on
         rng = random.Random(f"{self.args.seed}:{step}:{micro_index}:{self.args.process_index}")
-        sampler = None
-        if self.sampler is not None:
-            sampler = self.sampler.bound(self.accelerator.unwrap_model(self.model), rng.getrandbits(31))
-        drawn, source = self.method.draw(rows, sampler, rng, step, self.state.max_steps)
+        if self.sampler is None or not self.method.sources:  # the method never samples: no unwrapping needed
+            drawn, source = self.method.draw(rows, None, rng, step, self.state.max_steps)
+        else:
+            seed = rng.getrandbits(31)
+            with self.model_for_generation() as student:
+                drawn, source = self.method.draw(rows, self.sampler.bound(student, seed), rng, step,
+                                                 self.state.max_steps)
         self._sources[source] += 1
         self.last_batch_ids.extend(str(row.get("id")) for row in drawn)
         if drawn is rows:
             return batch
         fresh = self.data_collator(drawn)
         return {key: value.to(batch["input_ids"].device) for key, value in fresh.items()}
+
+    def model_for_generation(self):
+        """Context manager: the student, unwrapped and ready to generate (TRL's `unwrap_model_for_generation`)."""
+        from trl.models.utils import unwrap_model_for_generation
+
+        return unwrap_model_for_generation(self.model_wrapped, self.accelerator)
 
     # ------------------------------------------------------------------ loss normalisation
     def _get_num_items_in_batch(self, batch_samples, device):
