@@ -81,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-prompts", type=int, default=None, help="Use only the first N prompts.")
     gen.add_argument("--prompt-field", default="prompt")
     gen.add_argument("--messages-field", default="messages")
+    gen.add_argument("--image-field", default="image", help="Vision-language models: field holding the image path.")
     gen.add_argument("--max-prompt-length", type=int, default=defaults.data.max_prompt_length)
     gen.add_argument("--no-chat-template", action="store_true", help="Use raw prompt text (no chat template).")
     gen.add_argument("--backend", default="auto", choices=["auto", "hf", "vllm"])
@@ -189,19 +190,33 @@ def _cmd_generate(args) -> int:
     from .generation.runner import generate_responses
     from .models import load_model, loadable_path
     from .pipeline import make_backend
+    from .data.vision import check_no_images, encode_image_prompts, load_image_prompts
+    from .vision import is_vision_model, load_vision_model
 
-    model, tokenizer = load_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
-    records, report = load_prompts(args.prompts, prompt_field=args.prompt_field, messages_field=args.messages_field,
-                                   limit=args.num_prompts)
-    prompts, n_truncated = encode_prompts(records, tokenizer, max_prompt_length=args.max_prompt_length,
-                                          use_chat_template=not args.no_chat_template)
     config = RunConfig()
     config.generation.backend = args.backend
     config.generation.generation_batch_size = args.batch_size
     config.generation.vllm_tensor_parallel_size = args.vllm_tensor_parallel_size
     config.generation.vllm_gpu_memory_utilization = args.vllm_gpu_memory_utilization
     config.model.dtype = args.dtype
-    backend = make_backend(config, model, tokenizer, model_dir=loadable_path(args.model))
+    if is_vision_model(args.model, trust_remote_code=args.trust_remote_code):  # (image, prompt) rows
+        model, processor = load_vision_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+        tokenizer = processor.tokenizer
+        records, report = load_image_prompts(args.prompts, image_field=args.image_field,
+                                             prompt_field=args.prompt_field, messages_field=args.messages_field,
+                                             limit=args.num_prompts)
+        prompts = encode_image_prompts(records, processor, max_prompt_length=args.max_prompt_length,
+                                       use_chat_template=not args.no_chat_template)
+        n_truncated = 0
+        backend = make_backend(config, model, tokenizer, model_dir=None, processor=processor)
+    else:
+        check_no_images(args.prompts, args.image_field, model=args.model)
+        model, tokenizer = load_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+        records, report = load_prompts(args.prompts, prompt_field=args.prompt_field,
+                                       messages_field=args.messages_field, limit=args.num_prompts)
+        prompts, n_truncated = encode_prompts(records, tokenizer, max_prompt_length=args.max_prompt_length,
+                                              use_chat_template=not args.no_chat_template)
+        backend = make_backend(config, model, tokenizer, model_dir=loadable_path(args.model))
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                             seed=args.seed)
     rows = generate_responses(backend, prompts, args.output, params, tokenizer, desc=f"responses ({args.model})")

@@ -54,6 +54,7 @@ class DataSection:
     messages_field: str = opt("messages", "Field holding a chat as a list of {role, content} messages (used when present).")
     response_field: str = opt("response", "Field holding a reference response, if any.")
     id_field: str = opt("id", "Field holding a unique prompt id (default: file name and line number).")
+    image_field: str = opt("image", "Vision-language models: field holding each prompt's image path (relative to the prompt file's folder).")
     system_prompt: str | None = opt(None, "System message prepended to every chat that has none.")
     chat_template: bool = opt(True, "Render prompts with the tokenizer's own chat template (--no-chat-template: raw text).")
     max_prompt_length: int = opt(512, "Prompts longer than this many tokens are cut from the left (counted and reported).")

@@ -158,6 +158,13 @@ def load_model(
             path, dtype=resolve_dtype(dtype), use_safetensors=True, **kwargs
         )
     except (OSError, ValueError) as err:
+        from .vision import is_vision_model
+
+        if is_vision_model(source.spec, trust_remote_code=trust_remote_code):
+            raise ModelLoadError(
+                f"'{source.spec}' is a vision-language model: `distillm run`, `train` and `generate` distil and sample "
+                "it from (image, prompt) rows (README: Vision-language distillation); this command takes text "
+                "models only.") from err
         where = "the Hugging Face Hub or its local cache" if source.kind == "hub" else path
         raise ModelLoadError(f"Could not load model '{source.spec}' from {where}: {err}") from err
     if tokenizer.pad_token is None:

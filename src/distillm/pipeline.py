@@ -56,6 +56,9 @@ from .evaluation.divergence import teacher_nll, teacher_student_divergence
 from .training.callbacks import OnPolicyRoundCallback
 from .training.collate import DistillCollator, RowDataset
 from .training.sources import OnlineSampler
+from .training.vision import ImageInputs, VisionCollator
+from .generation.vision import VisionHFBackend
+from .vision import load_image_prompt_set, load_vision_models, uses_images
 from .training.trainer import DistillTrainer, last_complete_checkpoint
 
 logger = logging.getLogger("distillm")
@@ -143,6 +146,7 @@ class ModelPair:
     tokenizer: object
     vocab_size: int
     teacher_path: str | None  # a directory vLLM can load (None for built-in tiny models)
+    processor: object | None = None  # a vision-language run's processor (see distillm.vision); None for text
 
 
 def load_models(config: RunConfig) -> ModelPair:
@@ -150,6 +154,8 @@ def load_models(config: RunConfig) -> ModelPair:
     autocast instead, see training_arguments), both on this process's device. With --lora the student is wrapped
     in a PEFT LoRA adapter; with --load-in-4bit (QLoRA) its base weights are loaded in 4-bit first."""
     m = config.model
+    if uses_images(config):  # a vision-language teacher: distillm.vision loads the pair and the processor
+        return load_vision_models(config)
     device = process_state().device
     if m.load_in_4bit:
         check_quantization_supported()  # before the teacher is loaded
@@ -209,7 +215,9 @@ def check_context_length(config: RunConfig, **models: torch.nn.Module) -> None:
 # ----------------------------------------------------------------------------------------------- data
 
 
-def load_prompt_set(config: RunConfig, tokenizer, which: str) -> list[EncodedPrompt]:
+def load_prompt_set(config: RunConfig, tokenizer, which: str, *, processor=None) -> list[EncodedPrompt]:
+    if processor is not None:  # (image, prompt) rows, tokenized by the vision-language model's processor
+        return load_image_prompt_set(config, processor, which)
     d = config.data
     path, limit = (d.prompts, d.num_prompts) if which == "train" else (d.eval_prompts, d.num_eval_prompts)
     records, report = load_prompts(
@@ -241,9 +249,13 @@ def generate_once(*args, **kwargs) -> list[dict]:
     return generate_sharded(*args, **kwargs)
 
 
-def make_backend(config: RunConfig, model, tokenizer, *, model_dir: str | None):
-    """The configured backend for `model`; vLLM needs the model saved in `model_dir`."""
+def make_backend(config: RunConfig, model, tokenizer, *, model_dir: str | None, processor=None):
+    """The configured backend for `model`; vLLM needs the model saved in `model_dir`. A vision-language model
+    (`processor` given) generates with transformers, from each prompt's image."""
     g = config.generation
+    if processor is not None:
+        return VisionHFBackend(model, processor, max_batch_size=g.generation_batch_size,
+                               max_batch_tokens=g.max_batch_tokens)
     name = choose_backend_name(g.backend)
     if name == "vllm" and model_dir is not None:
         if process_state().num_processes > 1 and g.vllm_tensor_parallel_size > 1:
@@ -375,13 +387,15 @@ def evaluate(config: RunConfig, models: ModelPair, eval_prompts, teacher_eval_ro
     teacher's responses."""
     d = config.data
     start = time.time()
-    backend = make_backend(config, models.student, models.tokenizer, model_dir=None)  # HF: the live student
+    backend = make_backend(config, models.student, models.tokenizer, model_dir=None,  # HF: the live student
+                           processor=models.processor)
     samples = generate_once(
         backend, eval_prompts, paths.eval_samples(tag),
         sampling_params(config, seed_offset=7_777, max_new_tokens=config.evaluation.eval_max_new_tokens),
         models.tokenizer, desc=f"student samples ({tag})",
     )
-    common = dict(vocab_size=models.vocab_size, pad_token_id=models.tokenizer.pad_token_id, max_length=d.max_length)
+    common = dict(vocab_size=models.vocab_size, pad_token_id=models.tokenizer.pad_token_id, max_length=d.max_length,
+                  image_inputs=ImageInputs(models.processor) if models.processor is not None else None)
     result = {"teacher_nll_of_student_samples": teacher_nll(models.teacher, samples, **common)}
     fault_point(f"eval:{tag}")
     result.update(teacher_student_divergence(models.teacher, models.student, teacher_eval_rows, **common))
@@ -430,7 +444,13 @@ def train(config: RunConfig, models: ModelPair, method: Method, rows: list[dict]
     if summary is not None and (paths.student / "config.json").is_file():
         # Training finished before (the summary is written after the student): a resumed run reuses the student.
         logger.info("Training already finished: using the student in %s", paths.student)
-        models.student = load_model(str(paths.student), dtype="float32")[0].to(models.student.device)
+        if models.processor is not None:
+            from .vision import load_vision_model
+
+            loaded = load_vision_model(str(paths.student), dtype="float32")[0]
+        else:
+            loaded = load_model(str(paths.student), dtype="float32")[0]
+        models.student = loaded.to(models.student.device)
         return summary
 
     def refresh(round_index: int, model) -> list[dict]:
@@ -441,7 +461,7 @@ def train(config: RunConfig, models: ModelPair, method: Method, rows: list[dict]
             except DistillmError as err:  # damaged by something else than distillm (it writes it atomically)
                 logger.warning("%s Rebuilding it.", err)
         model_dir = None
-        if choose_backend_name(config.generation.backend) == "vllm":
+        if choose_backend_name(config.generation.backend) == "vllm" and models.processor is None:
             # vLLM loads weights from a directory: the current student is saved (a LoRA adapter merged in) by
             # rank 0, and each round's engine is started afresh on it, so every round samples the latest weights
             model_dir = str(folder / "student_weights")
@@ -455,7 +475,7 @@ def train(config: RunConfig, models: ModelPair, method: Method, rows: list[dict]
                 shutil.rmtree(model_dir, ignore_errors=True)
                 tmp.rename(model_dir)
             state.wait_for_everyone()
-        backend = make_backend(config, model, tokenizer, model_dir=model_dir)
+        backend = make_backend(config, model, tokenizer, model_dir=model_dir, processor=models.processor)
         try:
             student_rows = generate_once(
                 backend, train_prompts, folder / "student.jsonl",
@@ -473,13 +493,20 @@ def train(config: RunConfig, models: ModelPair, method: Method, rows: list[dict]
     if not rows:
         raise DistillmError(f"Method {method.name!r} has no training rows: check the prompt file {config.data.prompts}.")
     dataset = RowDataset(refresh(0, models.student) if method.paired_rounds else rows)
-    sampler = OnlineSampler(models.student, models.teacher, tokenizer, sampling_params(config), models.vocab_size)
+    image_inputs = None
+    if models.processor is not None:  # vision-language: each row's image, batched by the processor
+        image_inputs = ImageInputs(models.processor, {p.id: p.image for p in train_prompts})
+        collator = VisionCollator(tokenizer.pad_token_id, config.data.max_length, image_inputs, method.sequences)
+    else:
+        collator = DistillCollator(tokenizer.pad_token_id, config.data.max_length, method.sequences)
+    sampler = OnlineSampler(models.student, models.teacher, tokenizer, sampling_params(config), models.vocab_size,
+                            image_inputs=image_inputs)
     trainer = DistillTrainer(
         model=models.student, teacher=models.teacher, method=method, vocab_size=models.vocab_size,
         sampler=sampler, validation_rows=validation_rows, max_nonfinite_steps=config.training.max_nonfinite_steps,
         args=args, train_dataset=dataset,
-        data_collator=DistillCollator(tokenizer.pad_token_id, config.data.max_length, method.sequences),
-        processing_class=tokenizer,
+        data_collator=collator,
+        processing_class=models.processor or tokenizer,
     )
     if method.paired_rounds:
         trainer.add_callback(OnPolicyRoundCallback(dataset, refresh, trainer.model_for_generation))
@@ -586,14 +613,15 @@ def run(config: RunConfig, *, overwrite: bool = False) -> dict:
             logger.info("%s already holds a finished run; metrics.json is unchanged", paths.root)
             return metrics
     models = load_models(config)
-    train_prompts = load_prompt_set(config, models.tokenizer, "train")
+    train_prompts = load_prompt_set(config, models.tokenizer, "train", processor=models.processor)
     evaluating = bool(config.evaluation.evaluate and config.data.eval_prompts)
-    eval_prompts = load_prompt_set(config, models.tokenizer, "eval") if evaluating else []
+    eval_prompts = load_prompt_set(config, models.tokenizer, "eval", processor=models.processor) if evaluating else []
     if config.data.teacher_responses and not paths.teacher_train.is_file() and state.is_main_process:
         import_teacher_responses(config.data.teacher_responses, train_prompts, models.tokenizer, paths.teacher_train)
     state.wait_for_everyone()
     method = build_method(config)
-    teacher_backend = make_backend(config, models.teacher, models.tokenizer, model_dir=models.teacher_path)
+    teacher_backend = make_backend(config, models.teacher, models.tokenizer, model_dir=models.teacher_path,
+                                   processor=models.processor)
     try:
         rows = method.build_rows(DataContext(config, models.tokenizer, train_prompts, paths, teacher_backend))
         teacher_eval = generate_once(teacher_backend, eval_prompts, paths.teacher_eval,

@@ -61,6 +61,7 @@ class EncodedPrompt:
     text: str
     input_ids: list[int]
     response: str | None = None
+    image: str | None = None  # vision-language prompts (data.vision): the image's path
 
 
 @dataclass(frozen=True)

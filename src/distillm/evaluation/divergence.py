@@ -18,24 +18,26 @@ from ..losses.divergences import acceptance_rate, forward_kl, token_log_probs, t
 from ..training.collate import IGNORE, build_sequences, pad_left, response_logits
 
 
-def _batches(rows: Sequence[dict], batch_size: int, max_length: int, pad_token_id: int, device):
+def _batches(rows: Sequence[dict], batch_size: int, max_length: int, pad_token_id: int, device, image_inputs=None):
     # longest first: padding is shared by similar lengths, and an out-of-memory shows up at once
     order = sorted(range(len(rows)), key=lambda i: -(len(rows[i]["prompt_ids"]) + len(rows[i]["response_ids"])))
     for start in range(0, len(order), batch_size):
         chunk = [rows[i] for i in order[start:start + batch_size]]
         batch = pad_left([build_sequences(r["prompt_ids"], r["response_ids"], max_length) for r in chunk],
                          pad_token_id)
+        if image_inputs is not None:  # a vision-language model: each row's image (training.vision.ImageInputs)
+            batch.update(image_inputs(chunk))
         yield {key: value.to(device) for key, value in batch.items()}
 
 
 @torch.inference_mode()
 def teacher_nll(teacher, rows: Sequence[dict], *, vocab_size: int, pad_token_id: int, max_length: int,
-                batch_size: int = 8, desc: str = "teacher NLL") -> float:
+                batch_size: int = 8, desc: str = "teacher NLL", image_inputs=None) -> float:
     """Mean over all response tokens of -log p_teacher(token | prefix)."""
     total, count = 0.0, 0
     with eval_mode(teacher):
-        for batch in tqdm(list(_batches(rows, batch_size, max_length, pad_token_id, teacher.device)), desc=desc,
-                          leave=False):
+        batches = list(_batches(rows, batch_size, max_length, pad_token_id, teacher.device, image_inputs))
+        for batch in tqdm(batches, desc=desc, leave=False):
             logits, targets = response_logits(teacher, batch, vocab_size)
             total += -token_log_probs(logits, targets).sum().item()
             count += int((targets != IGNORE).sum().item())
@@ -44,13 +46,14 @@ def teacher_nll(teacher, rows: Sequence[dict], *, vocab_size: int, pad_token_id:
 
 @torch.inference_mode()
 def teacher_student_divergence(teacher, student, rows: Sequence[dict], *, vocab_size: int, pad_token_id: int,
-                               max_length: int, batch_size: int = 8, desc: str = "divergence") -> dict[str, float]:
+                               max_length: int, batch_size: int = 8, desc: str = "divergence",
+                               image_inputs=None) -> dict[str, float]:
     """Token-mean KL(p || q), TVD and acceptance rate (1 - TVD) over the response tokens of `rows`."""
     sums = {"kl": 0.0, "tvd": 0.0, "acceptance_rate": 0.0}
     count = 0
     with eval_mode(teacher, student):
-        for batch in tqdm(list(_batches(rows, batch_size, max_length, pad_token_id, teacher.device)), desc=desc,
-                          leave=False):
+        batches = list(_batches(rows, batch_size, max_length, pad_token_id, teacher.device, image_inputs))
+        for batch in tqdm(batches, desc=desc, leave=False):
             p_logits, targets = response_logits(teacher, batch, vocab_size)
             q_logits, _ = response_logits(student, batch, vocab_size)
             p_logits, q_logits, mask = p_logits.float(), q_logits.float().to(p_logits.device), targets != IGNORE

@@ -33,7 +33,10 @@ class HFBackend:
         eos = eos if eos is not None else tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
 
-    def generate_batch(self, prompts: Sequence[list[int]], params: SamplingParams, *, seed: int) -> list[Completion]:
+    def generate_batch(self, prompts: Sequence[list[int]], params: SamplingParams, *, seed: int,
+                       **model_inputs) -> list[Completion]:
+        """`model_inputs`: further arguments of `generate` for the whole batch, e.g. a vision-language model's
+        pixel_values and suppress_tokens (see training.vision.ImageInputs)."""
         device = next(self.model.parameters()).device
         input_ids, attention_mask = left_pad_prompts(prompts, self.pad_id)
         width = input_ids.shape[1]
@@ -51,6 +54,7 @@ class HFBackend:
                 pad_token_id=self.pad_id,
                 eos_token_id=sorted(self.eos_ids),
                 use_cache=True,
+                **{key: value.to(device) if torch.is_tensor(value) else value for key, value in model_inputs.items()},
                 **kwargs,
             )
         completions = []

@@ -115,8 +115,10 @@ def generate_responses(
             if not todo:
                 continue
             # Always generate the whole planned batch with its own seed: identical to an uninterrupted run.
+            # a vision-language backend (generation.vision) takes each prompt's image too
+            images = {"images": [prompts[i].image for i in batch]} if getattr(backend, "takes_images", False) else {}
             completions = backend.generate_batch(
-                [prompts[i].input_ids for i in batch], params, seed=params.seed * 1_000_003 + batch_index
+                [prompts[i].input_ids for i in batch], params, seed=params.seed * 1_000_003 + batch_index, **images
             )
             rows = []
             for i, completion in zip(batch, completions):
@@ -130,6 +132,8 @@ def generate_responses(
                     "response_ids": completion.token_ids,
                     "finish_reason": completion.finish_reason,
                 }
+                if prompts[i].image:
+                    row["image"] = prompts[i].image
                 done[row["id"]] = row
                 rows.append(row)
             writer.append(rows)

@@ -89,12 +89,18 @@ def pad_left(sequences: Sequence[tuple[list[int], int]], pad_token_id: int) -> d
             "labels": labels}
 
 
+#: Image inputs a processor may add to a batch (training.vision.VisionCollator); passed on to the models' forward.
+IMAGE_INPUTS = ("pixel_values", "image_sizes", "image_grid_thw", "pixel_attention_mask", "aspect_ratio_ids",
+                "aspect_ratio_mask", "image_attention_mask")
+
+
 def response_logits(model, batch: dict[str, torch.Tensor], vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The logits that predict each response token, and those tokens: ([N, R, V], [N, R]) with R the longest
     response and -100 where a row's response is shorter. Only the last R + 1 columns get logits (left padding
     puts every response there); the vocabulary is cut to the tokenizer's `vocab_size` real tokens."""
     labels = batch["labels"]
     width = max(int((labels != IGNORE).sum(-1).max().item()), 1)
+    extra = {key: batch[key] for key in IMAGE_INPUTS if key in batch}  # a vision-language batch's images
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                position_ids=batch["position_ids"], logits_to_keep=width + 1, use_cache=False)
+                position_ids=batch["position_ids"], logits_to_keep=width + 1, use_cache=False, **extra)
     return out.logits[:, :-1, :vocab_size], labels[:, -width:]

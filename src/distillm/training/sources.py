@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from ..errors import DistillmError
 from ..generation.base import SamplingParams
 from ..generation.hf import HFBackend
 from ..generation.speculative import speculative_decode
@@ -24,6 +25,7 @@ class OnlineSampler:
     params: SamplingParams
     vocab_size: int
     seed: int = 0
+    image_inputs: object | None = None  # vision-language runs: training.vision.ImageInputs (rows -> pixel_values)
 
     def bound(self, model, seed: int) -> "OnlineSampler":
         return replace(self, model=model, seed=seed)
@@ -32,12 +34,16 @@ class OnlineSampler:
     def student(self, rows: list[dict]) -> list[dict]:
         """The current student's responses to the rows' prompts (sampled with the run's settings)."""
         backend = HFBackend(self.model, self.tokenizer, max_batch_size=len(rows))
-        completions = backend.generate_batch([r["prompt_ids"] for r in rows], self.params, seed=self.seed)
+        images = self.image_inputs.generate_inputs(rows=rows) if self.image_inputs is not None else {}
+        completions = backend.generate_batch([r["prompt_ids"] for r in rows], self.params, seed=self.seed, **images)
         return [{"id": r["id"], "prompt_ids": r["prompt_ids"], "response_ids": c.token_ids, "source": "student"}
                 for r, c in zip(rows, completions)]
 
     def speculative(self, rows: list[dict], top_k: int) -> list[dict]:
         """Responses decoded jointly: the student proposes, the teacher keeps its top-K (generation.speculative)."""
+        if self.image_inputs is not None:
+            raise DistillmError("speculative-kd's joint decoding does not take images: use another method for "
+                                "vision-language models.")
         backend = HFBackend(self.model, self.tokenizer)  # for its pad and end-of-sequence ids
         completions = speculative_decode(
             self.model, self.teacher, [r["prompt_ids"] for r in rows], self.params, top_k=top_k, seed=self.seed,

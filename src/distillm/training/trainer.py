@@ -244,6 +244,38 @@ class DistillTrainer(Trainer):
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
 
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """Resume's weight loading. transformers reads a checkpoint's safetensors with `load_state_dict(strict=False)`,
+        but models whose weights transformers converts on loading (LLaVA and other vision-language models, fused
+        MoE experts) are saved in their original key format, which that call would skip without a word -- the run
+        would go on from the initial weights (transformers issues #43701, #40187). Such a checkpoint is loaded with
+        `from_pretrained`, which converts."""
+        model = self.model if model is None else model
+        unwrapped = self.accelerator.unwrap_model(model)
+        saved = checkpoint_weight_names(resume_from_checkpoint)
+        if saved and not self.is_fsdp_enabled and not saved <= set(unwrapped.state_dict()):
+            dtype = next(unwrapped.parameters()).dtype
+            loaded = type(unwrapped).from_pretrained(resume_from_checkpoint, dtype=dtype, use_safetensors=True)
+            unwrapped.load_state_dict(loaded.state_dict(), strict=True)
+            return
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+
+def checkpoint_weight_names(folder: str | os.PathLike) -> set[str]:
+    """The tensor names of a checkpoint's safetensors weights (one file or an index of shards); empty if none."""
+    from safetensors import safe_open
+    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+
+    single, index = os.path.join(folder, SAFE_WEIGHTS_NAME), os.path.join(folder, SAFE_WEIGHTS_INDEX_NAME)
+    if os.path.isfile(single):
+        with safe_open(single, "pt") as handle:
+            return set(handle.keys())
+    if os.path.isfile(index):
+        with open(index) as handle:
+            return set(json.load(handle)["weight_map"])
+    return set()
+
+
 def last_complete_checkpoint(folder: str | os.PathLike) -> str | None:
     """The newest `checkpoint-N` in `folder` that was written to the end (it holds the method state, which
     DistillTrainer writes last); a checkpoint cut off mid-write is passed over."""
