@@ -115,6 +115,8 @@ class LossSection:
     ramp_fraction: float = opt(0.5, "Fraction of the training steps over which b ramps.")
     reduction: str = opt("seq_mean", "seq_mean (mean per response, then over responses) or token_mean.")
     loss_temperature: float = opt(1.0, "Temperature dividing both models' logits inside the loss.")
+    loss_impl: str = opt("fused", "fused: losses from hidden states and the output heads, a chunk of tokens at a time (no full-vocabulary logits of the batch); plain: from full logits (the reference; same values and gradients, more memory).")
+    loss_chunk_size: int | None = opt(None, "Tokens per chunk of the fused losses (default: sized so one chunk's logits take ~64 MiB).")
 
 
 @dataclass
@@ -133,6 +135,9 @@ class TrainingSection:
     save_total_limit: int = opt(2, "Checkpoints kept.")
     report_to: str = opt("none", "Where logs go besides the output directory: none, tensorboard, wandb, ...")
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
+    teacher_cache: str = opt("off", "Cache the teacher's scores on the fixed (teacher) responses across rounds and resumes: off; exact (its final hidden states, H floats per token, memory-mapped; the head is applied in the loss, so losses are unchanged); topk (its top-k log-probs, the tail mass spread over the other tokens: approximate, see README).")
+    teacher_cache_k: int = opt(64, "k of --teacher-cache topk.")
+    teacher_cache_dir: str | None = opt(None, "Where the teacher cache lives (default: teacher_cache/ in the run directory).")
     max_nonfinite_steps: int = opt(3, "Optimizer steps whose loss or gradients are NaN/inf are skipped and counted; after this many in a row the run stops with a checkpoint and names the batch.")
 
 
@@ -273,6 +278,10 @@ def validate(config: RunConfig) -> None:
         (0 <= lo.ramp_fraction <= 1, "ramp_fraction must be in [0, 1]"),
         (lo.loss_temperature > 0, "loss_temperature must be > 0"),
         (lo.reduction in ("seq_mean", "token_mean"), "reduction must be seq_mean or token_mean"),
+        (lo.loss_impl in ("fused", "plain"), f"loss_impl must be fused or plain (got '{lo.loss_impl}')"),
+        (lo.loss_chunk_size is None or lo.loss_chunk_size >= 1, "loss_chunk_size must be >= 1 or empty"),
+        (t.teacher_cache in ("off", "exact", "topk"), f"teacher_cache must be off, exact or topk (got '{t.teacher_cache}')"),
+        (t.teacher_cache_k >= 1, "teacher_cache_k must be >= 1"),
         (0 < g.top_p <= 1, "top_p must be in (0, 1]"),
         (g.temperature >= 0, "temperature must be >= 0"),
         (0 < g.vllm_gpu_memory_utilization <= 1, "vllm_gpu_memory_utilization must be in (0, 1]"),

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from accelerate.utils import DistributedType
 from transformers import TrainingArguments, set_seed
 
 from .config import RunConfig
@@ -56,6 +57,7 @@ from .evaluation.divergence import teacher_nll, teacher_student_divergence
 from .training.callbacks import OnPolicyRoundCallback
 from .training.collate import DistillCollator, RowDataset
 from .training.sources import OnlineSampler
+from .training.teacher_cache import TeacherCache
 from .training.vision import ImageInputs, VisionCollator
 from .generation.vision import VisionHFBackend
 from .vision import load_image_prompt_set, load_vision_models, uses_images
@@ -501,9 +503,27 @@ def train(config: RunConfig, models: ModelPair, method: Method, rows: list[dict]
         collator = DistillCollator(tokenizer.pad_token_id, config.data.max_length, method.sequences)
     sampler = OnlineSampler(models.student, models.teacher, tokenizer, sampling_params(config), models.vocab_size,
                             image_inputs=image_inputs)
+    teacher_cache = None
+    if config.training.teacher_cache != "off" and method.needs_teacher and (
+            method.uses_fixed_responses or method.paired_rounds):
+        # the first group of every row is a fixed (teacher) response: the same sequences every round
+        if image_inputs is not None:  # the teacher's scores depend on the image, which the cache keys leave out
+            raise DistillmError("--teacher-cache is not supported for vision-language runs yet; run without it.")
+        state = process_state()
+        if state.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+            raise DistillmError("--teacher-cache is not supported under DeepSpeed/FSDP (the teacher's head is "
+                                "sharded); run without it, or with DDP / one process.")
+        with state.main_process_first():  # one process builds it, the others then read it
+            teacher_cache = TeacherCache(config.training.teacher_cache_dir or paths.root / "teacher_cache",
+                                         config.training.teacher_cache, k=config.training.teacher_cache_k,
+                                         vocab_size=models.vocab_size).build(
+                models.teacher.to(args.device), [method.sequences(row)[0] for row in dataset.rows],
+                max_length=config.data.max_length, pad_token_id=tokenizer.pad_token_id,
+                batch_size=config.training.per_device_train_batch_size)
     trainer = DistillTrainer(
         model=models.student, teacher=models.teacher, method=method, vocab_size=models.vocab_size,
         sampler=sampler, validation_rows=validation_rows, max_nonfinite_steps=config.training.max_nonfinite_steps,
+        loss_impl=config.loss.loss_impl, loss_chunk_size=config.loss.loss_chunk_size, teacher_cache=teacher_cache,
         args=args, train_dataset=dataset,
         data_collator=collator,
         processing_class=models.processor or tokenizer,
@@ -536,6 +556,11 @@ def train(config: RunConfig, models: ModelPair, method: Method, rows: list[dict]
         "skipped_nonfinite_steps": trainer.nonfinite_guard.skipped,
         "log": str(paths.train_log.relative_to(paths.root)),
     }
+    if teacher_cache is not None:  # sequences whose teacher scores came from the cache / from a teacher pass
+        summary["teacher_cache"] = {"mode": teacher_cache.label, "cached_sequences": teacher_cache.cached_rows,
+                                    "teacher_sequences": teacher_cache.teacher_rows}
+        logger.info("Teacher cache (%s): %d sequences read from it, %d through the teacher", teacher_cache.label,
+                    teacher_cache.cached_rows, teacher_cache.teacher_rows)
     if trainer.args.should_save:
         atomic_write_json(paths.training_summary, summary)  # last: marks the student as complete
     return summary

@@ -55,10 +55,10 @@ from torch import Tensor
 from .divergences import IGNORE_INDEX
 
 __all__ = [
-    "DIVERGENCES", "HeadInputs", "FusedBatch", "default_chunk_size", "fused_divergence", "fused_weighted_divergence",
+    "DIVERGENCES", "HeadInputs", "TopKTeacher", "FusedBatch", "default_chunk_size", "fused_divergence", "fused_weighted_divergence",
     "fused_forward_kl", "fused_reverse_kl", "fused_skew_forward_kl", "fused_skew_reverse_kl",
     "fused_generalized_jsd", "fused_total_variation", "fused_acceptance_rate", "fused_token_log_probs",
-    "fused_inputs",
+    "fused_inputs", "topk_logprobs",
 ]
 
 DIVERGENCES = ("fkl", "rkl", "skl", "srkl", "jsd", "tvd", "acceptance")
@@ -74,6 +74,16 @@ class HeadInputs(NamedTuple):
     hidden: Tensor
     weight: Tensor
     bias: Tensor | None = None
+
+
+class TopKTeacher(NamedTuple):
+    """An approximate teacher: its k most likely tokens' log-probabilities [..., k] and ids [..., k] per
+    position. The fused losses rebuild a full distribution from it, a chunk at a time: the k stored log-probs,
+    and the tail mass 1 - sum_k p spread evenly over the other V - k tokens (at least the smallest normal
+    float, so no token has probability exactly 0). Pass it as `teacher` to any fused divergence."""
+
+    logprobs: Tensor
+    indices: Tensor
 
 
 class FusedBatch(NamedTuple):
@@ -235,11 +245,13 @@ def _divergence_kernel(divergence: str, detach_student_in_mixture: bool | None) 
 
 def _log_prob_kernel(s: Tensor, t: None, labels: Tensor, tau: float, need_grad: bool):
     """log q(y) = s_y - logsumexp(s), s = z / tau; d/dz = (onehot(y) - q) / tau."""
-    log_q = _log_softmax(s, tau)
     idx = labels.long().unsqueeze(-1)
+    if not need_grad:  # no [C, V] log-softmax written out: s_y / tau - logsumexp(s / tau)
+        z = s if s.dtype == torch.float64 else s.float()
+        z = z / tau if tau != 1.0 else z
+        return z.gather(-1, idx).squeeze(-1) - torch.logsumexp(z, dim=-1), None
+    log_q = _log_softmax(s, tau)
     values = log_q.gather(-1, idx).squeeze(-1)
-    if not need_grad:
-        return values, None
     grad = log_q.exp_().neg_().scatter_add_(-1, idx, torch.ones_like(idx, dtype=log_q.dtype))
     return values, (grad.div_(tau) if tau != 1.0 else grad)
 
@@ -270,13 +282,26 @@ def _student_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, idx: Te
 
 
 def _teacher_logits(teacher: tuple, idx: Tensor, vocab: int) -> Tensor | None:
-    """teacher = (logits [N, V_t] or None, hidden [N, H_t] or None, weight or None, bias or None)."""
+    """teacher = (logits [N, V_t] or None, hidden [N, H_t] or None, weight or None, bias or None); a top-k
+    teacher comes as (None, log-probs [N, k], ids [N, k] (an integer 'weight'), None)."""
     logits, hidden, weight, bias = teacher
     if logits is not None:
         return logits.index_select(0, idx)[:, :vocab]
+    if hidden is not None and not weight.is_floating_point():
+        return topk_logprobs(hidden.index_select(0, idx), weight.index_select(0, idx), vocab)
     if hidden is not None:
         return _student_logits(hidden, weight, bias, idx, vocab)
     return None
+
+
+def topk_logprobs(logprobs: Tensor, indices: Tensor, vocab: int) -> Tensor:
+    """[C, V] log-probabilities: the top-k ones where given, the tail mass spread evenly over the rest."""
+    logprobs = logprobs if logprobs.dtype == torch.float64 else logprobs.float()
+    k = logprobs.shape[-1]
+    tiny = torch.finfo(logprobs.dtype).tiny
+    tail = (1.0 - logprobs.exp().sum(-1)).clamp_min(tiny * max(vocab - k, 1)) / max(vocab - k, 1)
+    dense = tail.log().unsqueeze(-1).expand(logprobs.shape[0], vocab).clone()
+    return dense.scatter_(1, indices.long(), logprobs)
 
 
 def _chunk_extra(extra: Tensor | float | None, idx: Tensor):
@@ -431,6 +456,15 @@ def _prepare(student: HeadInputs, teacher, extra, mask, positions, temperature, 
             if vocab_size is None and t_weight.shape[0] != vocab:
                 raise ValueError(f"teacher and student heads have {t_weight.shape[0]} and {vocab} rows: pass vocab_size")
             t_tuple = (None, t_hidden.reshape(n, t_hidden.shape[-1]), t_weight, t_bias)
+        elif isinstance(teacher, TopKTeacher):
+            values, ids = teacher.logprobs.detach(), teacher.indices.detach()
+            if values.shape[:-1] != lead or ids.shape != values.shape:
+                raise ValueError(f"top-k teacher log-probs {tuple(values.shape)} and ids {tuple(ids.shape)} must "
+                                 f"both be [{', '.join(map(str, lead))}, k]")
+            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+                raise ValueError(f"top-k teacher ids must be in [0, {vocab})")
+            k = values.shape[-1]
+            t_tuple = (None, values.reshape(n, k), ids.reshape(n, k), None)
         elif isinstance(teacher, Tensor):
             t_logits = teacher.detach()
             if t_logits.shape[:-1] != lead or t_logits.shape[-1] < vocab:
@@ -439,7 +473,8 @@ def _prepare(student: HeadInputs, teacher, extra, mask, positions, temperature, 
                 raise ValueError(f"teacher logits have {t_logits.shape[-1]} entries, the student head {vocab}: pass vocab_size")
             t_tuple = (t_logits.reshape(n, t_logits.shape[-1]), None, None, None)
         else:
-            raise TypeError("teacher must be HeadInputs(hidden, weight, bias) or a tensor of logits / log-probs")
+            raise TypeError("teacher must be HeadInputs(hidden, weight, bias), TopKTeacher(logprobs, indices) or a "
+                            "tensor of logits / log-probs")
 
     rows = _rows(lead, n, mask, positions, hidden.device)
     if isinstance(extra, Tensor):
@@ -603,35 +638,56 @@ def fused_token_log_probs(head: HeadInputs, labels: Tensor, *, temperature: floa
 
 
 # ------------------------------------------------------------------------------------ transformers models
-def fused_inputs(model, batch: dict[str, Tensor], *, ignore_index: int = IGNORE_INDEX) -> FusedBatch:
+def fused_inputs(model, batch: dict[str, Tensor], *, ignore_index: int = IGNORE_INDEX,
+                 extra_inputs: tuple[str, ...] = ()) -> FusedBatch:
     """Hidden states and head of a transformers causal LM at the positions that predict the response tokens.
 
     The fused counterpart of `training.collate.response_logits`: the batch is left-padded (input_ids,
     attention_mask, position_ids, labels with -100 off the responses), so every response lies in the last R
     columns (R = the longest response) and is predicted by the hidden states of columns -(R + 1) .. -2. The
-    *base* model (`model.get_decoder()`, e.g. `model.model` for Llama/Qwen) returns `last_hidden_state`
-    [B, T, H] (after the final norm) without the [B, T, V] logits a causal LM's forward builds (which
-    `logits_to_keep` would only shrink to [B, R + 1, V]); the head is `model.get_output_embeddings()`
-    (`model.lm_head`), tied or not. Pass `vocab_size` (the tokenizer's real vocabulary) to the losses when the
-    head is padded. Gradients flow as usual: run the teacher's call under torch.no_grad().
+    model runs its own forward (so wrappers -- PEFT, DDP -- see the call) with `logits_to_keep=R + 1`; a
+    forward pre-hook on the output head (`model.get_output_embeddings()`, tied or not) keeps the hidden
+    states it receives (the final normed states of those R + 1 columns, [B, R + 1, H]) and hands the head an
+    empty slice instead, so no [B, R + 1, V] logits are built. Pass `vocab_size` (the tokenizer's real
+    vocabulary) to the losses when the head is padded. Gradients flow as usual: run the teacher's call under
+    torch.no_grad() or torch.inference_mode().
 
     Models that change their logits after the head (Gemma-2's final soft-capping, a logit scale) are
-    refused: the fused losses assume logits = W h + b.
+    refused: the fused losses assume logits = W h + b. `extra_inputs`: further batch keys passed on to the
+    forward when present (e.g. a vision-language batch's pixel_values).
     """
-    config = getattr(model, "config", None)
+    core = getattr(model, "module", model)  # DistributedDataParallel keeps the model in .module
+    config = getattr(core, "config", None)
     for attr in ("final_logit_softcapping", "logit_scale"):
         value = getattr(config, attr, None)
         if value not in (None, 1, 1.0):
-            raise ValueError(f"{type(model).__name__} has {attr}={value}: its logits are not W h + b, "
+            raise ValueError(f"{type(core).__name__} has {attr}={value}: its logits are not W h + b, "
                              "fused losses do not support it")
-    head = model.get_output_embeddings()
+    head = core.get_output_embeddings()
     if head is None or not hasattr(head, "weight"):
-        raise ValueError(f"{type(model).__name__} has no output embedding layer with a weight")
+        raise ValueError(f"{type(core).__name__} has no output embedding layer with a weight")
     labels = batch["labels"]
     width = max(int((labels != ignore_index).sum(-1).max().item()), 1)
-    base = model.get_decoder()
-    out = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-               position_ids=batch.get("position_ids"), use_cache=False)
-    hidden = out.last_hidden_state[:, -(width + 1):-1]
+    kept: list[Tensor] = []
+
+    def keep_hidden(module, args, kwargs):
+        if args:
+            kept.append(args[0])
+            return (args[0][..., :0, :],) + tuple(args[1:]), kwargs  # the head sees no positions: [B, 0, V]
+        name = next(iter(kwargs))  # called with its input as a keyword
+        kept.append(kwargs[name])
+        return args, {**kwargs, name: kwargs[name][..., :0, :]}
+
+    handle = head.register_forward_pre_hook(keep_hidden, with_kwargs=True)
+    try:
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+              position_ids=batch.get("position_ids"), logits_to_keep=width + 1, use_cache=False,
+              **{key: batch[key] for key in extra_inputs if key in batch})
+    finally:
+        handle.remove()
+    if len(kept) != 1 or kept[0].shape[-2] != width + 1:
+        raise ValueError(f"{type(core).__name__} did not call its output head once on the last {width + 1} "
+                         "positions: fused losses need a causal LM that supports logits_to_keep")
+    hidden = kept[0][:, :-1]
     labels = labels[:, -width:]
     return FusedBatch(HeadInputs(hidden, head.weight, getattr(head, "bias", None)), labels, labels != ignore_index)

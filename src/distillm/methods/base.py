@@ -9,25 +9,31 @@ A method is one small class in its own module (`methods/kd.py`, `methods/gkd.py`
   rejected responses of a pair or the rationale task);
 - how each micro-batch is drawn (`draw`): the fixed rows as they are, or fresh data from the current student, a
   replay buffer or the joint speculative decoder (the shared machinery comes in through the `sampler`);
-- the loss (`compute_loss`), from the student's and the teacher's logits over the response tokens.
+- the loss (`compute_loss`), from the student's and the teacher's scores over the response tokens, through
+  `divergence_loss` and `token_log_probs` (fused chunked losses by default, plain full logits for reference).
 
 The trainer (`training.trainer.DistillTrainer`) and the pipeline do the rest, the same for every method.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Protocol, Sequence
+from typing import TYPE_CHECKING, ClassVar, Protocol, Sequence, Union
 
 import torch
 
-from ..losses.divergences import (
-    IGNORE_INDEX, forward_kl, generalized_jsd, per_sequence_mean, reverse_kl, total_variation,
-)
+from ..losses import divergences as plain
+from ..losses.divergences import IGNORE_INDEX, per_sequence_mean
+from ..losses.fused import HeadInputs, TopKTeacher, fused_token_log_probs, fused_weighted_divergence, topk_logprobs
 
 if TYPE_CHECKING:
     from ..config import RunConfig
+
+#: what a model's scores over the response columns are given as: full logits [N, R, V] (the plain path), or the
+#: last hidden states [N, R, H] with the output head (the fused path: logits are formed a chunk at a time)
+Scores = Union[torch.Tensor, HeadInputs, TopKTeacher]
 
 
 @dataclass
@@ -35,20 +41,38 @@ class LossInputs:
     """One micro-batch as a method's loss sees it.
 
     Rows 0..n_first-1 of every tensor are the first group of sequences (e.g. prompt + teacher response), the
-    rest the second group (e.g. prompt + student response), if the method has one. Logits are [N, R, V] over the
-    R response columns, `targets` [N, R] the response tokens (-100 elsewhere). `counts` = (units, tokens of the
-    first group, tokens of the second group) of the WHOLE optimizer step (all micro-batches, all processes),
-    where a unit is one first-group sequence (one prompt): dividing by them makes micro-batch losses add up to
-    the loss of the whole batch.
+    rest the second group (e.g. prompt + student response), if the method has one. `student` and `teacher` are
+    the models' scores over the R response columns: logits [N, R, V] (`--loss-impl plain`) or `HeadInputs`
+    (hidden states [N, R, H], head weight, bias; `--loss-impl fused`, the default), which the fused losses turn
+    into logits a chunk of tokens at a time. A method never looks inside: it calls `divergence_loss` and
+    `token_log_probs` below, which take either. `targets` [N, R] are the response tokens (-100 elsewhere).
+    `counts` = (units, tokens of the first group, tokens of the second group) of the WHOLE optimizer step (all
+    micro-batches, all processes), where a unit is one first-group sequence (one prompt): dividing by them makes
+    micro-batch losses add up to the loss of the whole batch. `vocab_size`: the real vocabulary (heads and logits
+    may be padded beyond it); `chunk_size`: tokens per chunk of the fused path (None: sized to ~64 MiB).
     """
 
-    student_logits: torch.Tensor
-    teacher_logits: torch.Tensor | None
+    student: Scores
+    teacher: Scores | None
     targets: torch.Tensor
     n_first: int
     counts: Sequence[float] | torch.Tensor
     step: int = 0
     total_steps: int = 0
+    vocab_size: int | None = None
+    chunk_size: int | None = None
+
+    @property
+    def fused(self) -> bool:
+        return isinstance(self.student, HeadInputs)
+
+    @property
+    def student_logits(self) -> torch.Tensor:
+        return self.student
+
+    @property
+    def teacher_logits(self) -> torch.Tensor | None:
+        return self.teacher
 
     @property
     def mask(self) -> torch.Tensor:
@@ -61,6 +85,120 @@ class LossInputs:
     @property
     def second(self) -> slice:
         return slice(self.n_first, self.targets.shape[0])
+
+
+@dataclass
+class TeacherGroups:
+    """Teacher scores given per group of sequences (rows [0, n_first) and [n_first, N)), when the two come in
+    different forms: e.g. a top-k teacher cache for the fixed responses, a live teacher pass for the fresh ones."""
+
+    first: Scores
+    second: Scores | None
+    n_first: int
+
+
+def _rows(scores, rows: slice):
+    if isinstance(scores, TeacherGroups):
+        n, stop = scores.n_first, rows.stop
+        if rows.start in (0, None) and stop == n:
+            return scores.first
+        if rows.start == n and scores.second is not None:
+            return scores.second
+        raise ValueError(f"teacher scores come per group: ask for rows [0, {n}) or [{n}, N), not {rows}")
+    if isinstance(scores, HeadInputs):
+        return HeadInputs(scores.hidden[rows], scores.weight, scores.bias)
+    if isinstance(scores, TopKTeacher):
+        return TopKTeacher(scores.logprobs[rows], scores.indices[rows])
+    return scores[rows]
+
+
+def _plain_logits(scores, vocab_size: int | None) -> torch.Tensor:
+    if isinstance(scores, TopKTeacher):  # the plain (reference) path spells the distribution out in full
+        lead, k = scores.logprobs.shape[:-1], scores.logprobs.shape[-1]
+        dense = topk_logprobs(scores.logprobs.reshape(-1, k), scores.indices.reshape(-1, k), vocab_size)
+        return dense.reshape(*lead, vocab_size)
+    return scores if vocab_size is None else scores[..., :vocab_size]
+
+
+def _topk_token_log_probs(scores: TopKTeacher, targets: torch.Tensor, vocab: int, temperature: float):
+    """log p_tau(y) of the top-k-plus-tail distribution, without spelling it out: its log-probs are the k stored
+    ones and `tail` on V - k tokens; at temperature tau they are renormalised after dividing by tau."""
+    values = scores.logprobs.float()
+    k = values.shape[-1]
+    mass = (1.0 - values.exp().sum(-1)).clamp_min(torch.finfo(values.dtype).tiny * max(vocab - k, 1))
+    tail = torch.log(mass / max(vocab - k, 1))
+    safe = targets.clamp_min(0).unsqueeze(-1)
+    hit = scores.indices.long() == safe
+    own = torch.where(hit.any(-1), (values * hit).sum(-1), tail)
+    parts = [values / temperature]
+    if vocab > k:
+        parts.append((math.log(vocab - k) + tail / temperature).unsqueeze(-1))
+    norm = torch.logsumexp(torch.cat(parts, -1), -1)
+    return torch.where(targets != IGNORE_INDEX, own / temperature - norm, torch.zeros_like(own))
+
+
+# per-token divergences on full logits, by name (weight: a of skl/srkl, b of jsd)
+PLAIN_DIVERGENCES = {
+    "fkl": lambda s, t, w, tau: plain.forward_kl(s, t, temperature=tau),
+    "rkl": lambda s, t, w, tau: plain.reverse_kl(s, t, temperature=tau),
+    "skl": lambda s, t, w, tau: plain.skew_forward_kl(s, t, w, temperature=tau),
+    "srkl": lambda s, t, w, tau: plain.skew_reverse_kl(s, t, w, temperature=tau),
+    "jsd": lambda s, t, w, tau: plain.generalized_jsd(s, t, w, temperature=tau),
+    "tvd": lambda s, t, w, tau: plain.total_variation(s, t, temperature=tau),
+}
+
+
+def divergence_loss(batch: LossInputs, name: str, rows: slice, token_weights: torch.Tensor, *,
+                    weight: float | torch.Tensor | None = None, temperature: float = 1.0,
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L, d): L = sum_n w_n d_n over the response tokens of `rows` (w = `token_weights` [n, R], 0 off the mask)
+    and the per-token divergence d [n, R] (detached, 0 off the mask). `name`: fkl, rkl, skl, srkl, jsd or tvd
+    (as in losses.divergences; `weight` is a of skl/srkl, b of jsd, a float or per row). Fused inputs go
+    through `losses.fused.fused_weighted_divergence` (never more than a chunk's logits alive), logits through
+    the plain functions; both give the same L and gradients."""
+    mask = batch.mask[rows]
+    if name not in PLAIN_DIVERGENCES:
+        raise ValueError(f"Unknown divergence '{name}': use {', '.join(PLAIN_DIVERGENCES)}.")
+    student, teacher = _rows(batch.student, rows), _rows(batch.teacher, rows)
+    if batch.fused:
+        loss, values = fused_weighted_divergence(
+            name, student, teacher, token_weights, weight, mask=mask, temperature=temperature,
+            vocab_size=batch.vocab_size, chunk_size=batch.chunk_size)
+        return loss, values.detach()
+    values = PLAIN_DIVERGENCES[name](_plain_logits(student, batch.vocab_size),
+                                     _plain_logits(teacher, batch.vocab_size), weight, temperature)
+    keep = mask & (token_weights != 0)
+    loss = torch.where(keep, token_weights.to(values.dtype) * values, torch.zeros_like(values)).sum()
+    return loss, torch.where(mask, values, torch.zeros_like(values)).detach()
+
+
+def token_log_probs(batch: LossInputs, who: str, rows: slice, *, temperature: float = 1.0) -> torch.Tensor:
+    """log q(y_n) (who='student') or log p(y_n) (who='teacher') of the response tokens of `rows`, [n, R], 0 off
+    the mask; differentiable for the student. Fused inputs go through `losses.fused.fused_token_log_probs`."""
+    scores = batch.student if who == "student" else batch.teacher
+    if isinstance(scores, TeacherGroups) and rows == slice(None):
+        first = token_log_probs(batch, who, batch.first, temperature=temperature)
+        return torch.cat([first, token_log_probs(batch, who, batch.second, temperature=temperature)])
+    scores = _rows(scores, rows)
+    targets = batch.targets[rows]
+    if isinstance(scores, TopKTeacher):
+        return _topk_token_log_probs(scores, targets, batch.vocab_size or int(scores.indices.max()) + 1,
+                                     temperature)
+    if batch.fused:
+        return fused_token_log_probs(scores, targets, temperature=temperature, vocab_size=batch.vocab_size,
+                                     chunk_size=batch.chunk_size)
+    return plain.token_log_probs(_plain_logits(scores, batch.vocab_size), targets, temperature=temperature)
+
+
+def group_weights(mask: torch.Tensor, counts, group: int, reduction: str, scale: float = 1.0) -> torch.Tensor:
+    """Per-token weights [n, R] that reduce a group's per-token values as the optimizer step wants them:
+    'seq_mean' -> sum of per-sequence means / units; 'token_mean' -> sum over tokens / that group's tokens."""
+    mask = mask.float()
+    if reduction == "seq_mean":
+        return scale * mask / (mask.sum(-1, keepdim=True).clamp_min(1.0) * max(float(counts[0]), 1.0))
+    if reduction == "token_mean":
+        return scale * mask / max(float(counts[1 + group]), 1.0)
+    raise ValueError(f"Unknown reduction '{reduction}': use seq_mean or token_mean.")
 
 
 def reduce_group(values: torch.Tensor, mask: torch.Tensor, counts, group: int, reduction: str) -> torch.Tensor:
@@ -77,19 +215,6 @@ def reduce_group(values: torch.Tensor, mask: torch.Tensor, counts, group: int, r
 def sequence_sums(values: torch.Tensor, mask: torch.Tensor) -> float:
     """Sum over sequences of each sequence's mean of `values` (for logging per-unit means)."""
     return per_sequence_mean(torch.where(mask, values, torch.zeros_like(values)).detach(), mask).sum().item()
-
-
-def divergence(name: str, student_logits, teacher_logits, *, temperature: float = 1.0, beta: float = 0.5):
-    """Per-token divergence by name: fkl, rkl, jsd (generalised, b = beta) or tvd."""
-    if name == "fkl":
-        return forward_kl(student_logits, teacher_logits, temperature=temperature)
-    if name == "rkl":
-        return reverse_kl(student_logits, teacher_logits, temperature=temperature)
-    if name == "jsd":
-        return generalized_jsd(student_logits, teacher_logits, beta, temperature=temperature)
-    if name == "tvd":
-        return total_variation(student_logits, teacher_logits, temperature=temperature)
-    raise ValueError(f"Unknown divergence '{name}': use fkl, rkl, jsd or tvd.")
 
 
 class Sampler(Protocol):
@@ -177,8 +302,10 @@ class DivergenceMethod(Method):
         return self.config.method.jsd_beta
 
     def compute_loss(self, batch: LossInputs):
-        mask = batch.mask
-        values = divergence(self.divergence_name, batch.student_logits, batch.teacher_logits,
-                            temperature=self.temperature, beta=self.beta())
-        loss = reduce_group(values, mask, batch.counts, 0, self.reduction)
+        rows = batch.first
+        mask = batch.mask[rows]
+        weights = group_weights(mask, batch.counts, 0, self.reduction)
+        loss, values = divergence_loss(batch, self.divergence_name, rows, weights,
+                                       weight=self.beta() if self.divergence_name == "jsd" else None,
+                                       temperature=self.temperature)
         return loss, {"units": float(batch.n_first), self.divergence_name: sequence_sums(values, mask)}, {}

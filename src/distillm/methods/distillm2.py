@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from ..losses.cald import b_schedule, cald_terms, combine_cald, curriculum_alpha, sequence_mean_logprob
-from .base import LossInputs, Method
+from ..losses.cald import b_schedule, curriculum_alpha
+from ..losses.divergences import per_sequence_mean
+from .base import LossInputs, Method, divergence_loss, group_weights, sequence_sums, token_log_probs
 
 
 class DistiLLM2(Method):
@@ -38,37 +39,39 @@ class DistiLLM2(Method):
 
     # ------------------------------------------------------------------ loss
     def compute_loss(self, batch: LossInputs):
-        o = self.opt
-        n, targets = batch.n_first, batch.targets
+        o, tau = self.opt, self.temperature
+        n = batch.n_first
         mask = batch.mask
         chosen, rejected = batch.first, batch.second
-        alpha_t = alpha_s = torch.full((n,), o.alpha0, device=targets.device)
-        with torch.no_grad():
-            lp = {who: sequence_mean_logprob(logits, targets, mask, temperature=self.temperature).exp()
-                  for who, logits in (("p", batch.teacher_logits), ("q", batch.student_logits))}
-            gap_t = lp["p"][chosen] - lp["q"][chosen]  # how far the student lags on the teacher's response
-            gap_s = lp["q"][rejected] - lp["p"][rejected]  # how overconfident it is on its own response
+        alpha_t = alpha_s = torch.full((n,), o.alpha0, device=batch.targets.device)
         if o.curriculum:
+            with torch.no_grad():  # geometric-mean probabilities of each response under teacher (p) and student (q)
+                lp = {who: per_sequence_mean(token_log_probs(batch, who, slice(None), temperature=tau), mask).exp()
+                      for who, in (("teacher",), ("student",))}
+                gap_t = lp["teacher"][chosen] - lp["student"][chosen]  # how far the student lags on the teacher's
+                gap_s = lp["student"][rejected] - lp["teacher"][rejected]  # how overconfident it is on its own
             alpha_t = curriculum_alpha(gap_t, self.gap_ref["t"], alpha0=o.alpha0, alpha_min=o.alpha_min,
                                        alpha_max=o.alpha_max)
             alpha_s = curriculum_alpha(gap_s, self.gap_ref["s"], alpha0=o.alpha0, alpha_min=o.alpha_min,
                                        alpha_max=o.alpha_max)
             self._pending["t"].extend(gap_t.tolist())
             self._pending["s"].extend(gap_s.tolist())
-        s, t = batch.student_logits, batch.teacher_logits
-        terms = cald_terms(s[chosen], t[chosen], mask[chosen], alpha_t, s[rejected], t[rejected], mask[rejected],
-                           alpha_s, temperature=self.temperature)
         b = b_schedule(batch.step, batch.total_steps, b_start=o.b_start, b_end=o.b_end,
                        ramp_fraction=o.ramp_fraction, ramp=o.b_ramp)
-        loss = combine_cald(terms, mask[chosen], mask[rejected], b=b, reduction=self.reduction, counts=batch.counts)
+        # (2 - b) SKL_{a_t} on the teacher's responses + b SRKL_{a_s} (q inside the mixture detached) on the
+        # student's, each reduced per response then over the step's pairs (or over the step's tokens)
+        w_t = group_weights(mask[chosen], batch.counts, 0, self.reduction, scale=2.0 - b)
+        w_s = group_weights(mask[rejected], batch.counts, 1, self.reduction, scale=b)
+        skl_loss, skl = divergence_loss(batch, "skl", chosen, w_t, weight=alpha_t, temperature=tau)
+        srkl_loss, srkl = divergence_loss(batch, "srkl", rejected, w_s, weight=alpha_s, temperature=tau)
         metrics = {
             "units": float(n),
-            "skl": terms.skl.detach().sum().item(),
-            "srkl": terms.srkl.detach().sum().item(),
+            "skl": sequence_sums(skl, mask[chosen]),
+            "srkl": sequence_sums(srkl, mask[rejected]),
             "alpha_t": alpha_t.sum().item(),
             "alpha_s": alpha_s.sum().item(),
         }
-        return loss, metrics, {"b": b}
+        return skl_loss + srkl_loss, metrics, {"b": b}
 
     # ------------------------------------------------------------------ run state
     def on_step_end(self, step: int = 0) -> None:

@@ -16,11 +16,8 @@ in SKL and detached in SRKL (see losses.divergences).
 
 from __future__ import annotations
 
-import torch
-
 from ..data.replay import ReplayBuffer
-from ..losses.divergences import skew_forward_kl, skew_reverse_kl
-from .base import LossInputs, Method, reduce_group, sequence_sums
+from .base import LossInputs, Method, divergence_loss, group_weights, sequence_sums
 
 
 class DistiLLMv1(Method):
@@ -57,10 +54,9 @@ class DistiLLMv1(Method):
     # ------------------------------------------------------------------ loss
     def compute_loss(self, batch: LossInputs):
         mask = batch.mask
-        alpha = torch.full((batch.targets.shape[0],), self.alpha, device=batch.targets.device)
-        fn = skew_forward_kl if self.loss_name == "skl" else skew_reverse_kl
-        values = fn(batch.student_logits, batch.teacher_logits, alpha, temperature=self.temperature)
-        loss = reduce_group(values, mask, batch.counts, 0, self.reduction)
+        weights = group_weights(mask, batch.counts, 0, self.reduction)
+        loss, values = divergence_loss(batch, self.loss_name, batch.first, weights, weight=self.alpha,
+                                       temperature=self.temperature)
         metrics = {"units": float(batch.n_first), self.loss_name: sequence_sums(values, mask)}
         return loss, metrics, {"tau": self.threshold, "buffer": float(len(self.buffer))}
 

@@ -8,9 +8,11 @@ beta = `dpkd_beta` (0.2), averaged over pairs.
 
 from __future__ import annotations
 
-from ..losses.cald import sequence_mean_logprob
+import torch
+
+from ..losses.divergences import per_sequence_mean
 from ..losses.preference import dpkd_logits, dpkd_loss
-from .base import LossInputs, Method
+from .base import LossInputs, Method, token_log_probs
 
 
 class DPKD(Method):
@@ -25,9 +27,10 @@ class DPKD(Method):
         return [(row["prompt_ids"], row["chosen_ids"]), (row["prompt_ids"], row["rejected_ids"])]
 
     def compute_loss(self, batch: LossInputs):
-        mask, t = batch.mask, self.temperature
-        q = sequence_mean_logprob(batch.student_logits, batch.targets, mask, temperature=t)
-        p = sequence_mean_logprob(batch.teacher_logits, batch.targets, mask, temperature=t)
+        mask, t, every = batch.mask, self.temperature, slice(None)
+        q = per_sequence_mean(token_log_probs(batch, "student", every, temperature=t), mask)
+        with torch.no_grad():
+            p = per_sequence_mean(token_log_probs(batch, "teacher", every, temperature=t), mask)
         c, r = batch.first, batch.second
         beta = self.config.method.dpkd_beta
         losses = dpkd_loss(q[c], q[r], p[c], p[r], beta=beta)

@@ -7,15 +7,13 @@ is not run while training: this is the cheapest method per step.
 
 from __future__ import annotations
 
-from ..losses.divergences import token_log_probs
-from .base import LossInputs, Method, reduce_group, sequence_sums
+from .base import LossInputs, Method, reduce_group, sequence_sums, token_log_probs
 
 
 def response_nll(batch: LossInputs, rows: slice, group: int, reduction: str, temperature: float = 1.0):
     """(loss, per-token NLL) of the response tokens of `rows` of the batch."""
-    targets = batch.targets[rows]
-    mask = targets != -100
-    nll = -token_log_probs(batch.student_logits[rows], targets, temperature=temperature)
+    mask = batch.mask[rows]
+    nll = -token_log_probs(batch, "student", rows, temperature=temperature)
     return reduce_group(nll, mask, batch.counts, group, reduction), nll, mask
 
 

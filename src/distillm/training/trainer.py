@@ -5,14 +5,19 @@ logging to TensorBoard/W&B through `report_to`, accelerate for devices and proce
 
 - the method (`distillm.methods`): it draws each micro-batch (fixed rows, or fresh data from the live student
   through an `OnlineSampler`, see `get_batch_samples`) and computes the loss from the models' logits;
-- the teacher: frozen, in eval mode, no gradients, no optimizer state, forwarded under `torch.no_grad` (and not
-  at all for methods that do not need it, e.g. SeqKD); placed for the run's engine by `prepare_teacher` (as TRL
-  places its reference models): a replica on each device under DDP, sharded for inference under DeepSpeed
-  ZeRO-3 and FSDP, never wrapped for training;
+- the teacher: frozen, in eval mode, no gradients, no optimizer state, forwarded under `torch.inference_mode`
+  (`torch.no_grad` when sharded) and not at all for methods that do not need it, e.g. SeqKD, nor for sequences
+  a `teacher_cache` holds; placed for the run's engine by `prepare_teacher` (as TRL places its reference
+  models): a replica on each device under DDP, sharded for inference under DeepSpeed ZeRO-3 and FSDP, never
+  wrapped for training;
 - fresh student data drawn inside training (on-policy methods) from the student unwrapped for generation
   (TRL's `unwrap_model_for_generation`: gathers ZeRO-3 shards, pauses gradient checkpointing);
-- logits only over the response columns of the (left-padded) batch, sliced to the tokenizer's real vocabulary,
-  so models whose embedding matrices are padded to different sizes are compared over real tokens only;
+- scores only over the response columns of the (left-padded) batch: by default (`loss_impl="fused"`) the
+  models' final hidden states there and their output heads, which the fused losses turn into logits a chunk
+  of tokens at a time (no [N, R, V] logits of either model), or (`loss_impl="plain"`, the reference, and the
+  path under DeepSpeed/FSDP, whose sharded head weights exist only inside the module's forward) full logits;
+  either way over the tokenizer's real vocabulary only, so models whose embedding matrices are padded to
+  different sizes are compared over real tokens only;
 - exact gradient accumulation: the loss of each micro-batch is divided by the counts (prompts, tokens) of the
   whole optimizer-step batch, summed over processes, so splitting a batch differently changes nothing;
 - per-step logging of the method's metrics (e.g. SKL, SRKL, mean skews, b for DistiLLM-2) and of where the
@@ -22,6 +27,7 @@ logging to TensorBoard/W&B through `report_to`, accelerate for devices and proce
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 from collections import Counter, defaultdict
@@ -33,12 +39,14 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from ..errors import DistillmError
 from ..faults import fault_active, fault_point
 from ..io import atomic_write_json
-from ..methods.base import LossInputs
+from ..losses.fused import HeadInputs, fused_inputs
+from ..methods.base import LossInputs, Scores
 from ..models import eval_mode
 from .callbacks import MethodStepCallback, NonFiniteGuard
-from .collate import IGNORE, response_logits
+from .collate import IGNORE, IMAGE_INPUTS, response_logits
 
 METHOD_STATE_FILE = "distillm_method_state.json"
+logger = logging.getLogger("distillm")
 
 
 def local_counts(batch_samples) -> torch.Tensor:
@@ -92,8 +100,24 @@ class DistillTrainer(Trainer):
     loss_is_scaled_for_ga = True
 
     def __init__(self, *, teacher: torch.nn.Module, method, vocab_size: int, sampler=None,
-                 validation_rows: list[dict] | None = None, max_nonfinite_steps: int = 3, **kwargs):
+                 validation_rows: list[dict] | None = None, max_nonfinite_steps: int = 3, loss_impl: str = "fused",
+                 loss_chunk_size: int | None = None, teacher_cache=None, **kwargs):
         super().__init__(**kwargs)
+        if loss_impl not in ("fused", "plain"):
+            raise DistillmError(f"loss_impl must be fused or plain, got {loss_impl!r}")
+        self.sharded = teacher_placement(self.accelerator) != "device"
+        if self.sharded and loss_impl == "fused":
+            # ZeRO-3 / FSDP gather a module's weights only inside its forward: the fused losses, which apply the
+            # heads themselves, would see shards. The plain path calls the heads as modules.
+            logger.warning("loss_impl=fused is not supported under DeepSpeed/FSDP (sharded output heads): using the "
+                           "plain loss path.")
+            loss_impl = "plain"
+        if self.sharded and teacher_cache is not None:
+            raise DistillmError("--teacher-cache is not supported under DeepSpeed/FSDP (the teacher's head is sharded); "
+                                "run without it, or with DDP / one process.")
+        self.loss_impl = loss_impl
+        self.loss_chunk_size = loss_chunk_size
+        self.teacher_cache = teacher_cache  # training.teacher_cache.TeacherCache or None
         self.teacher = prepare_teacher(teacher, self.accelerator)
         self.method = method
         if self.args.world_size > 1:  # the method's run state (e.g. curriculum gaps) is summed over processes
@@ -159,16 +183,36 @@ class DistillTrainer(Trainer):
             counts = self.accelerator.reduce(counts, reduction="sum")
         return counts
 
+    def scores(self, model, inputs, fused: bool | None = None) -> tuple[Scores, torch.Tensor]:
+        """A model's scores over the batch's response columns and the response tokens [N, R]: hidden states and
+        head (fused) or logits [N, R, V] (plain)."""
+        if fused or (fused is None and self.loss_impl == "fused"):
+            fused = fused_inputs(model, inputs, extra_inputs=IMAGE_INPUTS)
+            return fused.head, fused.labels
+        return response_logits(model, inputs, self.vocab_size)
+
+    def teacher_scores(self, inputs) -> Scores:
+        """The teacher's scores, from the cache where it holds them, else from a teacher pass under
+        torch.inference_mode (no autograd records at all). The (small) result is cloned out of inference mode
+        so the loss may keep it for its backward pass."""
+        if self.teacher_cache is not None:
+            return self.teacher_cache.scores(self, inputs)
+        return self.run_teacher(inputs)
+
+    def run_teacher(self, inputs, fused: bool | None = None) -> Scores:
+        with torch.no_grad() if self.sharded else torch.inference_mode():
+            scores, _ = self.scores(self.teacher, inputs, fused)
+        if isinstance(scores, HeadInputs):
+            return HeadInputs(scores.hidden.clone(), scores.weight, scores.bias)
+        return scores.clone()
+
     def method_inputs(self, model, inputs, counts) -> LossInputs:
-        """The models' logits over the batch's response tokens, as the method's loss takes them."""
-        student_logits, targets = response_logits(model, inputs, self.vocab_size)
-        teacher_logits = None
-        if self.method.needs_teacher:
-            # no_grad, not inference_mode: the teacher's logits are saved for the loss's backward pass
-            with torch.no_grad():
-                teacher_logits, _ = response_logits(self.teacher, inputs, self.vocab_size)
-        return LossInputs(student_logits, teacher_logits, targets, int(inputs["n_first"]), counts,
-                          step=self.state.global_step, total_steps=self.state.max_steps)
+        """The models' scores over the batch's response tokens, as the method's loss takes them."""
+        student, targets = self.scores(model, inputs)
+        teacher = self.teacher_scores(inputs) if self.method.needs_teacher else None
+        return LossInputs(student, teacher, targets, int(inputs["n_first"]), counts, step=self.state.global_step,
+                          total_steps=self.state.max_steps, vocab_size=self.vocab_size,
+                          chunk_size=self.loss_chunk_size)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if num_items_in_batch is None:  # e.g. called outside the training loop

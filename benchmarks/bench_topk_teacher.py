@@ -1,0 +1,102 @@
+"""Error of a top-k teacher (`distillm.losses.fused.TopKTeacher`: the teacher's k most likely tokens'
+log-probs, the tail mass spread evenly over the other tokens) against the exact teacher, on SmolLM2-135M-Instruct
+-> its 10-layer student, for the losses DistiLLM-2 and KD use.
+
+Data: the first `--prompts` built-in training prompts with the teacher's own sampled responses (temperature
+0.8, top-p 0.95, `--max-new-tokens`), i.e. the fixed responses a cache would hold. For each k and loss: the
+loss (mean over response tokens) and its gradient w.r.t. the student's hidden states and output head,
+computed with the fused losses from the exact teacher (its hidden states and head) and from the top-k teacher.
+Reported: |L_k - L| / |L| and ||g_k - g|| / ||g|| (Frobenius, over hidden states and head together), and the
+mean tail mass the top-k leaves out.
+
+    python benchmarks/bench_topk_teacher.py --quick     # 8 prompts, 32 new tokens
+    python benchmarks/bench_topk_teacher.py             # 32 prompts, 64 new tokens
+
+The last line is the headline: the worst relative gradient error over the losses at the largest k.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+
+LOSSES = {"fkl": None, "skl (a=0.1)": 0.1, "srkl (a=0.1)": 0.1}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="8 prompts, 32 new tokens")
+    parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--ks", default="8,32,128")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.prompts, args.max_new_tokens = 8, 32
+
+    from distillm.data.prompts import encode_prompts, load_prompts
+    from distillm.losses.fused import HeadInputs, TopKTeacher, fused_inputs, fused_weighted_divergence
+    from distillm.models import load_model, parse_layer_spec, prune_layers, real_vocab_size
+    from distillm.training.collate import build_sequences, pad_left
+
+    torch.manual_seed(0)
+    teacher, tokenizer = load_model("smollm2-135m-instruct", dtype="float32")
+    student = prune_layers(teacher, parse_layer_spec("even:10", teacher.config.num_hidden_layers)).float()
+    teacher.eval()
+    vocab = real_vocab_size(tokenizer)
+    records, _ = load_prompts("builtin:train", limit=args.prompts)
+    prompts, _ = encode_prompts(records, tokenizer, max_prompt_length=256)
+    batch = pad_left([(p.input_ids, 0) for p in prompts], tokenizer.pad_token_id)
+    with torch.inference_mode():
+        out = teacher.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               do_sample=True, temperature=0.8, top_p=0.95, max_new_tokens=args.max_new_tokens,
+                               pad_token_id=tokenizer.pad_token_id)
+    width = batch["input_ids"].shape[1]
+    sequences = []
+    for prompt, row in zip(prompts, out[:, width:].tolist()):
+        response = row[:row.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in row else row
+        response = [t for t in response if t != tokenizer.pad_token_id] or [tokenizer.eos_token_id]
+        sequences.append(build_sequences(prompt.input_ids, response, 1024))
+    data = pad_left(sequences, tokenizer.pad_token_id)
+    with torch.inference_mode():
+        t = fused_inputs(teacher, data)
+    s = fused_inputs(student, data)
+    mask = s.mask
+    tokens = int(mask.sum())
+    hidden = s.head.hidden.detach().requires_grad_(True)
+    head = s.head.weight.detach().requires_grad_(True)
+    student_in = HeadInputs(hidden, head)
+    teacher_in = HeadInputs(t.head.hidden.clone(), t.head.weight)
+    t_logp = torch.log_softmax(torch.nn.functional.linear(t.head.hidden, t.head.weight)[..., :vocab].float(), -1)
+    token_weights = mask.float() / tokens
+    print(f"{len(sequences)} teacher responses, {tokens} response tokens, V = {vocab}", flush=True)
+
+    def loss_and_grad(name, teacher_scores):
+        divergence = name.split(" ")[0]
+        loss, _ = fused_weighted_divergence(divergence, student_in, teacher_scores, token_weights, LOSSES[name],
+                                            mask=mask, vocab_size=vocab)
+        grads = torch.autograd.grad(loss, (hidden, head))
+        return loss.detach(), torch.cat([g.reshape(-1) for g in grads])
+
+    exact = {name: loss_and_grad(name, teacher_in) for name in LOSSES}
+    ks = [int(k) for k in args.ks.split(",")]
+    print("\n| k | loss | tail mass (mean) | loss rel. error | gradient rel. error |\n|---:|---|---:|---:|---:|")
+    worst = {}
+    for k in ks:
+        top = t_logp.topk(k, dim=-1)
+        tail = (1 - top.values.exp().sum(-1))[mask].mean().item()
+        for name in LOSSES:
+            loss, grad = loss_and_grad(name, TopKTeacher(top.values, top.indices))
+            ref_loss, ref_grad = exact[name]
+            loss_err = ((loss - ref_loss).abs() / ref_loss.abs()).item()
+            grad_err = ((grad - ref_grad).norm() / ref_grad.norm()).item()
+            worst[k] = max(worst.get(k, 0.0), grad_err)
+            print(f"| {k} | {name} | {tail:.4f} | {loss_err:.2e} | {grad_err:.2e} |", flush=True)
+    print(f"headline: worst gradient relative error at k = {ks[-1]}: {worst[ks[-1]]:.2e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""Training-step throughput (tokens/s) of a DistiLLM-2 step, SmolLM2-135M-Instruct teacher -> its 10-layer
+student, with the plain loss path (full logits) and the fused one (the default), against TRL's GKDTrainer step
+(`trl.experimental.gkd`) at the same batch and sequence length.
+
+What is timed: `Trainer.training_step` (student forward, teacher forward, loss, backward) of each trainer on
+the same tensors; the optimizer step, identical for all, is left out. DistiLLM-2 trains on P pairs = 2P
+sequences (P teacher responses, P student responses); TRL's GKD step gets the same 2P sequences (lmbda = 0:
+off-policy, no generation inside the step, beta = 0.5), so every variant processes the same tokens and
+tokens/s = 2P x (prompt + response length) / step time. Models in fp32 on the CPU; the responses are random
+token ids (their content does not change the cost). The variants run interleaved (one step of each, repeated),
+so a change in the machine's load hits all of them alike; each figure is the median over the repeats, after
+one warm-up step each.
+
+    python benchmarks/bench_train_step.py --quick   # P = 2 pairs, 64 + 64 tokens: a few minutes on 2 cores
+    python benchmarks/bench_train_step.py           # P = 4 pairs, 128 + 128 tokens
+
+The last line is the headline: DistiLLM-2 fused tokens/s / TRL GKD tokens/s.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+
+
+def build_batch(tokenizer, pairs: int, prompt_len: int, response_len: int, seed: int = 0):
+    """Rows of fixed-length random prompts and responses, and the DistiLLM-2 collated batch of them."""
+    from distillm.training.collate import DistillCollator
+
+    g = torch.Generator().manual_seed(seed)
+    vocab = len(tokenizer)
+
+    def ids(n):
+        return torch.randint(10, vocab - 10, (n,), generator=g).tolist()
+
+    rows = [{"id": str(i), "_index": i, "prompt_ids": ids(prompt_len), "chosen_ids": ids(response_len),
+             "rejected_ids": ids(response_len)} for i in range(pairs)]
+    collate = DistillCollator(tokenizer.pad_token_id, prompt_len + response_len)
+    return rows, collate(rows)
+
+
+def distillm_trainer(student, teacher, tokenizer, rows, impl: str, out: str):
+    from transformers import TrainingArguments
+
+    from distillm.config import load_config
+    from distillm.methods.distillm2 import DistiLLM2
+    from distillm.models import real_vocab_size
+    from distillm.training.collate import DistillCollator, RowDataset
+    from distillm.training.trainer import DistillTrainer
+
+    args = TrainingArguments(output_dir=out, per_device_train_batch_size=len(rows), max_steps=10, report_to=[],
+                             save_strategy="no", remove_unused_columns=False, use_cpu=True, disable_tqdm=True)
+    return DistillTrainer(model=student, teacher=teacher, method=DistiLLM2(load_config()),
+                          vocab_size=real_vocab_size(tokenizer), args=args, train_dataset=RowDataset(rows),
+                          data_collator=DistillCollator(tokenizer.pad_token_id, 4096), loss_impl=impl)
+
+
+def trl_trainer(student, teacher, tokenizer, sequences: int, out: str):
+    """GKDTrainer as TRL's documentation sets it up (model, teacher_model, GKDConfig, a chat data set,
+    processing_class), off-policy (lmbda = 0) so that the step has the same data as DistiLLM-2's."""
+    from datasets import Dataset
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    data = Dataset.from_list([{"messages": [{"role": "user", "content": "Hi"},
+                                            {"role": "assistant", "content": "Hello"}]}] * sequences)
+    args = GKDConfig(output_dir=out, per_device_train_batch_size=sequences, lmbda=0.0, beta=0.5, max_steps=10,
+                     report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True)
+    return GKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data,
+                      processing_class=tokenizer)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="P = 2 pairs, 64 + 64 tokens, 2 repeats")
+    parser.add_argument("--pairs", type=int, default=4)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--response-len", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--variants", default="plain,fused,trl", help="comma-separated subset of plain,fused,trl")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--out", default="/tmp/bench_train_step")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.pairs, args.prompt_len, args.response_len, args.repeats = 2, 64, 64, 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from distillm.models import load_model, parse_layer_spec, prune_layers
+
+    teacher, tokenizer = load_model("smollm2-135m-instruct", dtype="float32")
+    keep = parse_layer_spec("even:10", teacher.config.num_hidden_layers)
+    student = prune_layers(teacher, keep).float()
+    rows, batch = build_batch(tokenizer, args.pairs, args.prompt_len, args.response_len)
+    sequences = batch["input_ids"].shape[0]
+    tokens = int(batch["attention_mask"].sum())
+    response_tokens = int((batch["labels"] != -100).sum())
+
+    variants = args.variants.split(",")
+    trainers, inputs = {}, {}
+    for name in variants:
+        model = copy.deepcopy(student)
+        if name == "trl":
+            trainer = trl_trainer(model, teacher, tokenizer, sequences, os.path.join(args.out, name))
+            # the same sequences; TRL's loss masks by labels (prompt and padding are -100), its model sees all columns
+            inputs[name] = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                            "labels": batch["labels"]}
+        else:
+            trainer = distillm_trainer(model, teacher, tokenizer, rows, name, os.path.join(args.out, name))
+            inputs[name] = dict(batch)
+        trainer.model.train()
+        trainers[name] = trainer
+
+    def step(name):
+        trainer = trainers[name]
+        batch_copy = {k: v.clone() for k, v in inputs[name].items()}
+        counts = (trainer._get_num_items_in_batch([batch_copy], "cpu") if name != "trl"
+                  else int((batch_copy["labels"][:, 1:] != -100).sum()))
+        start = time.perf_counter()
+        loss = trainer.training_step(trainer.model, batch_copy, counts)
+        elapsed = time.perf_counter() - start
+        trainer.model.zero_grad(set_to_none=True)
+        return elapsed, float(loss)
+
+    load = os.getloadavg()
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, load average at start {load[0]:.2f}",
+          flush=True)
+    print(f"batch: {args.pairs} pairs = {sequences} sequences x ({args.prompt_len} prompt + {args.response_len} "
+          f"response) tokens = {tokens} tokens per step ({response_tokens} response tokens)", flush=True)
+    times = {name: [] for name in variants}
+    for rep in range(args.repeats + 1):  # the first round is the warm-up
+        for name in variants:
+            elapsed, loss = step(name)
+            print(f"  {'warm-up' if rep == 0 else f'repeat {rep}'}: {name:6s} {elapsed:7.2f} s  loss {loss:.4f}",
+                  flush=True)
+            if rep:
+                times[name].append(elapsed)
+    print(f"load average at end {os.getloadavg()[0]:.2f}")
+    labels = {"plain": "distillm DistiLLM-2, plain loss (full logits)",
+              "fused": "distillm DistiLLM-2, fused loss (default)",
+              "trl": "TRL GKDTrainer (lmbda=0, beta=0.5)"}
+    rate = {name: tokens / statistics.median(t) for name, t in times.items()}
+    print("\n| step | median time (s) | tokens/s | vs TRL GKD |\n|---|---:|---:|---:|")
+    for name in variants:
+        vs = f"{rate[name] / rate['trl']:.2f}" if "trl" in rate else "-"
+        print(f"| {labels[name]} | {statistics.median(times[name]):.2f} | {rate[name]:.1f} | {vs} |")
+    if "plain" in rate and "fused" in rate:
+        print(f"fused / plain tokens/s: {rate['fused'] / rate['plain']:.2f}")
+    if "fused" in rate and "trl" in rate:
+        print(f"headline: distillm2 fused tokens/s / TRL GKD tokens/s = {rate['fused'] / rate['trl']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
