@@ -56,7 +56,7 @@ def test_non_finite_steps_in_a_row_stop_with_a_checkpoint_naming_the_batch_then_
 
 def extreme_batch(method_name: str, scale: float, seed: int = 0) -> LossInputs:
     """Logits of magnitude `scale`, the last 3 vocabulary entries masked to -inf in both models (as a padded or
-    restricted vocabulary is), for 2 groups of 2 sequences."""
+    restricted vocabulary is): 2 groups of 2 sequences for the paired methods, else one group of 4."""
     g = torch.Generator().manual_seed(seed)
     rows, T, V = 4, 5, 13
     student = torch.randn(rows, T, V, generator=g) * scale
@@ -66,8 +66,9 @@ def extreme_batch(method_name: str, scale: float, seed: int = 0) -> LossInputs:
     targets = torch.randint(0, V - 3, (rows, T), generator=g)
     targets[1, :2] = -100
     mask = targets != -100
-    counts = torch.tensor([2, mask[:2].sum().item(), mask[2:].sum().item()], dtype=torch.float64)
-    return LossInputs(student.requires_grad_(), teacher, targets, 2, counts, step=3, total_steps=10)
+    n_first = 2 if method_name in ("distillm2", "dpkd", "step_by_step") else rows  # two groups, or one
+    counts = torch.tensor([n_first, mask[:n_first].sum().item(), mask[n_first:].sum().item()], dtype=torch.float64)
+    return LossInputs(student.requires_grad_(), teacher, targets, n_first, counts, step=3, total_steps=10)
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
