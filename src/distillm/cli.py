@@ -31,6 +31,9 @@ def _add_config_options(parser: argparse.ArgumentParser, config_cls: type = RunC
                             help="Starting settings under your config and flags: 'demo' sizes the SmolLM2 CPU demo "
                             "(128 prompts, 3 rounds), 'tiny' uses tiny random models. Default: 'demo' when no --config, "
                             "--teacher, --student or --prompts is given, else none.")
+        parser.add_argument("--resume", action="store_true",
+                            help="Continue the run in --output-dir with the config it was started with (its "
+                            "config.yaml); rerunning the same command continues it too.")
     groups: dict[str, argparse._ArgumentGroup] = {}
     for name, (section, f) in option_fields(config_cls).items():
         group = groups.setdefault(section or "run", parser.add_argument_group(f"{section or 'run'} options"))
@@ -154,6 +157,8 @@ def _cmd_run(args, *, evaluate_default: bool) -> int:
         if preset == "demo":
             logger.info("Preset 'demo' (the SmolLM2 CPU demo sizing); --preset none for the plain defaults")
     config = load_config(args.config, preset=preset, overrides=overrides)
+    if args.resume:
+        config = resumed_config(config.output_dir, overrides, overwrite=args.overwrite)
     metrics = run(config, overwrite=args.overwrite)
     from .distributed import process_state
 
@@ -168,6 +173,34 @@ def _cmd_run(args, *, evaluate_default: bool) -> int:
         print(table)
     print(f"Wall time: {metrics.get('wall_seconds')} s; metrics: {Path(config.output_dir) / 'metrics.json'}")
     return 0
+
+
+def resumed_config(output_dir: str, overrides: dict, *, overwrite: bool) -> RunConfig:
+    """The config a run in `output_dir` was started with, for --resume; flags given with --resume must agree
+    with it (a run cannot change its settings halfway)."""
+    from .config import ConfigError
+
+    if overwrite:
+        raise ConfigError("--resume continues the run in --output-dir and --overwrite replaces it: pass one of them.")
+    stored = Path(output_dir) / "config.yaml"
+    if not stored.is_file():
+        raise ConfigError(f"--resume: {output_dir} holds no distillm run to continue (no config.yaml). Check "
+                          "--output-dir, or drop --resume to start a new run there.")
+    config = load_config(stored, preset="none")
+    config.output_dir = output_dir
+    import copy
+
+    from .config import apply_overrides
+
+    flat = config.flat()
+    asked = apply_overrides(copy.deepcopy(config), {k: v for k, v in overrides.items() if k != "output_dir"},
+                            where="command line").flat()
+    clashes = [f"--{key.replace('_', '-')} {asked[key]} (the run has {flat[key]})" for key in flat
+               if asked[key] != flat[key]]
+    if clashes:
+        raise ConfigError(f"--resume: {stored} was started with other settings: {'; '.join(clashes)}. Drop those "
+                          "flags to continue it, or start a new run in another --output-dir.")
+    return config
 
 
 def _cmd_generate(args) -> int:

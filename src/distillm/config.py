@@ -297,8 +297,14 @@ def apply_overrides(config, overrides: dict[str, Any], where: str = "config"):
 
 
 def _unknown(key: str, known: dict, where: str):
-    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
-    hint = f" Did you mean '{close[0]}'?" if close else " Run `distillm run --help` for the list of options."
+    names = [*known, *SECTIONS]
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+    if close and close[0] in SECTIONS:
+        hint = f" Did you mean the section '{close[0]}'?"
+    elif close:
+        hint = f" Did you mean '{close[0]}'?"
+    else:
+        hint = " Run `distillm run --help` for the list of options."
     raise ConfigError(f"{where}: unknown option '{key}'.{hint}")
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import DistillmError
+from .faults import fault_point
 
 logger = logging.getLogger("distillm")
 
@@ -97,9 +98,18 @@ class JsonlAppender:
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def existing_rows(self) -> list[dict]:
-        """Rows already complete: the finished file, or the intact lines of the partial one (rewritten clean)."""
+        """Rows already complete: the finished file, or the intact lines of the partial one (rewritten clean).
+
+        A finished file whose last line is torn (left by a crash of a version that wrote in place) is taken back
+        to `.partial` without that line, so the caller regenerates the row instead of training on it."""
         if self.path.is_file():
-            return read_jsonl(self.path)
+            rows = read_jsonl(self.path, tolerate_torn_tail=True)
+            if len(rows) == sum(1 for line in self.path.read_bytes().split(b"\n") if line.strip()):
+                return rows
+            logger.warning("%s: the last line is torn; it will be regenerated", self.path)
+            write_jsonl(self.partial, rows)
+            self.path.unlink()
+            return rows
         if not self.partial.is_file():
             return []
         rows = read_jsonl(self.partial, tolerate_torn_tail=True)
@@ -108,6 +118,10 @@ class JsonlAppender:
 
     def append(self, rows: Iterable[dict]) -> None:
         text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        fault_point(f"torn:{self.path.stem}", before_kill=lambda: self._write(text[: max(len(text) // 2, 1)]))
+        self._write(text)
+
+    def _write(self, text: str) -> None:
         with open(self.partial, "a", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()

@@ -14,7 +14,8 @@ Run directory layout::
     rounds/round_K/pairs.jsonl   TRL DPO columns: prompt, chosen (teacher), rejected (student), plus token ids
     checkpoints/checkpoint-N     transformers Trainer checkpoints (resume from the last one)
     logs/train_log.jsonl         per-step loss, the method's metrics (e.g. skl, srkl, alpha_t, alpha_s, b), sources
-    student/                     the distilled student (safetensors + tokenizer)
+    logs/training.json           the training summary, written after the student: marks training as finished
+    student/                     the distilled student (safetensors + tokenizer; saved as student.tmp, renamed)
     eval/{before,after}_samples.jsonl  student samples on held-out prompts
     metrics.json                 before/after metrics, training summary, timings
 """
@@ -38,6 +39,7 @@ from transformers import TrainingArguments, set_seed
 from .config import RunConfig
 from .distributed import process_state
 from .errors import DistillmError
+from .faults import fault_point
 from .data.prompts import EncodedPrompt, encode_prompts, load_prompts
 from .generation.base import SamplingParams
 from .generation.hf import HFBackend
@@ -81,6 +83,7 @@ class RunPaths:
     checkpoints = property(lambda self: self.root / "checkpoints")
     train_log = property(lambda self: self.root / "logs" / "train_log.jsonl")
     student = property(lambda self: self.root / "student")
+    training_summary = property(lambda self: self.root / "logs" / "training.json")
     metrics = property(lambda self: self.root / "metrics.json")
 
     def round_dir(self, k: int) -> Path:
@@ -93,7 +96,8 @@ class RunPaths:
 def prepare_run_dir(config: RunConfig, *, overwrite: bool = False) -> RunPaths:
     """Create the run directory, or continue the run it holds if its config is the same one.
 
-    A directory holding a run with a different config is refused unless `overwrite` (which wipes it).
+    A directory holding a run with a different config is refused unless `overwrite` (which wipes it); the CLI's
+    --resume continues such a run by passing the config stored in it.
     """
     paths = RunPaths(config.output_dir)
     text = config.to_yaml()
@@ -113,7 +117,8 @@ def prepare_run_dir(config: RunConfig, *, overwrite: bool = False) -> RunPaths:
             changed = sorted(_diff_keys(previous, current))
             raise RunDirError(
                 f"{paths.root} already holds a run with a different config (differs in: {', '.join(changed)}). "
-                "Pass --overwrite to replace it, or choose another --output-dir."
+                "Pass --resume to continue that run with its own config, --overwrite to replace it, or choose "
+                "another --output-dir."
             )
         if produced:
             logger.info("Continuing the run in %s", paths.root)
@@ -164,6 +169,7 @@ def load_models(config: RunConfig) -> ModelPair:
         keep = parse_layer_spec(m.student_layers, teacher.config.num_hidden_layers)
         student = prune_layers(teacher, keep).float()
         logger.info("Student: teacher layers %s (%d of %d)", keep, len(keep), teacher.config.num_hidden_layers)
+    check_context_length(config, teacher=teacher, student=student)
     teacher = teacher.to(device)
     if m.load_in_4bit:
         # bitsandbytes quantises while loading: a derived student is saved once, then loaded in 4-bit
@@ -188,6 +194,24 @@ def load_models(config: RunConfig) -> ModelPair:
     logger.info("Teacher %s: %.1fM parameters; student: %.1fM", m.teacher, count_parameters(teacher) / 1e6,
                 count_parameters(student) / 1e6)
     return ModelPair(teacher, student, tokenizer, real_vocab_size(tokenizer), teacher_path)
+
+
+def check_context_length(config: RunConfig, **models: torch.nn.Module) -> None:
+    """Refuse lengths the models cannot take: a training sequence (--max-length) or a prompt plus its response
+    (--max-prompt-length + --max-new-tokens) longer than a model's context. Longer prompts are cut from the left
+    to --max-prompt-length (counted and reported), so the lengths alone decide."""
+    d, g = config.data, config.generation
+    for name, model in models.items():
+        limit = getattr(model.config, "max_position_embeddings", None)
+        if not limit:
+            continue
+        for what, length, fix in (("max_length", d.max_length, f"--max-length {limit}"),
+                                  ("max_prompt_length + max_new_tokens", d.max_prompt_length + g.max_new_tokens,
+                                   "--max-prompt-length and --max-new-tokens with a sum")):
+            if length > limit:
+                raise DistillmError(
+                    f"{what} = {length} tokens is longer than the {name}'s context of {limit} tokens "
+                    f"(max_position_embeddings in its config): set {fix} or less.")
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -375,6 +399,7 @@ def evaluate(config: RunConfig, models: ModelPair, eval_prompts, teacher_eval_ro
     common = dict(vocab_size=models.vocab_size, pad_token_id=models.tokenizer.pad_token_id, max_length=d.max_length,
                   image_inputs=ImageInputs(models.processor) if models.processor is not None else None)
     result = {"teacher_nll_of_student_samples": teacher_nll(models.teacher, samples, **common)}
+    fault_point(f"eval:{tag}")
     result.update(teacher_student_divergence(models.teacher, models.student, teacher_eval_rows, **common))
     result["seconds"] = round(time.time() - start, 1)
     return result
@@ -422,11 +447,26 @@ def train(config: RunConfig, models: ModelPair, method: Method, rows: list[dict]
     """`rounds` epochs of the method on its rows; resumes from the last complete checkpoint in the run directory.
     Paired methods (distillm2, dpkd) regenerate the student's responses at the start of every round."""
     tokenizer = models.tokenizer
+    summary = read_json_or_none(paths.training_summary)
+    if summary is not None and (paths.student / "config.json").is_file():
+        # Training finished before (the summary is written after the student): a resumed run reuses the student.
+        logger.info("Training already finished: using the student in %s", paths.student)
+        if models.processor is not None:
+            from .vision import load_vision_model
+
+            loaded = load_vision_model(str(paths.student), dtype="float32")[0]
+        else:
+            loaded = load_model(str(paths.student), dtype="float32")[0]
+        models.student = loaded.to(models.student.device)
+        return summary
 
     def refresh(round_index: int, model) -> list[dict]:
         folder = paths.round_dir(round_index)
         if (folder / "pairs.jsonl").is_file():  # this round's data is complete (a resumed run, or round 0 again)
-            return read_jsonl(folder / "pairs.jsonl")
+            try:
+                return read_jsonl(folder / "pairs.jsonl")
+            except DistillmError as err:  # damaged by something else than distillm (it writes it atomically)
+                logger.warning("%s Rebuilding it.", err)
         model_dir = None
         if choose_backend_name(config.generation.backend) == "vllm" and models.processor is None:
             # vLLM loads weights from a directory: the current student is saved (a LoRA adapter merged in) by
@@ -518,6 +558,7 @@ def train(config: RunConfig, models: ModelPair, method: Method, rows: list[dict]
         "steps": trainer.state.global_step,
         "train_seconds": round(result.metrics.get("train_runtime", 0.0), 1),
         "mean_loss_per_round": round_means,
+        "skipped_nonfinite_steps": trainer.nonfinite_guard.skipped,
         "log": str(paths.train_log.relative_to(paths.root)),
     }
     if teacher_cache is not None:  # sequences whose teacher scores came from the cache / from a teacher pass
@@ -525,7 +566,20 @@ def train(config: RunConfig, models: ModelPair, method: Method, rows: list[dict]
                                     "teacher_sequences": teacher_cache.teacher_rows}
         logger.info("Teacher cache (%s): %d sequences read from it, %d through the teacher", teacher_cache.label,
                     teacher_cache.cached_rows, teacher_cache.teacher_rows)
+    if trainer.args.should_save:
+        atomic_write_json(paths.training_summary, summary)  # last: marks the student as complete
     return summary
+
+
+def read_json_or_none(path: Path):
+    """A JSON file written by an earlier attempt, or None if it is missing or unreadable (then it is redone)."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        logger.warning("%s is damaged (%s); redoing that stage", path, err)
+        return None
 
 
 def sharded_engine() -> bool:
@@ -542,7 +596,15 @@ def save_student(trainer: DistillTrainer, config: RunConfig, models: ModelPair, 
     (a QLoRA adapter is merged into the base reloaded in the compute dtype, not into its 4-bit weights).
     Gathered from all processes by the Trainer (FSDP / DeepSpeed full state dict)."""
     if not is_peft_model(models.student):
-        trainer.save_model(str(paths.student))
+        # written to student.tmp and renamed: a student cut off mid-write never stands in student/
+        tmp = paths.root / "student.tmp"
+        if trainer.args.should_save:
+            shutil.rmtree(tmp, ignore_errors=True)
+        trainer.save_model(str(tmp))
+        if trainer.args.should_save:
+            shutil.rmtree(paths.student, ignore_errors=True)
+            tmp.rename(paths.student)
+        trainer.accelerator.wait_for_everyone()
         return
     adapter_dir = paths.root / "adapter"
     trainer.save_model(str(adapter_dir))  # adapter_config.json + adapter_model.safetensors (+ tokenizer)
@@ -575,8 +637,8 @@ def run(config: RunConfig, *, overwrite: bool = False) -> dict:
     state = process_state()
     with state.main_process_first():  # one process sets the directory up (and wipes it), the others then agree
         paths = prepare_run_dir(config, overwrite=overwrite and state.is_main_process)
-    if paths.metrics.is_file():
-        metrics = json.loads(paths.metrics.read_text())
+    metrics = read_json_or_none(paths.metrics)
+    if metrics is not None:
         if metrics.get("complete"):
             logger.info("%s already holds a finished run; metrics.json is unchanged", paths.root)
             return metrics
@@ -602,8 +664,9 @@ def run(config: RunConfig, *, overwrite: bool = False) -> dict:
                      "num_train_prompts": len(train_prompts), "num_eval_prompts": len(eval_prompts)}
     if evaluating:
         before_file = paths.root / "eval" / "before.json"
-        if before_file.is_file():  # a resumed run: the student has trained since, so reuse the first figures
-            metrics["before"] = json.loads(before_file.read_text())
+        before = read_json_or_none(before_file)
+        if before is not None:  # a resumed run: the student has trained since, so reuse the first figures
+            metrics["before"] = before
         else:
             metrics["before"] = evaluate(config, models, eval_prompts, teacher_eval, paths, "before")
             atomic_write_json(before_file, metrics["before"])

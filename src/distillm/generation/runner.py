@@ -21,6 +21,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..data.prompts import EncodedPrompt
 from ..errors import DistillmError
+from ..faults import fault_point
 from ..io import JsonlAppender
 from .base import GenerationBackend, SamplingParams
 
@@ -81,7 +82,14 @@ def generate_responses(
     mine = {index for k, batch in enumerate(batches) if k % world == rank for index in batch}
     ids = [p.id for i, p in enumerate(prompts) if i in mine]
     writer = JsonlAppender(out_path)
-    done = {row["id"]: row for row in writer.existing_rows()}
+    done = {}
+    where = writer.path if writer.path.is_file() else writer.partial
+    for number, row in enumerate(writer.existing_rows(), start=1):
+        missing = [key for key in ("id", "response_ids") if key not in row]
+        if missing:
+            raise DistillmError(f"{where}: row {number} has no {', '.join(missing)}: it was not written by distillm "
+                                "generation. Delete the file to regenerate it.")
+        done[row["id"]] = row  # a duplicated row (same id) is kept once
     unknown = set(done) - set(ids)
     if writer.path.is_file() and not unknown and len(done) == len(ids):
         return [done[i] for i in ids]
@@ -91,6 +99,13 @@ def generate_responses(
             f"this prompt set (e.g. id {sorted(unknown)[0]!r}): it belongs to another run. Use another output "
             "directory, or --overwrite."
         )
+    for prompt in prompts:
+        previous = done.get(prompt.id, {}).get("prompt_ids")
+        if previous is not None and list(previous) != list(prompt.input_ids):
+            raise DistillmError(
+                f"{where}: the response to prompt {prompt.id!r} was generated from other prompt tokens (another "
+                "prompt file, chat template or --max-prompt-length): it belongs to another run. Use another output "
+                "directory, or --overwrite.")
     with tqdm(total=len(ids), initial=len(done), desc=desc, unit="prompt", dynamic_ncols=True,
               disable=not progress) as bar:
         for batch_index, batch in enumerate(batches):
@@ -123,6 +138,7 @@ def generate_responses(
                 rows.append(row)
             writer.append(rows)
             bar.update(len(rows))
+            fault_point(f"gen:{writer.path.stem}")
     ordered = [done[i] for i in ids]
     writer.finish(ordered)
     return ordered

@@ -8,6 +8,8 @@ import torch
 
 from transformers import TrainerCallback
 
+from ..faults import fault_point
+
 
 class OnPolicyRoundCallback(TrainerCallback):
     """At the start of every epoch (a "round"), regenerate the student's responses with the current student and
@@ -46,6 +48,7 @@ class MethodStepCallback(TrainerCallback):
             if loss is not None:
                 method.observe_validation(loss, state.global_step)
                 self.trainer.log_once["validation_loss"] = round(loss, 6)  # goes into this step's log entry
+        fault_point("train_step")  # reliability tests: a kill after the step, before its checkpoint
 
 
 class NonFiniteGuard(TrainerCallback):

@@ -39,6 +39,7 @@ from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..errors import DistillmError
+from ..faults import fault_active, fault_point
 from ..io import atomic_write_json
 from ..losses.fused import HeadInputs, fused_inputs
 from ..methods.base import LossInputs, Scores
@@ -220,6 +221,11 @@ class DistillTrainer(Trainer):
         if num_items_in_batch is None:  # e.g. called outside the training loop
             num_items_in_batch = self._get_num_items_in_batch([inputs], inputs["labels"].device)
         loss, metric_sums, gauges = self.method.compute_loss(self.method_inputs(model, inputs, num_items_in_batch))
+        if model.training and os.environ.get("DISTILLM_FAULT"):  # reliability tests: poison this step's loss
+            step = self.state.global_step + 1
+            for name, factor in (("nan_loss", float("nan")), ("inf_loss", float("inf"))):
+                if fault_active(name, step):
+                    loss = loss * factor
         if model.training:
             for key, value in metric_sums.items():
                 self._metric_sums[key] += value
@@ -275,6 +281,7 @@ class DistillTrainer(Trainer):
         if self.args.should_save:
             folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             if os.path.isdir(folder):
+                fault_point("checkpoint")  # reliability tests: a kill with the checkpoint half written
                 # written last and atomically: its presence marks the checkpoint as complete (see last_complete_checkpoint)
                 atomic_write_json(os.path.join(folder, METHOD_STATE_FILE), self.method.state_dict())
 
