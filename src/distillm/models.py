@@ -274,14 +274,23 @@ def prune_layers(model: PreTrainedModel, keep: list[int]) -> PreTrainedModel:
     Embeddings, final norm and output head are copied unchanged. Per-layer config lists (e.g. `layer_types`)
     are pruned alongside.
     """
-    num_layers = model.config.num_hidden_layers
+    return copy_with_layers(model, lambda config: config, _decoder_layers_prefix(model), keep)
+
+
+def copy_with_layers(model: torch.nn.Module, layers_config, layers_prefix: str, keep) -> torch.nn.Module:
+    """A new model of `model`'s class keeping only the layers `keep` (a layer spec, see `parse_layer_spec`) of
+    the layer list at state-dict prefix `layers_prefix`, with copied weights. `layers_config(config)` is the
+    (sub-)config that counts those layers (the config itself, or e.g. a VLM's `text_config`): its
+    `num_hidden_layers` and its per-layer lists (e.g. `layer_types`) are pruned alongside."""
+    num_layers = layers_config(model.config).num_hidden_layers
     keep = parse_layer_spec(keep, num_layers)
-    prefix = _decoder_layers_prefix(model) + "."
+    prefix = layers_prefix + "."
     config = copy.deepcopy(model.config)
-    config.num_hidden_layers = len(keep)
-    for key, value in list(vars(config).items()):
+    sub = layers_config(config)
+    sub.num_hidden_layers = len(keep)
+    for key, value in list(vars(sub).items()):
         if isinstance(value, list) and len(value) == num_layers and key != "architectures":
-            setattr(config, key, [value[i] for i in keep])
+            setattr(sub, key, [value[i] for i in keep])
     student = type(model)(config).to(model.dtype)
     new_index = {old: new for new, old in enumerate(keep)}
     state = {}

@@ -18,14 +18,14 @@ tokens), since both score the same token sequences; the student sees the teacher
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 
 import torch
 
 from .errors import DistillmError
-from .models import ModelLoadError, check_same_tokenizer, parse_layer_spec, resolve_dtype, resolve_model_source
+from .models import (ModelLoadError, check_same_tokenizer, copy_with_layers, parse_layer_spec, resolve_dtype,
+                     resolve_model_source)
 
 logger = logging.getLogger("distillm")
 
@@ -119,28 +119,7 @@ def _language_layers_prefix(model) -> str:
 def prune_vision_layers(model, keep) -> torch.nn.Module:
     """A new vision-language model keeping the language model's decoder layers `keep` (vision tower, projector,
     embeddings and output head copied unchanged)."""
-    text_config = model.config.text_config
-    num_layers = text_config.num_hidden_layers
-    keep = parse_layer_spec(keep, num_layers)
-    prefix = _language_layers_prefix(model) + "."
-    config = copy.deepcopy(model.config)
-    config.text_config.num_hidden_layers = len(keep)
-    for key, value in list(vars(config.text_config).items()):
-        if isinstance(value, list) and len(value) == num_layers and key != "architectures":
-            setattr(config.text_config, key, [value[i] for i in keep])
-    student = type(model)(config).to(model.dtype)
-    new_index = {old: new for new, old in enumerate(keep)}
-    state = {}
-    for key, tensor in model.state_dict().items():
-        if key.startswith(prefix):
-            index, _, rest = key[len(prefix):].partition(".")
-            if int(index) not in new_index:
-                continue
-            key = f"{prefix}{new_index[int(index)]}.{rest}"
-        state[key] = tensor.clone()
-    student.load_state_dict(state, strict=True)
-    student.generation_config = copy.deepcopy(model.generation_config)
-    return student
+    return copy_with_layers(model, lambda config: config.text_config, _language_layers_prefix(model), keep)
 
 
 def load_vision_models(config):
