@@ -143,9 +143,12 @@ def _open_source(path: str | os.PathLike | None, fields: _Fields) -> tuple[str, 
 
 
 def _collect(
-    rows: Iterable[_Row], stem: str, fields: _Fields, system_prompt: str | None, limit: int | None
+    rows: Iterable[_Row], stem: str, fields: _Fields, system_prompt: str | None, limit: int | None,
+    extend=None,
 ) -> tuple[list[PromptRecord], int]:
-    """Parse rows into records until `limit` is reached; returns the records and the number of empty ones skipped."""
+    """Parse rows into records until `limit` is reached; returns the records and the number of empty ones skipped.
+    `extend(record, raw, where)`, if given, turns each parsed record into the record kept (e.g. adds its image;
+    it raises DataError for a bad row)."""
     records: list[PromptRecord] = []
     first_seen: dict[str, str] = {}
     n_empty = 0
@@ -161,7 +164,7 @@ def _collect(
                 f"{where}: duplicate id {record.id!r} (first used at {first_seen[record.id]}). Ids must be unique."
             )
         first_seen[record.id] = record.source
-        records.append(record)
+        records.append(record if extend is None else extend(record, raw, where))
     return records, n_empty
 
 

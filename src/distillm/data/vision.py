@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .prompts import (
-    DataError, EncodedPrompt, LoadReport, PromptRecord, _Fields, _open_source, _parse_record, _type_name,
+    DataError, EncodedPrompt, LoadReport, PromptRecord, _Fields, _collect, _open_source, _type_name,
 )
 
 
@@ -78,16 +78,8 @@ def load_image_prompts(
     fields = _Fields(prompt_field, messages_field, response_field, id_field)
     label, stem, rows, fields = _open_source(path, fields)
     base = _base_folder(path)
-    records: list[ImagePromptRecord] = []
-    first_seen: dict[str, str] = {}
-    n_empty = 0
-    for number, where, raw in rows:
-        if limit is not None and len(records) >= limit:
-            break
-        record = _parse_record(raw, number, where, stem, fields, system_prompt)
-        if record is None:
-            n_empty += 1
-            continue
+
+    def with_image(record, raw, where) -> ImagePromptRecord:
         image = raw.get(image_field)
         if image is None or image == "":
             present = ", ".join(map(str, raw)) or "none"
@@ -98,12 +90,10 @@ def load_image_prompts(
             raise DataError(f"{where}: field '{image_field}' must be an image path (a string), got {_type_name(image)}.")
         resolved = (base / image).resolve() if not Path(image).is_absolute() else Path(image)
         open_image(resolved, f"{where}: field '{image_field}'")  # fail now, not in the middle of training
-        if record.id in first_seen:
-            raise DataError(f"{where}: duplicate id {record.id!r} (first used at {first_seen[record.id]}). "
-                            "Ids must be unique.")
-        first_seen[record.id] = record.source
-        records.append(ImagePromptRecord(id=record.id, messages=record.messages, response=record.response,
-                                         source=record.source, image=str(resolved)))
+        return ImagePromptRecord(id=record.id, messages=record.messages, response=record.response,
+                                 source=record.source, image=str(resolved))
+
+    records, n_empty = _collect(rows, stem, fields, system_prompt, limit, extend=with_image)
     if not records and limit != 0:
         raise DataError(f"{label}: no prompts found ({n_empty} empty prompts skipped). Check the file's contents.")
     return records, LoadReport(path=label, n_loaded=len(records), n_empty_skipped=n_empty)
