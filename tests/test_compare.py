@@ -46,6 +46,16 @@ def test_comparison_end_to_end_then_resume_reruns_only_the_missing_cell(tmp_path
     assert not list(out.glob("cells/*/seed_*/run/checkpoints"))  # finished cells keep their student, not checkpoints
     assert all((out / c["run_dir"] / "student" / "model.safetensors").is_file() for c in cells)
     assert (out / "comparison.png").stat().st_size > 0 and (out / "ablation.png").stat().st_size > 0
+    # the teacher's scores on the shared teacher responses: built by each method's first cell, read by the others
+    for variant in ("kd", "distillm2"):
+        first, second = (json.loads((out / "cells" / variant / f"seed_{s}" / "run" / "metrics.json").read_text())
+                         ["training"]["teacher_cache"] for s in (0, 1))
+        assert first["mode"] == second["mode"] == "exact"
+        assert first["built_sequences"] == 8 and second["built_sequences"] == 0  # the tiny size's 8 prompts
+        assert first["cached_sequences"] == second["cached_sequences"] == 8 * 2  # every row, both rounds
+        # kd scores nothing else; distillm2 still runs the teacher on its fresh student responses
+        assert first["teacher_sequences"] == second["teacher_sequences"] == (0 if variant == "kd" else 8 * 2)
+    assert len(list((out / "shared" / "teacher_cache" / "kd").glob("*.npy"))) == 1
 
     # resume: one cell's final file gone -> only that cell is redone (its run is finished: evaluated again)
     gone = out / "cells" / "kd" / "seed_1" / "cell.json"

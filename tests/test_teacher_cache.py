@@ -140,7 +140,9 @@ def test_a_run_with_the_teacher_cache_trains_as_one_without(tmp_path):
         logs[cache] = [entry["loss"] for entry in map(json.loads, lines) if "loss" in entry]
         training = json.loads((out / "metrics.json").read_text())["training"]
     # 4 steps x 4 pairs: every teacher response came from the cache, only the student responses met the teacher
-    assert training["teacher_cache"] == {"mode": "exact", "cached_sequences": 16, "teacher_sequences": 16}
+    # (the 8 teacher responses were scored once, to build the cache)
+    assert training["teacher_cache"] == {"mode": "exact", "cached_sequences": 16, "teacher_sequences": 16,
+                                         "built_sequences": 8}
     assert len(logs["off"]) == 4
     assert logs["exact"] == pytest.approx(logs["off"], rel=1e-3)
     cached = sorted(p.suffix for p in (tmp_path / "exact" / "teacher_cache").iterdir())

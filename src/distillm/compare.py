@@ -178,6 +178,11 @@ class Comparison:
             "learning_rate": self.s.learning_rate, "per_device_train_batch_size": z["batch_size"],
             "gradient_accumulation_steps": 1, "generation_batch_size": 32, "seed": seed, "generation_seed": seed,
             "save_steps": max(1, (z["num_builtin"] + z["num_generated"]) // z["batch_size"]),  # once per round
+            # the teacher's scores on the shared teacher responses, computed once per method and reused by every
+            # seed and round; exact (its final hidden states; the head is applied in the loss), so no cell's
+            # numbers change -- only the teacher passes over the same sequences go
+            "teacher_cache": "exact",
+            "teacher_cache_dir": str(self.shared / "teacher_cache" / VARIANTS[variant]["method"]),
             **self.s.run_overrides, **VARIANTS[variant],
         }
         if teacher_responses:

@@ -563,7 +563,8 @@ def train(config: RunConfig, models: ModelPair, method: Method, rows: list[dict]
     }
     if teacher_cache is not None:  # sequences whose teacher scores came from the cache / from a teacher pass
         summary["teacher_cache"] = {"mode": teacher_cache.label, "cached_sequences": teacher_cache.cached_rows,
-                                    "teacher_sequences": teacher_cache.teacher_rows}
+                                    "teacher_sequences": teacher_cache.teacher_rows,
+                                    "built_sequences": teacher_cache.built_rows}
         logger.info("Teacher cache (%s): %d sequences read from it, %d through the teacher", teacher_cache.label,
                     teacher_cache.cached_rows, teacher_cache.teacher_rows)
     if trainer.args.should_save:

@@ -100,7 +100,7 @@ class TeacherCache:
     `build(teacher, sequences)` makes (or finds) the cache of those (prompt ids, response ids) sequences;
     `scores(trainer, inputs)` gives a micro-batch's teacher scores, from the cache for the rows it holds and from
     a live teacher pass (`trainer.run_teacher`) for the others. `teacher_rows` counts the rows the teacher ran on
-    (`cached_rows` those read from the cache)."""
+    (`cached_rows` those read from the cache; `built_rows` those it ran over to build the cache)."""
 
     def __init__(self, directory: str | os.PathLike, mode: str = "exact", k: int = 64, vocab_size: int | None = None):
         if mode not in MODES:
@@ -115,6 +115,7 @@ class TeacherCache:
         self.ids: np.ndarray | None = None  # topk: token ids [tokens, k]
         self.teacher_rows = 0
         self.cached_rows = 0
+        self.built_rows = 0  # sequences the teacher ran over to build the cache (0: an existing one was loaded)
 
     # ------------------------------------------------------------------ building and loading
     def build(self, teacher: torch.nn.Module, sequences: Iterable[tuple[list[int], list[int]]], *,
@@ -151,6 +152,7 @@ class TeacherCache:
                     parts.append((rows.float().cpu().numpy(),))
                 index[key] = (offset, parts[-1][0].shape[0])
                 offset += parts[-1][0].shape[0]
+        self.built_rows = len(index)
         width = (teacher.get_output_embeddings().weight.shape[1] if self.mode == "exact"
                  else min(self.k, self.vocab_size))
         arrays = [np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, width), dtype=np.float32)]
