@@ -43,6 +43,8 @@ def test_comparison_end_to_end_then_resume_reruns_only_the_missing_cell(tmp_path
         assert table_row(text, variant)[keys.index("kl")] == f"{sum(kls) / 2:.3f} ± {abs(kls[0] - kls[1]) / math.sqrt(2):.3f}"
     teacher, initial = table_row(text, "teacher"), table_row(text, "initial student (pruned, untrained)")
     assert teacher[keys.index("kl")] == "—" and re.fullmatch(r"\d+\.\d+", initial[keys.index("kl")])
+    assert "distinct_2" in keys and re.fullmatch(r"\d\.\d+", teacher[keys.index("distinct_2")])
+    assert "distinct-2 ≈" in text
     assert not list(out.glob("cells/*/seed_*/run/checkpoints"))  # finished cells keep their student, not checkpoints
     assert all((out / c["run_dir"] / "student" / "model.safetensors").is_file() for c in cells)
     assert (out / "comparison.png").stat().st_size > 0 and (out / "ablation.png").stat().st_size > 0
@@ -56,6 +58,16 @@ def test_comparison_end_to_end_then_resume_reruns_only_the_missing_cell(tmp_path
         # kd scores nothing else; distillm2 still runs the teacher on its fresh student responses
         assert first["teacher_sequences"] == second["teacher_sequences"] == (0 if variant == "kd" else 8 * 2)
     assert len(list((out / "shared" / "teacher_cache" / "kd").glob("*.npy"))) == 1
+
+    # a cell finished before distinct-2 existed: the report computes it from the cell's stored generations
+    old_cell = out / "cells" / "kd" / "seed_0" / "cell.json"
+    record = json.loads(old_cell.read_text())
+    expected = record["metrics"].pop("distinct_2")
+    old_cell.write_text(json.dumps(record))
+    backfilled = Comparison(tiny_settings(out)).run(report_only=True)
+    assert next(c for c in backfilled["cells"] if (c["variant"], c["seed"]) == ("kd", 0))["metrics"][
+        "distinct_2"] == pytest.approx(expected)
+    assert "distinct_2" not in json.loads(old_cell.read_text())["metrics"]  # the cell's own record is kept
 
     # resume: one cell's final file gone -> only that cell is redone (its run is finished: evaluated again)
     gone = out / "cells" / "kd" / "seed_1" / "cell.json"

@@ -12,7 +12,7 @@ from distillm.evaluation.code import build_program, extract_code, load_humaneval
 from distillm.evaluation.math import (
     MathDataError, answers_match, arithmetic_problems, extract_answer, load_math_problems, score_responses,
 )
-from distillm.evaluation.text import lcs_length, mean_rouge_l, rouge_l, rouge_tokens
+from distillm.evaluation.text import distinct_n, lcs_length, mean_rouge_l, rouge_l, rouge_tokens
 
 
 # ----------------------------------------------------------------------------------------------- math
@@ -92,6 +92,27 @@ def test_rouge_l_known_values():
     assert rouge_tokens("It's 3.5-ish") == ["it", "s", "3", "5", "ish"]
     assert lcs_length("ABCBDAB", "BDCABA") == 4
     assert mean_rouge_l(["a b", "c"], ["a b", "d"]) == pytest.approx(0.5)
+
+
+def test_distinct_n_against_a_plain_count():
+    texts = ["the cat sat on the mat", "The cat, the cat!", "A\nA\nA\nA", "one", ""]
+
+    def plain(texts, n):  # every n-gram of every text, then distinct ones over all of them
+        grams = []
+        for text in texts:
+            words = rouge_tokens(text)
+            for i in range(len(words) - n + 1):
+                grams.append(" ".join(words[i:i + n]))
+        return len(set(grams)) / len(grams)
+
+    for n in (1, 2, 3):
+        assert distinct_n(texts, n) == pytest.approx(plain(texts, n))
+    # bigrams: 5 distinct of 5, then "the cat", "cat the", "the cat" (1 new), then "a a" x 3
+    assert distinct_n(texts, 2) == pytest.approx((5 + 1 + 1) / (5 + 3 + 3))
+    assert distinct_n(["A\nA\nA\nA\nA"] * 10, 2) == pytest.approx(1 / 40)  # a collapsed model: near 0
+    assert distinct_n(["one", ""], 2) == 0.0 and distinct_n([], 2) == 0.0  # no bigram at all
+    with pytest.raises(ValueError, match="n >= 1"):
+        distinct_n(texts, 0)
 
 
 # ----------------------------------------------------------------------------------------------- pass@k

@@ -46,6 +46,7 @@ def test_identical_model_has_zero_divergence_and_pruned_one_does_not(tmp_path):
     assert copy["win_rate"] == 0.5  # identical answers: every comparison a tie
     assert pruned["kl"] > 0.01 and pruned["tvd"] > 0.01 and pruned["perplexity"] > copy["perplexity"]
     assert "rouge_l" not in teacher and "kl" not in teacher  # no score against itself
+    assert copy["distinct_2"] == teacher["distinct_2"] > 0  # reference-free: the teacher has one too
     assert results["models"]["teacher"]["details"]["math"]["total"] == 2
     # two candidates, three prompts, both orders; identical requests (the copy's answers equal the teacher's,
     # so both orders read the same) are asked once

@@ -60,10 +60,12 @@ METRICS = {
     "kl": ("KL(teacher ‖ student)", "lower"),
     "tvd": ("TVD", "lower"),
     "rouge_l": ("ROUGE-L", "higher"),
+    "distinct_2": ("distinct-2", "target"),  # neither direction: the teacher's value is the target
     "math_accuracy": ("arithmetic exact match", "higher"),
     "win_rate": ("judge win rate", "higher"),
 }
 HEADLINE = ("teacher_nll", "kl", "rouge_l", "math_accuracy", "win_rate")
+CHARTED = HEADLINE + ("distinct_2",)
 
 #: sizes; `full` is the default on SmolLM2 (a few hours on 2 CPU cores), `quick` the same protocol in < 30 min
 SIZES: dict[str, dict] = {
@@ -253,6 +255,14 @@ class Comparison:
             out[spec.name] = {k: v for k, v in metrics.items() if k in METRICS}
         return out
 
+    def backfill(self, metrics: dict, name: str) -> None:
+        """Add the reference-free metrics a finished cell lacks, from its stored held-out generations."""
+        from .evaluation.text import distinct_n
+
+        path = self.eval_dir / "generations" / name / "responses.jsonl"
+        if "distinct_2" not in metrics and path.is_file():
+            metrics["distinct_2"] = distinct_n([row["response"] for row in read_jsonl(path)], 2)
+
     def reference(self) -> dict:
         """The teacher's and the initial (pruned, untrained) student's figures, computed once."""
         path = self.shared / "reference.json"
@@ -290,7 +300,7 @@ class Comparison:
         config = self.run_config(variant, seed, folder / "run")
         metrics = run(config)
         train_seconds = round(time.time() - started, 1)
-        name = f"{variant}-seed{seed}".replace("+", "_")  # an evaluation model name: letters, digits, . _ -
+        name = cell_model_name(variant, seed)
         spec = ModelSpec(name, str(folder / "run" / "student"), train_log=str(folder / "run" / "logs" / "train_log.jsonl"))
         evaluated = self.evaluate([spec])[name]
         method = build_method(config)
@@ -339,6 +349,10 @@ class Comparison:
                     self.run_cell(variant, seed)
             bar.close()
         cells = [cell for cell in (self.finished(*c) for c in self.cells()) if cell is not None]
+        for cell in cells:  # cells finished before a metric was added: computed from their stored generations
+            self.backfill(cell["metrics"], cell_model_name(cell["variant"], cell["seed"]))
+        for name in ("teacher", "initial"):
+            self.backfill(reference[name], name)
         if not cells:
             raise CompareError(f"No finished cells in {self.root} yet: run the comparison without --report-only.")
         summary = summarise(cells, reference, self.s)
@@ -347,6 +361,11 @@ class Comparison:
         summary["cells_skipped"] = skipped
         write_results(summary, self.root, command=self.command)
         return summary
+
+
+def cell_model_name(variant: str, seed: int) -> str:
+    """A cell's model name in the shared evaluation (letters, digits, . _ - only)."""
+    return f"{variant}-seed{seed}".replace("+", "_")
 
 
 class CellClaim:
@@ -455,7 +474,7 @@ def _ms(pair) -> str:
 
 def _table(summary: dict, variants: list[tuple[str, str]], *, with_reference: bool) -> list[str]:
     keys = summary["metric_keys"]
-    arrow = {"lower": "↓", "higher": "↑"}
+    arrow = {"lower": "↓", "higher": "↑", "target": "≈"}
     head = ["variant"] + [f"{METRICS[k][0]} {arrow[METRICS[k][1]]}" for k in keys] + [
         "seeds", "steps", "student tokens generated", "teacher tokens generated", "wall s"]
     lines = ["| " + " | ".join(head) + " |", "| --- |" + " ---: |" * (len(head) - 1)]
@@ -515,9 +534,12 @@ def write_results(summary: dict, out_dir: Path, *, command: str | None = None) -
     if any(v in summary["variants"] for v in ABLATIONS):
         lines += ["## DistiLLM-2 ablation", ""]
         lines += _table(summary, ABLATION_ROWS, with_reference=False) + [""]
-    lines += ["↓ lower is better, ↑ higher is better. Teacher NLL: the teacher's mean per-token NLL of the model's "
-              "greedy held-out responses; KL and TVD per token on the teacher's greedy held-out responses; ROUGE-L "
-              "against them. Tokens generated: for the cell's training data (mean over seeds).", ""]
+    lines += ["↓ lower is better, ↑ higher is better, ≈ closest to the teacher is best. Teacher NLL: the teacher's "
+              "mean per-token NLL of the model's greedy held-out responses; KL and TVD per token on the teacher's "
+              "greedy held-out responses; ROUGE-L against them. Distinct-2: distinct word bigrams / all bigrams "
+              "over the greedy held-out responses -- near 0 for a student that repeats the same tokens in every "
+              "answer, which the teacher NLL column rewards. Tokens generated: for the cell's training data "
+              "(mean over seeds).", ""]
     ranks = {k: ranking(summary, k) for k in summary["metric_keys"] if k in HEADLINE}
     if ranks:
         lines += ["## Ranking (best first, by mean)", ""]
@@ -544,7 +566,7 @@ def _plot(summary: dict, path: Path, variants: list[str], *, with_reference: boo
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [k for k in HEADLINE if k in summary["metric_keys"]]
+    keys = [k for k in CHARTED if k in summary["metric_keys"]]
     if not keys or not variants:
         return False
     fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.8), squeeze=False)
@@ -562,7 +584,8 @@ def _plot(summary: dict, path: Path, variants: list[str], *, with_reference: boo
                     ax.axhline(value, linestyle=style, color="gray", linewidth=1, label=name)
             ax.legend(fontsize=7)
         label, better = METRICS[key]
-        ax.set_title(f"{label}\n({better} is better)", fontsize=9)
+        ax.set_title(f"{label}\n(" + ("the teacher's value is the target" if better == "target"
+                                      else f"{better} is better") + ")", fontsize=9)
         ax.tick_params(axis="x", labelrotation=60, labelsize=7)
     fig.tight_layout()
     import tempfile

@@ -16,6 +16,7 @@ METRICS = {
     "code_pass@1": ("code pass@1", "higher"),
     "code_pass@10": ("code pass@10", "higher"),
     "rouge_l": ("ROUGE-L F1", "higher"),
+    "distinct_2": ("distinct-2 (teacher's = target)", ""),
     "perplexity": ("perplexity on references", "lower"),
     "kl": ("KL(teacher ‖ model), nats/token", "lower"),
     "tvd": ("TVD to the teacher", "lower"),

@@ -206,7 +206,7 @@ def run_evaluation(models: list[ModelSpec], settings: EvalSettings, output_dir: 
     from .math import arithmetic_problems, load_math_problems, problem_prompt, score_responses
     from .report import write_report
     from .sandbox import SandboxLimits
-    from .text import mean_rouge_l, perplexity, reference_rows
+    from .text import distinct_n, mean_rouge_l, perplexity, reference_rows
 
     started = time.time()
     _check_names(models)
@@ -258,6 +258,8 @@ def run_evaluation(models: list[ModelSpec], settings: EvalSettings, output_dir: 
         common = dict(vocab_size=real_vocab_size(loaded.tokenizer), pad_token_id=loaded.tokenizer.pad_token_id,
                       max_length=settings.max_length)
         own_references = references is None and is_teacher
+        if "rouge" in tasks:  # reference-free: the teacher's own value is the one to match
+            metrics["distinct_2"] = distinct_n([responses[spec.name][r.id] for r in records], 2)
         if "rouge" in tasks and not own_references:
             refs = references or responses[settings.teacher]
             metrics["rouge_l"] = mean_rouge_l([responses[spec.name][r.id] for r in records],

@@ -1,9 +1,14 @@
-"""Reference-based text metrics: ROUGE-L (the DistiLLM v1 / MiniLLM protocol) and perplexity on references.
+"""Text metrics: ROUGE-L (the DistiLLM v1 / MiniLLM protocol), perplexity on references, and distinct-n.
 
 ROUGE-L here is the sentence-level F-measure of Lin (2004) over the longest common subsequence of tokens, with
 the tokenisation of Google's `rouge_score` (lower-cased, every run of characters other than a-z and 0-9 is a
 separator, no stemming): F = 2 P R / (P + R), P = LCS / len(prediction), R = LCS / len(reference). Reported as
 a fraction in [0, 1] (papers often print it x100).
+
+Distinct-n (Li et al., 2016) needs no reference: the number of distinct word n-grams over all of a model's
+responses divided by their total number, with the same tokenisation. It exposes a collapsed student -- the same
+few tokens repeated in every answer -- that likelihood under the teacher rewards (a teacher predicts "A\nA\nA"
+well); the teacher's own value is the one to match.
 """
 
 from __future__ import annotations
@@ -42,6 +47,14 @@ def rouge_l(prediction: str, reference: str) -> float:
         return 0.0
     precision, recall = lcs / len(pred), lcs / len(ref)
     return 2 * precision * recall / (precision + recall)
+
+
+def distinct_n(texts: Sequence[str], n: int = 2) -> float:
+    """Distinct n-grams / all n-grams over `texts` (corpus level); 0.0 when no text has n tokens."""
+    if n < 1:
+        raise ValueError(f"distinct-n needs n >= 1, got {n}")
+    grams = [tuple(tokens[i:i + n]) for tokens in map(rouge_tokens, texts) for i in range(len(tokens) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
 
 
 def mean_rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
