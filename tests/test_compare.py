@@ -1,6 +1,7 @@
 """`distillm compare`: every variant x seed trained and evaluated on the same budget, one table, resumable."""
 
 import json
+import logging
 import math
 import re
 
@@ -21,7 +22,7 @@ def table_row(text: str, label: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_comparison_end_to_end_then_resume_reruns_only_the_missing_cell(tmp_path):
+def test_comparison_end_to_end_then_resume_reruns_only_the_missing_cell(tmp_path, caplog):
     out = tmp_path / "cmp"
     summary = Comparison(tiny_settings(out), command="distillm compare --size tiny").run()
     text = (out / "results.md").read_text()
@@ -82,6 +83,19 @@ def test_comparison_end_to_end_then_resume_reruns_only_the_missing_cell(tmp_path
     assert all(p.stat().st_mtime_ns == t for p, t in others.items())
     assert json.loads(gone.read_text())["metrics"] == next(
         c["metrics"] for c in cells if (c["variant"], c["seed"]) == ("kd", 1))
+
+    # an unfinished cell whose run was started with other run settings (an older version of the comparison):
+    # started again under the current ones, not refused
+    cell_dir = out / "cells" / "distillm2" / "seed_1"
+    (cell_dir / "cell.json").unlink()
+    saved = cell_dir / "run" / "config.yaml"
+    saved.write_text(saved.read_text().replace("teacher_cache: exact", "teacher_cache: 'off'"))
+    with caplog.at_level(logging.WARNING, logger="distillm"):
+        redone = Comparison(tiny_settings(out)).run()
+    assert redone["cells_skipped"] == 5 and (cell_dir / "cell.json").is_file()
+    assert "teacher_cache: exact" in saved.read_text()
+    assert any("started with other settings" in r.getMessage() and "training.teacher_cache" in r.getMessage()
+               for r in caplog.records)
 
     # more seeds or variants continue the same comparison; another protocol is refused
     with pytest.raises(CompareError, match="differs in: learning_rate"):

@@ -290,6 +290,24 @@ class Comparison:
         path = self.cell_dir(variant, seed) / "cell.json"
         return json.loads(path.read_text()) if path.is_file() else None
 
+    def stale_run(self, run_dir: Path, config) -> bool:
+        """Whether an unfinished cell's run directory was started with other run settings (by an older version of
+        the comparison, say): it cannot be continued under this protocol, so the cell starts again (logged)."""
+        import yaml
+
+        from .pipeline import _diff_keys
+
+        saved = run_dir / "config.yaml"
+        if not saved.is_file():
+            return False
+        previous = {**yaml.safe_load(saved.read_text()), "output_dir": None}
+        current = {**yaml.safe_load(config.to_yaml()), "output_dir": None}
+        if previous == current:
+            return False
+        logger.warning("%s holds an unfinished run started with other settings (differs in: %s): starting that "
+                       "cell again", run_dir, ", ".join(sorted(_diff_keys(previous, current))))
+        return True
+
     def run_cell(self, variant: str, seed: int) -> dict:
         from .evaluation.suite import ModelSpec
         from .methods import build_method
@@ -298,7 +316,7 @@ class Comparison:
         folder = self.cell_dir(variant, seed)
         started = time.time()
         config = self.run_config(variant, seed, folder / "run")
-        metrics = run(config)
+        metrics = run(config, overwrite=self.stale_run(folder / "run", config))
         train_seconds = round(time.time() - started, 1)
         name = cell_model_name(variant, seed)
         spec = ModelSpec(name, str(folder / "run" / "student"), train_log=str(folder / "run" / "logs" / "train_log.jsonl"))
