@@ -293,20 +293,14 @@ class Comparison:
     def stale_run(self, run_dir: Path, config) -> bool:
         """Whether an unfinished cell's run directory was started with other run settings (by an older version of
         the comparison, say): it cannot be continued under this protocol, so the cell starts again (logged)."""
-        import yaml
+        from .pipeline import RunPaths, config_changes
 
-        from .pipeline import _diff_keys
-
-        saved = run_dir / "config.yaml"
-        if not saved.is_file():
-            return False
-        previous = {**yaml.safe_load(saved.read_text()), "output_dir": None}
-        current = {**yaml.safe_load(config.to_yaml()), "output_dir": None}
-        if previous == current:
-            return False
-        logger.warning("%s holds an unfinished run started with other settings (differs in: %s): starting that "
-                       "cell again", run_dir, ", ".join(sorted(_diff_keys(previous, current))))
-        return True
+        saved = RunPaths(run_dir).config
+        changed = config_changes(saved, config.to_yaml()) if saved.is_file() else []
+        if changed:
+            logger.warning("%s holds an unfinished run started with other settings (differs in: %s): starting "
+                           "that cell again", run_dir, ", ".join(changed))
+        return bool(changed)
 
     def run_cell(self, variant: str, seed: int) -> dict:
         from .evaluation.suite import ModelSpec
@@ -606,16 +600,9 @@ def _plot(summary: dict, path: Path, variants: list[str], *, with_reference: boo
                                       else f"{better} is better") + ")", fontsize=9)
         ax.tick_params(axis="x", labelrotation=60, labelsize=7)
     fig.tight_layout()
-    import tempfile
+    from .evaluation.report import save_figure
 
-    fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp" + path.suffix, dir=path.parent)
-    os.close(fd)  # unique: several workers may write the results at once
-    try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    save_figure(fig, path, dpi=100)  # a unique temporary file: several workers may write the results at once
     plt.close(fig)
     return True
 

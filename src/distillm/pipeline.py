@@ -110,11 +110,9 @@ def prepare_run_dir(config: RunConfig, *, overwrite: bool = False) -> RunPaths:
         shutil.rmtree(paths.root)
     if paths.config.is_file():
         # output_dir itself may differ: a run directory can be moved or copied and continued
-        previous = {**yaml.safe_load(paths.config.read_text()), "output_dir": None}
-        current = {**yaml.safe_load(text), "output_dir": None}
+        changed = config_changes(paths.config, text)
         produced = [p for p in paths.root.iterdir() if p.name != paths.config.name]
-        if previous != current and produced:
-            changed = sorted(_diff_keys(previous, current))
+        if changed and produced:
             raise RunDirError(
                 f"{paths.root} already holds a run with a different config (differs in: {', '.join(changed)}). "
                 "Pass --resume to continue that run with its own config, --overwrite to replace it, or choose "
@@ -125,6 +123,14 @@ def prepare_run_dir(config: RunConfig, *, overwrite: bool = False) -> RunPaths:
     paths.root.mkdir(parents=True, exist_ok=True)
     atomic_write_text(paths.config, text)
     return paths
+
+
+def config_changes(saved: Path, text: str) -> list[str]:
+    """The dotted keys in which the run config saved at `saved` differs from the YAML `text` (output_dir aside: a
+    run directory can be moved or copied and continued); [] when they agree."""
+    previous = {**yaml.safe_load(saved.read_text()), "output_dir": None}
+    current = {**yaml.safe_load(text), "output_dir": None}
+    return sorted(_diff_keys(previous, current)) if previous != current else []
 
 
 def _diff_keys(a: dict, b: dict, prefix: str = "") -> set[str]:

@@ -65,13 +65,14 @@ def read_train_log(path: str | Path) -> dict[str, list[tuple[float, float]]]:
     return series
 
 
-def _save(fig, path: Path) -> None:
+def save_figure(fig, path: Path, *, dpi: int = 110) -> None:
+    """Write a matplotlib figure atomically (a unique temporary file, then rename)."""
     import tempfile
 
     fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp" + path.suffix, dir=path.parent)
     os.close(fd)  # a unique name: two processes writing the same figure do not share a temporary file
     try:
-        fig.savefig(tmp, dpi=110)
+        fig.savefig(tmp, dpi=dpi)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -106,7 +107,7 @@ def _plot_metrics(results: dict, path: Path) -> bool:
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
     return True
 
@@ -136,7 +137,7 @@ def _plot_curves(logs: dict[str, dict], path: Path) -> list[str]:
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
     return keys
 
