@@ -258,12 +258,12 @@ def run_evaluation(models: list[ModelSpec], settings: EvalSettings, output_dir: 
         common = dict(vocab_size=real_vocab_size(loaded.tokenizer), pad_token_id=loaded.tokenizer.pad_token_id,
                       max_length=settings.max_length)
         own_references = references is None and is_teacher
+        texts = [responses[spec.name][r.id] for r in records]
         if "rouge" in tasks:  # reference-free: the teacher's own value is the one to match
-            metrics["distinct_2"] = distinct_n([responses[spec.name][r.id] for r in records], 2)
+            metrics["distinct_2"] = distinct_n(texts, 2)
         if "rouge" in tasks and not own_references:
             refs = references or responses[settings.teacher]
-            metrics["rouge_l"] = mean_rouge_l([responses[spec.name][r.id] for r in records],
-                                              [refs[r.id] for r in records])
+            metrics["rouge_l"] = mean_rouge_l(texts, [refs[r.id] for r in records])
         if "perplexity" in tasks and not own_references:
             if references is None:  # the teacher's own tokens
                 check_same_tokenizer(teacher.tokenizer, loaded.tokenizer)
