@@ -222,12 +222,44 @@ def test_v1_buffer_fills_then_replays_and_fixed_data_keeps_its_share():
 
 
 def test_v1_loss_is_skew_kl_or_skew_reverse_kl_at_its_alpha():
+    """As the released v1 code: the token mean over the batch (whatever --reduction says), no detach."""
     batch = random_batch()
     a = 0.1
-    loss, _, _ = method("distillm", v1_loss="skl", v1_alpha=a).compute_loss(batch)
-    assert loss.item() == pytest.approx(brute(batch, lambda p, q: kl(p, a * p + (1 - a) * q)), rel=1e-5)
-    loss, _, _ = method("distillm", v1_loss="srkl", v1_alpha=a).compute_loss(batch)
-    assert loss.item() == pytest.approx(brute(batch, lambda p, q: kl(q, (1 - a) * p + a * q)), rel=1e-5)
+    for reduction in ("seq_mean", "token_mean"):
+        loss, _, _ = method("distillm", v1_loss="skl", v1_alpha=a, reduction=reduction).compute_loss(batch)
+        assert loss.item() == pytest.approx(brute(batch, lambda p, q: kl(p, a * p + (1 - a) * q),
+                                                  reduction="token_mean"), rel=1e-5)
+        loss, _, _ = method("distillm", v1_loss="srkl", v1_alpha=a, reduction=reduction).compute_loss(batch)
+        assert loss.item() == pytest.approx(brute(batch, lambda p, q: kl(q, (1 - a) * p + a * q),
+                                                  reduction="token_mean"), rel=1e-5)
+
+
+@pytest.mark.parametrize("loss_name", ["skl", "srkl"])
+def test_v1_gradient_does_not_detach_the_student_in_the_mixture(loss_name):
+    """The gradient is that of the token-mean SKL / SRKL with the student's q inside the mixture differentiated
+    (released v1 code), not DistiLLM-2's detached SRKL: checked against autograd on a float64 brute force."""
+    batch = random_batch()
+    a = 0.1
+    loss, _, _ = method("distillm", v1_loss=loss_name, v1_alpha=a).compute_loss(batch)
+    loss.backward()
+    s = batch.student_logits.detach().double().requires_grad_(True)
+    p, q = torch.softmax(batch.teacher_logits.double(), -1), torch.softmax(s, -1)
+    if loss_name == "skl":
+        m = a * p + (1 - a) * q
+        per_token = (p * (p / m).log()).sum(-1)
+    else:
+        m = (1 - a) * p + a * q
+        per_token = (q * (q / m).log()).sum(-1)
+    mask = batch.mask & (torch.arange(s.shape[0]) < batch.n_first).unsqueeze(-1)
+    (per_token[mask].sum() / mask.sum()).backward()
+    # float32 logits and weights: the gradient is good to a few float32 eps times its scale
+    torch.testing.assert_close(batch.student_logits.grad.double(), s.grad, atol=1e-6, rtol=1e-4)
+    if loss_name == "srkl":  # the detached variant (DistiLLM-2's) has a different gradient
+        s.grad = None
+        q = torch.softmax(s, -1)
+        detached = (q * (q / ((1 - a) * p + a * q.detach())).log()).sum(-1)
+        (detached[mask].sum() / mask.sum()).backward()
+        assert (batch.student_logits.grad.double() - s.grad).abs().max() > 1e-4
 
 
 # --------------------------------------------------------------------------------------------- trainer-level

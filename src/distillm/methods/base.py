@@ -141,25 +141,29 @@ def _topk_token_log_probs(scores: TopKTeacher, targets: torch.Tensor, vocab: int
     return torch.where(targets != IGNORE_INDEX, own / temperature - norm, torch.zeros_like(own))
 
 
-# per-token divergences on full logits, by name (weight: a of skl/srkl, b of jsd)
+# per-token divergences on full logits, by name (weight: a of skl/srkl, b of jsd; detach: whether the student inside
+# the skew mixture is detached, None = the functions' defaults: SKL not detached, SRKL detached)
 PLAIN_DIVERGENCES = {
-    "fkl": lambda s, t, w, tau: plain.forward_kl(s, t, temperature=tau),
-    "rkl": lambda s, t, w, tau: plain.reverse_kl(s, t, temperature=tau),
-    "skl": lambda s, t, w, tau: plain.skew_forward_kl(s, t, w, temperature=tau),
-    "srkl": lambda s, t, w, tau: plain.skew_reverse_kl(s, t, w, temperature=tau),
-    "jsd": lambda s, t, w, tau: plain.generalized_jsd(s, t, w, temperature=tau),
-    "tvd": lambda s, t, w, tau: plain.total_variation(s, t, temperature=tau),
+    "fkl": lambda s, t, w, tau, detach=None: plain.forward_kl(s, t, temperature=tau),
+    "rkl": lambda s, t, w, tau, detach=None: plain.reverse_kl(s, t, temperature=tau),
+    "skl": lambda s, t, w, tau, detach=None: plain.skew_forward_kl(
+        s, t, w, temperature=tau, detach_student_in_mixture=bool(detach)),
+    "srkl": lambda s, t, w, tau, detach=None: plain.skew_reverse_kl(
+        s, t, w, temperature=tau, detach_student_in_mixture=detach is None or detach),
+    "jsd": lambda s, t, w, tau, detach=None: plain.generalized_jsd(s, t, w, temperature=tau),
+    "tvd": lambda s, t, w, tau, detach=None: plain.total_variation(s, t, temperature=tau),
 }
 
 
 def divergence_loss(batch: LossInputs, name: str, rows: slice, token_weights: torch.Tensor, *,
                     weight: float | torch.Tensor | None = None, temperature: float = 1.0,
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+                    detach_student_in_mixture: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(L, d): L = sum_n w_n d_n over the response tokens of `rows` (w = `token_weights` [n, R], 0 off the mask)
     and the per-token divergence d [n, R] (detached, 0 off the mask). `name`: fkl, rkl, skl, srkl, jsd or tvd
     (as in losses.divergences; `weight` is a of skl/srkl, b of jsd, a float or per row). Fused inputs go
     through `losses.fused.fused_weighted_divergence` (never more than a chunk's logits alive), logits through
-    the plain functions; both give the same L and gradients."""
+    the plain functions; both give the same L and gradients. `detach_student_in_mixture` (skl/srkl): None = the
+    functions' defaults (SKL: not detached, SRKL: detached, as DistiLLM-2's code)."""
     mask = batch.mask[rows]
     if name not in PLAIN_DIVERGENCES:
         raise ValueError(f"Unknown divergence '{name}': use {', '.join(PLAIN_DIVERGENCES)}.")
@@ -167,10 +171,12 @@ def divergence_loss(batch: LossInputs, name: str, rows: slice, token_weights: to
     if batch.fused:
         loss, values = fused_weighted_divergence(
             name, student, teacher, token_weights, weight, mask=mask, temperature=temperature,
-            vocab_size=batch.vocab_size, chunk_size=batch.chunk_size)
+            vocab_size=batch.vocab_size, chunk_size=batch.chunk_size,
+            detach_student_in_mixture=detach_student_in_mixture)
         return loss, values.detach()
     values = PLAIN_DIVERGENCES[name](_plain_logits(student, batch.vocab_size),
-                                     _plain_logits(teacher, batch.vocab_size), weight, temperature)
+                                     _plain_logits(teacher, batch.vocab_size), weight, temperature,
+                                     detach_student_in_mixture)
     keep = mask & (token_weights != 0)
     loss = torch.where(keep, token_weights.to(values.dtype) * values, torch.zeros_like(values)).sum()
     return loss, torch.where(mask, values, torch.zeros_like(values)).detach()
