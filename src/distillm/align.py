@@ -29,6 +29,7 @@ from .errors import DistillmError
 from .io import atomic_write_json, write_jsonl
 from .models import load_model
 from .pipeline import RunPaths, prepare_run_dir, training_kwargs
+from .training.callbacks import use_step_lines
 from .training.trainer import METHOD_STATE_FILE, last_complete_checkpoint
 
 logger = logging.getLogger("distillm")
@@ -138,6 +139,7 @@ def build_trainer(config: AlignConfig, paths: RunPaths):
     dataset = Dataset.from_list(tokenize_pairs(rows, tokenizer, config.data.max_length))
     trainer = _dpo_trainer_class()(model=policy, ref_model=reference, args=args, train_dataset=dataset,
                                    processing_class=tokenizer)
+    use_step_lines(trainer)  # one console line per logging step, not the log dicts inside tqdm bars
     return trainer, rows
 
 

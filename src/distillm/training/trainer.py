@@ -44,7 +44,7 @@ from ..io import atomic_write_json
 from ..losses.fused import HeadInputs, fused_inputs
 from ..methods.base import LossInputs, Scores
 from ..models import eval_mode
-from .callbacks import MethodStepCallback, NonFiniteGuard
+from .callbacks import MethodStepCallback, NonFiniteGuard, use_step_lines
 from .collate import IGNORE, IMAGE_INPUTS, response_logits
 
 METHOD_STATE_FILE = "distillm_method_state.json"
@@ -135,6 +135,7 @@ class DistillTrainer(Trainer):
         self.add_callback(MethodStepCallback(self))
         self.nonfinite_guard = NonFiniteGuard(self, max_nonfinite_steps)
         self.add_callback(self.nonfinite_guard)
+        use_step_lines(self)  # one console line per logging step, not the log dicts inside tqdm bars
         self.nonfinite_stop: dict | None = None  # set when the guard stopped training
         self.last_batch_ids: list[str] = []  # prompt ids of the latest optimizer step's rows (for error messages)
         self.vocab_size = vocab_size
