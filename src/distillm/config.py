@@ -113,7 +113,7 @@ class LossSection:
     b_start: float = opt(1.0, "b at the start of training.")
     b_end: float = opt(1.5, "b at the end of the ramp.")
     ramp_fraction: float = opt(0.5, "Fraction of the training steps over which b ramps.")
-    reduction: str = opt("seq_mean", "seq_mean (mean per response, then over responses) or token_mean.")
+    reduction: str = opt("seq_mean", "seq_mean (mean per response, then over the non-empty responses) or token_mean (distillm v1 always uses token_mean, as its code).")
     loss_temperature: float = opt(1.0, "Temperature dividing both models' logits inside the loss.")
     loss_impl: str = opt("fused", "fused: losses from hidden states and the output heads, a chunk of tokens at a time (no full-vocabulary logits of the batch); plain: from full logits (the reference; same values and gradients, more memory).")
     loss_chunk_size: int | None = opt(None, "Tokens per chunk of the fused losses (default: sized so one chunk's logits take ~64 MiB).")
