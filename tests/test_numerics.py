@@ -229,3 +229,36 @@ def test_included_infinite_position_has_infinite_value_and_finite_gradient(name,
         loss.backward()
         for got, want in zip(z, y):
             torch.testing.assert_close(got.grad, want.grad, **TOL)
+
+
+def test_cald_with_zero_skew_and_masked_inf_teacher_has_no_nan():
+    from distillm.losses.cald import cald_loss
+
+    s, t, mask, _ = data(3)
+    x = s.clone().requires_grad_(True)
+    loss = cald_loss(x, t, mask, 0.0, x, t, mask, 0.0, b=1.5)  # SKL_0 = FKL, SRKL_0 = RKL: +inf at the dropped ones
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+    assert not x.grad[DROP_MASK].any() and not x.grad[DROP_WEIGHT].any()
+
+
+@pytest.mark.parametrize("impl", ["plain", "fused"])
+@pytest.mark.parametrize("name", ["minillm", "gkd"])
+def test_methods_with_inf_teacher_off_the_response_have_no_nan(name, impl):
+    """A method's batch: the teacher forbids a token at positions off the response (labels -100)."""
+    from distillm.config import load_config
+    from distillm.methods import build_method
+    from distillm.methods.base import LossInputs
+
+    student, t, mask, _ = head_data(4)
+    targets = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(0))
+    targets[~mask] = -100
+    counts = torch.tensor([B, mask.sum().item(), 0.0], dtype=torch.float64)
+    x = leaves(student)
+    scores = x if impl == "fused" else F.linear(x.hidden, x.weight, x.bias)
+    method = build_method(load_config(overrides={"method": name, "jsd_beta": 1.0}))
+    loss, _, _ = method.compute_loss(LossInputs(scores, t, targets, B, counts, chunk_size=3))
+    loss.backward()
+    assert torch.isfinite(loss)
+    for leaf in x:
+        assert torch.isfinite(leaf.grad).all()
