@@ -201,8 +201,8 @@ def encode_status(status):
 
 
 def outer():
-    libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
     ns_error = enter_namespaces() if cfg["namespaces"] else "unavailable (turned off by the caller)"
+    libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)  # after the uid map is written: it makes /proc/self root's
     isolation = {"namespaces": "user+mount+pid+net+ipc+uts" if os.geteuid() != 0 else "mount+pid+net+ipc+uts"}
     if ns_error:
         isolation = {"namespaces": ns_error, "network": "audit-hook", "files": "audit-hook",
