@@ -8,6 +8,7 @@ import json
 import os
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 
@@ -45,12 +46,21 @@ def test_infinite_loop_is_killed_at_the_wall_limit():
     assert result.status == "timeout" and 2.0 <= time.monotonic() - start < 6
 
 
-def test_fork_bomb_is_contained_and_the_machine_still_forks():
-    bomb = "import os, time\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        time.sleep(0.01)\n"
+@pytest.mark.parametrize("audit_hook, namespaces", [(True, True), (False, True), (False, False)])
+def test_fork_bomb_is_contained_and_the_machine_still_forks(audit_hook, namespaces, tmp_path, monkeypatch):
+    """With the hook, fork is refused; without it (as native code would), RLIMIT_NPROC and the kill at the time
+    limit (of the pid namespace, or without one of every descendant, setsid() or not) contain it."""
+    if namespaces and not NAMESPACES:
+        pytest.skip("namespaces unavailable here")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the runner's command line names this directory
+    bomb = ("import os, time\nwhile True:\n    try:\n        if os.fork() == 0:\n            os.setsid()\n"
+            "    except OSError:\n        time.sleep(0.01)\n")
     start = time.monotonic()
-    result = run_python(bomb, FAST)
+    result = run_python(bomb, FAST, audit_hook=audit_hook, namespaces=namespaces)
     assert result.status == "timeout" and time.monotonic() - start < 15
-    # every offspring died with the process group, and this process can still start programs
+    # every offspring died, and this process can still start programs
+    time.sleep(0.2)
+    assert _alive(str(tmp_path)) == []
     assert subprocess.run(["true"]).returncode == 0
     assert run_python("print('after')", FAST).stdout.strip() == "after"
 
@@ -278,6 +288,12 @@ def test_a_run_where_every_program_fails_for_the_sandbox_says_so(tmp_path):
                            limits=SandboxLimits(timeout_s=0.5))
     assert out["pass@1"] == 0.0 and out["failure_reasons"] == {"timeout": 1}
     assert "sandbox's own" in out["warning"] and "--code-timeout" in out["warning"]
+    from distillm.evaluation.report import write_report
+
+    results = {"settings": {"tasks": ["code"], "prompts": "p", "temperature": 0, "top_p": 1, "max_new_tokens": 8,
+                            "seed": 0}, "reference_source": "teacher",
+               "models": {"m": {"metrics": {"code_pass@1": 0.0}, "details": {"code": out}}}}
+    assert out["warning"] in write_report(results, tmp_path).read_text()  # the report says it too
     hog = evaluate_samples([problem], {problem.id: ["x = bytearray(1 << 40)\ndef add(a, b):\n    return a + b"]},
                            limits=FAST)
     assert hog["failure_reasons"] == {"memory": 1} and "--code-memory-mb" in hog["warning"]
