@@ -328,3 +328,10 @@ def test_humaneval_canonical_solutions_pass_and_wrong_ones_fail():
     out = evaluate_samples(problems, samples, ks=(1, 2), limits=SandboxLimits(timeout_s=5), concurrency=2)
     assert [d["correct"] for d in out["details"]] == [1, 1, 1]
     assert out["pass@1"] == pytest.approx(0.5) and out["pass@2"] == 1.0
+
+
+def test_cpu_and_file_size_limits_are_named():
+    spin = run_python("while True:\n    pass\n", SandboxLimits(timeout_s=20, cpu_seconds=1))
+    assert (spin.status, spin.reason) == ("failed", "cpu-limit")
+    big = run_python("open('big', 'wb').write(b'x' * (2 << 20))\n", SandboxLimits(timeout_s=5, max_file_mb=1))
+    assert (big.status, big.reason) == ("failed", "file-size-limit") and "File too large" in big.stderr

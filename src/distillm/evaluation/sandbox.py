@@ -285,8 +285,8 @@ def program():
                 __import__(name)
             except BaseException:
                 pass
-    for name, value in cfg["limits"].items():
-        resource.setrlimit(getattr(resource, name), (value, value))
+    for name, value in cfg["limits"].items():  # CPU: SIGXCPU at the soft limit, SIGKILL a second later
+        resource.setrlimit(getattr(resource, name), (value, value + 1 if name == "RLIMIT_CPU" else value))
     token = os.read(TOKEN_FD, 256).decode().strip()
     os.close(TOKEN_FD)
     libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
@@ -475,8 +475,8 @@ class SandboxResult:
     isolation: dict = field(default_factory=dict)
     #: None when passed; else "error" (an exception, e.g. a failed assert, or a non-zero exit), "exited-early"
     #: (exit status 0 before the end: exit(), sys.exit(0), os._exit(0)), "timeout", "memory" (MemoryError),
-    #: "cpu-limit" (SIGXCPU), "file-size-limit" (SIGXFSZ), "killed" (another signal), "sandbox" (the program
-    #: never started: the sandbox could not start Python under these limits; see stderr).
+    #: "cpu-limit" (SIGXCPU), "file-size-limit" (a write past RLIMIT_FSIZE), "killed" (another signal),
+    #: "sandbox" (the program never started: the sandbox could not start Python under these limits; see stderr).
     reason: str | None = None
 
     @property
@@ -581,6 +581,8 @@ def _reason(completed: bool, started: bool, timed_out: bool, program: dict | Non
     last = next((line for line in reversed(stderr.strip().splitlines()) if line.strip()), "")
     if last.startswith("MemoryError") or "can't start new thread" in last:
         return "memory"
+    if "File too large" in last:  # Python ignores SIGXFSZ: a write past RLIMIT_FSIZE raises OSError(EFBIG)
+        return "file-size-limit"
     if program and program.get("exit") == 0:
         return "exited-early"
     return "error"
