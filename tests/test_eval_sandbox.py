@@ -335,3 +335,8 @@ def test_cpu_and_file_size_limits_are_named():
     assert (spin.status, spin.reason) == ("failed", "cpu-limit")
     big = run_python("open('big', 'wb').write(b'x' * (2 << 20))\n", SandboxLimits(timeout_s=5, max_file_mb=1))
     assert (big.status, big.reason) == ("failed", "file-size-limit") and "File too large" in big.stderr
+
+
+def test_a_syntax_error_is_the_programs_failure_not_the_sandboxs():
+    result = run_python("def f(:\n    pass\n", FAST)
+    assert (result.status, result.reason) == ("failed", "error") and "SyntaxError" in result.stderr

@@ -307,19 +307,18 @@ def program():
     sys.modules["__main__"] = module
     sys.argv = [cfg["program"]]
     sys.path.insert(0, WORK)
-    code = compile(source, cfg["program"], "exec")
     outcome, done = [], _thread.allocate_lock()
     done.acquire()
-    def run(code=code, namespace=module.__dict__, outcome=outcome, done=done, write=os.write):
+    def run(source=source, namespace=module.__dict__, outcome=outcome, done=done, write=os.write):
         try:
             write(RESULT_FD, b"started\n")
-            exec(code, namespace)
+            exec(compile(source, cfg["program"], "exec"), namespace)  # a SyntaxError is the program's failure
             outcome.append(None)
         except BaseException as err:  # noqa: BLE001 - handed to the main thread
             outcome.append(err)
         finally:
             done.release()
-    del source, tree, code
+    del source, tree
     threading.Thread(target=run, name="program", daemon=True).start()
     done.acquire()
     err = outcome[0] if outcome else RuntimeError("the program thread ended without a result")
