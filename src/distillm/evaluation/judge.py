@@ -365,12 +365,20 @@ def judge_pairs(judge: Judge, items: Sequence[PairItem], *, cache: VerdictCache 
         requests.append(judge_messages(item.instruction, item.candidate, item.reference))  # candidate is A
         requests.append(judge_messages(item.instruction, item.reference, item.candidate))  # candidate is B
 
+    failed = threading.Event()  # set by the first request that fails: no request starts after it
+
     def ask(messages: list[dict]) -> str:
         key = VerdictCache.key(judge.identity, messages)
         cached = cache.get(key) if cache is not None else None
         if cached is not None:
             return cached
-        reply = judge.complete(messages)
+        if failed.is_set():
+            raise JudgeError("not sent: an earlier judge request failed")
+        try:
+            reply = judge.complete(messages)
+        except BaseException:
+            failed.set()
+            raise
         if cache is not None:
             cache.put(key, reply)
         return reply
