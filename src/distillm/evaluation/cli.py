@@ -46,8 +46,10 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
     t.add_argument("--num-code", type=int, default=d.num_code, help="First N code problems.")
     t.add_argument("--code-samples", type=int, default=d.code_samples, help="Samples per code problem (n of pass@k).")
     t.add_argument("--code-k", default="1", help="Comma-separated k values of pass@k (each <= --code-samples).")
-    t.add_argument("--code-timeout", type=float, default=d.code_timeout_s, help="Wall seconds per program.")
-    t.add_argument("--code-memory-mb", type=int, default=d.code_memory_mb)
+    t.add_argument("--code-timeout", type=float, default=d.code_timeout_s,
+                   help="Wall seconds per program (0.1 to 3600; default %(default)s).")
+    t.add_argument("--code-memory-mb", type=int, default=d.code_memory_mb,
+                   help="Address-space limit per program in MB (128 to 1048576; default %(default)s).")
     t.add_argument("--code-concurrency", type=int, default=d.code_concurrency)
     g = p.add_argument_group("generation (the same for every model)")
     g.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy (default).")
@@ -65,6 +67,10 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
     j.add_argument("--judge-api-key-env", default="OPENAI_API_KEY", help="Environment variable holding the API key "
                    "(unset: no key is sent).")
     j.add_argument("--judge-concurrency", type=int, default=d.judge_concurrency)
+    j.add_argument("--judge-timeout", type=float, default=120.0, metavar="SECONDS",
+                   help="Overall deadline of one judge request: connect, headers and body (default %(default)s).")
+    j.add_argument("--judge-retry-budget", type=float, default=300.0, metavar="SECONDS",
+                   help="Total time for one request and its retries (429, 5xx, timeouts; default %(default)s).")
     j.add_argument("--judge-hf", metavar="MODEL", help="A local Hugging Face chat model as judge instead of an endpoint.")
     j.add_argument("--judge-reference", metavar="NAME", help="Judge against this model's responses (default: the "
                    "reference responses, else the teacher's).")
@@ -134,7 +140,9 @@ def make_judge(args):
             raise EvalError("An endpoint judge needs both --judge-url and --judge-model.")
         from .judge import OpenAIChatJudge
 
-        return OpenAIChatJudge(args.judge_url, args.judge_model, api_key=os.environ.get(args.judge_api_key_env))
+        return OpenAIChatJudge(args.judge_url, args.judge_model, api_key=os.environ.get(args.judge_api_key_env),
+                               timeout_s=getattr(args, "judge_timeout", 120.0),
+                               retry_budget_s=getattr(args, "judge_retry_budget", 300.0))
     return None
 
 
@@ -160,6 +168,7 @@ def cmd_eval(args) -> int:
 
     models, teacher_name = build_models(args)
     settings = settings_from_args(args, teacher_name)
+    settings.validate([m.name for m in models])  # every setting checked before a judge model is loaded
     judge = make_judge(args) if "judge" in settings.tasks else None
     argv = getattr(args, "argv", None)
     command = "distillm " + " ".join(shlex.quote(a) for a in argv) if argv else None

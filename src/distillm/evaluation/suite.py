@@ -98,6 +98,11 @@ class EvalSettings:
         if self.code_samples > 1 and self.temperature == 0 and "code" in self.tasks:
             raise EvalError(f"--code-samples {self.code_samples} with --temperature 0 would give identical samples: "
                             "sample with --temperature > 0 (e.g. 0.8), or use --code-samples 1.")
+        if "code" in self.tasks:
+            from .sandbox import check_limits
+
+            check_limits(self.code_timeout_s, self.code_memory_mb, timeout_name="--code-timeout",
+                         memory_name="--code-memory-mb")
         if "code" in self.tasks and any(k > self.code_samples or k < 1 for k in self.code_k):
             raise EvalError(f"--code-k {','.join(map(str, self.code_k))}: each k must be between 1 and "
                             f"--code-samples ({self.code_samples}).")
