@@ -166,11 +166,11 @@ def test_cli_bad_numbers_are_errors_not_tracebacks(tmp_path, capsys, args, messa
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--seed", "-1"], "'generation_seed' = -1 is out of range. Set --seed"),
-    (["--seed", "4294967296"], "'generation_seed' = 4294967296 is out of range. Set --seed"),
-    (["--temperature", "nan"], "'temperature' must be a finite number, got nan. Set --temperature"),
-    (["--top-p", "1.5"], "'top_p' = 1.5 is out of range. Set --top-p"),
-    (["--batch-size", "0"], "'generation_batch_size' = 0 is out of range. Set --batch-size"),
+    (["--seed", "-1"], "--seed = -1 is out of range. Set --seed to a value >= 0 and <= 4294967295"),
+    (["--seed", "4294967296"], "--seed = 4294967296 is out of range. Set --seed to"),
+    (["--temperature", "nan"], "--temperature must be a finite number, got nan. Set --temperature to"),
+    (["--top-p", "1.5"], "--top-p = 1.5 is out of range. Set --top-p to"),
+    (["--batch-size", "0"], "--batch-size = 0 is out of range. Set --batch-size to"),
 ])
 def test_generate_checks_its_numbers_before_loading_the_model(tmp_path, capsys, monkeypatch, args, message):
     import distillm.models

@@ -263,7 +263,7 @@ def _option_fields(config_cls: type) -> dict[str, tuple[str | None, dataclasses.
 
 def _fix(name: str, f: dataclasses.Field | None = None, flag: str | None = None) -> str:
     """The end of an option's error message: where to set it and to what."""
-    where = f"{flag or '--' + name.replace('_', '-')} (YAML key {name})"
+    where = flag or f"--{name.replace('_', '-')} (YAML key {name})"
     if f is None:
         return f" Set {where}."
     accepted = range_text(f)
@@ -301,18 +301,19 @@ def _check_value(name: str, f: dataclasses.Field, value: Any, where: str, flag: 
     if value is None:
         return
     meta, fix = f.metadata, _fix(name, f, flag)
+    shown = flag or f"'{name}'"
     if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"{where}: '{name}' must be a finite number, got {value}.{fix}")
+        raise ConfigError(f"{where}: {shown} must be a finite number, got {value}.{fix}")
     if isinstance(value, int) and not isinstance(value, bool) and not -INT_MAX - 1 <= value <= INT_MAX:
-        raise ConfigError(f"{where}: '{name}' is out of range ({_describe(value)} does not fit in 64 bits).{fix}")
+        raise ConfigError(f"{where}: {shown} is out of range ({_describe(value)} does not fit in 64 bits).{fix}")
     if "choices" in meta:
         if value not in meta["choices"]:
-            raise ConfigError(f"{where}: '{name}' cannot be {_describe(value)}.{fix}")
+            raise ConfigError(f"{where}: {shown} cannot be {_describe(value)}.{fix}")
         return
     outside = (("ge" in meta and not value >= meta["ge"]) or ("gt" in meta and not value > meta["gt"])
                or ("le" in meta and not value <= meta["le"]) or ("lt" in meta and not value < meta["lt"]))
     if outside:
-        raise ConfigError(f"{where}: '{name}' = {value} is out of range.{fix}")
+        raise ConfigError(f"{where}: {shown} = {value} is out of range.{fix}")
 
 
 def check_option(name: str, value: Any, *, flag: str | None = None, where: str = "command line") -> None:
