@@ -194,6 +194,8 @@ def _gguf_data_end(handle, size: int) -> int:
         offset = u64()
         elements = math.prod(dims)
         end = max(end, offset + elements // block * type_size)
+    if n_tensors == 0:
+        return handle.tell()
     start = -(-handle.tell() // alignment) * alignment
     return start + end
 
