@@ -178,3 +178,16 @@ def test_generate_checks_its_numbers_before_loading_the_model(tmp_path, capsys, 
     monkeypatch.setattr(distillm.models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     code, err = _run_main(capsys, "generate", "--model", "tiny-random", "--output", str(tmp_path / "r.jsonl"), *args)
     assert code == 2 and message in err
+
+
+@pytest.mark.parametrize("command,args,message", [
+    (["speculate", "--draft", "d=tiny-random", "--teacher", "tiny-random"], ["--seed", "-1"],
+     "--seed = -1 is out of range. Set --seed to a value >= 0 and <= 4294967295."),
+    (["speculate", "--draft", "d=tiny-random", "--teacher", "tiny-random"], ["--temperature", "inf"],
+     "--temperature must be a finite number, got inf."),
+    (["eval", "--model", "m=tiny-random"], ["--seed", "4294967296"], "--seed = 4294967296 is out of range."),
+    (["eval", "--model", "m=tiny-random"], ["--top-p", "nan"], "--top-p must be a finite number, got nan."),
+])
+def test_eval_and_speculate_check_their_numbers_before_any_work(tmp_path, capsys, command, args, message):
+    code, err = _run_main(capsys, *command, "--output-dir", str(tmp_path / "o"), *args)
+    assert code == 2 and message in err and not (tmp_path / "o").exists()

@@ -261,11 +261,9 @@ def _option_fields(config_cls: type) -> dict[str, tuple[str | None, dataclasses.
     return out
 
 
-def _fix(name: str, f: dataclasses.Field | None = None, flag: str | None = None) -> str:
+def _fix(name: str, f: dataclasses.Field, flag: str | None = None) -> str:
     """The end of an option's error message: where to set it and to what."""
     where = flag or f"--{name.replace('_', '-')} (YAML key {name})"
-    if f is None:
-        return f" Set {where}."
     accepted = range_text(f)
     if not accepted:
         kind = str(f.type).split(" ")[0]
@@ -273,6 +271,8 @@ def _fix(name: str, f: dataclasses.Field | None = None, flag: str | None = None)
     elif "choices" not in f.metadata:
         accepted = "a value " + accepted
     text = f" Set {where} to {accepted}"
+    if flag:  # a command's own flag: its default may differ from the config option's
+        return text + "."
     return text + (f" (the default is {f.default!r})." if f.default is not None else ", or leave it empty.")
 
 

@@ -382,6 +382,14 @@ def drafts_from_args(args) -> tuple[str, list[DraftSpec]]:
 
 
 def cmd_speculate(args) -> int:
+    from .config import check_option
+
+    for flag, name, value in (("--seed", "generation_seed", args.seed), ("--temperature", "temperature", args.temperature),
+                              ("--num-prompts", "num_prompts", args.num_prompts),
+                              ("--max-new-tokens", "max_new_tokens", args.max_new_tokens),
+                              ("--max-prompt-length", "max_prompt_length", args.max_prompt_length),
+                              ("--dtype", "dtype", args.dtype)):
+        check_option(name, value, flag=flag)  # the config option of the same role: the same range
     teacher, drafts = drafts_from_args(args)
     results = speculate(teacher, drafts, prompts=args.prompts, num_prompts=args.num_prompts,
                         max_new_tokens=args.max_new_tokens, max_prompt_length=args.max_prompt_length,
