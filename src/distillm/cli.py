@@ -213,18 +213,14 @@ def _cmd_generate(args) -> int:
     from .data.vision import check_no_images, encode_image_prompts, load_image_prompts
     from .vision import is_vision_model, load_vision_model
 
-    from .config import check_option
+    from .config import check_flags
 
     # generate's flags mean what the config options of the same role mean: checked the same way, before loading
-    for flag, name, value in (("--seed", "generation_seed", args.seed), ("--temperature", "temperature", args.temperature),
-                              ("--top-p", "top_p", args.top_p), ("--max-new-tokens", "max_new_tokens", args.max_new_tokens),
-                              ("--batch-size", "generation_batch_size", args.batch_size),
-                              ("--max-prompt-length", "max_prompt_length", args.max_prompt_length),
-                              ("--num-prompts", "num_prompts", args.num_prompts), ("--dtype", "dtype", args.dtype),
-                              ("--vllm-tensor-parallel-size", "vllm_tensor_parallel_size", args.vllm_tensor_parallel_size),
-                              ("--vllm-gpu-memory-utilization", "vllm_gpu_memory_utilization",
-                               args.vllm_gpu_memory_utilization)):
-        check_option(name, value, flag=flag)
+    check_flags(args, {"--seed": "generation_seed", "--temperature": "temperature", "--top-p": "top_p",
+                       "--max-new-tokens": "max_new_tokens", "--batch-size": "generation_batch_size",
+                       "--max-prompt-length": "max_prompt_length", "--num-prompts": "num_prompts", "--dtype": "dtype",
+                       "--vllm-tensor-parallel-size": "vllm_tensor_parallel_size",
+                       "--vllm-gpu-memory-utilization": "vllm_gpu_memory_utilization"})
     config = RunConfig()
     config.generation.backend = args.backend
     config.generation.generation_batch_size = args.batch_size

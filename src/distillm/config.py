@@ -322,6 +322,13 @@ def check_option(name: str, value: Any, *, flag: str | None = None, where: str =
     _check_value(name, option_fields(RunConfig)[name][1], value, where, flag)
 
 
+def check_flags(args, options: dict[str, str]) -> None:
+    """`check_option` for a command's own argparse flags: {flag: config option of the same role}; each value is
+    read from `args` under the flag's name (--top-p -> args.top_p)."""
+    for flag, name in options.items():
+        check_option(name, getattr(args, flag.lstrip("-").replace("-", "_")), flag=flag)
+
+
 def _coerce(name: str, f: dataclasses.Field, value: Any, where: str) -> Any:
     """The value converted to the option's type, then checked against its range (`_check_value`)."""
     kind = str(f.type)

@@ -158,14 +158,12 @@ def cmd_eval(args) -> int:
     from .report import markdown_table
     from .suite import run_evaluation
 
-    from ..config import check_option
+    from ..config import check_flags
 
-    for flag, name, value in (("--seed", "generation_seed", args.seed), ("--temperature", "temperature", args.temperature),
-                              ("--top-p", "top_p", args.top_p), ("--max-new-tokens", "max_new_tokens", args.max_new_tokens),
-                              ("--max-prompt-length", "max_prompt_length", args.max_prompt_length),
-                              ("--max-length", "max_length", args.max_length), ("--num-prompts", "num_prompts", args.num_prompts),
-                              ("--batch-size", "generation_batch_size", args.batch_size)):
-        check_option(name, value, flag=flag)  # the config option of the same role: the same range
+    check_flags(args, {"--seed": "generation_seed", "--temperature": "temperature", "--top-p": "top_p",
+                       "--max-new-tokens": "max_new_tokens", "--max-prompt-length": "max_prompt_length",
+                       "--max-length": "max_length", "--num-prompts": "num_prompts",
+                       "--batch-size": "generation_batch_size"})  # the ranges of the config options of the same role
     models, teacher_name = build_models(args)
     settings = settings_from_args(args, teacher_name)
     judge = make_judge(args) if "judge" in settings.tasks else None
