@@ -97,7 +97,7 @@ def test_missing_gguf_file_is_an_error(tmp_path):
 
 def test_existing_gguf_file_is_gguf(tmp_path):
     file = tmp_path / "m.GGUF"
-    file.write_bytes(b"GGUF")
+    file.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + bytes(16))  # version 3, no tensors, no metadata
     source = resolve_model_source(str(file))
     assert (source.kind, source.path) == ("gguf", str(file))
 

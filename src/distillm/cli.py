@@ -11,7 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .config import PRESETS, AlignConfig, RunConfig, load_config, option_fields
+from .config import PRESETS, AlignConfig, RunConfig, load_config, option_fields, range_text
 
 logger = logging.getLogger("distillm")
 
@@ -38,7 +38,8 @@ def _add_config_options(parser: argparse.ArgumentParser, config_cls: type = RunC
     for name, (section, f) in option_fields(config_cls).items():
         group = groups.setdefault(section or "run", parser.add_argument_group(f"{section or 'run'} options"))
         flag = "--" + name.replace("_", "-")
-        help_text = f"{f.metadata['help']} (default: {f.default})"
+        accepted = range_text(f)
+        help_text = f"{f.metadata['help']} (default: {f.default}{'; ' + accepted if accepted else ''})"
         if str(f.type).startswith("bool"):
             group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                help=help_text)
@@ -212,6 +213,14 @@ def _cmd_generate(args) -> int:
     from .data.vision import check_no_images, encode_image_prompts, load_image_prompts
     from .vision import is_vision_model, load_vision_model
 
+    from .config import check_flags
+
+    # generate's flags mean what the config options of the same role mean: checked the same way, before loading
+    check_flags(args, {"--seed": "generation_seed", "--temperature": "temperature", "--top-p": "top_p",
+                       "--max-new-tokens": "max_new_tokens", "--batch-size": "generation_batch_size",
+                       "--max-prompt-length": "max_prompt_length", "--num-prompts": "num_prompts", "--dtype": "dtype",
+                       "--vllm-tensor-parallel-size": "vllm_tensor_parallel_size",
+                       "--vllm-gpu-memory-utilization": "vllm_gpu_memory_utilization"})
     config = RunConfig()
     config.generation.backend = args.backend
     config.generation.generation_batch_size = args.batch_size

@@ -20,6 +20,10 @@ from .faults import fault_point
 logger = logging.getLogger("distillm")
 
 
+#: The error text for JSON nested deeper than Python's parser recurses (json raises RecursionError).
+TOO_DEEP = "the JSON is nested too deeply to read (thousands of levels); no distillm file nests more than a few."
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -50,14 +54,16 @@ def iter_json_objects(path: str | os.PathLike, error: type[Exception] = Distillm
 
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as handle:
+    with opener(path, "rb") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
+                row = json.loads(line.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
                 raise error(f"{path}:{number}: not a valid JSON line ({err}).") from err
+            except RecursionError:
+                raise error(f"{path}:{number}: {TOO_DEEP}") from None
             if not isinstance(row, dict):
                 raise error(f"{path}:{number}: expected a JSON object per line.")
             yield number, row
@@ -77,6 +83,8 @@ def read_jsonl(path: str | os.PathLike, *, tolerate_torn_tail: bool = False) -> 
             continue
         try:
             rows.append(json.loads(line.decode("utf-8")))
+        except RecursionError:
+            raise DistillmError(f"{path}:{number}: {TOO_DEEP}") from None
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             if tolerate_torn_tail and is_last:
                 logger.warning("%s:%d: dropping a torn last line left by an interrupted write", path, number)

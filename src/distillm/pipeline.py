@@ -45,7 +45,7 @@ from .generation.base import SamplingParams
 from .generation.hf import HFBackend
 from .generation.runner import generate_sharded
 from .generation.vllm_backend import LazyVLLMBackend, choose_backend_name
-from .io import atomic_write_json, atomic_write_text, read_jsonl, write_jsonl
+from .io import atomic_write_json, atomic_write_text, iter_json_objects, read_jsonl, write_jsonl
 from .methods import build_method
 from .methods.base import Method
 from .models import (
@@ -307,10 +307,12 @@ def import_teacher_responses(path: str, prompts: list[EncodedPrompt], tokenizer,
     if not Path(path).is_file():
         raise DistillmError(f"Teacher responses file not found: {path}")
     rows = {}
-    for number, row in enumerate(read_jsonl(path), start=1):
+    vocab = real_vocab_size(tokenizer)
+    for number, row in iter_json_objects(path):
         if "id" not in row or "response" not in row:
             raise DistillmError(f"{path}:{number}: a teacher response row needs 'id' and 'response' fields "
                                 "(`distillm generate` writes such files).")
+        check_teacher_row(row, f"{path}:{number}", vocab)
         rows[str(row["id"])] = row
     missing = [p.id for p in prompts if p.id not in rows]
     if missing:
@@ -325,6 +327,26 @@ def import_teacher_responses(path: str, prompts: list[EncodedPrompt], tokenizer,
                          "prompt_ids": prompt.input_ids, "response_ids": ids,
                          "finish_reason": row.get("finish_reason", "stop")})
     write_jsonl(out, imported)
+
+
+def check_teacher_row(row: dict, where: str, vocab: int) -> None:
+    """A teacher response row's fields have the types training needs, and its token ids are in the vocabulary."""
+    if isinstance(row["id"], bool) or not isinstance(row["id"], (str, int)):
+        raise DistillmError(f"{where}: field 'id' must be a string or an integer (the prompt's id).")
+    if not isinstance(row["response"], str):
+        raise DistillmError(f"{where}: field 'response' must be a string (the response text).")
+    ids = row.get("response_ids")
+    if ids is None:
+        return
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise DistillmError(f"{where}: field 'response_ids' must be a list of integer token ids. Fix it, or drop the "
+                            "field to have the response text tokenized.")
+    bad = next((i for i in ids if not 0 <= i < vocab), None)
+    if bad is not None:
+        raise DistillmError(
+            f"{where}: field 'response_ids' holds the token id {bad}, outside the tokenizer's vocabulary (0 to "
+            f"{vocab - 1}): were these responses tokenized by another model? Regenerate them with `distillm generate "
+            "--model` the teacher, or drop 'response_ids' from the rows to have the response text tokenized.")
 
 
 class DataContext:

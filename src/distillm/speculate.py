@@ -382,6 +382,11 @@ def drafts_from_args(args) -> tuple[str, list[DraftSpec]]:
 
 
 def cmd_speculate(args) -> int:
+    from .config import check_flags
+
+    check_flags(args, {"--seed": "generation_seed", "--temperature": "temperature", "--num-prompts": "num_prompts",
+                       "--max-new-tokens": "max_new_tokens", "--max-prompt-length": "max_prompt_length",
+                       "--dtype": "dtype"})  # each flag has the range of the config option of the same role
     teacher, drafts = drafts_from_args(args)
     results = speculate(teacher, drafts, prompts=args.prompts, num_prompts=args.num_prompts,
                         max_new_tokens=args.max_new_tokens, max_prompt_length=args.max_prompt_length,

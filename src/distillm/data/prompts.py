@@ -21,6 +21,7 @@ from typing import Any
 
 from distillm.data.builtin import BUILTIN_SPLITS, load_builtin
 from distillm.errors import DistillmError
+from distillm.io import TOO_DEEP
 
 logger = logging.getLogger("distillm")
 
@@ -201,6 +202,8 @@ def _read_jsonl(file: Path, label: str) -> Iterator[_Row]:
                 f"{where}: invalid JSON ({e.msg} at column {e.colno}). "
                 "Each line of a .jsonl file must be one JSON object."
             ) from None
+        except RecursionError:
+            raise DataError(f"{where}: {TOO_DEEP}") from None
         yield lineno, where, raw
 
 
@@ -210,6 +213,8 @@ def _read_json(file: Path, label: str) -> Iterator[_Row]:
         data = json.loads(_read_text(file, label))
     except json.JSONDecodeError as e:
         raise DataError(f"{label}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno}).") from None
+    except RecursionError:
+        raise DataError(f"{label}: {TOO_DEEP}") from None
     if isinstance(data, dict):
         lists = [key for key, value in data.items() if isinstance(value, list)]
         if len(lists) != 1:
@@ -231,7 +236,14 @@ def _read_csv(file: Path, label: str) -> Iterator[_Row]:
     if not header:
         raise DataError(f"{label}: empty CSV file; the first row must name the columns (e.g. id,prompt).")
     row_number, last_line = 0, reader.line_num
-    for cells in reader:
+    while True:
+        try:
+            cells = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:  # e.g. a cell over the csv module's field size limit (128 KiB)
+            raise DataError(f"{_Where(label, last_line + 1)}: unreadable CSV ({e}). Store long texts in a .jsonl "
+                            "file instead.") from None
         where, last_line = _Where(label, last_line + 1), reader.line_num
         if not cells:  # a blank line
             continue
@@ -367,6 +379,8 @@ def _parse_messages(value: Any, where: _Where, field: str) -> list[dict]:
             value = json.loads(value)
         except json.JSONDecodeError:
             pass
+        except RecursionError:
+            raise DataError(f"{where}: field '{field}': {TOO_DEEP}") from None
     expected = 'a list of {"role": ..., "content": ...} objects'
     if not isinstance(value, list):
         raise DataError(f"{where}: field '{field}' must be {expected}, got {_type_name(value)}.")

@@ -166,6 +166,12 @@ def cmd_eval(args) -> int:
     from .report import markdown_table
     from .suite import run_evaluation
 
+    from ..config import check_flags
+
+    check_flags(args, {"--seed": "generation_seed", "--temperature": "temperature", "--top-p": "top_p",
+                       "--max-new-tokens": "max_new_tokens", "--max-prompt-length": "max_prompt_length",
+                       "--max-length": "max_length", "--num-prompts": "num_prompts",
+                       "--batch-size": "generation_batch_size"})  # the ranges of the config options of the same role
     models, teacher_name = build_models(args)
     settings = settings_from_args(args, teacher_name)
     settings.validate([m.name for m in models])  # every setting checked before a judge model is loaded
