@@ -442,11 +442,7 @@ def encode_prompts(
     """
     if max_prompt_length < 1:
         raise DataError(f"max_prompt_length must be at least 1, got {max_prompt_length}.")
-    if use_chat_template and getattr(tokenizer, "chat_template", None) is None:
-        raise DataError(
-            "the tokenizer has no chat template, so prompts cannot be formatted as chat. Pass --no-chat-template "
-            "to feed the plain message text instead, or use a tokenizer that ships a chat template."
-        )
+    check_chat_template(tokenizer, use_chat_template)
     prefix = [] if use_chat_template else special_prefix(tokenizer)
     if len(prefix) >= max_prompt_length:
         raise DataError(f"max_prompt_length={max_prompt_length} leaves no room for the prompt text after the "
@@ -471,6 +467,17 @@ def encode_prompts(
             n_truncated, len(records), max_prompt_length,
         )
     return encoded, n_truncated
+
+
+def check_chat_template(tokenizer: Any, use_chat_template: bool, model: str | None = None) -> None:
+    """Refuse chat formatting with a tokenizer that has no chat template (a base model's). Cheap: callers run it on
+    the tokenizer alone (`models.load_tokenizer`) before loading any weights."""
+    if use_chat_template and getattr(tokenizer, "chat_template", None) is None:
+        whose = f"the tokenizer of {model}" if model else "the tokenizer"
+        raise DataError(
+            f"{whose} has no chat template (a base model?), so prompts cannot be formatted as chat. Pass "
+            "--no-chat-template to feed the plain message text instead, or use a tokenizer that ships a chat template."
+        )
 
 
 def special_prefix(tokenizer: Any) -> list[int]:
