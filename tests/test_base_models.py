@@ -113,3 +113,17 @@ def test_speculate_takes_no_chat_template_and_the_runs_setting(tmp_path, base_mo
     assert main(["-q", "speculate", "--run", run, *common, "--output-dir", str(tmp_path / "c")]) == 0
     results = json.loads((tmp_path / "c" / "results.json").read_text())
     assert results["chat_template"] is False and list(results["drafts"]) == ["run-initial", "run"]
+
+
+def test_generate_refuses_chat_formatting_for_a_base_model_before_loading_it(tmp_path, base_model, prompt_file,
+                                                                             monkeypatch, capsys):
+    path, bos = base_model
+    argv = ["-q", "generate", "--model", path, "--prompts", prompt_file, "--num-prompts", "2", "--max-new-tokens",
+            "3", "--output", str(tmp_path / "out.jsonl")]
+    with monkeypatch.context() as patch:
+        patch.setattr("distillm.models.load_model", _no_weights)
+        assert main(argv) == 2
+        assert "--no-chat-template" in capsys.readouterr().err
+    assert main([*argv, "--no-chat-template"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [row["prompt_ids"][0] for row in rows] == [bos, bos]
