@@ -483,6 +483,12 @@ def step_plan(training, num_rows: int, num_processes: int = 1) -> StepPlan:
 def learning_rates(training, plan: StepPlan) -> list[float] | None:
     """The learning rate of each optimizer step under the configured schedule (None if the schedule cannot be
     built without the Trainer, e.g. one that needs extra arguments)."""
+    rates = _learning_rates(training, plan)
+    return None if rates is None else list(rates)
+
+
+def _learning_rates(training, plan: StepPlan):
+    """An iterator over the steps' learning rates (lazily: a check can stop at the first positive one), or None."""
     from transformers import get_scheduler
 
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=training.learning_rate)
@@ -491,12 +497,14 @@ def learning_rates(training, plan: StepPlan) -> list[float] | None:
                                   num_training_steps=plan.total)
     except (ValueError, TypeError, KeyError):
         return None
-    rates = []
-    for _ in range(plan.total):  # the rate each step uses, then the scheduler steps (as the Trainer does)
-        rates.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
-    return rates
+
+    def rates():
+        for _ in range(plan.total):  # the rate each step uses, then the scheduler steps (as the Trainer does)
+            yield optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+
+    return rates()
 
 
 def check_step_plan(config: RunConfig, num_rows: int, num_processes: int = 1) -> StepPlan:
@@ -512,7 +520,7 @@ def check_step_plan(config: RunConfig, num_rows: int, num_processes: int = 1) ->
              + f" and --rounds {t.rounds} give {plan.total} optimizer step{'s' if plan.total != 1 else ''}")
     more_steps = ("use more prompts (--num-prompts), a smaller --per-device-train-batch-size or "
                   "--gradient-accumulation-steps, or more --rounds")
-    rates = learning_rates(t, plan)
+    rates = _learning_rates(t, plan)
     if rates is not None and not any(rate > 0 for rate in rates):
         cause = (f"the warm-up (--warmup-ratio {t.warmup_ratio}: {plan.warmup} step{'s' if plan.warmup != 1 else ''}) "
                  "starts from a learning rate of 0" if t.learning_rate > 0 else "--learning-rate is 0")
