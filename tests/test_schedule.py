@@ -123,3 +123,13 @@ def test_run_refuses_a_tokenizer_without_chat_template_before_loading_any_model(
     monkeypatch.setattr(pipeline, "load_models", _no_weights)
     with pytest.raises(DataError, match="no chat template.*--no-chat-template"):
         pipeline.run(tiny_config(tmp_path))
+
+
+@pytest.mark.parametrize("method", ["kd", "distillm2"])
+def test_a_runs_optimizer_steps_are_the_planned_ones(tmp_path, method):
+    # 10 prompts, batch 4, accumulation 2: 3 micro-batches a round (the last one short), 2 steps a round
+    config = tiny_config(tmp_path, method=method, num_prompts=10, per_device_train_batch_size=4,
+                         gradient_accumulation_steps=2, rounds=2, max_new_tokens=4, evaluate=False)
+    metrics = pipeline.run(config)
+    plan = step_plan(config.training, 10)
+    assert metrics["training"]["steps"] == plan.total == 4
