@@ -92,7 +92,7 @@ def test_trainer_bf16_follows_the_model_dtype(tmp_path, dtype, bf16):
     from distillm.pipeline import RunPaths, training_arguments
 
     config = load_config(preset="tiny", overrides={"dtype": dtype, "gradient_checkpointing": True})
-    args = training_arguments(config, RunPaths(tmp_path))
+    args = training_arguments(config, RunPaths(tmp_path), num_rows=16)
     assert args.bf16 is bf16 and args.fp16 is False
     assert args.gradient_checkpointing and args.gradient_checkpointing_kwargs == {"use_reentrant": False}
 

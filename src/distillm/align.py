@@ -133,10 +133,11 @@ def build_trainer(config: AlignConfig, paths: RunPaths):
     reference, _ = load_model(policy_spec, **kwargs)
     reference.requires_grad_(False).eval()
     rows = load_preferences(config, tokenizer)
-    args = DPOConfig(**training_kwargs(config, paths), beta=config.dpo.dpo_beta, loss_type=config.dpo.dpo_loss_type,
-                     max_length=config.data.max_length)
+    pairs = tokenize_pairs(rows, tokenizer, config.data.max_length)
+    args = DPOConfig(**training_kwargs(config, paths, num_rows=len(pairs)), beta=config.dpo.dpo_beta,
+                     loss_type=config.dpo.dpo_loss_type, max_length=config.data.max_length)
     set_seed(config.training.seed)
-    dataset = Dataset.from_list(tokenize_pairs(rows, tokenizer, config.data.max_length))
+    dataset = Dataset.from_list(pairs)
     trainer = _dpo_trainer_class()(model=policy, ref_model=reference, args=args, train_dataset=dataset,
                                    processing_class=tokenizer)
     use_step_lines(trainer)  # one console line per logging step, not the log dicts inside tqdm bars

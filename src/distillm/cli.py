@@ -205,10 +205,10 @@ def resumed_config(output_dir: str, overrides: dict, *, overwrite: bool) -> RunC
 
 
 def _cmd_generate(args) -> int:
-    from .data.prompts import encode_prompts, load_prompts
+    from .data.prompts import check_chat_template, encode_prompts, load_prompts
     from .generation.base import SamplingParams
     from .generation.runner import generate_responses
-    from .models import load_model, loadable_path
+    from .models import load_model, load_tokenizer, loadable_path
     from .pipeline import make_backend
     from .data.vision import check_no_images, encode_image_prompts, load_image_prompts
     from .vision import is_vision_model, load_vision_model
@@ -239,7 +239,10 @@ def _cmd_generate(args) -> int:
         backend = make_backend(config, model, tokenizer, model_dir=None, processor=processor)
     else:
         check_no_images(args.prompts, args.image_field, model=args.model)
-        model, tokenizer = load_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+        tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)  # checked before the weights
+        check_chat_template(tokenizer, not args.no_chat_template, model=args.model)
+        model, tokenizer = load_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                                      tokenizer=tokenizer)
         records, report = load_prompts(args.prompts, prompt_field=args.prompt_field,
                                        messages_field=args.messages_field, limit=args.num_prompts)
         prompts, n_truncated = encode_prompts(records, tokenizer, max_prompt_length=args.max_prompt_length,

@@ -204,12 +204,18 @@ def cache_root() -> Path:
     return Path(os.environ.get("DISTILLM_CACHE", Path.home() / ".cache" / "distillm"))
 
 
-def gguf_to_safetensors(gguf_path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None) -> Path:
-    """De-quantise a GGUF file into a cached safetensors directory (done once; written atomically)."""
+def gguf_cache_dir(gguf_path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where `gguf_to_safetensors` keeps the safetensors copy of a GGUF file (keyed by its path, size and mtime)."""
     gguf_path = Path(gguf_path).resolve()
     stat = gguf_path.stat()
     key = hashlib.sha256(f"{gguf_path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    target = Path(cache_dir or cache_root() / "gguf") / f"{gguf_path.stem}-{key}"
+    return Path(cache_dir or cache_root() / "gguf") / f"{gguf_path.stem}-{key}"
+
+
+def gguf_to_safetensors(gguf_path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None) -> Path:
+    """De-quantise a GGUF file into a cached safetensors directory (done once; written atomically)."""
+    gguf_path = Path(gguf_path).resolve()
+    target = gguf_cache_dir(gguf_path, cache_dir=cache_dir)
     if (target / "config.json").is_file():
         return target
     logger.info("Converting %s to safetensors (once) into %s", gguf_path.name, target)
@@ -255,21 +261,23 @@ def load_model(
     *,
     dtype: str = "auto",
     trust_remote_code: bool = False,
+    tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer from an alias, a GGUF file, a local directory or a Hub id.
 
     Weights are read from safetensors only (no pickle). `trust_remote_code` stays off unless asked for.
+    `tokenizer`: the model's tokenizer from `load_tokenizer`, already loaded (a 262k-token one takes many seconds).
     """
     source = resolve_model_source(spec)
     if source.kind == "tiny":
         from .tiny import build_tiny_model, build_tiny_tokenizer
 
-        tokenizer = build_tiny_tokenizer()
+        tokenizer = tokenizer or build_tiny_tokenizer()
         return build_tiny_model(tokenizer).to(resolve_dtype(dtype)), tokenizer
     path = str(gguf_to_safetensors(source.path)) if source.kind == "gguf" else source.path
     kwargs = dict(trust_remote_code=trust_remote_code)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        tokenizer = tokenizer or _ready(AutoTokenizer.from_pretrained(path, **kwargs))
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=resolve_dtype(dtype), use_safetensors=True, **kwargs
         )
@@ -283,15 +291,44 @@ def load_model(
                 "models only.") from err
         where = "the Hugging Face Hub or its local cache" if source.kind == "hub" else path
         raise ModelLoadError(f"Could not load model '{source.spec}' from {where}: {err}") from err
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
     if real_vocab_size(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         raise ModelLoadError(
             f"Model '{source.spec}' has {model.get_input_embeddings().weight.shape[0]} embedding rows but its "
             f"tokenizer has {real_vocab_size(tokenizer)} tokens."
         )
     return model, tokenizer
+
+
+def load_tokenizer(spec: str | os.PathLike, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer `load_model` would return, without reading the weights (seconds, not the minute or more a
+    large model or a first GGUF conversion takes): options that depend on it only (the chat template) are
+    checked before the model is loaded. A GGUF file's tokenizer comes from its converted copy if there is one,
+    else from the file's metadata."""
+    source = resolve_model_source(spec)
+    if source.kind == "tiny":
+        from .tiny import build_tiny_tokenizer
+
+        return build_tiny_tokenizer()
+    path, kwargs = source.path, dict(trust_remote_code=trust_remote_code)
+    if source.kind == "gguf":
+        converted = gguf_cache_dir(source.path)
+        if (converted / "config.json").is_file():
+            path = str(converted)
+        else:
+            path, kwargs["gguf_file"] = str(Path(source.path).parent), Path(source.path).name
+    try:
+        return _ready(AutoTokenizer.from_pretrained(path, **kwargs))
+    except (OSError, ValueError) as err:
+        where = "the Hugging Face Hub or its local cache" if source.kind == "hub" else source.path
+        raise ModelLoadError(f"Could not load the tokenizer of '{source.spec}' from {where}: {err}") from err
+
+
+def _ready(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Pad with EOS when the tokenizer has no pad token, on the left (generation appends on the right)."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
 
 
 def loadable_path(spec: str | os.PathLike) -> str | None:

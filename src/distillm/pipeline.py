@@ -40,7 +40,7 @@ from .config import RunConfig
 from .distributed import process_state
 from .errors import DistillmError
 from .faults import fault_point
-from .data.prompts import EncodedPrompt, encode_prompts, load_prompts
+from .data.prompts import EncodedPrompt, check_chat_template, encode_prompts, load_prompts
 from .generation.base import SamplingParams
 from .generation.hf import HFBackend
 from .generation.runner import generate_sharded
@@ -50,7 +50,7 @@ from .methods import build_method
 from .methods.base import Method
 from .models import (
     add_lora, check_quantization_supported, check_same_tokenizer, count_parameters, is_peft_model, load_model,
-    load_quantized_student, loadable_path, merged_copy, parse_layer_spec, prune_layers, real_vocab_size,
+    load_quantized_student, load_tokenizer, loadable_path, merged_copy, parse_layer_spec, prune_layers, real_vocab_size,
     resolve_dtype,
 )
 from .evaluation.divergence import teacher_nll, teacher_student_divergence
@@ -157,17 +157,19 @@ class ModelPair:
     processor: object | None = None  # a vision-language run's processor (see distillm.vision); None for text
 
 
-def load_models(config: RunConfig) -> ModelPair:
+def load_models(config: RunConfig, tokenizer=None) -> ModelPair:
     """Teacher in the configured dtype; student in fp32 (its master weights: a bf16/fp16 dtype trains it under
     autocast instead, see training_arguments), both on this process's device. With --lora the student is wrapped
-    in a PEFT LoRA adapter; with --load-in-4bit (QLoRA) its base weights are loaded in 4-bit first."""
+    in a PEFT LoRA adapter; with --load-in-4bit (QLoRA) its base weights are loaded in 4-bit first. `tokenizer`: the
+    teacher's, if `load_tokenizer` has loaded it already."""
     m = config.model
     if uses_images(config):  # a vision-language teacher: distillm.vision loads the pair and the processor
         return load_vision_models(config)
     device = process_state().device
     if m.load_in_4bit:
         check_quantization_supported()  # before the teacher is loaded
-    teacher, tokenizer = load_model(m.teacher, dtype=m.dtype, trust_remote_code=m.trust_remote_code)
+    teacher, tokenizer = load_model(m.teacher, dtype=m.dtype, trust_remote_code=m.trust_remote_code,
+                                    tokenizer=tokenizer)
     if m.student:
         student, student_tok = load_model(m.student, dtype="float32", trust_remote_code=m.trust_remote_code)
         check_same_tokenizer(tokenizer, student_tok)
@@ -436,13 +438,17 @@ def evaluate(config: RunConfig, models: ModelPair, eval_prompts, teacher_eval_ro
 # ----------------------------------------------------------------------------------------------- training
 
 
-def training_arguments(config: RunConfig, paths: RunPaths) -> TrainingArguments:
-    return TrainingArguments(**training_kwargs(config, paths))
+def training_arguments(config: RunConfig, paths: RunPaths, *, num_rows: int) -> TrainingArguments:
+    return TrainingArguments(**training_kwargs(config, paths, num_rows=num_rows))
 
 
-def training_kwargs(config, paths: RunPaths) -> dict:
-    """TrainingArguments' keywords from the config's training section (shared by `run`/`train` and `align`)."""
+def training_kwargs(config, paths: RunPaths, *, num_rows: int) -> dict:
+    """TrainingArguments' keywords from the config's training section (shared by `run`/`train` and `align`), for
+    a training set of `num_rows` rows. The warm-up is passed as a whole number of steps, computed from
+    --warmup-ratio and the step count (`step_plan`): transformers 5 reads a float `warmup_steps` below 1 as a
+    ratio, transformers 4 as a step count (and has a separate warmup_ratio), so an int means the same to both."""
     t = config.training
+    plan = step_plan(t, num_rows, process_state().num_processes)
     return dict(
         output_dir=str(paths.checkpoints),
         num_train_epochs=t.rounds,
@@ -450,7 +456,7 @@ def training_kwargs(config, paths: RunPaths) -> dict:
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler_type,
-        warmup_steps=t.warmup_ratio,
+        warmup_steps=plan.warmup,
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         seed=t.seed,
@@ -468,6 +474,90 @@ def training_kwargs(config, paths: RunPaths) -> dict:
         disable_tqdm=False,
         use_cpu=not torch.cuda.is_available(),
     )
+
+
+#: A run with fewer optimizer steps than this is warned about: too few to move a student measurably.
+MIN_OPTIMIZER_STEPS = 10
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """The optimizer steps a training run takes: per round (epoch), in all, and how many of them warm up."""
+
+    per_round: int
+    total: int
+    warmup: int
+
+
+def step_plan(training, num_rows: int, num_processes: int = 1) -> StepPlan:
+    """The optimizer steps transformers' Trainer takes on `num_rows` rows (one per prompt, for every method):
+    each process gets ceil(ceil(rows / batch) / processes) micro-batches a round (accelerate deals the batches
+    out, the last ones padded so every process has as many), one optimizer step per --gradient-accumulation-steps
+    of them, a shorter last one included, at least one per round; --rounds rounds. The warm-up is
+    ceil(total x --warmup-ratio) steps, as transformers computes it from a ratio."""
+    batches = math.ceil(num_rows / training.per_device_train_batch_size)
+    per_process = math.ceil(batches / max(num_processes, 1))
+    per_round = max(math.ceil(per_process / training.gradient_accumulation_steps), 1)
+    total = per_round * training.rounds
+    return StepPlan(per_round, total, math.ceil(total * training.warmup_ratio))
+
+
+def learning_rates(training, plan: StepPlan) -> list[float] | None:
+    """The learning rate of each optimizer step under the configured schedule (None if the schedule cannot be
+    built without the Trainer, e.g. one that needs extra arguments)."""
+    rates = _learning_rates(training, plan)
+    return None if rates is None else list(rates)
+
+
+def _learning_rates(training, plan: StepPlan):
+    """An iterator over the steps' learning rates (lazily: a check can stop at the first positive one), or None."""
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=training.learning_rate)
+    try:
+        scheduler = get_scheduler(training.lr_scheduler_type, optimizer, num_warmup_steps=plan.warmup,
+                                  num_training_steps=plan.total)
+    except (ValueError, TypeError, KeyError):
+        return None
+
+    def rates():
+        for _ in range(plan.total):  # the rate each step uses, then the scheduler steps (as the Trainer does)
+            yield optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+
+    return rates()
+
+
+def check_step_plan(config: RunConfig, num_rows: int, num_processes: int = 1) -> StepPlan:
+    """Refuse a run whose every optimizer step has a learning rate of 0 (it would train nothing and end looking
+    like success, the student unchanged to the last digit), e.g. one step that the warm-up takes; warn when the
+    warm-up covers every step or the run has fewer than MIN_OPTIMIZER_STEPS steps. Cheap: run before any model
+    is loaded."""
+    t = config.training
+    plan = step_plan(t, num_rows, num_processes)
+    setup = (f"{num_rows} training prompts, --per-device-train-batch-size {t.per_device_train_batch_size}, "
+             f"--gradient-accumulation-steps {t.gradient_accumulation_steps}"
+             + (f", {num_processes} processes" if num_processes > 1 else "")
+             + f" and --rounds {t.rounds} give {plan.total} optimizer step{'s' if plan.total != 1 else ''}")
+    more_steps = ("use more prompts (--num-prompts), a smaller --per-device-train-batch-size or "
+                  "--gradient-accumulation-steps, or more --rounds")
+    rates = _learning_rates(t, plan)
+    if rates is not None and not any(rate > 0 for rate in rates):
+        cause = (f"the warm-up (--warmup-ratio {t.warmup_ratio}: {plan.warmup} step{'s' if plan.warmup != 1 else ''}) "
+                 "starts from a learning rate of 0" if t.learning_rate > 0 else "--learning-rate is 0")
+        raise DistillmError(
+            f"This run would train nothing: {setup}, and {cause}, so every step has a learning rate of 0 and the "
+            f"student would end exactly as it started. {more_steps[0].upper() + more_steps[1:]}, or lower "
+            "--warmup-ratio (0: no warm-up).")
+    if plan.warmup >= plan.total and plan.total > 0:
+        logger.warning("The warm-up covers all %d optimizer steps (%s, --warmup-ratio %s): the learning rate never "
+                       "reaches --learning-rate %s. Lower --warmup-ratio, or %s.", plan.total, setup,
+                       t.warmup_ratio, t.learning_rate, more_steps)
+    if plan.total < MIN_OPTIMIZER_STEPS:
+        logger.warning("Only %d optimizer step%s (%s): too few to change the student much. For a real run, %s.",
+                       plan.total, "s" if plan.total != 1 else "", setup, more_steps)
+    return plan
 
 
 def train(config: RunConfig, models: ModelPair, method: Method, rows: list[dict], paths: RunPaths, *,
@@ -523,7 +613,7 @@ def train(config: RunConfig, models: ModelPair, method: Method, rows: list[dict]
         write_jsonl(folder / "pairs.jsonl", pairs)
         return pairs
 
-    args = training_arguments(config, paths)
+    args = training_arguments(config, paths, num_rows=len(rows))
     set_seed(config.training.seed)
     if not rows:
         raise DistillmError(f"Method {method.name!r} has no training rows: check the prompt file {config.data.prompts}.")
@@ -671,10 +761,20 @@ def run(config: RunConfig, *, overwrite: bool = False) -> dict:
         if metrics.get("complete"):
             logger.info("%s already holds a finished run; metrics.json is unchanged", paths.root)
             return metrics
-    models = load_models(config)
-    train_prompts = load_prompt_set(config, models.tokenizer, "train", processor=models.processor)
     evaluating = bool(config.evaluation.evaluate and config.data.eval_prompts)
-    eval_prompts = load_prompt_set(config, models.tokenizer, "eval", processor=models.processor) if evaluating else []
+    vision = uses_images(config)
+    if vision:  # the prompts need the vision-language model's processor
+        models = load_models(config)
+        tokenizer, processor = models.tokenizer, models.processor
+    else:  # the tokenizer alone (seconds) settles the prompt format and the step count before the weights are read
+        tokenizer, processor = load_tokenizer(config.model.teacher,
+                                              trust_remote_code=config.model.trust_remote_code), None
+        check_chat_template(tokenizer, config.data.chat_template, model=config.model.teacher)
+    train_prompts = load_prompt_set(config, tokenizer, "train", processor=processor)
+    check_step_plan(config, len(train_prompts), state.num_processes)
+    eval_prompts = load_prompt_set(config, tokenizer, "eval", processor=processor) if evaluating else []
+    if not vision:
+        models = load_models(config, tokenizer)
     if config.data.teacher_responses and not paths.teacher_train.is_file() and state.is_main_process:
         import_teacher_responses(config.data.teacher_responses, train_prompts, models.tokenizer, paths.teacher_train)
     state.wait_for_everyone()

@@ -56,6 +56,8 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=d.top_p)
     g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
     g.add_argument("--max-prompt-length", type=int, default=d.max_prompt_length)
+    g.add_argument("--no-chat-template", action="store_true", help="Feed the plain prompt text (base models, whose "
+                   "tokenizer has no chat template). With --run: taken from the run's config unless given.")
     g.add_argument("--max-length", type=int, default=d.max_length, help="Prompt + response tokens scored.")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -112,6 +114,23 @@ def _run_models(value: str, with_initial: bool) -> tuple[list[ModelSpec], str | 
     return specs, model_section.get("teacher")
 
 
+def run_uses_chat_template(value: str) -> bool:
+    """Whether the `distillm run` (or `align`) directory of a --run value rendered its prompts with the chat
+    template (its config.yaml's data.chat_template; true if absent)."""
+    _, directory = _split(value, None) if "=" in value else (None, value)
+    path = Path(directory) / "config.yaml"
+    if not path.is_file():
+        raise EvalError(f"--run {directory}: no config.yaml there; point --run at a `distillm run` output directory.")
+    config = yaml.safe_load(path.read_text()) or {}
+    return bool(config.get("data", config).get("chat_template", True))
+
+
+def chat_template_from_args(args) -> bool:
+    """False with --no-chat-template, or when a --run was made without the chat template (its models expect the
+    prompts as it fed them)."""
+    return not args.no_chat_template and all(run_uses_chat_template(value) for value in args.run)
+
+
 def build_models(args) -> tuple[list[ModelSpec], str | None]:
     models: list[ModelSpec] = []
     teacher_name = None
@@ -155,6 +174,7 @@ def settings_from_args(args, teacher_name: str | None) -> EvalSettings:
     return EvalSettings(
         tasks=tasks, teacher=teacher_name, prompts=args.prompts, num_prompts=args.num_prompts,
         references=args.references, max_prompt_length=args.max_prompt_length, max_length=args.max_length,
+        chat_template=chat_template_from_args(args),
         temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed,
         batch_size=args.batch_size, dtype=args.dtype, math=args.math, num_math=args.num_math, code=args.code,
         num_code=args.num_code, code_samples=args.code_samples, code_k=code_k, code_timeout_s=args.code_timeout,
