@@ -1,0 +1,74 @@
+"""Float tolerances derived from the arithmetic, for every float comparison in the suite.
+
+Rounding model (Higham, "Accuracy and Stability of Numerical Algorithms", ch. 2-3): one floating-point operation
+has a relative error of at most u = eps / 2. A sum (or dot product) of n terms, in any order, is off by at most
+gamma_n * sum|terms| with gamma_n = n*u / (1 - n*u) (worst case); with independent rounding errors the typical
+error grows like sqrt(n) * u * sum|terms| instead, and that is the model used here, times a safety factor k.
+Two results computed in different orders (a fused kernel vs a plain reference, a merged weight vs base + adapter)
+each carry such an error, so a comparison of the two allows the sum of both (k >= 2).
+
+Nothing here was fitted to one machine's output: every bound is eps(dtype) times counts and magnitudes read off the
+computation being checked (its sum lengths, its depth, the size of its values). The bounds hold for any order of
+summation (SIMD width, thread count, BLAS kernel) on any x86 CPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+#: safety factor over the sqrt(n) (random-walk) rounding model, per compared pair of results
+K = 4.0
+
+
+def eps(dtype: torch.dtype = torch.float32) -> float:
+    """Machine epsilon of `dtype` (the gap between 1 and the next representable number)."""
+    return torch.finfo(dtype).eps
+
+
+def sum_atol(n: int, scale: float, dtype: torch.dtype = torch.float32, *, k: float = K) -> float:
+    """Absolute bound on the difference of two evaluations of a sum (or dot product) of `n` terms whose
+    absolute values sum to at most `scale`: k * eps * sqrt(n) * scale."""
+    return k * eps(dtype) * math.sqrt(max(n, 1)) * float(scale)
+
+
+def sum_rtol(n: int, dtype: torch.dtype = torch.float32, *, k: float = K) -> float:
+    """Relative form of `sum_atol` for a result that is its own scale (terms of one sign, e.g. a sum of
+    probabilities, KL terms or squared values): k * eps * sqrt(n)."""
+    return k * eps(dtype) * math.sqrt(max(n, 1))
+
+
+def llama_depth(config) -> int:
+    """The longest chain of matrix products from the embeddings to the logits of a Llama-style decoder: per layer
+    q/k/v projection, scores (q.k), attention (softmax . v), o_proj, gate/up projection, down_proj (6), then the
+    head. Each link adds its own rounding error to what reaches the logits (RMSNorm and softmax keep the
+    propagated relative error at its size, they do not amplify it)."""
+    return 6 * config.num_hidden_layers + 1
+
+
+def llama_fan_in(config) -> int:
+    """The longest dot product inside a Llama-style decoder: the widest input of any projection (the MLP's
+    down_proj reads intermediate_size values; q.k reads head_dim; a row of attention weights reads the sequence,
+    which is far shorter in these tests)."""
+    return max(config.hidden_size, config.intermediate_size)
+
+
+def forward_atol(config, logits: torch.Tensor, *, dtype: torch.dtype = torch.float32, k: float = K) -> float:
+    """Bound on the difference between two evaluations of one Llama-style network's logits in `dtype` that differ
+    only in the order of their operations (a merged LoRA weight vs base + adapter, a checkpointed vs a plain
+    forward, a batch vs a single row): each of the `llama_depth` chained products contributes eps * sqrt(fan_in)
+    relative error, on logits of size max|logits|."""
+    scale = float(logits.detach().abs().max())
+    return k * eps(dtype) * math.sqrt(llama_fan_in(config)) * llama_depth(config) * scale
+
+
+def update_atol(config, n_tokens: int, weight: torch.Tensor, step: torch.Tensor, *, dtype: torch.dtype = torch.float32,
+                k: float = K) -> float:
+    """Bound on the difference between two weights after the same training step(s) computed in another order
+    (gradient checkpointing, micro-batching, another number of processes). A weight gradient is a sum over the
+    `n_tokens` tokens of the step of products that each went through the network (`forward_atol`'s
+    eps * sqrt(fan_in) * depth relative error), so the step (`step` = new - old weight) is off by
+    eps * sqrt(fan_in * n_tokens) * depth of its size; the new weight is rounded once more (eps * |weight|)."""
+    rel = math.sqrt(llama_fan_in(config) * max(n_tokens, 1)) * llama_depth(config)
+    return k * eps(dtype) * (float(weight.detach().abs().max()) + rel * float(step.detach().abs().max()))
