@@ -72,3 +72,16 @@ def update_atol(config, n_tokens: int, weight: torch.Tensor, step: torch.Tensor,
     eps * sqrt(fan_in * n_tokens) * depth of its size; the new weight is rounded once more (eps * |weight|)."""
     rel = math.sqrt(llama_fan_in(config) * max(n_tokens, 1)) * llama_depth(config)
     return k * eps(dtype) * (float(weight.detach().abs().max()) + rel * float(step.detach().abs().max()))
+
+
+def softmax_atol(*logits: torch.Tensor, temperature: float = 1.0, dtype: torch.dtype = torch.float32,
+                 k: float = K) -> float:
+    """Bound on the error of a divergence (or its gradient, per unit of upstream gradient) over a softmax of V
+    entries computed in `dtype`, against an exact reference. log-softmax of z/T is off by about
+    eps * (max|z|/T + log V) per entry (the shift by the max and the log of the sum of V exponentials); a
+    divergence sums V such terms weighted by probabilities (which sum to 1), so the sum's error grows like
+    sqrt(V) of that."""
+    vocab = logits[0].shape[-1]
+    finite = [x.detach()[torch.isfinite(x.detach())] for x in logits]
+    top = max((float(x.abs().max()) for x in finite if x.numel()), default=0.0)
+    return k * eps(dtype) * math.sqrt(vocab) * (top / temperature + math.log(vocab))
