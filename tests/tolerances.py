@@ -85,3 +85,24 @@ def softmax_atol(*logits: torch.Tensor, temperature: float = 1.0, dtype: torch.d
     finite = [x.detach()[torch.isfinite(x.detach())] for x in logits]
     top = max((float(x.abs().max()) for x in finite if x.numel()), default=0.0)
     return k * eps(dtype) * math.sqrt(vocab) * (top / temperature + math.log(vocab))
+
+
+def head_atol(*heads, temperature: float = 1.0, dtype: torch.dtype = torch.float32, k: float = K) -> float:
+    """Bound on the error of a divergence between softmaxes of output heads (each a (hidden [.., H], weight [V, H],
+    bias [V] or None) triple, or a logits tensor) computed in `dtype` in one order vs another (a fused chunked
+    kernel vs full logits). A logit is a dot product of length H: off by eps * sqrt(H) * Z, Z the largest sum of
+    |h_i * w_i| (+ |b|); a divergence moves by at most twice that per unit of logit, over T; the softmax adds
+    `softmax_atol`'s eps * sqrt(V) * (Z/T + log V)."""
+    z, fan_in, vocab = 0.0, 1, 1
+    for head in heads:
+        if isinstance(head, torch.Tensor):
+            finite = head.detach()[torch.isfinite(head.detach())]
+            z, vocab = max(z, float(finite.abs().max()) if finite.numel() else 0.0), max(vocab, head.shape[-1])
+            continue
+        hidden, weight, bias = (None if x is None else x.detach() for x in (tuple(head) + (None,))[:3])
+        terms = hidden.abs().to(torch.float64) @ weight.abs().to(torch.float64).T
+        if bias is not None:
+            b = bias.abs().to(torch.float64)
+            terms = terms + torch.where(torch.isfinite(b), b, 0.0)
+        z, fan_in, vocab = max(z, float(terms.max())), max(fan_in, hidden.shape[-1]), max(vocab, weight.shape[0])
+    return k * eps(dtype) * (2 * math.sqrt(fan_in) + math.sqrt(vocab)) * (z / temperature + math.log(vocab))
