@@ -106,3 +106,18 @@ def head_atol(*heads, temperature: float = 1.0, dtype: torch.dtype = torch.float
             terms = terms + torch.where(torch.isfinite(b), b, 0.0)
         z, fan_in, vocab = max(z, float(terms.max())), max(fan_in, hidden.shape[-1]), max(vocab, weight.shape[0])
     return k * eps(dtype) * (2 * math.sqrt(fan_in) + math.sqrt(vocab)) * (z / temperature + math.log(vocab))
+
+
+def model_atol(config, n_tokens: int, value, *, dtype: torch.dtype = torch.float32, k: float = K) -> float:
+    """Bound on the difference between two evaluations of a loss over a Llama-style network (or of its gradient)
+    that differ only in the order of their operations (fused vs plain loss, micro-batching, a cached teacher):
+    every token's contribution went through `llama_depth` chained products of length up to `llama_fan_in`, and the
+    loss or gradient sums `n_tokens` of them, so the relative error is eps * sqrt(fan_in * n_tokens) * depth, of
+    the size max|value|."""
+    scale = float(value.detach().abs().max()) if isinstance(value, torch.Tensor) else abs(float(value))
+    return k * eps(dtype) * math.sqrt(llama_fan_in(config) * max(n_tokens, 1)) * llama_depth(config) * scale
+
+
+def batch_tokens(batch) -> int:
+    """The real (unpadded) tokens of a collated batch."""
+    return int(batch["attention_mask"].sum())
