@@ -121,3 +121,26 @@ def model_atol(config, n_tokens: int, value, *, dtype: torch.dtype = torch.float
 def batch_tokens(batch) -> int:
     """The real (unpadded) tokens of a collated batch."""
     return int(batch["attention_mask"].sum())
+
+
+#: AdamW's normalised step |m_hat| / sqrt(v_hat) is at most (1 - b1) / sqrt((1 - b2) (1 - b1^2 / b2)) (Cauchy-Schwarz
+#: over the exponential averages), about 7.3 for transformers' default betas (0.9, 0.999)
+ADAM_MAX_STEP = (1 - 0.9) / math.sqrt((1 - 0.999) * (1 - 0.9 ** 2 / 0.999))
+
+
+def adam_atol(config, n_tokens: int, steps: int, lr: float, weight: torch.Tensor, *,
+              dtype: torch.dtype = torch.float32, k: float = K) -> float:
+    """Bound on the difference between two weights after `steps` AdamW steps at learning rate `lr` whose gradients
+    differ only by summation order (another number of processes) or not at all (a run resumed from a checkpoint):
+    each gradient is off by `model_atol`'s relative rho = eps * sqrt(fan_in * n_tokens) * depth, which moves
+    m_hat and sqrt(v_hat) by rho each, so the normalised step (at most ADAM_MAX_STEP * lr) by 2 * rho of itself;
+    the steps add up, and the weight is rounded once more."""
+    rho = k * eps(dtype) * math.sqrt(llama_fan_in(config) * max(n_tokens, 1)) * llama_depth(config)
+    return steps * lr * ADAM_MAX_STEP * 2 * rho + k * eps(dtype) * float(weight.detach().abs().max())
+
+
+def tiny_student_config(num_layers: int = 2):
+    """The config of the tiny preset's student (the tiny teacher pruned to `num_layers` layers)."""
+    from distillm.tiny import build_tiny_tokenizer, tiny_llama_config
+
+    return tiny_llama_config(len(build_tiny_tokenizer()), num_layers=num_layers)
