@@ -178,4 +178,4 @@ def test_two_processes_train_like_one(tmp_path):
 
     initial = prune_layers(build_tiny_model(build_tiny_tokenizer()), [0, 3]).state_dict()
     moved = max((weights["one"][key] - initial[key]).abs().max().item() for key in weights["one"])
-    assert moved > 1e-2
+    assert moved > 10 * max(adam_atol(config, n_tokens, 8, lr, value) for value in weights["one"].values())
