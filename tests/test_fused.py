@@ -152,12 +152,12 @@ def test_skew_zero_is_plain_kl_and_wrappers_agree():
     student, teacher, mask, _ = make(5)
     kw = dict(mask=mask, vocab_size=V, chunk_size=4)
     tol = dict(rtol=0, atol=2 * head_atol(student, teacher, dtype=torch.float64))  # two formulas, each within it
-    torch.testing.assert_close(fused_skew_forward_kl(student, teacher, 0.0, **kw), fused_forward_kl(student, teacher, **kw),
-                               **tol)
+    torch.testing.assert_close(fused_skew_forward_kl(student, teacher, 0.0, **kw),
+                               fused_forward_kl(student, teacher, **kw), **tol)
     torch.testing.assert_close(fused_skew_reverse_kl(student, teacher, 0.0, **kw),
                                fused_divergence("rkl", student, teacher, **kw), **tol)
-    torch.testing.assert_close(fused_generalized_jsd(student, teacher, 0.0, **kw), fused_forward_kl(student, teacher, **kw),
-                               **tol)
+    torch.testing.assert_close(fused_generalized_jsd(student, teacher, 0.0, **kw),
+                               fused_forward_kl(student, teacher, **kw), **tol)
 
 
 @pytest.mark.parametrize("name", list(PLAIN))

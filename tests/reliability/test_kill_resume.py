@@ -55,7 +55,8 @@ def compare_with_reference(run: Path, reference: Path) -> None:
     for tag in ("before", "after"):
         for key, value in ref_metrics[tag].items():
             if key != "seconds":
-                assert metrics[tag][key] == pytest.approx(value, rel=0, abs=model_atol(config, 4 * 8, value)), (tag, key)
+                atol = model_atol(config, 4 * 8, value)
+                assert metrics[tag][key] == pytest.approx(value, rel=0, abs=atol), (tag, key)
     weights, ref_weights = (load_file(str(d / "student" / "model.safetensors")) for d in (run, reference))
     assert weights.keys() == ref_weights.keys()
     for key in ref_weights:
