@@ -28,6 +28,7 @@ from .data.prompts import DataError, encode_prompts, load_prompts
 from .errors import DistillmError
 from .io import atomic_write_json, write_jsonl
 from .models import load_model
+from . import rundir
 from .pipeline import RunPaths, prepare_run_dir, training_kwargs
 from .training.callbacks import use_step_lines
 from .training.trainer import METHOD_STATE_FILE, last_complete_checkpoint
@@ -148,7 +149,18 @@ def align(config: AlignConfig, *, overwrite: bool = False) -> dict:
     """Run DPO on the preference pairs; resumes from the last complete checkpoint. Returns the metrics."""
     start = time.time()
     resolve_policy(config.model.policy)  # fail before anything is written
-    paths = prepare_run_dir(config, overwrite=overwrite)
+    paths = prepare_run_dir(config, overwrite=overwrite, kind="align")
+    try:
+        return _align(config, paths, start)
+    finally:
+        rundir.unlock(paths.root)
+
+
+def _align(config: AlignConfig, paths: RunPaths, start: float) -> dict:
+    # the preference file's bytes: checkpoints made from other pairs are not continued on these
+    inputs = {"preferences": rundir.digest_path(config.data.preferences)}
+    rundir.check_inputs(paths.root, config, inputs, keys=("preferences",))
+    rundir.record_inputs(paths.root, inputs)
     trainer, rows = build_trainer(config, paths)
     last = last_complete_checkpoint(paths.checkpoints)
     if last:

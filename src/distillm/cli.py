@@ -308,6 +308,14 @@ def main(argv: list[str] | None = None) -> int:
     except DistillmError as err:
         print(f"distillm: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a full disk or an unwritable place met outside distillm's own writers (e.g. a checkpoint)
+        from .io import disk_error
+
+        clear = disk_error(err.filename or "a file", err)
+        if clear is None:
+            raise
+        print(f"distillm: error: {clear}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("distillm: interrupted; rerun the same command to continue where it stopped.", file=sys.stderr)
         return 130

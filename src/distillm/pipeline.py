@@ -46,6 +46,8 @@ from .generation.hf import HFBackend
 from .generation.runner import generate_sharded
 from .generation.vllm_backend import LazyVLLMBackend, choose_backend_name
 from .io import atomic_write_json, atomic_write_text, iter_json_objects, read_jsonl, write_jsonl
+from . import rundir
+from .rundir import RunDirError
 from .methods import build_method
 from .methods.base import Method
 from .models import (
@@ -64,10 +66,6 @@ from .vision import load_image_prompt_set, load_vision_models, uses_images
 from .training.trainer import DistillTrainer, last_complete_checkpoint
 
 logger = logging.getLogger("distillm")
-
-
-class RunDirError(DistillmError):
-    """The output directory holds another run."""
 
 
 @dataclass
@@ -93,42 +91,83 @@ class RunPaths:
         return self.root / "eval" / f"{tag}_samples.jsonl"
 
 
-def prepare_run_dir(config: RunConfig, *, overwrite: bool = False) -> RunPaths:
+def prepare_run_dir(config, *, overwrite: bool = False, lock: bool = True, kind: str = "run") -> RunPaths:
     """Create the run directory, or continue the run it holds if its config is the same one.
 
-    A directory holding a run with a different config is refused unless `overwrite` (which wipes it); the CLI's
-    --resume continues such a run by passing the config stored in it.
+    A directory holding a run with a different config is refused unless `overwrite`, which empties it -- only a
+    directory carrying distillm's run marker (see `distillm.rundir`); the CLI's --resume continues such a run by
+    passing the config stored in it. With `lock` this process takes the directory's exclusive lock first (held
+    until `rundir.unlock` or the process ends). Every refusal comes before anything in the directory is touched.
     """
     paths = RunPaths(config.output_dir)
+    root = paths.root
     text = config.to_yaml()
-    is_run = paths.config.is_file()
-    if not is_run and paths.root.exists() and any(paths.root.iterdir()):
+    rundir.check_usable(root)
+    exists = root.is_dir()
+    marked = exists and rundir.is_marked(root)
+    legacy = exists and not marked and paths.config.is_file()  # a run made before the marker (or a stranger)
+    if exists and not marked and not legacy and rundir.contents(root):
         # never wiped, even with --overwrite: it may be anything (a home directory, a dataset)
-        raise RunDirError(f"{paths.root} is not empty and holds no distillm run (no config.yaml): choose another "
-                          "--output-dir.")
-    if is_run and overwrite:
-        shutil.rmtree(paths.root)
-    if paths.config.is_file():
-        # output_dir itself may differ: a run directory can be moved or copied and continued
-        changed = config_changes(paths.config, text)
-        produced = [p for p in paths.root.iterdir() if p.name != paths.config.name]
-        if changed and produced:
-            raise RunDirError(
-                f"{paths.root} already holds a run with a different config (differs in: {', '.join(changed)}). "
-                "Pass --resume to continue that run with its own config, --overwrite to replace it, or choose "
-                "another --output-dir."
-            )
-        if produced:
-            logger.info("Continuing the run in %s", paths.root)
-    paths.root.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(paths.config, text)
+        raise RunDirError(f"{root} is not empty and holds no distillm run (no {rundir.MARKER} marker): choose "
+                          "another --output-dir.")
+    if overwrite and exists and rundir.contents(root):
+        if legacy:
+            raise RunDirError(f"--overwrite: {root} has a config.yaml but no distillm run marker ({rundir.MARKER}): "
+                              "it is not a distillm run, or one made by an older version. distillm does not delete "
+                              "it: choose another --output-dir, or delete it yourself if it is an old run you no "
+                              "longer need.")
+        why = rundir.protected(root)
+        if why:
+            raise RunDirError(f"--overwrite: distillm does not delete {root}: {why}. Use a subdirectory as "
+                              "--output-dir.")
+    if legacy and config_changes(paths.config, text):
+        raise RunDirError(
+            f"{root} has a config.yaml that is not this run's (differs in: "
+            f"{', '.join(config_changes(paths.config, text))}) and no distillm run marker ({rundir.MARKER}): it is "
+            "not a distillm run, or one made by an older version with other settings. distillm neither continues "
+            "nor deletes it: choose another --output-dir (or pass --resume to continue an older run with its own "
+            "config).")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise RunDirError(f"Cannot create the output directory {root} ({err.strerror}): choose a writable "
+                          "--output-dir.") from err
+    if lock:
+        rundir.lock(root)
+    try:
+        if overwrite and rundir.contents(root):
+            rundir.remove_run(root)
+        if paths.config.is_file():
+            # output_dir itself may differ: a run directory can be moved or copied and continued
+            changed = config_changes(paths.config, text)
+            produced = [p for p in rundir.contents(root) if p.name != paths.config.name]
+            if changed and produced:
+                raise RunDirError(
+                    f"{root} already holds a run with a different config (differs in: {', '.join(changed)}). "
+                    "Pass --resume to continue that run with its own config, --overwrite to replace it, or choose "
+                    "another --output-dir."
+                )
+            if produced:
+                logger.info("Continuing the run in %s", root)
+        rundir.write_marker(root, kind)
+        atomic_write_text(paths.config, text)
+    except BaseException:
+        if lock:
+            rundir.unlock(root)
+        raise
     return paths
 
 
 def config_changes(saved: Path, text: str) -> list[str]:
     """The dotted keys in which the run config saved at `saved` differs from the YAML `text` (output_dir aside: a
     run directory can be moved or copied and continued); [] when they agree."""
-    previous = {**yaml.safe_load(saved.read_text()), "output_dir": None}
+    try:
+        loaded = yaml.safe_load(saved.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, yaml.YAMLError):
+        loaded = None
+    if not isinstance(loaded, dict):
+        return ["config.yaml (not a distillm config)"]
+    previous = {**loaded, "output_dir": None}
     current = {**yaml.safe_load(text), "output_dir": None}
     return sorted(_diff_keys(previous, current)) if previous != current else []
 
@@ -755,12 +794,25 @@ def run(config: RunConfig, *, overwrite: bool = False) -> dict:
     started = time.time()
     state = process_state()
     with state.main_process_first():  # one process sets the directory up (and wipes it), the others then agree
-        paths = prepare_run_dir(config, overwrite=overwrite and state.is_main_process)
+        # only the main process locks the directory: the others work in it under its lock
+        paths = prepare_run_dir(config, overwrite=overwrite and state.is_main_process, lock=state.is_main_process)
+    try:
+        return _run(config, paths, started)
+    finally:
+        if state.is_main_process:
+            rundir.unlock(paths.root)
+
+
+def _run(config: RunConfig, paths: RunPaths, started: float) -> dict:
+    state = process_state()
     metrics = read_json_or_none(paths.metrics)
-    if metrics is not None:
-        if metrics.get("complete"):
-            logger.info("%s already holds a finished run; metrics.json is unchanged", paths.root)
-            return metrics
+    files = rundir.file_digests(config)
+    finished = metrics is not None and metrics.get("complete")
+    if finished and (rundir.stored_inputs(paths.root) is None or rundir.inputs_match_files(paths.root, config)):
+        logger.info("%s already holds a finished run; metrics.json is unchanged", paths.root)
+        return metrics
+    # a changed teacher-responses file is refused before any model is loaded; prompt files are compared as encoded
+    rundir.check_inputs(paths.root, config, files, keys=("teacher_responses",))
     evaluating = bool(config.evaluation.evaluate and config.data.eval_prompts)
     vision = uses_images(config)
     if vision:  # the prompts need the vision-language model's processor
@@ -773,6 +825,14 @@ def run(config: RunConfig, *, overwrite: bool = False) -> dict:
     train_prompts = load_prompt_set(config, tokenizer, "train", processor=processor)
     check_step_plan(config, len(train_prompts), state.num_processes)
     eval_prompts = load_prompt_set(config, tokenizer, "eval", processor=processor) if evaluating else []
+    inputs = {**files, "train_encoded": rundir.encoded_digest(train_prompts),
+              "eval_encoded": rundir.encoded_digest(eval_prompts) if evaluating else None}
+    rundir.check_inputs(paths.root, config, inputs, keys=("train_encoded", "eval_encoded", "teacher_responses"))
+    if state.is_main_process:
+        rundir.record_inputs(paths.root, inputs)
+    if finished:  # the files were rewritten, but the prompts the run was made from are the same
+        logger.info("%s already holds a finished run; metrics.json is unchanged", paths.root)
+        return metrics
     if not vision:
         models = load_models(config, tokenizer)
     if config.data.teacher_responses and not paths.teacher_train.is_file() and state.is_main_process:
