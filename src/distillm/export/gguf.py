@@ -151,26 +151,36 @@ def q8_0_codes_of(w: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
 
     Values that came from a Q8_0 tensor (llama.cpp: d = fp16(amax/127), code = round(x/d)) are exactly
     code * d with |code| = 127 at the block's largest value, so d = amax/127 is recovered exactly (127*d is
-    exact in fp32, so is the division); the candidate is then verified element by element.
+    exact in fp32, so is the division); a symmetric int8 grid whose largest code is -128 gives d = amax/128.
+    Each block takes the first candidate that reproduces it element by element.
     """
     rows, cols = w.shape
     if cols % BLOCK:
         return None
-    blocks = w.astype(np.float32).reshape(rows, cols // BLOCK, BLOCK)
+    blocks = np.ascontiguousarray(w, dtype=np.float32).reshape(rows, cols // BLOCK, BLOCK)
     amax = np.abs(blocks).max(axis=-1)
-    d = (amax / np.float32(127)).astype(np.float16)
-    if not np.all(np.isfinite(d)):
+    codes = np.zeros(blocks.shape, dtype=np.int8)
+    scales = np.zeros(amax.shape, dtype=np.float16)
+    todo = np.ones(amax.shape, dtype=bool)
+    for top in (127, 128):
+        if not todo.any():
+            break
+        with np.errstate(over="ignore"):
+            d = (amax[todo] / np.float32(top)).astype(np.float16)
+        d32 = d.astype(np.float32)[:, None]
+        x = blocks[todo]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            c = np.where(d32 > 0, np.rint(x / np.where(d32 > 0, d32, 1)), 0)
+        ok = np.isfinite(d) & (np.abs(c) <= 128).all(axis=-1) & (c <= 127).all(axis=-1)
+        c = np.clip(c, -128, 127).astype(np.int8)
+        ok &= ((c.astype(np.float32) * d32).view(np.uint32) == x.view(np.uint32)).all(axis=-1)
+        idx = np.flatnonzero(todo.reshape(-1))[ok]
+        codes.reshape(-1, BLOCK)[idx] = c[ok]
+        scales.reshape(-1)[idx] = d[ok]
+        todo.reshape(-1)[idx] = False
+    if todo.any():
         return None
-    d32 = d.astype(np.float32)[..., None]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        codes = np.where(d32 > 0, np.rint(blocks / np.where(d32 > 0, d32, 1)), 0)
-    if np.abs(codes).max(initial=0) > 127:
-        return None
-    codes = codes.astype(np.int8)
-    if not _bits_equal(codes.astype(np.float32) * d32, blocks):
-        return None
-    return codes.reshape(rows, cols), d
-
+    return codes.reshape(rows, cols), scales
 
 
 # ----------------------------------------------------------------------------------------------------------------
