@@ -354,3 +354,110 @@ def test_reading_a_truncated_file_says_so(tmp_path, model, tokenizer):
     (tmp_path / "cut.gguf").write_bytes(data[: len(data) // 2])
     with pytest.raises(GGUFExportError, match="truncated"):
         read_gguf_weights(tmp_path / "cut.gguf")
+
+
+# ------------------------------------------------------------------------------------------------ SmolLM2 (slow)
+# The real model, ~1 min per test on a busy 2-core machine:
+# - re-exporting the teacher unchanged reproduces every tensor of its Q4_1 GGUF byte for byte, so the q/k rope
+#   permutation, the names and the verbatim reuse of untouched tensors agree with llama.cpp's own converter;
+# - a round-to-nearest int4 / int3 student reads back bit-exactly, and llama.cpp itself (llama-cpp-python, when
+#   installed: pip install 'distillm[llama]') runs the file; its greedy text is compared with the torch student's.
+
+PROMPTS = ["What is the capital of France?", "Give me three tips for staying healthy.",
+           "Write a short poem about the sea."]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from distillm.models import _smollm2_gguf, load_model
+
+    model, tokenizer = load_model("smollm2-135m-instruct", dtype="float32")
+    return model.eval(), tokenizer, _smollm2_gguf()
+
+
+@pytest.mark.slow
+def test_re_exporting_the_teacher_reproduces_its_gguf_tensor_for_tensor(tmp_path, smollm2):
+    model, tokenizer, teacher_path = smollm2
+    path = write_gguf(tmp_path / "t.gguf", model, {}, reference_gguf=teacher_path, tokenizer=tokenizer)
+    ours, teacher = GGUFFile(path), GGUFFile(teacher_path)
+    assert set(ours.tensors) == set(teacher.tensors)
+    for name, (qtype, shape, data) in teacher.tensors.items():
+        assert ours.tensors[name][:2] == (qtype, shape), name
+        assert np.array_equal(np.asarray(ours.tensors[name][2]), np.asarray(data)), name
+    for key, (value, _, _) in teacher.fields.items():
+        assert ours.value(key) == value, key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bits", [4, 3])
+def test_quantized_smollm2_reads_back_bit_exactly(tmp_path, smollm2, bits):
+    model, tokenizer, teacher_path = smollm2
+    quantized = quantize_linears(model, bits)
+    path = write_gguf(tmp_path / "s.gguf", model, quantized, reference_gguf=teacher_path, tokenizer=tokenizer)
+    back = read_gguf_weights(path)
+    for name, q in quantized.items():
+        assert bits_equal(back[name], q.dequantize()), name
+    assert bits_equal(back["model.embed_tokens.weight"], model.get_input_embeddings().weight)
+    f = GGUFFile(path)
+    assert f.tensors["token_embd.weight"][0].name == "Q8_0"  # the teacher's bytes, reused
+    # Q4_0 (4.5 bits a weight) against the teacher's Q4_1 (5): a little smaller; int3 is stored in Q4_0 too.
+    assert os.path.getsize(path) < os.path.getsize(teacher_path)
+
+
+def _llama_cpp_greedy(llm, ids: list[int], n: int, eos: int) -> list[int]:
+    llm.reset()
+    llm.eval(ids)
+    out = []
+    for _ in range(n):
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        if token == eos:
+            break
+        out.append(token)
+        llm.eval([token])
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bits", [4, 3])
+def test_llama_cpp_runs_the_exported_student_and_writes_the_same_text(tmp_path, smollm2, bits):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    model, tokenizer, teacher_path = smollm2
+    quantized = quantize_linears(model, bits)
+    path = write_gguf(tmp_path / "s.gguf", model, quantized, reference_gguf=teacher_path, tokenizer=tokenizer)
+    student = fake_quantized(model, quantized)
+    llm = llama_cpp.Llama(str(path), n_ctx=512, n_threads=max(1, torch.get_num_threads()), logits_all=True,
+                          verbose=False)
+    n_new, eos = 32, tokenizer.eos_token_id
+    report = []
+    for prompt in PROMPTS:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        with torch.no_grad():
+            gen = student.generate(torch.tensor([ids]), max_new_tokens=n_new, do_sample=False, eos_token_id=eos,
+                                   pad_token_id=eos)[0, len(ids):].tolist()
+        gen = gen[: gen.index(eos)] if eos in gen else gen
+        theirs = _llama_cpp_greedy(llm, ids, n_new, eos)
+        # Both runtimes scored on the torch student's text (teacher forcing): their logit difference is what
+        # llama.cpp's Q8_0 activations (in its Q4_0 / Q8_0 matmuls) and its kernels' summation order cost.
+        seq = ids + gen
+        llm.reset()
+        llm.eval(seq)
+        with torch.no_grad():
+            torch_logits = student(torch.tensor([seq])).logits[0, len(ids) - 1:].float()
+        cpp_logits = torch.from_numpy(np.array(llm.scores[len(ids) - 1: len(seq)], dtype=np.float32))
+        delta = (cpp_logits - torch_logits).abs().max(dim=-1).values
+        same = next((i for i, (a, b) in enumerate(zip(gen, theirs)) if a != b), min(len(gen), len(theirs)))
+        report.append((prompt, same, float(delta.max()), tokenizer.decode(gen), tokenizer.decode(theirs)))
+        if same < min(len(gen), len(theirs)):
+            # A divergence is acceptable only at a near-tie: torch's margin between its token and llama.cpp's
+            # must be within what the two runtimes' logits differ by there (|a - b| <= 2 * max |delta|).
+            row = torch_logits[same]
+            margin = float(row[gen[same]] - row[theirs[same]])
+            assert margin <= 2 * float(delta[same]), (prompt, same, margin, float(delta[same]))
+        else:
+            assert len(gen) == len(theirs) or n_new in (len(gen), len(theirs))
+        # The logits agree to well within their spread (a wrong layout gives differences of the logits' scale).
+        assert float(delta.max()) < 0.1 * float(torch_logits.std(dim=-1).min()) * 10, report[-1]
+    for prompt, same, d, a, b in report:
+        print(f"\n[int{bits}] {prompt}\n  same first {same} tokens, max |logit diff| {d:.3f}\n"
+              f"  torch:     {a!r}\n  llama.cpp: {b!r}")

@@ -469,15 +469,21 @@ def _float_tensor(gname: str, w: np.ndarray, reference: GGUFFile | None) -> tupl
     return w.astype(np.float32), T.F32
 
 
-def _file_type(types: list) -> int:
+def _file_type(types: dict[str, object], shapes: dict[str, tuple]) -> int:
+    """general.file_type as llama.cpp's converter sets it: the type holding most of the 2-D weights other than
+    the token embedding (which converters often keep at higher precision), e.g. MOSTLY_Q4_0."""
     import gguf
 
     T, F = gguf.GGMLQuantizationType, gguf.LlamaFileType
-    counts = {t: types.count(t) for t in set(types)}
-    for t, f in ((T.Q4_0, F.MOSTLY_Q4_0), (T.Q8_0, F.MOSTLY_Q8_0), (T.F16, F.MOSTLY_F16)):
-        if counts.get(t):
-            return int(f)
-    return int(F.ALL_F32)
+    weights: dict = {}
+    for name, qtype in types.items():
+        if len(shapes[name]) == 2 and name != "token_embd.weight":
+            weights[qtype] = weights.get(qtype, 0) + int(np.prod(shapes[name]))
+    if not weights:
+        weights = {types.get("token_embd.weight", T.F32): 1}
+    bulk = max(weights, key=weights.get)
+    named = {T.F32: F.ALL_F32, T.F16: F.MOSTLY_F16, T.BF16: F.MOSTLY_BF16}
+    return int(named.get(bulk) or getattr(F, f"MOSTLY_{bulk.name}", F.GUESSED))
 
 
 def write_gguf(
@@ -524,7 +530,7 @@ def write_gguf(
 
     writer = gguf.GGUFWriter(path=None, arch="llama")
     # Tensors first (the file type depends on them); GGUF row order = reversed ggml shape.
-    types = []
+    types, shapes = {}, {}
     for name, tensor in params.items():
         gname = hf_to_gguf_name(name)
         heads = _rope_heads(name, hp["head_count"], hp["head_count_kv"])
@@ -546,7 +552,7 @@ def write_gguf(
         else:
             w = tensor.float().numpy()
             data, qtype = _float_tensor(gname, w[order] if order is not None else w, reader)
-        types.append(qtype)
+        types[gname], shapes[gname] = qtype, tuple(tensor.shape)
         if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
             writer.add_tensor(gname, np.ascontiguousarray(data))
         else:
@@ -575,7 +581,7 @@ def write_gguf(
     if hp["head_dim"] != hp["embedding_length"] // hp["head_count"]:
         writer.add_key_length(hp["head_dim"])
         writer.add_value_length(hp["head_dim"])
-    writer.add_file_type(_file_type(types))
+    writer.add_file_type(_file_type(types, shapes))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -593,7 +599,7 @@ def write_gguf(
         writer.close()
         Path(tmp).unlink(missing_ok=True)
         raise
-    counts = {t.name: types.count(t) for t in set(types)}
+    counts = {t.name: list(types.values()).count(t) for t in set(types.values())}
     logger.info("Wrote %s (%.1f MB; tensors: %s)", path, path.stat().st_size / 1e6,
                 ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
     return path
