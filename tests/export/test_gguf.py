@@ -405,15 +405,14 @@ def test_quantized_smollm2_reads_back_bit_exactly(tmp_path, smollm2, bits):
 
 
 def _llama_cpp_greedy(llm, ids: list[int], n: int, eos: int) -> list[int]:
+    """llama.cpp's greedy continuation (argmax of its logits, eos included when produced)."""
     llm.reset()
     llm.eval(ids)
     out = []
-    for _ in range(n):
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        if token == eos:
-            break
-        out.append(token)
-        llm.eval([token])
+    while len(out) < n and (not out or out[-1] != eos):
+        out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        if out[-1] != eos:
+            llm.eval([out[-1]])
     return out
 
 
@@ -427,37 +426,38 @@ def test_llama_cpp_runs_the_exported_student_and_writes_the_same_text(tmp_path, 
     student = fake_quantized(model, quantized)
     llm = llama_cpp.Llama(str(path), n_ctx=512, n_threads=max(1, torch.get_num_threads()), logits_all=True,
                           verbose=False)
-    n_new, eos = 32, tokenizer.eos_token_id
+    n_new, eos = 48, tokenizer.eos_token_id
     report = []
     for prompt in PROMPTS:
         ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
         ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
         with torch.no_grad():
-            gen = student.generate(torch.tensor([ids]), max_new_tokens=n_new, do_sample=False, eos_token_id=eos,
-                                   pad_token_id=eos)[0, len(ids):].tolist()
-        gen = gen[: gen.index(eos)] if eos in gen else gen
+            ours = student.generate(torch.tensor([ids]), max_new_tokens=n_new, do_sample=False, eos_token_id=eos,
+                                    pad_token_id=eos)[0, len(ids):].tolist()
         theirs = _llama_cpp_greedy(llm, ids, n_new, eos)
-        # Both runtimes scored on the torch student's text (teacher forcing): their logit difference is what
-        # llama.cpp's Q8_0 activations (in its Q4_0 / Q8_0 matmuls) and its kernels' summation order cost.
-        seq = ids + gen
+        # Both runtimes score the torch student's text (teacher forcing). Their difference is what llama.cpp's
+        # Q8_0 activations (inside its Q4_0 / Q8_0 matmuls) and its summation order cost; the weights are equal.
+        seq = ids + ours
         llm.reset()
         llm.eval(seq)
         with torch.no_grad():
             torch_logits = student(torch.tensor([seq])).logits[0, len(ids) - 1:].float()
         cpp_logits = torch.from_numpy(np.array(llm.scores[len(ids) - 1: len(seq)], dtype=np.float32))
         delta = (cpp_logits - torch_logits).abs().max(dim=-1).values
-        same = next((i for i, (a, b) in enumerate(zip(gen, theirs)) if a != b), min(len(gen), len(theirs)))
-        report.append((prompt, same, float(delta.max()), tokenizer.decode(gen), tokenizer.decode(theirs)))
-        if same < min(len(gen), len(theirs)):
-            # A divergence is acceptable only at a near-tie: torch's margin between its token and llama.cpp's
-            # must be within what the two runtimes' logits differ by there (|a - b| <= 2 * max |delta|).
-            row = torch_logits[same]
-            margin = float(row[gen[same]] - row[theirs[same]])
-            assert margin <= 2 * float(delta[same]), (prompt, same, margin, float(delta[same]))
+        same = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
+        report.append((prompt, same, float(delta.max()), float(torch_logits.std(dim=-1).mean()),
+                       tokenizer.decode(ours), tokenizer.decode(theirs)))
+        print(f"\n[int{bits}] {prompt}\n  first divergence at token {same} of {len(ours)}; max |logit diff| "
+              f"{report[-1][2]:.3f} (logit std {report[-1][3]:.2f})\n  torch:     {report[-1][4]!r}\n"
+              f"  llama.cpp: {report[-1][5]!r}")
+        if same is None:
+            assert ours == theirs
         else:
-            assert len(gen) == len(theirs) or n_new in (len(gen), len(theirs))
-        # The logits agree to well within their spread (a wrong layout gives differences of the logits' scale).
-        assert float(delta.max()) < 0.1 * float(torch_logits.std(dim=-1).min()) * 10, report[-1]
-    for prompt, same, d, a, b in report:
-        print(f"\n[int{bits}] {prompt}\n  same first {same} tokens, max |logit diff| {d:.3f}\n"
-              f"  torch:     {a!r}\n  llama.cpp: {b!r}")
+            # llama.cpp may pick another token only at a near-tie: if torch prefers a over b by a margin m and
+            # llama.cpp's logits are torch's plus d, then m <= d[b] - d[a] <= 2 max|d|.
+            row = torch_logits[same]
+            margin = float(row[ours[same]] - row[theirs[same]])
+            assert 0 <= margin <= 2 * float(delta.max()), report[-1]
+        # Equal weights keep the runtimes' logits close next to the logits' own spread; a wrong layout (names,
+        # permutation, nibble order) makes them differ by about that spread.
+        assert report[-1][2] < 0.1 * report[-1][3], report[-1]
