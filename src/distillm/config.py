@@ -40,6 +40,8 @@ class ModelSection:
     lora_alpha: int = opt(128, "LoRA alpha (the released DistiLLM-2 configs: 128).")
     lora_dropout: float = opt(0.05, "LoRA dropout.")
     lora_target_modules: str = opt("all-linear", "Modules that get adapters: all-linear, or a comma-separated list of module names (e.g. q_proj,v_proj).")
+    student_quant: str = opt("none", "Quantization-aware student: none, int8, int4, int3 or int2. The student's linear weights (not the embeddings or output head) are fake-quantized (symmetric, fp16 scale per group) and trained through a straight-through estimator; without --student it is the teacher itself, all layers, starting from round-to-nearest. student/ and student/student.gguf hold the quantized weights exactly (docs/quantization.md).")
+    student_quant_group_size: int = opt(32, "Weights sharing one scale in --student-quant (along each row's inputs); a multiple of 32, the GGUF block size.")
     load_in_4bit: bool = opt(False, "QLoRA: load the student's base weights in 4-bit NF4 (bitsandbytes, NVIDIA GPU only) and train a LoRA adapter on them (implies --lora).")
 
 
@@ -369,9 +371,28 @@ def validate(config: RunConfig) -> None:
         (m.dtype in ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"),
          "dtype must be auto, float32, bfloat16 or float16"),
     ]
+    checks += _quant_checks(m)
     for ok, message in checks:
         if not ok:
             raise ConfigError(f"Invalid config: {message}.")
+
+
+def _quant_checks(m: ModelSection) -> list[tuple[bool, str]]:
+    """--student-quant: the grid must be one the GGUF export stores exactly (Q4_0 blocks for 2-4 bits, Q8_0 for 8:
+    32 weights per fp16 scale, so a group of 32k weights is k blocks with one scale)."""
+    from .quant.qat import QUANT_BITS
+
+    if m.student_quant == "none":
+        return []
+    return [
+        (m.student_quant in QUANT_BITS, f"student_quant must be none or one of {', '.join(QUANT_BITS)} (got "
+         f"'{m.student_quant}'; 5-7 bits have no exact llama.cpp layout distillm writes)"),
+        (m.student_quant_group_size >= 32 and m.student_quant_group_size % 32 == 0,
+         f"student_quant_group_size must be a multiple of 32 (got {m.student_quant_group_size}): GGUF's Q4_0 and "
+         "Q8_0 blocks hold 32 weights with one fp16 scale each, so only whole blocks store a group exactly"),
+        (not m.load_in_4bit, "student_quant and load_in_4bit (QLoRA's NF4 weights) are two different quantizations "
+         "of the student; choose one (--student-quant with --lora is QAT + LoRA)"),
+    ]
 
 
 def validate_align(config: AlignConfig) -> None:
