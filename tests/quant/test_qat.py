@@ -185,3 +185,20 @@ def test_qat_with_lora_trains_adapters_over_a_frozen_quantized_base_and_exports_
     assert torch.equal(plain.model.layers[0].self_attn.q_proj.weight,
                        quantized["model.layers.0.self_attn.q_proj.weight"].dequantize())
     assert isinstance(quantized["model.layers.0.self_attn.q_proj.weight"], QuantizedWeight)
+
+
+def test_a_frozen_base_quantized_under_inference_mode_still_trains_its_adapters(tiny):
+    """Generation runs under torch.inference_mode and caches the frozen base's quantized weights; the next training
+    forward must not hand those inference tensors to autograd."""
+    from distillm.models import add_lora
+
+    model, _ = tiny
+    prepare_qat(model, 4, 32)
+    lora = add_lora(model, r=4, alpha=8, dropout=0.0)
+    ids = torch.randint(0, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected = lora(ids).logits
+    logits = lora(ids).logits
+    assert torch.equal(logits.detach(), expected)
+    logits.square().mean().backward()
+    assert any(p.grad is not None for n, p in lora.named_parameters() if "lora_B" in n)

@@ -144,7 +144,8 @@ def _cached_quantizer_class():
                 if torch.is_grad_enabled() and x.requires_grad:
                     self._fq_cache = None
                     return super().forward(x)
-                key = (x.data_ptr(), x._version, x.dtype, x.device)
+                # a result made under inference_mode cannot enter autograd (a frozen LoRA base in training)
+                key = (x.data_ptr(), x._version, x.dtype, x.device, torch.is_inference_mode_enabled())
                 cache = getattr(self, "_fq_cache", None)
                 if cache is None or cache[0] != key:
                     with torch.no_grad():
