@@ -289,3 +289,32 @@ def save_quantized_student(trainer, config, models, paths) -> dict:
     trainer.accelerator.wait_for_everyone()
     models.student = plain.to(next(model.parameters()).device)
     return info
+
+
+def format_export(info: dict) -> str:
+    """The end of a quantized run's console output: where the GGUF is, its size beside the teacher's, and what the
+    sizes mean (the demo's teacher itself ships as Q4_1)."""
+    mb = lambda n: f"{n / 1e6:.1f} MB"  # noqa: E731
+    bits = QUANT_BITS.get(info.get("quant"), 0)
+    lines = [""]
+    if not info.get("gguf"):
+        lines.append(f"Quantized student ({info.get('quant')}): {info.get('student_dir')} (no GGUF written; see the "
+                     "warning above)")
+        return "\n".join(lines)
+    layout = "Q8_0" if bits == 8 else "Q4_0"
+    lines.append(f"Quantized student ({info['quant']}, {layout} blocks): {info['gguf']} ({mb(info['gguf_bytes'])})")
+    if info.get("teacher_gguf_bytes"):
+        lines.append(f"Teacher GGUF: {info['teacher_gguf']} ({mb(info['teacher_gguf_bytes'])})")
+    if bits and bits <= 4:
+        note = (f"Sizes: Q4_0 stores 32 weights in 18 bytes (4.5 bits per weight), which holds the {info['quant']} "
+                "codes exactly. ")
+        if "q4_1" in str(info.get("teacher_gguf", "")).lower():
+            note += ("The teacher's file is itself Q4_1 (5 bits per weight), so this file is hardly smaller than "
+                     "the one the teacher came from. ")
+        note += ("int3 saves no space over int4 here: llama.cpp's 3-bit layouts use 256-weight super-blocks, which "
+                 "SmolLM2's 576-wide rows do not divide into, so int3 codes are written in Q4_0 blocks as well. The "
+                 "embedding is not quantized by --student-quant (docs/quantization.md).")
+        import textwrap
+
+        lines.extend(textwrap.wrap(note, 110))
+    return "\n".join(lines)
