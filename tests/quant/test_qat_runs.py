@@ -90,3 +90,18 @@ def test_a_qat_run_killed_mid_training_resumes_to_the_same_final_weights(tmp_pat
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=key)
     steps = [json.loads(line)["step"] for line in (out / "logs" / "train_log.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 7))
+
+
+def test_the_gguf_of_a_quantized_run_holds_its_student_exactly(tmp_path):
+    gguf = pytest.importorskip("distillm.export.gguf")
+    out = tmp_path / "gguf"
+    assert main(["-q", "run", "--preset", "tiny", "--method", "kd", "--output-dir", str(out), *SMALL,
+                 "--student-quant", "int3", "--no-evaluate"]) == 0
+    export = json.loads((out / "metrics.json").read_text())["training"]["export"]
+    assert export["gguf"] == str(out / "student" / "student.gguf") and export["gguf_bytes"] > 0
+    weights = load_file(str(out / "student" / "model.safetensors"))
+    read_back = gguf.read_gguf_weights(export["gguf"])
+    linears = [k for k in weights if k.endswith("proj.weight")]
+    assert len(linears) == 28
+    for key in linears:  # the trained grid values, bit for bit
+        assert torch.equal(read_back[key], weights[key]), key

@@ -311,9 +311,11 @@ def format_export(info: dict) -> str:
         if "q4_1" in str(info.get("teacher_gguf", "")).lower():
             note += ("The teacher's file is itself Q4_1 (5 bits per weight), so this file is hardly smaller than "
                      "the one the teacher came from. ")
-        note += ("int3 saves no space over int4 here: llama.cpp's 3-bit layouts use 256-weight super-blocks, which "
-                 "SmolLM2's 576-wide rows do not divide into, so int3 codes are written in Q4_0 blocks as well. The "
-                 "embedding is not quantized by --student-quant (docs/quantization.md).")
+        if bits == 3:
+            note += ("int3 saves no file space over int4: llama.cpp's 3-bit layouts use 256-weight super-blocks with "
+                     "another grid (groups of 16, 6-bit scales; SmolLM2's 576-wide rows do not even divide into "
+                     "them), so the int3 codes are written in Q4_0 blocks. ")
+        note += "The embedding is not quantized by --student-quant (docs/quantization.md)."
         import textwrap
 
         lines.extend(textwrap.wrap(note, 110))
