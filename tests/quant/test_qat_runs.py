@@ -105,3 +105,30 @@ def test_the_gguf_of_a_quantized_run_holds_its_student_exactly(tmp_path):
     assert len(linears) == 28
     for key in linears:  # the trained grid values, bit for bit
         assert torch.equal(read_back[key], weights[key]), key
+
+
+def test_a_quantized_student_trains_alike_in_two_processes(tmp_path):
+    """DDP (torchrun, gloo) with --student-quant: each process fake-quantizes its replica, the gradients are
+    averaged as usual; the same global batch gives the same losses as one process, and the saved student is on
+    the grid."""
+    import os
+    import socket
+    import subprocess
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    common = ["-m", "distillm", "-q", "run", "--preset", "tiny", "--no-evaluate", "--num-prompts", "8",
+              "--rounds", "1", "--generation-batch-size", "4", "--max-new-tokens", "8", "--student-quant", "int4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
+    one = subprocess.run([sys.executable, *common, "--output-dir", str(tmp_path / "one"),
+                          "--per-device-train-batch-size", "4"], env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(port), *common, "--output-dir", str(tmp_path / "two"),
+                          "--per-device-train-batch-size", "2"], env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, (two.stdout + two.stderr)[-3000:]
+    losses = {name: [json.loads(line)["loss"] for line in (tmp_path / name / "logs" / "train_log.jsonl")
+                     .read_text().splitlines()] for name in ("one", "two")}
+    assert len(losses["one"]) == 2 and losses["two"] == pytest.approx(losses["one"], rel=1e-4, abs=1e-5)
+    assert_on_grid(tmp_path / "two" / "student", 4)
