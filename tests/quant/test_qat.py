@@ -202,3 +202,39 @@ def test_a_frozen_base_quantized_under_inference_mode_still_trains_its_adapters(
     assert torch.equal(logits.detach(), expected)
     logits.square().mean().backward()
     assert any(p.grad is not None for n, p in lora.named_parameters() if "lora_B" in n)
+
+
+def test_importing_distillm_prints_none_of_torchaos_cpu_noise():
+    """transformers imports torchao when it is installed; on a CPU machine torchao then logs its CUDA libraries'
+    load failures and torch a pytree deprecation note per Enum: distillm._quiet drops exactly those."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", "import logging; logging.basicConfig(); import distillm.models; "
+                             "import distillm.quant.qat as q; q.import_torchao()"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Failed to load" not in result.stderr and "is an Enum subclass" not in result.stderr, result.stderr[-2000:]
+
+
+def test_run_summary_shows_distinct_2_answers_and_export(tmp_path):
+    from distillm.cli import format_answers, format_metrics
+    from distillm.io import write_jsonl
+    from distillm.quant.qat import format_export
+
+    figures = {"teacher_nll_of_student_samples": 1.0, "kl": 1.0, "tvd": 0.5, "acceptance_rate": 0.5}
+    table = format_metrics({"before": {**figures, "distinct_2": 0.2, "teacher_distinct_2": 0.9},
+                            "after": {**figures, "distinct_2": 0.8, "teacher_distinct_2": 0.9}})
+    assert "distinct-2 of samples (teacher: 0.9000)" in table and table.rstrip().endswith("(closer to the teacher's is better)")
+    prompt = "<|im_start|>system\nBe kind<|im_end|>\n<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n"
+    for path, text in (("data/teacher_eval.jsonl", "Blue."), ("eval/before_samples.jsonl", "Blue blue\nblue"),
+                       ("eval/after_samples.jsonl", "Red.")):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        write_jsonl(tmp_path / path, [{"id": "c1", "prompt": prompt, "response": text}])
+    answers = format_answers(tmp_path, quantized=True)
+    assert "- prompt c1: Name a colour." in answers
+    assert "teacher                | Blue." in answers and "round-to-nearest start | Blue blue blue" in answers
+    assert "distilled              | Red." in answers
+    text = format_export({"quant": "int3", "gguf": "s/student.gguf", "gguf_bytes": 90_500_000,
+                          "teacher_gguf": "t/SmolLM2-135M-Instruct.Q4_1.gguf", "teacher_gguf_bytes": 98_000_000})
+    assert "s/student.gguf (90.5 MB)" in text and "(98.0 MB)" in text and "Q4_1" in text and "int3 saves no" in text
