@@ -143,10 +143,11 @@ def format_metrics(metrics: dict) -> str:
         improved = a < b if better == "lower" else a > b
         lines.append(f"{label:<46}{b:>10.4f}{a:>10.4f}  {'yes' if improved else 'NO'} ({better} is better)")
     if "distinct_2" in metrics["before"] and "distinct_2" in metrics["after"]:
-        b, a, t = metrics["before"]["distinct_2"], metrics["after"]["distinct_2"], metrics["after"]["teacher_distinct_2"]
+        b, a = metrics["before"]["distinct_2"], metrics["after"]["distinct_2"]
+        t = metrics["after"]["teacher_distinct_2"]
         label = f"distinct-2 of samples (teacher: {t:.4f})"
-        improved = abs(a - t) < abs(b - t)
-        lines.append(f"{label:<46}{b:>10.4f}{a:>10.4f}  {'yes' if improved else 'NO'} (closer to the teacher's is better)")
+        verdict = "yes" if abs(a - t) < abs(b - t) else "NO"
+        lines.append(f"{label:<46}{b:>10.4f}{a:>10.4f}  {verdict} (closer to the teacher's is better)")
     return "\n".join(lines)
 
 
