@@ -185,7 +185,8 @@ def load_models(config: RunConfig) -> ModelPair:
         logger.info("Student: teacher layers %s (%d of %d)", keep, len(keep), teacher.config.num_hidden_layers)
     check_context_length(config, teacher=teacher, student=student)
     if m.student_quant != "none":  # before LoRA: the adapters wrap the fake-quantized linears
-        prepare_qat(student, quant_bits(m.student_quant), m.student_quant_group_size)
+        prepare_qat(student, quant_bits(m.student_quant), m.student_quant_group_size,
+                    train_embeddings=m.student_quant_train_embeddings)
     teacher = teacher.to(device)
     if m.load_in_4bit:
         # bitsandbytes quantises while loading: a derived student is saved once, then loaded in 4-bit

@@ -238,3 +238,14 @@ def test_run_summary_shows_distinct_2_answers_and_export(tmp_path):
     text = format_export({"quant": "int3", "gguf": "s/student.gguf", "gguf_bytes": 90_500_000,
                           "teacher_gguf": "t/SmolLM2-135M-Instruct.Q4_1.gguf", "teacher_gguf_bytes": 98_000_000})
     assert "s/student.gguf (90.5 MB)" in text and "(98.0 MB)" in text and "Q4_1" in text and "int3 saves no" in text
+
+
+def test_embeddings_and_head_are_frozen_unless_asked(tiny):
+    model, _ = tiny
+    prepare_qat(model, 4, 32)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {"model.embed_tokens.weight"}  # tied: the head is the same parameter
+    assert all(p.requires_grad for n, p in model.named_parameters() if "proj" in n or "norm" in n)
+    other = build_tiny_model(build_tiny_tokenizer(), num_layers=2, seed=0)
+    prepare_qat(other, 4, 32, train_embeddings=True)
+    assert all(p.requires_grad for p in other.parameters())

@@ -105,6 +105,12 @@ def test_the_gguf_of_a_quantized_run_holds_its_student_exactly(tmp_path):
     assert len(linears) == 28
     for key in linears:  # the trained grid values, bit for bit
         assert torch.equal(read_back[key], weights[key]), key
+    from distillm.models import load_model
+
+    teacher = load_model("tiny-random", dtype="float32")[0]  # the tiny preset's teacher
+    embedding = teacher.get_input_embeddings().weight.detach()
+    assert torch.equal(weights["model.embed_tokens.weight"], embedding)  # frozen: still the teacher's
+    assert torch.equal(read_back["model.embed_tokens.weight"], embedding)
 
 
 def test_a_quantized_student_trains_alike_in_two_processes(tmp_path):

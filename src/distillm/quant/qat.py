@@ -95,9 +95,14 @@ def check_quantizable(model: torch.nn.Module, group_size: int) -> None:
                 "input size (32 fits llama-family models; GGUF export needs a multiple of 32).")
 
 
-def prepare_qat(model: torch.nn.Module, bits: int, group_size: int) -> torch.nn.Module:
+def prepare_qat(model: torch.nn.Module, bits: int, group_size: int, *,
+                train_embeddings: bool = False) -> torch.nn.Module:
     """Fake-quantize the student's linear weights in place (torchao QATConfig, step "prepare"); returns the model.
-    Its forward is then the round-to-nearest quantized model: the starting point that "before" evaluates."""
+    Its forward is then the round-to-nearest quantized model: the starting point that "before" evaluates.
+
+    The input embedding and the output head (tied in SmolLM2) are frozen unless `train_embeddings`: they stay the
+    teacher's, so the GGUF export can copy the teacher file's own bytes for them (small and exact) instead of
+    writing a trained fp32 matrix (a fifth of SmolLM2's weights, 113 MB in F32)."""
     from torchao.quantization import quantize_
     from torchao.quantization.qat import QATConfig
 
@@ -107,8 +112,14 @@ def prepare_qat(model: torch.nn.Module, bits: int, group_size: int) -> torch.nn.
               filter_fn=lambda module, fqn: fqn in names)
     for module in fake_quantized_linears(model).values():
         module.weight_fake_quantizer.__class__ = _cached_quantizer_class()
+    if not train_embeddings:
+        for layer in (model.get_input_embeddings(), model.get_output_embeddings()):
+            if layer is not None:
+                for param in layer.parameters():
+                    param.requires_grad_(False)
     logger.info("Quantized student: %d linear layers fake-quantized to int%d, groups of %d (fp16 scales); "
-                "embeddings and output head in full precision", len(names), bits, group_size)
+                "embeddings and output head in full precision%s", len(names), bits, group_size,
+                "" if train_embeddings else " and frozen")
     return model
 
 
@@ -315,7 +326,8 @@ def format_export(info: dict) -> str:
             note += ("int3 saves no file space over int4: llama.cpp's 3-bit layouts use 256-weight super-blocks with "
                      "another grid (groups of 16, 6-bit scales; SmolLM2's 576-wide rows do not even divide into "
                      "them), so the int3 codes are written in Q4_0 blocks. ")
-        note += "The embedding is not quantized by --student-quant (docs/quantization.md)."
+        note += ("The embedding (and tied head) is not quantized and, unless --student-quant-train-embeddings, "
+                 "not trained: the file keeps the teacher's own encoding of it (docs/quantization.md).")
         import textwrap
 
         lines.extend(textwrap.wrap(note, 110))
