@@ -59,3 +59,18 @@ def test_loss_later_result_file_replaces_a_whole_shape(tmp_path, capsys):
 def test_generation_benchmark_refuses_too_few_prompts_for_its_batch():
     with pytest.raises(SystemExit):
         _load("bench_generation").main(["--num-prompts", "8", "--batch-sizes", "1", "32"])
+
+
+def test_train_step_peak_memory_sees_a_freed_tensor():
+    """PeakRSS reports the transient peak of a block (64 MiB: above glibc's largest mmap threshold, so mapped and
+    unmapped whatever the environment), not just what is still resident at the end."""
+    import torch
+
+    with _load("bench_train_step").PeakRSS(interval=0.001) as memory:
+        block = torch.ones(16 * 2**20)  # 64 MiB, written (resident)
+        import time
+
+        time.sleep(0.05)
+        del block
+    assert memory.extra >= 60 * 2**20
+    assert memory.rss() - memory.start < 32 * 2**20  # freed again

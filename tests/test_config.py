@@ -76,7 +76,7 @@ def test_yaml_round_trip():
     ("loss_temperature", 0, "loss_temperature"),
     ("lr_scheduler_type", "cosin", "lr_scheduler_type must be one of"),
     ("warmup_ratio", 1.0, "warmup_ratio"),
-    ("b_end", 2.5, "b_start and b_end"),
+    ("b_end", 2.5, r"'b_end' = 2.5 is out of range. Set --b-end \(YAML key b_end\) to a value >= 0 and <= 2"),
     ("gap_momentum", 1.0, "gap_momentum"),
     ("max_new_tokens", 0, "max_new_tokens"),
     ("num_prompts", 0, "num_prompts"),

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from tolerances import adam_atol, model_atol, tiny_student_config
 from distillm.generation.base import SamplingParams
 from distillm.generation.hf import HFBackend
 from distillm.generation.runner import generate_responses, generate_sharded
@@ -157,7 +158,10 @@ def test_two_processes_train_like_one(tmp_path):
     losses = {name: [entry["loss"] for entry in read_jsonl(run / "logs" / "train_log.jsonl")]
               for name, run in runs.items()}
     assert len(losses["one"]) == len(losses["two"]) == 8
-    assert losses["two"] == pytest.approx(losses["one"], rel=1e-4, abs=1e-5)
+    # a step's tokens: at most 4 pairs x 2 sequences x max_length 128 (the tiny preset); the gradients of 1 and 2
+    # processes differ by the order of their sums only (tolerances.adam_atol, model_atol)
+    config, n_tokens, lr = tiny_student_config(), 4 * 2 * 128, 3e-3
+    assert losses["two"] == pytest.approx(losses["one"], rel=0, abs=model_atol(config, n_tokens, max(losses["one"])))
     metrics = json.loads((runs["two"] / "metrics.json").read_text())
     assert metrics["complete"] and metrics["training"]["steps"] == 8
 
@@ -166,11 +170,12 @@ def test_two_processes_train_like_one(tmp_path):
     weights = {name: load_file(run / "student" / "model.safetensors") for name, run in runs.items()}
     assert weights["one"].keys() == weights["two"].keys()
     for key, value in weights["one"].items():
-        torch.testing.assert_close(weights["two"][key], value, rtol=1e-3, atol=5e-4, msg=key)
+        torch.testing.assert_close(weights["two"][key], value, rtol=0, atol=adam_atol(config, n_tokens, 8, lr, value),
+                                   msg=key)
     # the tolerance is far below what training moved: the untrained student differs by much more
     from distillm.models import prune_layers
     from distillm.tiny import build_tiny_model, build_tiny_tokenizer
 
     initial = prune_layers(build_tiny_model(build_tiny_tokenizer()), [0, 3]).state_dict()
     moved = max((weights["one"][key] - initial[key]).abs().max().item() for key in weights["one"])
-    assert moved > 1e-2
+    assert moved > 10 * max(adam_atol(config, n_tokens, 8, lr, value) for value in weights["one"].values())

@@ -1,10 +1,14 @@
 """The judge: verdict parsing on messy replies, win rate and its interval, and the OpenAI-compatible client
-against a real HTTP server on loopback (retries, back-off, API key, concurrency, on-disk cache)."""
+against a real HTTP server on loopback (retries, back-off, API key, concurrency, on-disk cache) and against
+misbehaving raw-socket servers (hanging, dripping, endless, not HTTP, not there)."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -162,3 +166,170 @@ def test_local_hf_judge_replies_with_the_models_greedy_continuation():
         [list(prompt)], SamplingParams(temperature=0, max_new_tokens=12), seed=0)[0]
     assert reply == judge.tokenizer.decode(expected.token_ids, skip_special_tokens=True)
     assert reply and judge.complete(messages) == reply
+
+
+class _RawServer:
+    """A misbehaving server on 127.0.0.1: a raw socket; `behave(connection, stop)` runs for each connection."""
+
+    def __init__(self, behave):
+        self.behave, self.stop, self.connections = behave, threading.Event(), 0
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.sock.settimeout(0.05)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/v1"
+        self.threads = [threading.Thread(target=self._accept, daemon=True)]
+
+    def _accept(self):
+        while not self.stop.is_set():
+            try:
+                connection, _ = self.sock.accept()
+            except OSError:
+                continue
+            self.connections += 1
+            thread = threading.Thread(target=self._serve, args=(connection,), daemon=True)
+            self.threads.append(thread)
+            thread.start()
+
+    def _serve(self, connection):
+        try:
+            connection.settimeout(0.05)
+            try:
+                connection.recv(65536)  # the request (its body may come in a second segment; never mind)
+            except OSError:
+                pass
+            self.behave(connection, self.stop)
+        except OSError:
+            pass
+        finally:
+            connection.close()
+
+    def __enter__(self):
+        self.threads[0].start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for thread in list(self.threads):
+            thread.join(timeout=2)
+        self.sock.close()
+
+
+def _hang(connection, stop):
+    stop.wait()
+
+
+def _drip(connection, stop):  # a valid status line, one byte at a time, forever
+    for byte in itertools.cycle(b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 1000):
+        if stop.wait(0.05):
+            return
+        connection.sendall(bytes([byte]))
+
+
+def _endless(connection, stop):
+    connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n")
+    block = b'{"choices": [' * 4096
+    while not stop.is_set():
+        connection.sendall(block)
+
+
+def _huge_length(connection, stop):
+    connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 99999999999\r\n\r\n{")
+    stop.wait()
+
+
+def _not_http(connection, stop):
+    connection.sendall(b"SSH-2.0-OpenSSH_9.6\r\n")
+
+
+MESSAGES = [{"role": "user", "content": "x"}]
+
+
+def _judge(url, **kwargs):
+    return OpenAIChatJudge(url, "m", backoff_s=0.01, max_backoff_s=0.05, **kwargs)
+
+
+def test_a_hanging_server_is_cut_off_at_the_deadline_and_retried_within_the_budget():
+    with _RawServer(_hang) as server:
+        start = time.monotonic()
+        with pytest.raises(JudgeError) as info:
+            _judge(server.url, timeout_s=0.4, retry_budget_s=1.0).complete(MESSAGES)
+        elapsed = time.monotonic() - start
+        message = str(info.value)
+    assert 0.9 <= elapsed < 3.0, elapsed
+    assert server.url in message and "no complete answer within" in message and "--judge-timeout" in message
+    assert 2 <= server.connections <= 3  # retried, but only while the budget lasted
+
+
+def test_a_slow_drip_does_not_keep_a_request_alive():
+    """One byte every 50 ms never trips a per-read timeout of 0.5 s; the overall deadline still ends it."""
+    with _RawServer(_drip) as server:
+        start = time.monotonic()
+        with pytest.raises(JudgeError, match="no complete answer within"):
+            _judge(server.url, timeout_s=0.5, retry_budget_s=0.5).complete(MESSAGES)
+        assert time.monotonic() - start < 2.0
+        assert server.connections == 1
+
+
+@pytest.mark.parametrize("behave", [_endless, _huge_length])
+def test_an_endless_or_oversized_body_is_an_error_not_a_memory_error(behave):
+    with _RawServer(behave) as server:
+        start = time.monotonic()
+        with pytest.raises(JudgeError, match=r"more than 65536 bytes") as info:
+            _judge(server.url, timeout_s=5, retry_budget_s=5, max_response_bytes=65536).complete(MESSAGES)
+        assert time.monotonic() - start < 3.0 and server.url in str(info.value)
+        assert server.connections == 1  # not retried: the server would send it again
+
+
+def test_non_http_bytes_give_a_clear_error():
+    with _RawServer(_not_http) as server:
+        with pytest.raises(JudgeError, match="did not answer with HTTP") as info:
+            _judge(server.url, timeout_s=2, retry_budget_s=2).complete(MESSAGES)
+        assert server.url in str(info.value) and "--judge-url" in str(info.value)
+        assert server.connections == 1
+
+
+def test_nothing_listening_is_retried_within_the_budget_then_named():
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{probe.getsockname()[1]}/v1"
+    probe.close()  # nothing listens there now
+    start = time.monotonic()
+    with pytest.raises(JudgeError, match="Connection ?Refused|refused") as info:
+        _judge(url, timeout_s=0.3, retry_budget_s=0.5, max_retries=100).complete(MESSAGES)
+    assert time.monotonic() - start < 2.0 and url in str(info.value)
+
+
+def test_judging_stops_at_the_first_failed_request():
+    """No request starts after one has failed: 8 requests, 2 at a time, one deadline's worth of time."""
+    with _RawServer(_hang) as server:
+        start = time.monotonic()
+        with pytest.raises(JudgeError):
+            judge_pairs(_judge(server.url, timeout_s=0.3, retry_budget_s=0.3), ITEMS, concurrency=2)
+        assert time.monotonic() - start < 1.5
+        assert server.connections == 2  # the first two; none of the 6 others
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"timeout_s": 0}, "--judge-timeout"), ({"timeout_s": -1}, "--judge-timeout"),
+    ({"retry_budget_s": float("inf")}, "--judge-retry-budget"),
+    ({"timeout_s": 10, "retry_budget_s": 5}, "shorter than --judge-timeout"),
+])
+def test_bad_judge_settings_are_refused_up_front(kwargs, message):
+    with pytest.raises(JudgeError, match=message):
+        OpenAIChatJudge("http://127.0.0.1:9/v1", "m", **kwargs)
+    with pytest.raises(JudgeError, match="http:// or https://"):
+        OpenAIChatJudge("localhost:8000", "m")
+
+
+def test_judge_timeout_options_reach_the_client():
+    import argparse
+
+    from distillm.evaluation.cli import add_eval_parser, make_judge
+
+    parser = argparse.ArgumentParser()
+    add_eval_parser(parser.add_subparsers())
+    args = parser.parse_args(["eval", "--judge-url", "http://127.0.0.1:9/v1", "--judge-model", "m",
+                              "--judge-timeout", "7", "--judge-retry-budget", "30"])
+    judge = make_judge(args)
+    assert (judge.timeout_s, judge.retry_budget_s) == (7.0, 30.0)

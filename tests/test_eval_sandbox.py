@@ -8,15 +8,29 @@ import json
 import os
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 
 import pytest
 
-from distillm.evaluation.code import evaluate_samples, humaneval_path, load_humaneval, load_mbpp, pass_at_k
-from distillm.evaluation.sandbox import SandboxLimits, run_python
+from distillm.errors import DistillmError
+from distillm.evaluation.code import (
+    CodeProblem, check_completion, evaluate_samples, humaneval_path, load_humaneval, load_mbpp, pass_at_k,
+)
+from distillm.evaluation.sandbox import SandboxConfigError, SandboxLimits, run_python
 
 FAST = SandboxLimits(timeout_s=2.0, memory_mb=512, max_processes=8)
+ADD = CodeProblem("t", "humaneval", "def add(a, b):\n", "def check(f):\n    assert f(1,2)==3\n", "add")
+
+
+def _namespaces_work() -> bool:
+    return not run_python("pass", FAST).isolation.get("namespaces", "unavailable").startswith("unavailable")
+
+
+NAMESPACES = _namespaces_work()
+needs_namespaces = pytest.mark.skipif(not NAMESPACES, reason="this kernel refuses the namespaces (the sandbox "
+                                      "says so in isolation['namespaces'])")
 
 
 def test_ordinary_programs_pass_and_fail():
@@ -32,12 +46,21 @@ def test_infinite_loop_is_killed_at_the_wall_limit():
     assert result.status == "timeout" and 2.0 <= time.monotonic() - start < 6
 
 
-def test_fork_bomb_is_contained_and_the_machine_still_forks():
-    bomb = "import os, time\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        time.sleep(0.01)\n"
+@pytest.mark.parametrize("audit_hook, namespaces", [(True, True), (False, True), (False, False)])
+def test_fork_bomb_is_contained_and_the_machine_still_forks(audit_hook, namespaces, tmp_path, monkeypatch):
+    """With the hook, fork is refused; without it (as native code would), RLIMIT_NPROC and the kill at the time
+    limit (of the pid namespace, or without one of every descendant, setsid() or not) contain it."""
+    if namespaces and not NAMESPACES:
+        pytest.skip("namespaces unavailable here")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the runner's command line names this directory
+    bomb = ("import os, time\nwhile True:\n    try:\n        if os.fork() == 0:\n            os.setsid()\n"
+            "    except OSError:\n        time.sleep(0.01)\n")
     start = time.monotonic()
-    result = run_python(bomb, FAST)
+    result = run_python(bomb, FAST, audit_hook=audit_hook, namespaces=namespaces)
     assert result.status == "timeout" and time.monotonic() - start < 15
-    # every offspring died with the process group, and this process can still start programs
+    # every offspring died, and this process can still start programs
+    time.sleep(0.2)
+    assert _alive(str(tmp_path)) == []
     assert subprocess.run(["true"]).returncode == 0
     assert run_python("print('after')", FAST).stdout.strip() == "after"
 
@@ -79,19 +102,204 @@ def test_socket_to_a_loopback_server_never_connects():
     thread.join()
     server.close()
     assert result.status == "failed" and "connected" not in result.stdout and accepted == []
-    assert result.isolation["network"] in ("netns", "audit-hook")
+    assert result.isolation["network"] in ("netns (no interface up)", "audit-hook")
 
 
-def test_background_children_die_with_the_group():
-    marker = f"distillm-sandbox-test-{os.getpid()}"
-    program = ("import subprocess, time\n"
-               f"subprocess.Popen(['sh', '-c', 'exec -a {marker} sleep 60'])\n"
-               "time.sleep(30)\n")
-    result = run_python(program, SandboxLimits(timeout_s=1.5))
-    assert result.status == "timeout"
-    time.sleep(0.2)
-    alive = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()
-    assert alive == []
+@pytest.mark.parametrize("tail", ["exit()", "quit()", "import sys; sys.exit(0)", "import os; os._exit(0)",
+                                  "raise SystemExit", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"])
+def test_leaving_before_the_end_is_not_a_pass(tail):
+    """Exit status 0 is not enough: a pass needs the program (and check(...)) to have run to its end."""
+    wrong = check_completion(ADD, f"    return a - b\n{tail}\n", FAST)
+    assert not wrong.passed and wrong.reason in ("exited-early", "killed")
+    # even a correct solution that exits before its tests ran is not a pass
+    assert not check_completion(ADD, f"    return a + b\n{tail}\n", FAST).passed
+    assert check_completion(ADD, "    return a + b\n", FAST).passed
+
+
+def test_printing_a_guessed_completion_line_does_not_pass():
+    forged = ("import os\nfor fd in range(1, 20):\n    try:\n        os.write(fd, b'started\\ncompleted 0\\n')\n"
+              "    except OSError:\n        pass\nos._exit(0)\n")
+    result = run_python(forged, FAST)
+    assert not result.passed and result.reason == "exited-early"
+
+
+STEAL_TOKEN = """import os, re, sys
+found = None
+for frame in sys._current_frames().values():
+    while frame is not None and found is None:
+        found = next((v for v in frame.f_locals.values() if isinstance(v, str) and re.fullmatch('[0-9a-f]{32}', v)), None)
+        frame = frame.f_back
+for fd in range(3, 20):
+    try:
+        os.write(fd, f"completed {found}\\n".encode())
+    except OSError:
+        pass
+os._exit(0)
+"""
+
+
+def test_the_token_is_out_of_reach_of_python_introspection():
+    refused = run_python(STEAL_TOKEN, FAST)
+    assert not refused.passed and "PermissionError" in refused.stderr and "_current_frames" in refused.stderr
+    # the audit hook is what stands between the program and the token (it is Python-level only):
+    assert run_python(STEAL_TOKEN, FAST, audit_hook=False).passed
+    for attempt in ("import gc; gc.get_objects()", "import ctypes; ctypes.CDLL(None)",
+                    "open('/proc/self/mem', 'rb')"):
+        result = run_python(attempt, FAST)
+        assert not result.passed and "PermissionError" in result.stderr, attempt
+
+
+@pytest.fixture
+def shared_dir(tmp_path):
+    """A world-writable directory in the shared temporary directory, as /tmp is."""
+    tmp_path.chmod(0o777)
+    return tmp_path
+
+
+def _escapes(target):
+    return {
+        "os.system": f"import os\nos.system('touch {target}/system')\n",
+        "subprocess": f"import subprocess\nsubprocess.run(['touch', '{target}/subprocess'])\n",
+        "sqlite3": f"import sqlite3\nc = sqlite3.connect('{target}/sqlite3')\nc.execute('create table t(x)')\nc.commit()\n",
+        "symlink": f"import os\nos.symlink('/etc/passwd', '{target}/symlink')\n",
+        "link": f"import os\nopen('mine', 'w').close()\nos.link('mine', '{target}/link')\n",
+    }
+
+
+@pytest.mark.parametrize("name", ["os.system", "subprocess", "sqlite3", "symlink", "link"])
+@pytest.mark.parametrize("layer", ["audit hook", "namespaces"])
+def test_nothing_is_written_to_the_shared_temporary_directory(shared_dir, name, layer):
+    if layer == "namespaces" and not NAMESPACES:
+        pytest.skip("namespaces unavailable here")
+    program = _escapes(shared_dir)[name]
+    result = run_python(program, FAST, audit_hook=layer == "audit hook", namespaces=layer == "namespaces")
+    assert list(shared_dir.iterdir()) == [], (name, layer, result.stderr[-500:])
+    if layer == "audit hook":
+        assert not result.passed and "sandbox:" in result.stderr
+
+
+@pytest.mark.parametrize("layer", ["audit hook", "namespaces"])
+def test_a_world_writable_unix_socket_receives_nothing(shared_dir, layer):
+    if layer == "namespaces" and not NAMESPACES:
+        pytest.skip("namespaces unavailable here")
+    path = str(shared_dir / "socket")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(path)
+    os.chmod(path, 0o777)
+    server.listen()
+    server.settimeout(0.2)
+    received, done = [], threading.Event()
+
+    def serve():
+        while not done.is_set():
+            try:
+                connection = server.accept()[0]
+                received.append(connection.recv(100))
+                connection.close()
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    program = f"import socket\ns = socket.socket(socket.AF_UNIX)\ns.connect({path!r})\ns.sendall(b'hello')\n"
+    try:
+        result = run_python(program, FAST, audit_hook=layer == "audit hook", namespaces=layer == "namespaces")
+        time.sleep(0.3)
+    finally:
+        done.set()
+        thread.join()
+        server.close()
+    assert not result.passed and received == []
+
+
+def _alive(marker: str) -> list[str]:
+    return subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()
+
+
+@pytest.mark.parametrize("namespaces", [True, False])
+def test_a_setsid_child_does_not_outlive_the_run(namespaces):
+    """With the audit hook off (as native code would), a double-forked setsid() child is killed at the end of the
+    run: by the pid namespace, or without one by the runner as subreaper."""
+    if namespaces and not NAMESPACES:
+        pytest.skip("namespaces unavailable here")
+    marker = f"distillm-setsid-{os.getpid()}-{namespaces}"
+    program = ("import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
+               f"        os.execv('/bin/sh', ['sh', '-c', 'sleep 40; : {marker}'])\n    os._exit(0)\n"
+               "time.sleep(0.5)\n")
+    result = run_python(program, FAST, audit_hook=False, namespaces=namespaces)
+    survivors = _alive(marker)
+    for pid in survivors:
+        os.kill(int(pid), 9)
+    assert result.passed and survivors == [], result.stderr
+    assert not run_python(program, FAST).passed  # with the hook, fork itself is refused
+
+
+def test_starting_processes_is_refused_by_the_audit_hook():
+    for program in ("import os; os.fork()", "import subprocess; subprocess.Popen(['true'])",
+                    "import os; os.execv('/bin/true', ['true'])", "import os; os.forkpty()",
+                    "import os; os.posix_spawn('/bin/true', ['true'], {})"):
+        result = run_python(program, FAST)
+        assert not result.passed and "sandbox: starting processes" in result.stderr, program
+
+
+def test_the_namespace_layer_hides_the_host_filesystem(tmp_path):
+    if not NAMESPACES:
+        pytest.skip("namespaces unavailable here")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("host data")
+    secret.chmod(0o644)
+    tmp_path.chmod(0o755)
+    program = (f"import os\nprint(os.path.exists({str(secret)!r}), sorted(os.listdir('/tmp')) == [os.getcwd().split('/')[2]],"
+               " os.listdir('/proc').count('1') == 1)\n"
+               "open('/etc/distillm-probe', 'w')\n")
+    result = run_python(program, FAST, audit_hook=False)
+    assert result.stdout.split() == ["False", "True", "True"], result.stdout + result.stderr
+    assert "Read-only file system" in result.stderr and not os.path.exists("/etc/distillm-probe")
+    assert "private root" in result.isolation["files"]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"timeout_s": 0}, "timeout_s 0"), ({"timeout_s": -1}, "timeout_s -1"),
+    ({"timeout_s": float("nan")}, "timeout_s nan"), ({"memory_mb": 1}, "memory_mb 1"),
+    ({"max_open_files": 3}, "max_open_files 3"),
+])
+def test_limits_that_would_fail_every_program_are_refused(kwargs, message):
+    with pytest.raises(SandboxConfigError, match=message) as info:
+        SandboxLimits(**kwargs)
+    assert isinstance(info.value, DistillmError)
+
+
+def test_eval_options_are_checked_before_any_model_loads(tmp_path, capsys):
+    from distillm.cli import main
+
+    for option, value in (("--code-timeout", "0"), ("--code-timeout", "-1"), ("--code-memory-mb", "1")):
+        code = main(["eval", "--model", "m=/nonexistent-model", "--tasks", "code", "--output-dir", str(tmp_path),
+                     option, value])
+        err = capsys.readouterr().err
+        assert code != 0 and f"{option} {float(value) if 'timeout' in option else int(value)!r}" in err, err
+        assert "between" in err and "distillm: error" in err
+
+
+def test_a_run_where_every_program_fails_for_the_sandbox_says_so(tmp_path):
+    path = tmp_path / "mbpp.jsonl"
+    path.write_text(json.dumps({"task_id": 1, "text": "add", "test_list": ["assert add(1, 2) == 3"]}) + "\n")
+    problem = load_mbpp(path)[0]
+    out = evaluate_samples([problem], {problem.id: ["def add(a, b):\n    while True: pass"]},
+                           limits=SandboxLimits(timeout_s=0.5))
+    assert out["pass@1"] == 0.0 and out["failure_reasons"] == {"timeout": 1}
+    assert "sandbox's own" in out["warning"] and "--code-timeout" in out["warning"]
+    from distillm.evaluation.report import write_report
+
+    results = {"settings": {"tasks": ["code"], "prompts": "p", "temperature": 0, "top_p": 1, "max_new_tokens": 8,
+                            "seed": 0}, "reference_source": "teacher",
+               "models": {"m": {"metrics": {"code_pass@1": 0.0}, "details": {"code": out}}}}
+    assert out["warning"] in write_report(results, tmp_path).read_text()  # the report says it too
+    hog = evaluate_samples([problem], {problem.id: ["x = bytearray(1 << 40)\ndef add(a, b):\n    return a + b"]},
+                           limits=FAST)
+    assert hog["failure_reasons"] == {"memory": 1} and "--code-memory-mb" in hog["warning"]
+    # a wrong answer is not the sandbox's fault: no warning
+    wrong = evaluate_samples([problem], {problem.id: ["def add(a, b):\n    return a - b"]}, limits=FAST)
+    assert wrong["failure_reasons"] == {"error": 1} and "warning" not in wrong
 
 
 def test_pass_at_k_of_known_correct_and_wrong_solution_sets(tmp_path):
@@ -120,3 +328,15 @@ def test_humaneval_canonical_solutions_pass_and_wrong_ones_fail():
     out = evaluate_samples(problems, samples, ks=(1, 2), limits=SandboxLimits(timeout_s=5), concurrency=2)
     assert [d["correct"] for d in out["details"]] == [1, 1, 1]
     assert out["pass@1"] == pytest.approx(0.5) and out["pass@2"] == 1.0
+
+
+def test_cpu_and_file_size_limits_are_named():
+    spin = run_python("while True:\n    pass\n", SandboxLimits(timeout_s=20, cpu_seconds=1))
+    assert (spin.status, spin.reason) == ("failed", "cpu-limit")
+    big = run_python("open('big', 'wb').write(b'x' * (2 << 20))\n", SandboxLimits(timeout_s=5, max_file_mb=1))
+    assert (big.status, big.reason) == ("failed", "file-size-limit") and "File too large" in big.stderr
+
+
+def test_a_syntax_error_is_the_programs_failure_not_the_sandboxs():
+    result = run_python("def f(:\n    pass\n", FAST)
+    assert (result.status, result.reason) == ("failed", "error") and "SyntaxError" in result.stderr

@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from tolerances import model_atol, sum_atol
 from distillm.cli import main
 from distillm.evaluation.judge import VerdictCache
 from distillm.evaluation.suite import EvalError, EvalSettings, ModelSpec, run_evaluation
@@ -40,8 +41,13 @@ def test_identical_model_has_zero_divergence_and_pruned_one_does_not(tmp_path):
     judge = CountingJudge()
     results = run_evaluation(models, settings, tmp_path, judge=judge)
     copy, pruned, teacher = (results["models"][n]["metrics"] for n in ("copy", "pruned", "teacher"))
-    assert copy["kl"] == pytest.approx(0.0, abs=1e-5) and copy["tvd"] == pytest.approx(0.0, abs=1e-4)
-    assert copy["acceptance_rate"] == pytest.approx(1.0, abs=1e-4)
+    # the same weights: p = q up to fp32 rounding, so each per-token sum over the vocabulary is 0 (KL, TVD) or
+    # sum(p) = 1 (acceptance) up to the rounding of a sum of V probabilities
+    from distillm.tiny import build_tiny_tokenizer
+
+    atol = sum_atol(len(build_tiny_tokenizer()), 1.0)
+    assert copy["kl"] == pytest.approx(0.0, abs=atol) and copy["tvd"] == pytest.approx(0.0, abs=atol)
+    assert copy["acceptance_rate"] == pytest.approx(1.0, abs=atol)
     assert copy["rouge_l"] == 1.0  # same weights, same greedy decoding, same prompts: the same responses
     assert copy["win_rate"] == 0.5  # identical answers: every comparison a tie
     assert pruned["kl"] > 0.01 and pruned["tvd"] > 0.01 and pruned["perplexity"] > copy["perplexity"]
@@ -91,7 +97,12 @@ def test_cli_eval_of_a_run_directory(tmp_path, capsys):
     assert list(results["models"]) == ["teacher", "myrun", "myrun-initial"]
     # the saved student is the teacher pruned to layers 0 and 3, exactly the run's initial student
     distilled, initial = results["models"]["myrun"]["metrics"], results["models"]["myrun-initial"]["metrics"]
-    assert distilled["kl"] == pytest.approx(initial["kl"], rel=1e-4) and distilled["kl"] > 0
+    # the same weights loaded two ways: the same KL up to fp32 rounding over the held-out tokens (2 x 5 at most)
+    from distillm.tiny import build_tiny_tokenizer, tiny_llama_config
+
+    config = tiny_llama_config(len(build_tiny_tokenizer()), num_layers=2)
+    assert distilled["kl"] == pytest.approx(initial["kl"], rel=0, abs=model_atol(config, 10, initial["kl"]))
+    assert distilled["kl"] > 0
     assert (out / "training_curves.png").stat().st_size > 1000
     assert "## Training curves" in (out / "report.md").read_text()
     assert "| myrun |" in capsys.readouterr().out

@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import TrainingArguments
 
+from tolerances import softmax_atol, sum_atol
 from distillm.config import load_config
 from distillm.data.replay import ReplayBuffer
 from distillm.generation.base import SamplingParams
@@ -56,6 +57,13 @@ def brute(batch, token_value, rows=None, reduction="seq_mean"):
     return sum(per_seq) / len(per_seq) if reduction == "seq_mean" else total / tokens
 
 
+def tol(batch, value):
+    """fp32 method loss vs the float64 brute force: each token's value within softmax_atol, and the means over
+    the batch's tokens add their own rounding (sum_atol)."""
+    logits = [x for x in (batch.student_logits, batch.teacher_logits) if x is not None]
+    return dict(rel=0, abs=softmax_atol(*logits) + sum_atol(batch.targets.numel(), abs(value)))
+
+
 def kl(a, b):
     return float((a * (a / b).log()).sum())
 
@@ -64,7 +72,8 @@ def kl(a, b):
 def test_kd_is_forward_kl_on_the_fixed_responses(reduction):
     m, batch = method("kd", reduction=reduction), random_batch()
     loss, sums, _ = m.compute_loss(batch)
-    assert loss.item() == pytest.approx(brute(batch, lambda p, q: kl(p, q), reduction=reduction), rel=1e-5)
+    expected = brute(batch, lambda p, q: kl(p, q), reduction=reduction)
+    assert loss.item() == pytest.approx(expected, **tol(batch, expected))
     rows = [{"id": "a"}]
     assert m.draw(rows, None, random.Random(0), 0, 10) == (rows, "fixed")  # never anything but the fixed data
     loss.backward()
@@ -74,7 +83,8 @@ def test_kd_is_forward_kl_on_the_fixed_responses(reduction):
 def test_minillm_is_reverse_kl_on_fresh_student_samples():
     m, batch = method("minillm"), random_batch()
     loss, _, _ = m.compute_loss(batch)
-    assert loss.item() == pytest.approx(brute(batch, lambda p, q: kl(q, p)), rel=1e-5)
+    expected = brute(batch, lambda p, q: kl(q, p))
+    assert loss.item() == pytest.approx(expected, **tol(batch, expected))
     sampler = FakeSampler()
     drawn = [m.draw([{"id": str(i)}], sampler, random.Random(i), i, 100)[1] for i in range(50)]
     assert drawn == ["student"] * 50 and sampler.calls == 50
@@ -90,7 +100,8 @@ def test_gkd_loss_is_the_generalised_jsd_with_its_beta():
             mix = b * p + (1 - b) * q
             return b * kl(p, mix) + (1 - b) * kl(q, mix)
 
-        assert loss.item() == pytest.approx(brute(batch, jsd), rel=1e-5)
+        expected = brute(batch, jsd)
+        assert loss.item() == pytest.approx(expected, **tol(batch, expected))
 
 
 class FakeSampler:
@@ -122,7 +133,8 @@ def test_imitkd_trains_on_student_responses_mixed_with_fixed_ones(fixed_fraction
     assert abs(fraction - fixed_fraction) <= 3 * math.sqrt(fixed_fraction * (1 - fixed_fraction) / n) + 1e-9
     batch = random_batch()
     loss, _, _ = m.compute_loss(batch)
-    assert loss.item() == pytest.approx(brute(batch, lambda p, q: kl(p, q)), rel=1e-5)
+    expected = brute(batch, lambda p, q: kl(p, q))
+    assert loss.item() == pytest.approx(expected, **tol(batch, expected))
 
 
 def test_seqkd_is_the_nll_of_the_teacher_responses_and_needs_no_teacher():
@@ -133,7 +145,8 @@ def test_seqkd_is_the_nll_of_the_teacher_responses_and_needs_no_teacher():
     for i in range(batch.n_first):
         values = [-logp[i, t, batch.targets[i, t]].item() for t in range(5) if batch.targets[i, t] != -100]
         per_seq.append(sum(values) / len(values))
-    assert loss.item() == pytest.approx(sum(per_seq) / len(per_seq), rel=1e-6)
+    expected = sum(per_seq) / len(per_seq)
+    assert loss.item() == pytest.approx(expected, **tol(batch, expected))
     assert not m.needs_teacher
 
 
@@ -168,7 +181,8 @@ def test_dpkd_loss_equals_the_closed_form_on_a_hand_built_batch():
     for c, r in ((0, 2), (1, 3)):
         margin = 0.2 * ((mean_lp(student, c) - mean_lp(student, r)) - (mean_lp(teacher, c) - mean_lp(teacher, r)))
         expected += -math.log(1 / (1 + math.exp(-margin)))
-    assert loss.item() == pytest.approx(expected / 2, rel=1e-6)
+    expected = expected / 2
+    assert loss.item() == pytest.approx(expected, **tol(batch, expected))
     # the gradient raises the student's chosen responses and lowers its rejected ones
     loss.backward()
     grad = batch.student_logits.grad
@@ -222,12 +236,46 @@ def test_v1_buffer_fills_then_replays_and_fixed_data_keeps_its_share():
 
 
 def test_v1_loss_is_skew_kl_or_skew_reverse_kl_at_its_alpha():
+    """As the released v1 code: the token mean over the batch (whatever --reduction says), no detach."""
     batch = random_batch()
     a = 0.1
-    loss, _, _ = method("distillm", v1_loss="skl", v1_alpha=a).compute_loss(batch)
-    assert loss.item() == pytest.approx(brute(batch, lambda p, q: kl(p, a * p + (1 - a) * q)), rel=1e-5)
-    loss, _, _ = method("distillm", v1_loss="srkl", v1_alpha=a).compute_loss(batch)
-    assert loss.item() == pytest.approx(brute(batch, lambda p, q: kl(q, (1 - a) * p + a * q)), rel=1e-5)
+    expected_skl = brute(batch, lambda p, q: kl(p, a * p + (1 - a) * q), reduction="token_mean")
+    expected_srkl = brute(batch, lambda p, q: kl(q, (1 - a) * p + a * q), reduction="token_mean")
+    for reduction in ("seq_mean", "token_mean"):
+        loss, _, _ = method("distillm", v1_loss="skl", v1_alpha=a, reduction=reduction).compute_loss(batch)
+        assert loss.item() == pytest.approx(expected_skl, **tol(batch, expected_skl))
+        loss, _, _ = method("distillm", v1_loss="srkl", v1_alpha=a, reduction=reduction).compute_loss(batch)
+        assert loss.item() == pytest.approx(expected_srkl, **tol(batch, expected_srkl))
+
+
+@pytest.mark.parametrize("loss_name", ["skl", "srkl"])
+def test_v1_gradient_does_not_detach_the_student_in_the_mixture(loss_name):
+    """The gradient is that of the token-mean SKL / SRKL with the student's q inside the mixture differentiated
+    (released v1 code), not DistiLLM-2's detached SRKL: checked against autograd on a float64 brute force."""
+    batch = random_batch()
+    a = 0.1
+    loss, _, _ = method("distillm", v1_loss=loss_name, v1_alpha=a).compute_loss(batch)
+    loss.backward()
+    s = batch.student_logits.detach().double().requires_grad_(True)
+    p, q = torch.softmax(batch.teacher_logits.double(), -1), torch.softmax(s, -1)
+    if loss_name == "skl":
+        m = a * p + (1 - a) * q
+        per_token = (p * (p / m).log()).sum(-1)
+    else:
+        m = (1 - a) * p + a * q
+        per_token = (q * (q / m).log()).sum(-1)
+    mask = batch.mask & (torch.arange(s.shape[0]) < batch.n_first).unsqueeze(-1)
+    (per_token[mask].sum() / mask.sum()).backward()
+    # each token's gradient is a softmax-sized fp32 computation (softmax_atol per unit of upstream gradient),
+    # and the token mean scales it by 1 / (number of tokens)
+    atol = softmax_atol(batch.student_logits, batch.teacher_logits) / int(mask.sum())
+    torch.testing.assert_close(batch.student_logits.grad.double(), s.grad, atol=atol, rtol=0)
+    if loss_name == "srkl":  # the detached variant (DistiLLM-2's) has a different gradient
+        s.grad = None
+        q = torch.softmax(s, -1)
+        detached = (q * (q / ((1 - a) * p + a * q.detach())).log()).sum(-1)
+        (detached[mask].sum() / mask.sum()).backward()
+        assert (batch.student_logits.grad.double() - s.grad).abs().max() > 10 * atol
 
 
 # --------------------------------------------------------------------------------------------- trainer-level
@@ -419,7 +467,8 @@ def test_step_by_step_prefixes_its_two_tasks_and_weights_them(tokenizer):
         values = [-logp[i, t, batch.targets[i, t]].item() for t in range(5) if batch.targets[i, t] != -100]
         return sum(values) / len(values)
 
-    assert loss.item() == pytest.approx((nll(0) + nll(1)) / 2 + 0.5 * (nll(2) + nll(3)) / 2, rel=1e-6)
+    expected = (nll(0) + nll(1)) / 2 + 0.5 * (nll(2) + nll(3)) / 2
+    assert loss.item() == pytest.approx(expected, **tol(batch, expected))
 
 
 def test_every_method_is_registered_with_a_summary():

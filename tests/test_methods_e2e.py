@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from tolerances import adam_atol, tiny_student_config
 from distillm.cli import main
 from distillm.config import METHOD_NAMES
 
@@ -49,7 +50,10 @@ def test_on_policy_methods_resume_to_the_same_student(name, extra, tmp_path):
     a, b = (load_file(str(d / "student" / "model.safetensors")) for d in (whole, resumed))
     assert a.keys() == b.keys()
     for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+        # the same 4 AdamW steps (8 prompts / batch 4 x 2 rounds, lr 3e-3, at most 4 x 2 x 128 tokens a step),
+        # resumed from checkpoint-2: tolerances.adam_atol
+        atol = adam_atol(tiny_student_config(), 4 * 2 * 128, 4, 3e-3, a[key])
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=atol, msg=key)
 
 
 @pytest.mark.slow

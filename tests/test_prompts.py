@@ -373,3 +373,57 @@ def test_builtin_file_is_well_formed():
 def test_unknown_builtin_split_is_rejected():
     with pytest.raises(DataError, match="builtin:train or builtin:eval"):
         load_prompts("builtin:test")
+
+
+def tokenizer_adding(single: str, token: str):
+    """The tiny tokenizer (no chat template, like a base model's) made to add `token` around a text as `single`
+    says, the way Gemma's and Llama's tokenizers add a <bos> ("<tok> $A") or T5's an <eos> ("$A <tok>")."""
+    from tokenizers.processors import TemplateProcessing
+
+    tok = build_tiny_tokenizer(chat_template=None)
+    tok._tokenizer.post_processor = TemplateProcessing(single=single,
+                                                       special_tokens=[(token, tok.convert_tokens_to_ids(token))])
+    return tok
+
+
+def test_plain_text_prompts_start_with_the_bos_the_tokenizer_adds():
+    tok = tokenizer_adding("<|endoftext|> $A", "<|endoftext|>")
+    bos = tok.convert_tokens_to_ids("<|endoftext|>")
+    assert tok("Hi")["input_ids"][0] == bos  # the tokenizer does add it: a base model expects it
+    record = PromptRecord(id="x", messages=[{"role": "user", "content": "Say hi."}])
+    (encoded,), n_truncated = encode_prompts([record], tok, max_prompt_length=64, use_chat_template=False)
+    assert encoded.input_ids == [bos] + tok("Say hi.", add_special_tokens=False)["input_ids"]
+    assert encoded.input_ids == tok("Say hi.")["input_ids"]  # exactly what the tokenizer itself makes of the text
+    assert encoded.text == "<|endoftext|>Say hi." and n_truncated == 0
+
+
+def test_long_plain_text_prompts_keep_the_bos_when_cut_from_the_left():
+    tok = tokenizer_adding("<|endoftext|> $A", "<|endoftext|>")
+    bos = tok.convert_tokens_to_ids("<|endoftext|>")
+    text = "0123456789" * 5
+    record = PromptRecord(id="x", messages=[{"role": "user", "content": text}])
+    (encoded,), n_truncated = encode_prompts([record], tok, max_prompt_length=12, use_chat_template=False)
+    body = tok(text, add_special_tokens=False)["input_ids"]
+    assert n_truncated == 1
+    assert encoded.input_ids == [bos] + body[-11:] and len(encoded.input_ids) == 12
+    assert encoded.text == "<|endoftext|>" + text[-11:]
+    with pytest.raises(DataError, match="--max-prompt-length"):  # no room for any text after the bos
+        encode_prompts([record], tok, max_prompt_length=1, use_chat_template=False)
+
+
+def test_plain_text_prompts_get_no_eos_a_tokenizer_appends():
+    tok = tokenizer_adding("$A <|im_end|>", "<|im_end|>")
+    assert tok("Hi")["input_ids"][-1] == tok.eos_token_id
+    record = PromptRecord(id="x", messages=[{"role": "user", "content": "Hi"}])
+    (encoded,), _ = encode_prompts([record], tok, max_prompt_length=64, use_chat_template=False)
+    assert encoded.input_ids == tok("Hi", add_special_tokens=False)["input_ids"]  # a prompt must not end the text
+
+
+def test_chat_templated_prompts_get_no_extra_bos():
+    # the template writes its own special tokens; the tokenizer's bos would double them
+    tok = tokenizer_adding("<|endoftext|> $A", "<|endoftext|>")
+    tok.chat_template = build_tiny_tokenizer().chat_template
+    record = PromptRecord(id="x", messages=[{"role": "user", "content": "Hi"}])
+    (encoded,), _ = encode_prompts([record], tok, max_prompt_length=64)
+    expected = tok.apply_chat_template(record.messages, tokenize=False, add_generation_prompt=True)
+    assert encoded.input_ids == tok(expected, add_special_tokens=False)["input_ids"]

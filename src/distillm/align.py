@@ -28,7 +28,9 @@ from .data.prompts import DataError, encode_prompts, load_prompts
 from .errors import DistillmError
 from .io import atomic_write_json, write_jsonl
 from .models import load_model
+from . import rundir
 from .pipeline import RunPaths, prepare_run_dir, training_kwargs
+from .training.callbacks import use_step_lines
 from .training.trainer import METHOD_STATE_FILE, last_complete_checkpoint
 
 logger = logging.getLogger("distillm")
@@ -132,12 +134,14 @@ def build_trainer(config: AlignConfig, paths: RunPaths):
     reference, _ = load_model(policy_spec, **kwargs)
     reference.requires_grad_(False).eval()
     rows = load_preferences(config, tokenizer)
-    args = DPOConfig(**training_kwargs(config, paths), beta=config.dpo.dpo_beta, loss_type=config.dpo.dpo_loss_type,
-                     max_length=config.data.max_length)
+    pairs = tokenize_pairs(rows, tokenizer, config.data.max_length)
+    args = DPOConfig(**training_kwargs(config, paths, num_rows=len(pairs)), beta=config.dpo.dpo_beta,
+                     loss_type=config.dpo.dpo_loss_type, max_length=config.data.max_length)
     set_seed(config.training.seed)
-    dataset = Dataset.from_list(tokenize_pairs(rows, tokenizer, config.data.max_length))
+    dataset = Dataset.from_list(pairs)
     trainer = _dpo_trainer_class()(model=policy, ref_model=reference, args=args, train_dataset=dataset,
                                    processing_class=tokenizer)
+    use_step_lines(trainer)  # one console line per logging step, not the log dicts inside tqdm bars
     return trainer, rows
 
 
@@ -145,7 +149,18 @@ def align(config: AlignConfig, *, overwrite: bool = False) -> dict:
     """Run DPO on the preference pairs; resumes from the last complete checkpoint. Returns the metrics."""
     start = time.time()
     resolve_policy(config.model.policy)  # fail before anything is written
-    paths = prepare_run_dir(config, overwrite=overwrite)
+    paths = prepare_run_dir(config, overwrite=overwrite, kind="align")
+    try:
+        return _align(config, paths, start)
+    finally:
+        rundir.unlock(paths.root)
+
+
+def _align(config: AlignConfig, paths: RunPaths, start: float) -> dict:
+    # the preference file's bytes: checkpoints made from other pairs are not continued on these
+    inputs = {"preferences": rundir.digest_path(config.data.preferences)}
+    rundir.check_inputs(paths.root, config, inputs, keys=("preferences",))
+    rundir.record_inputs(paths.root, inputs)
     trainer, rows = build_trainer(config, paths)
     last = last_complete_checkpoint(paths.checkpoints)
     if last:

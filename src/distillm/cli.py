@@ -11,7 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .config import PRESETS, AlignConfig, RunConfig, load_config, option_fields
+from .config import PRESETS, AlignConfig, RunConfig, load_config, option_fields, range_text
 
 logger = logging.getLogger("distillm")
 
@@ -38,7 +38,8 @@ def _add_config_options(parser: argparse.ArgumentParser, config_cls: type = RunC
     for name, (section, f) in option_fields(config_cls).items():
         group = groups.setdefault(section or "run", parser.add_argument_group(f"{section or 'run'} options"))
         flag = "--" + name.replace("_", "-")
-        help_text = f"{f.metadata['help']} (default: {f.default})"
+        accepted = range_text(f)
+        help_text = f"{f.metadata['help']} (default: {f.default}{'; ' + accepted if accepted else ''})"
         if str(f.type).startswith("bool"):
             group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                help=help_text)
@@ -250,14 +251,22 @@ def resumed_config(output_dir: str, overrides: dict, *, overwrite: bool) -> RunC
 
 
 def _cmd_generate(args) -> int:
-    from .data.prompts import encode_prompts, load_prompts
+    from .data.prompts import check_chat_template, encode_prompts, load_prompts
     from .generation.base import SamplingParams
     from .generation.runner import generate_responses
-    from .models import load_model, loadable_path
+    from .models import load_model, load_tokenizer, loadable_path
     from .pipeline import make_backend
     from .data.vision import check_no_images, encode_image_prompts, load_image_prompts
     from .vision import is_vision_model, load_vision_model
 
+    from .config import check_flags
+
+    # generate's flags mean what the config options of the same role mean: checked the same way, before loading
+    check_flags(args, {"--seed": "generation_seed", "--temperature": "temperature", "--top-p": "top_p",
+                       "--max-new-tokens": "max_new_tokens", "--batch-size": "generation_batch_size",
+                       "--max-prompt-length": "max_prompt_length", "--num-prompts": "num_prompts", "--dtype": "dtype",
+                       "--vllm-tensor-parallel-size": "vllm_tensor_parallel_size",
+                       "--vllm-gpu-memory-utilization": "vllm_gpu_memory_utilization"})
     config = RunConfig()
     config.generation.backend = args.backend
     config.generation.generation_batch_size = args.batch_size
@@ -276,7 +285,10 @@ def _cmd_generate(args) -> int:
         backend = make_backend(config, model, tokenizer, model_dir=None, processor=processor)
     else:
         check_no_images(args.prompts, args.image_field, model=args.model)
-        model, tokenizer = load_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+        tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)  # checked before the weights
+        check_chat_template(tokenizer, not args.no_chat_template, model=args.model)
+        model, tokenizer = load_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                                      tokenizer=tokenizer)
         records, report = load_prompts(args.prompts, prompt_field=args.prompt_field,
                                        messages_field=args.messages_field, limit=args.num_prompts)
         prompts, n_truncated = encode_prompts(records, tokenizer, max_prompt_length=args.max_prompt_length,
@@ -341,6 +353,14 @@ def main(argv: list[str] | None = None) -> int:
         return _cmd_run(args, evaluate_default=args.command == "run")
     except DistillmError as err:
         print(f"distillm: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a full disk or an unwritable place met outside distillm's own writers (e.g. a checkpoint)
+        from .io import disk_error
+
+        clear = disk_error(err.filename or "a file", err)
+        if clear is None:
+            raise
+        print(f"distillm: error: {clear}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("distillm: interrupted; rerun the same command to continue where it stopped.", file=sys.stderr)

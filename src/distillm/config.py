@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
+import reprlib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -24,8 +26,21 @@ class ConfigError(DistillmError):
     """A bad config key or value; the message names it and suggests a fix."""
 
 
-def opt(default, help: str, **kwargs):
-    return field(default=default, metadata={"help": help, **kwargs})
+#: Seeds go to numpy, torch and Python's random: numpy takes 0 .. 2**32 - 1.
+SEED_MAX = 2**32 - 1
+#: The largest integer any option may take (torch and numpy hold them as int64).
+INT_MAX = 2**63 - 1
+DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+
+
+def opt(default, help: str, *, ge=None, gt=None, le=None, lt=None, choices=None, **kwargs):
+    """A config option: its default, help text and the values it accepts (checked by `check_option` wherever
+    a value comes from): `ge`/`gt`/`le`/`lt` bound a number, `choices` lists the accepted strings. Every float
+    option must also be finite and every int option within int64."""
+    bounds = {key: value for key, value in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if value is not None}
+    if choices is not None:
+        bounds["choices"] = tuple(choices)
+    return field(default=default, metadata={"help": help, **bounds, **kwargs})
 
 
 @dataclass
@@ -33,12 +48,12 @@ class ModelSection:
     teacher: str = opt("smollm2-135m-instruct", "Teacher: built-in alias, Hugging Face id, local directory or .gguf file.")
     student: str | None = opt(None, "Student (same forms as --teacher). Empty: derive it from the teacher by keeping --student-layers.")
     student_layers: str = opt("even:10", "Teacher layers a derived student keeps: 'even:10' (evenly spread, first and last included), 'every:3', 'first:10' or a list '0,3,6-8'.")
-    dtype: str = opt("auto", "Weights dtype: auto (fp32 on CPU, bf16 on a GPU that has it), float32, bfloat16, float16.")
+    dtype: str = opt("auto", "Weights dtype: auto (fp32 on CPU, bf16 on a GPU that has it), float32, bfloat16, float16.", choices=DTYPES)
     trust_remote_code: bool = opt(False, "Allow model repositories to run their own Python code (off unless you trust them).")
     lora: bool = opt(False, "Train a LoRA adapter on the student (PEFT) instead of all its weights; the adapter is saved and merged into a plain model at the end.")
-    lora_r: int = opt(16, "LoRA rank (the released DistiLLM-2 configs: 16).")
-    lora_alpha: int = opt(128, "LoRA alpha (the released DistiLLM-2 configs: 128).")
-    lora_dropout: float = opt(0.05, "LoRA dropout.")
+    lora_r: int = opt(16, "LoRA rank (the released DistiLLM-2 configs: 16).", ge=1)
+    lora_alpha: int = opt(128, "LoRA alpha (the released DistiLLM-2 configs: 128).", ge=1)
+    lora_dropout: float = opt(0.05, "LoRA dropout.", ge=0, lt=1)
     lora_target_modules: str = opt("all-linear", "Modules that get adapters: all-linear, or a comma-separated list of module names (e.g. q_proj,v_proj).")
     student_quant: str = opt("none", "Quantization-aware student: none, int8, int4, int3 or int2. The student's linear weights (not the embeddings or output head) are fake-quantized (symmetric, fp16 scale per group) and trained through a straight-through estimator; without --student it is the teacher itself, all layers, starting from round-to-nearest. student/ and student/student.gguf hold the quantized weights exactly (docs/quantization.md).")
     student_quant_group_size: int = opt(32, "Weights sharing one scale in --student-quant (along each row's inputs); a multiple of 32, the GGUF block size.")
@@ -51,8 +66,8 @@ class DataSection:
     prompts: str = opt("builtin:train", "Training prompts: JSONL, JSON, CSV, Parquet, a saved HF dataset directory ('DIR' or 'DIR:split'), or builtin:train.")
     teacher_responses: str | None = opt(None, "JSONL of teacher responses to reuse instead of generating them (from `distillm generate`, or rows with id and response matching the prompt ids).")
     eval_prompts: str | None = opt("builtin:eval", "Held-out prompts for the before/after evaluation (same formats); empty to skip.")
-    num_prompts: int | None = opt(None, "Use only the first N training prompts.")
-    num_eval_prompts: int | None = opt(None, "Use only the first N held-out prompts.")
+    num_prompts: int | None = opt(None, "Use only the first N training prompts.", ge=1)
+    num_eval_prompts: int | None = opt(None, "Use only the first N held-out prompts.", ge=1)
     prompt_field: str = opt("prompt", "Field (column) holding a plain-text prompt.")
     messages_field: str = opt("messages", "Field holding a chat as a list of {role, content} messages (used when present).")
     response_field: str = opt("response", "Field holding a reference response, if any.")
@@ -60,21 +75,21 @@ class DataSection:
     image_field: str = opt("image", "Vision-language models: field holding each prompt's image path (relative to the prompt file's folder).")
     system_prompt: str | None = opt(None, "System message prepended to every chat that has none.")
     chat_template: bool = opt(True, "Render prompts with the tokenizer's own chat template (--no-chat-template: raw text).")
-    max_prompt_length: int = opt(512, "Prompts longer than this many tokens are cut from the left (counted and reported).")
-    max_length: int = opt(1024, "Maximum prompt + response tokens in training.")
+    max_prompt_length: int = opt(512, "Prompts longer than this many tokens are cut from the left (counted and reported).", ge=1)
+    max_length: int = opt(1024, "Maximum prompt + response tokens in training.", ge=2)
 
 
 @dataclass
 class GenerationSection:
-    backend: str = opt("auto", "Generation backend: auto (vLLM if installed and a GPU is present, else hf), hf or vllm.")
-    temperature: float = opt(0.8, "Sampling temperature for teacher and student responses (0 = greedy).")
-    top_p: float = opt(0.95, "Nucleus sampling top-p.")
-    max_new_tokens: int = opt(512, "Maximum tokens per generated response.")
-    generation_batch_size: int = opt(32, "Prompts per generation batch (hf backend).")
-    max_batch_tokens: int | None = opt(None, "Cap on batch x (prompt + new tokens) per generation batch.")
-    generation_seed: int = opt(0, "Seed of the sampling (each batch and round derives its own from it).")
-    vllm_gpu_memory_utilization: float = opt(0.4, "Fraction of GPU memory vLLM may take.")
-    vllm_tensor_parallel_size: int = opt(1, "vLLM tensor-parallel size.")
+    backend: str = opt("auto", "Generation backend: auto (vLLM if installed and a GPU is present, else hf), hf or vllm.", choices=("auto", "hf", "vllm"))
+    temperature: float = opt(0.8, "Sampling temperature for teacher and student responses (0 = greedy).", ge=0)
+    top_p: float = opt(0.95, "Nucleus sampling top-p.", gt=0, le=1)
+    max_new_tokens: int = opt(512, "Maximum tokens per generated response.", ge=1)
+    generation_batch_size: int = opt(32, "Prompts per generation batch (hf backend).", ge=1)
+    max_batch_tokens: int | None = opt(None, "Cap on batch x (prompt + new tokens) per generation batch.", ge=1)
+    generation_seed: int = opt(0, "Seed of the sampling (each batch and round derives its own from it).", ge=0, le=SEED_MAX)
+    vllm_gpu_memory_utilization: float = opt(0.4, "Fraction of GPU memory vLLM may take.", gt=0, le=1)
+    vllm_tensor_parallel_size: int = opt(1, "vLLM tensor-parallel size.", ge=1)
 
 
 METHOD_NAMES = ("distillm2", "distillm", "kd", "seqkd", "imitkd", "gkd", "minillm", "dpkd", "speculative-kd",
@@ -83,23 +98,23 @@ METHOD_NAMES = ("distillm2", "distillm", "kd", "seqkd", "imitkd", "gkd", "minill
 
 @dataclass
 class MethodSection:
-    method: str = opt("distillm2", "Distillation method: " + ", ".join(METHOD_NAMES) + " (see README: Methods).")
-    fixed_responses: str = opt("teacher", "Fixed (off-policy) responses of kd, imitkd, gkd and distillm: 'teacher' (sampled once from the teacher) or 'dataset' (the prompt file's response / last assistant message).")
-    jsd_beta: float = opt(0.5, "gkd (and speculative-kd with --skd-loss jsd): b of the generalised JSD (0 -> forward KL, 1 -> reverse KL).")
-    gkd_lambda: float = opt(0.5, "gkd: probability that a batch is sampled on-policy from the current student (else fixed data).")
-    imitkd_fixed_fraction: float = opt(0.0, "imitkd: probability that a batch uses the fixed responses instead of fresh student samples.")
-    v1_loss: str = opt("skl", "distillm (v1): skl (skew KL) or srkl (skew reverse KL).")
-    v1_alpha: float = opt(0.1, "distillm (v1): the skew a of SKL / SRKL.")
-    v1_threshold_init: float = opt(0.0, "distillm (v1): initial probability tau that a batch uses student outputs (fresh or replayed).")
-    v1_threshold_step: float = opt(0.1, "distillm (v1): tau rises by this much each time the validation loss rises.")
-    v1_fresh_start: float = opt(1.0, "distillm (v1): probability that a student-output batch is freshly generated (and pushed to the replay buffer) rather than replayed, at the start of training.")
-    v1_fresh_end: float = opt(0.2, "distillm (v1): that probability at the end of training (linear decay).")
-    v1_buffer_capacity: int = opt(1000, "distillm (v1): replay buffer capacity (responses; the oldest are replaced).")
-    v1_val_interval: int = opt(10, "distillm (v1): optimizer steps between validation-loss measurements that adapt tau.")
-    dpkd_beta: float = opt(0.2, "dpkd: beta of the DPO-style loss.")
-    skd_top_k: int = opt(25, "speculative-kd: the teacher keeps a student token if it is in the teacher's top-K, else samples its own.")
-    skd_loss: str = opt("fkl", "speculative-kd: loss on the jointly decoded responses: fkl, rkl, jsd or tvd.")
-    sbs_rationale_weight: float = opt(1.0, "step-by-step: weight of the rationale task (loss = answer NLL + weight * rationale NLL).")
+    method: str = opt("distillm2", "Distillation method: " + ", ".join(METHOD_NAMES) + " (see README: Methods).", choices=METHOD_NAMES)
+    fixed_responses: str = opt("teacher", "Fixed (off-policy) responses of kd, imitkd, gkd and distillm: 'teacher' (sampled once from the teacher) or 'dataset' (the prompt file's response / last assistant message).", choices=("teacher", "dataset"))
+    jsd_beta: float = opt(0.5, "gkd (and speculative-kd with --skd-loss jsd): b of the generalised JSD (0 -> forward KL, 1 -> reverse KL).", ge=0, le=1)
+    gkd_lambda: float = opt(0.5, "gkd: probability that a batch is sampled on-policy from the current student (else fixed data).", ge=0, le=1)
+    imitkd_fixed_fraction: float = opt(0.0, "imitkd: probability that a batch uses the fixed responses instead of fresh student samples.", ge=0, le=1)
+    v1_loss: str = opt("skl", "distillm (v1): skl (skew KL) or srkl (skew reverse KL).", choices=("skl", "srkl"))
+    v1_alpha: float = opt(0.1, "distillm (v1): the skew a of SKL / SRKL.", ge=0, lt=1)
+    v1_threshold_init: float = opt(0.0, "distillm (v1): initial probability tau that a batch uses student outputs (fresh or replayed).", ge=0, le=1)
+    v1_threshold_step: float = opt(0.1, "distillm (v1): tau rises by this much each time the validation loss rises.", ge=0, le=1)
+    v1_fresh_start: float = opt(1.0, "distillm (v1): probability that a student-output batch is freshly generated (and pushed to the replay buffer) rather than replayed, at the start of training.", ge=0, le=1)
+    v1_fresh_end: float = opt(0.2, "distillm (v1): that probability at the end of training (linear decay).", ge=0, le=1)
+    v1_buffer_capacity: int = opt(1000, "distillm (v1): replay buffer capacity (responses; the oldest are replaced).", ge=1)
+    v1_val_interval: int = opt(10, "distillm (v1): optimizer steps between validation-loss measurements that adapt tau.", ge=1)
+    dpkd_beta: float = opt(0.2, "dpkd: beta of the DPO-style loss.", gt=0)
+    skd_top_k: int = opt(25, "speculative-kd: the teacher keeps a student token if it is in the teacher's top-K, else samples its own.", ge=1)
+    skd_loss: str = opt("fkl", "speculative-kd: loss on the jointly decoded responses: fkl, rkl, jsd or tvd.", choices=("fkl", "rkl", "jsd", "tvd"))
+    sbs_rationale_weight: float = opt(1.0, "step-by-step: weight of the rationale task (loss = answer NLL + weight * rationale NLL).", ge=0)
     sbs_answer_prefix: str = opt("[answer] ", "step-by-step: task prefix of the answer task (prepended to the prompt).")
     sbs_rationale_prefix: str = opt("[rationale] ", "step-by-step: task prefix of the rationale task.")
     sbs_instruction: str = opt("Think step by step: explain your reasoning, then give the final answer on its own last line as 'Answer: <answer>'.", "step-by-step: instruction appended to each prompt when asking the teacher for a rationale.")
@@ -107,47 +122,47 @@ class MethodSection:
 
 @dataclass
 class LossSection:
-    alpha0: float = opt(0.1, "Base skew a0 (the skew of a sample whose gap equals the running reference gap).")
-    alpha_min: float = opt(0.01, "Lower clamp of the curriculum skew.")
-    alpha_max: float = opt(0.5, "Upper clamp of the curriculum skew.")
+    alpha0: float = opt(0.1, "Base skew a0 (the skew of a sample whose gap equals the running reference gap).", ge=0, lt=1)
+    alpha_min: float = opt(0.01, "Lower clamp of the curriculum skew.", ge=0, lt=1)
+    alpha_max: float = opt(0.5, "Upper clamp of the curriculum skew.", ge=0, lt=1)
     curriculum: bool = opt(True, "Per-sample curriculum skew a (off: constant a = alpha0).")
-    gap_momentum: float = opt(0.9, "Momentum of the running reference gap of the curriculum.")
+    gap_momentum: float = opt(0.9, "Momentum of the running reference gap of the curriculum.", ge=0, lt=1)
     b_ramp: bool = opt(True, "Ramp b (weight of SRKL; SKL gets 2 - b) from b-start to b-end (off: b = b-start).")
-    b_start: float = opt(1.0, "b at the start of training.")
-    b_end: float = opt(1.5, "b at the end of the ramp.")
-    ramp_fraction: float = opt(0.5, "Fraction of the training steps over which b ramps.")
-    reduction: str = opt("seq_mean", "seq_mean (mean per response, then over responses) or token_mean.")
-    loss_temperature: float = opt(1.0, "Temperature dividing both models' logits inside the loss.")
-    loss_impl: str = opt("fused", "fused: losses from hidden states and the output heads, a chunk of tokens at a time (no full-vocabulary logits of the batch); plain: from full logits (the reference; same values and gradients, more memory).")
-    loss_chunk_size: int | None = opt(None, "Tokens per chunk of the fused losses (default: sized so one chunk's logits take ~64 MiB).")
+    b_start: float = opt(1.0, "b at the start of training.", ge=0, le=2)
+    b_end: float = opt(1.5, "b at the end of the ramp.", ge=0, le=2)
+    ramp_fraction: float = opt(0.5, "Fraction of the training steps over which b ramps.", ge=0, le=1)
+    reduction: str = opt("seq_mean", "seq_mean (mean per response, then over the non-empty responses) or token_mean (distillm v1 always uses token_mean, as its code).", choices=("seq_mean", "token_mean"))
+    loss_temperature: float = opt(1.0, "Temperature dividing both models' logits inside the loss.", gt=0)
+    loss_impl: str = opt("fused", "fused: losses from hidden states and the output heads, a chunk of tokens at a time (no full-vocabulary logits of the batch); plain: from full logits (the reference; same values and gradients, more memory).", choices=("fused", "plain"))
+    loss_chunk_size: int | None = opt(None, "Tokens per chunk of the fused losses (default: sized so one chunk's logits take ~64 MiB).", ge=1)
 
 
 @dataclass
 class TrainingSection:
-    rounds: int = opt(2, "Batched on-policy rounds: each regenerates the student's responses, then trains one epoch.")
-    learning_rate: float = opt(5e-5, "Peak learning rate.")
+    rounds: int = opt(2, "Batched on-policy rounds: each regenerates the student's responses, then trains one epoch.", ge=1)
+    learning_rate: float = opt(5e-5, "Peak learning rate.", gt=0)
     lr_scheduler_type: str = opt("cosine", "Learning-rate schedule (any transformers scheduler name).")
-    warmup_ratio: float = opt(0.1, "Fraction of the steps spent warming up the learning rate.")
-    per_device_train_batch_size: int = opt(8, "Pairs per micro-batch per process.")
-    gradient_accumulation_steps: int = opt(4, "Micro-batches per optimizer step (default: effective batch 8 x 4 = 32, as the released configs).")
-    weight_decay: float = opt(0.0, "AdamW weight decay.")
-    max_grad_norm: float = opt(1.0, "Gradient clipping norm.")
-    seed: int = opt(42, "Training seed (data order, initialisation of anything random).")
-    logging_steps: int = opt(1, "Log every N optimizer steps.")
-    save_steps: int = opt(50, "Checkpoint every N optimizer steps (and at the end).")
-    save_total_limit: int = opt(2, "Checkpoints kept.")
+    warmup_ratio: float = opt(0.1, "Fraction of the steps spent warming up the learning rate.", ge=0, lt=1)
+    per_device_train_batch_size: int = opt(8, "Pairs per micro-batch per process.", ge=1)
+    gradient_accumulation_steps: int = opt(4, "Micro-batches per optimizer step (default: effective batch 8 x 4 = 32, as the released configs).", ge=1)
+    weight_decay: float = opt(0.0, "AdamW weight decay.", ge=0)
+    max_grad_norm: float = opt(1.0, "Gradient clipping norm.", ge=0)
+    seed: int = opt(42, "Training seed (data order, initialisation of anything random).", ge=0, le=SEED_MAX)
+    logging_steps: int = opt(1, "Log every N optimizer steps.", ge=1)
+    save_steps: int = opt(50, "Checkpoint every N optimizer steps (and at the end).", ge=1)
+    save_total_limit: int = opt(2, "Checkpoints kept.", ge=1)
     report_to: str = opt("none", "Where logs go besides the output directory: none, tensorboard, wandb, ...")
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
-    teacher_cache: str = opt("off", "Cache the teacher's scores on the fixed (teacher) responses across rounds and resumes: off; exact (its final hidden states, H floats per token, memory-mapped; the head is applied in the loss, so losses are unchanged); topk (its top-k log-probs, the tail mass spread over the other tokens: approximate, see README).")
-    teacher_cache_k: int = opt(64, "k of --teacher-cache topk.")
+    teacher_cache: str = opt("off", "Cache the teacher's scores on the fixed (teacher) responses across rounds and resumes: off; exact (its final hidden states, H floats per token, memory-mapped; the head is applied in the loss, so losses are unchanged); topk (its top-k log-probs, the tail mass spread over the other tokens: approximate, see README).", choices=("off", "exact", "topk"))
+    teacher_cache_k: int = opt(64, "k of --teacher-cache topk.", ge=1)
     teacher_cache_dir: str | None = opt(None, "Where the teacher cache lives (default: teacher_cache/ in the run directory).")
-    max_nonfinite_steps: int = opt(3, "Optimizer steps whose loss or gradients are NaN/inf are skipped and counted; after this many in a row the run stops with a checkpoint and names the batch.")
+    max_nonfinite_steps: int = opt(3, "Optimizer steps whose loss or gradients are NaN/inf are skipped and counted; after this many in a row the run stops with a checkpoint and names the batch.", ge=1)
 
 
 @dataclass
 class EvaluationSection:
     evaluate: bool = opt(True, "Evaluate the student on the held-out prompts before and after distillation.")
-    eval_max_new_tokens: int | None = opt(None, "Response length of the evaluation samples (default: max-new-tokens).")
+    eval_max_new_tokens: int | None = opt(None, "Response length of the evaluation samples (default: max-new-tokens).", ge=1)
 
 
 class _SectionedConfig:
@@ -196,7 +211,7 @@ class AlignModelSection:
 @dataclass
 class AlignDataSection:
     preferences: str | None = opt(None, "Preference pairs: JSONL (or JSON, CSV, Parquet, saved dataset) with a prompt (or messages), a chosen and a rejected response per row.")
-    num_preferences: int | None = opt(None, "Use only the first N preference pairs.")
+    num_preferences: int | None = opt(None, "Use only the first N preference pairs.", ge=1)
     prompt_field: str = DataSection.__dataclass_fields__["prompt_field"].default
     messages_field: str = DataSection.__dataclass_fields__["messages_field"].default
     chosen_field: str = opt("chosen", "Field holding the preferred response.")
@@ -210,7 +225,7 @@ class AlignDataSection:
 
 @dataclass
 class DPOSection:
-    dpo_beta: float = opt(0.1, "DPO beta: strength of the pull towards the reference model (TRL DPOConfig.beta).")
+    dpo_beta: float = opt(0.1, "DPO beta: strength of the pull towards the reference model (TRL DPOConfig.beta).", gt=0)
     dpo_loss_type: str = opt("sigmoid", "TRL DPO loss type: sigmoid (DPO), ipo, hinge, robust, ... (TRL DPOConfig.loss_type).")
 
 
@@ -249,13 +264,89 @@ def _option_fields(config_cls: type) -> dict[str, tuple[str | None, dataclasses.
     return out
 
 
+def _fix(name: str, f: dataclasses.Field, flag: str | None = None) -> str:
+    """The end of an option's error message: where to set it and to what."""
+    where = flag or f"--{name.replace('_', '-')} (YAML key {name})"
+    accepted = range_text(f)
+    if not accepted:
+        kind = str(f.type).split(" ")[0]
+        accepted = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false"}.get(kind, kind)
+    elif "choices" not in f.metadata:
+        accepted = "a value " + accepted
+    text = f" Set {where} to {accepted}"
+    if flag:  # a command's own flag: its default may differ from the config option's
+        return text + "."
+    return text + (f" (the default is {f.default!r})." if f.default is not None else ", or leave it empty.")
+
+
+def _describe(value: Any) -> str:
+    """A value for an error message, cut short: a YAML alias bomb or a long text is never printed whole."""
+    short = reprlib.Repr()
+    short.maxlevel, short.maxstring, short.maxother, short.maxlist, short.maxdict = 1, 60, 60, 3, 3
+    if isinstance(value, dict):
+        return f"a mapping {short.repr(value)}"
+    if isinstance(value, (list, tuple, set)):
+        return f"a list {short.repr(value)}"
+    return short.repr(value)
+
+
+def range_text(f: dataclasses.Field) -> str:
+    """The values an option accepts, from its metadata: '>= 0 and < 1', 'one of a, b', or ''."""
+    meta = f.metadata
+    if "choices" in meta:
+        return "one of " + ", ".join(meta["choices"])
+    return " and ".join(f"{symbol} {meta[key]}" for key, symbol in (("ge", ">="), ("gt", ">"), ("le", "<="),
+                                                                    ("lt", "<")) if key in meta)
+
+
+def _check_value(name: str, f: dataclasses.Field, value: Any, where: str, flag: str | None = None) -> None:
+    """Raise ConfigError unless `value` (already of the option's type) is finite and within the option's range."""
+    if value is None:
+        return
+    meta, fix = f.metadata, _fix(name, f, flag)
+    shown = flag or f"'{name}'"
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: {shown} must be a finite number, got {value}.{fix}")
+    if isinstance(value, int) and not isinstance(value, bool) and not -INT_MAX - 1 <= value <= INT_MAX:
+        raise ConfigError(f"{where}: {shown} is out of range ({_describe(value)} does not fit in 64 bits).{fix}")
+    if "choices" in meta:
+        if value not in meta["choices"]:
+            raise ConfigError(f"{where}: {shown} cannot be {_describe(value)}.{fix}")
+        return
+    outside = (("ge" in meta and not value >= meta["ge"]) or ("gt" in meta and not value > meta["gt"])
+               or ("le" in meta and not value <= meta["le"]) or ("lt" in meta and not value < meta["lt"]))
+    if outside:
+        raise ConfigError(f"{where}: {shown} = {value} is out of range.{fix}")
+
+
+def check_option(name: str, value: Any, *, flag: str | None = None, where: str = "command line") -> None:
+    """Check a value a command takes outside the config (e.g. `distillm generate --seed`) against the range of
+    the config option `name` it corresponds to; `flag` is how the command spells it."""
+    _check_value(name, option_fields(RunConfig)[name][1], value, where, flag)
+
+
+def check_flags(args, options: dict[str, str]) -> None:
+    """`check_option` for a command's own argparse flags: {flag: config option of the same role}; each value is
+    read from `args` under the flag's name (--top-p -> args.top_p)."""
+    for flag, name in options.items():
+        check_option(name, getattr(args, flag.lstrip("-").replace("-", "_")), flag=flag)
+
+
 def _coerce(name: str, f: dataclasses.Field, value: Any, where: str) -> Any:
+    """The value converted to the option's type, then checked against its range (`_check_value`)."""
     kind = str(f.type)
     optional = "None" in kind
     if value is None or (optional and isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
         if optional:
             return None
-        raise ConfigError(f"{where}: '{name}' cannot be empty.")
+        raise ConfigError(f"{where}: '{name}' cannot be empty.{_fix(name, f)}")
+    expects = kind.replace(" | None", " or empty")
+    if isinstance(value, bool) and kind.startswith("str"):
+        raise ConfigError(f"{where}: '{name}' expects a string, got {value}: YAML reads yes/no/true/false/on/off as "
+                          f"booleans. Quote the text, e.g. {name}: \"{str(value).lower()}\".")
+    if not isinstance(value, (str, int, float)):  # lists, mappings, dates, ... (bool is an int)
+        raise ConfigError(f"{where}: '{name}' expects a single {expects} value, got {_describe(value)}. Give one "
+                          f"value, not a list or a mapping.{_fix(name, f)}")
     try:
         if kind.startswith("bool"):
             if isinstance(value, bool):
@@ -269,12 +360,24 @@ def _coerce(name: str, f: dataclasses.Field, value: Any, where: str) -> Any:
         if kind.startswith("int"):
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError
-            return int(value)
-        if kind.startswith("float"):
-            return float(value)
-        return str(value)
+            value = int(value)
+        elif kind.startswith("float"):
+            if isinstance(value, bool):
+                raise ValueError
+            value = float(value)
+        else:
+            value = str(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{where}: '{name}' expects {kind.replace(' | None', ' or empty')}, got {value!r}.") from None
+        raise ConfigError(f"{where}: '{name}' expects {expects}, got {_describe(value)}.{_fix(name, f)}") from None
+    _check_value(name, f, value, where)
+    return value
+
+
+def check_all(config) -> None:
+    """Every option's current value against its type and range, whatever set it (a last check before work)."""
+    for name, (section, f) in option_fields(type(config)).items():
+        value = getattr(getattr(config, section) if section else config, name)
+        _coerce(name, f, value, "config")
 
 
 def apply_overrides(config, overrides: dict[str, Any], where: str = "config"):
@@ -282,9 +385,11 @@ def apply_overrides(config, overrides: dict[str, Any], where: str = "config"):
     known = option_fields(type(config))
     flat: dict[str, Any] = {}
     for key, value in overrides.items():
+        if not isinstance(key, str):
+            _unknown(key, known, where)
         if key in config.sections() and isinstance(value, dict):
             for sub_key, sub_value in value.items():
-                if sub_key not in known or known[sub_key][0] != key:
+                if not isinstance(sub_key, str) or sub_key not in known or known[sub_key][0] != key:
                     _unknown(sub_key, known, f"{where} (section '{key}')")
                 flat[sub_key] = sub_value
         else:
@@ -300,6 +405,9 @@ def apply_overrides(config, overrides: dict[str, Any], where: str = "config"):
 
 
 def _unknown(key: str, known: dict, where: str):
+    if not isinstance(key, str):
+        raise ConfigError(f"{where}: option names are text, got the key {_describe(key)}. Run `distillm run --help` "
+                          "for the list of options.")
     names = [*known, *SECTIONS]
     close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
     if close and close[0] in SECTIONS:
@@ -312,65 +420,18 @@ def _unknown(key: str, known: dict, where: str):
 
 
 def validate(config: RunConfig) -> None:
-    """Check values before any work starts, so a typo fails in a second, not after the teacher has generated."""
+    """Check values before any work starts, so a typo fails in a second, not after the teacher has generated.
+    Each option's own range is its field's metadata (`check_all`); here are the checks across options."""
     from transformers.trainer_utils import SchedulerType
 
-    m, d, g, lo, t, e = (config.model, config.data, config.generation, config.loss, config.training,
-                         config.evaluation)
-    me = config.method
-    positive = {"max_prompt_length": d.max_prompt_length, "max_length": d.max_length,
-                "max_new_tokens": g.max_new_tokens, "generation_batch_size": g.generation_batch_size,
-                "vllm_tensor_parallel_size": g.vllm_tensor_parallel_size, "rounds": t.rounds,
-                "per_device_train_batch_size": t.per_device_train_batch_size,
-                "gradient_accumulation_steps": t.gradient_accumulation_steps, "logging_steps": t.logging_steps,
-                "save_steps": t.save_steps, "save_total_limit": t.save_total_limit,
-                "max_nonfinite_steps": t.max_nonfinite_steps}
-    optional_positive = {"num_prompts": d.num_prompts, "num_eval_prompts": d.num_eval_prompts,
-                         "max_batch_tokens": g.max_batch_tokens, "eval_max_new_tokens": e.eval_max_new_tokens}
-    checks = [(value >= 1, f"{name} must be >= 1 (got {value})") for name, value in positive.items()]
-    checks += [(value is None or value >= 1, f"{name} must be >= 1 or empty (got {value})")
-               for name, value in optional_positive.items()]
+    check_all(config)
+    m, d, lo, t = config.model, config.data, config.loss, config.training
     schedulers = [s.value for s in SchedulerType]
-    checks += [
-        (t.learning_rate > 0, "learning_rate must be > 0"),
-        (0 <= t.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
+    checks = [
         (t.lr_scheduler_type in schedulers, f"lr_scheduler_type must be one of {', '.join(schedulers)}"),
-        (0 <= lo.alpha_min <= lo.alpha0 <= lo.alpha_max < 1, "need 0 <= alpha_min <= alpha0 <= alpha_max < 1"),
-        (0 <= lo.gap_momentum < 1, "gap_momentum must be in [0, 1)"),
-        (0 <= lo.b_start <= 2 and 0 <= lo.b_end <= 2, "b_start and b_end must be in [0, 2] (SKL gets weight 2 - b)"),
-        (0 <= lo.ramp_fraction <= 1, "ramp_fraction must be in [0, 1]"),
-        (lo.loss_temperature > 0, "loss_temperature must be > 0"),
-        (lo.reduction in ("seq_mean", "token_mean"), "reduction must be seq_mean or token_mean"),
-        (lo.loss_impl in ("fused", "plain"), f"loss_impl must be fused or plain (got '{lo.loss_impl}')"),
-        (lo.loss_chunk_size is None or lo.loss_chunk_size >= 1, "loss_chunk_size must be >= 1 or empty"),
-        (t.teacher_cache in ("off", "exact", "topk"), f"teacher_cache must be off, exact or topk (got '{t.teacher_cache}')"),
-        (t.teacher_cache_k >= 1, "teacher_cache_k must be >= 1"),
-        (0 < g.top_p <= 1, "top_p must be in (0, 1]"),
-        (g.temperature >= 0, "temperature must be >= 0"),
-        (0 < g.vllm_gpu_memory_utilization <= 1, "vllm_gpu_memory_utilization must be in (0, 1]"),
-        (g.backend in ("auto", "hf", "vllm"), "backend must be auto, hf or vllm"),
+        (lo.alpha_min <= lo.alpha0 <= lo.alpha_max, "need 0 <= alpha_min <= alpha0 <= alpha_max < 1"),
         (d.max_prompt_length < d.max_length, "max_prompt_length must be < max_length"),
-        (me.method in METHOD_NAMES, f"method must be one of {', '.join(METHOD_NAMES)} (got '{me.method}')"),
-        (me.fixed_responses in ("teacher", "dataset"), "fixed_responses must be teacher or dataset"),
-        (0 <= me.jsd_beta <= 1, "jsd_beta must be in [0, 1]"),
-        (0 <= me.gkd_lambda <= 1, "gkd_lambda must be in [0, 1]"),
-        (0 <= me.imitkd_fixed_fraction <= 1, "imitkd_fixed_fraction must be in [0, 1]"),
-        (me.v1_loss in ("skl", "srkl"), "v1_loss must be skl or srkl"),
-        (0 <= me.v1_alpha < 1, "v1_alpha must be in [0, 1)"),
-        (0 <= me.v1_threshold_init <= 1, "v1_threshold_init must be in [0, 1]"),
-        (0 <= me.v1_threshold_step <= 1, "v1_threshold_step must be in [0, 1]"),
-        (0 <= me.v1_fresh_end <= 1 and 0 <= me.v1_fresh_start <= 1, "v1_fresh_start and v1_fresh_end must be in [0, 1]"),
-        (me.v1_buffer_capacity >= 1, "v1_buffer_capacity must be >= 1"),
-        (me.v1_val_interval >= 1, "v1_val_interval must be >= 1"),
-        (me.dpkd_beta > 0, "dpkd_beta must be > 0"),
-        (me.skd_top_k >= 1, "skd_top_k must be >= 1"),
-        (me.skd_loss in ("fkl", "rkl", "jsd", "tvd"), "skd_loss must be fkl, rkl, jsd or tvd"),
-        (me.sbs_rationale_weight >= 0, "sbs_rationale_weight must be >= 0"),
-        (m.lora_r >= 1 and m.lora_alpha >= 1, "lora_r and lora_alpha must be >= 1"),
-        (0 <= m.lora_dropout < 1, "lora_dropout must be in [0, 1)"),
         (bool(m.lora_target_modules.strip()), "lora_target_modules must be all-linear or a list of module names"),
-        (m.dtype in ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"),
-         "dtype must be auto, float32, bfloat16 or float16"),
     ]
     checks += _quant_checks(m)
     for ok, message in checks:
@@ -398,22 +459,11 @@ def _quant_checks(m: ModelSection) -> list[tuple[bool, str]]:
 
 def validate_align(config: AlignConfig) -> None:
     """The checks of `distillm align`'s options (the policy and preference file are checked when loaded)."""
-    d, t, dpo = config.data, config.training, config.dpo
+    check_all(config)
+    d, t = config.data, config.training
     checks = [
-        (d.max_prompt_length >= 1, f"max_prompt_length must be >= 1 (got {d.max_prompt_length})"),
         (d.max_prompt_length < d.max_length, "max_prompt_length must be < max_length"),
-        (d.num_preferences is None or d.num_preferences >= 1, "num_preferences must be >= 1 or empty"),
-        (dpo.dpo_beta > 0, "dpo_beta must be > 0"),
         (t.teacher_cache == "off", "teacher_cache is a distillation option; distillm align has no teacher (leave it off)"),
-        (t.rounds >= 1, "rounds (epochs over the preference pairs) must be >= 1"),
-        (t.learning_rate > 0, "learning_rate must be > 0"),
-        (0 <= t.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
-        (t.per_device_train_batch_size >= 1 and t.gradient_accumulation_steps >= 1,
-         "per_device_train_batch_size and gradient_accumulation_steps must be >= 1"),
-        (t.save_steps >= 1 and t.save_total_limit >= 1 and t.logging_steps >= 1,
-         "save_steps, save_total_limit and logging_steps must be >= 1"),
-        (config.model.dtype in ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"),
-         "dtype must be auto, float32, bfloat16 or float16"),
     ]
     for ok, message in checks:
         if not ok:
@@ -476,6 +526,25 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def _read_yaml(path: Path) -> Any:
+    """A config file's YAML, with clear errors for bytes that are not UTF-8, bad syntax and absurd nesting."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column {column}). Save the "
+                          "config file as UTF-8.") from None
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err}).") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: the YAML is nested too deeply to read. A config is a mapping of option names to "
+                          "single values (optionally grouped in sections).") from None
+
+
 def load_config(path: str | os.PathLike | None = None, *, preset: str | None = None,
                 overrides: dict[str, Any] | None = None, config_cls: type = RunConfig):
     """Defaults, then the preset, then the YAML file, then command-line overrides."""
@@ -488,10 +557,7 @@ def load_config(path: str | os.PathLike | None = None, *, preset: str | None = N
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"Config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({err}).") from err
+        data = _read_yaml(path)
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of option names to values.")
         apply_overrides(config, data, where=str(path))

@@ -7,6 +7,7 @@ mid-write) so the rows it held are regenerated rather than trained on.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -20,18 +21,53 @@ from .faults import fault_point
 logger = logging.getLogger("distillm")
 
 
+#: The error text for JSON nested deeper than Python's parser recurses (json raises RecursionError).
+TOO_DEEP = "the JSON is nested too deeply to read (thousands of levels); no distillm file nests more than a few."
+
+
+#: errors of the disk or its permissions rather than of distillm: reported as a WriteError naming the file
+_DISK_ERRORS = {
+    errno.ENOSPC: ("no space left on the device", "free space there (or choose an --output-dir on another disk)"),
+    errno.EDQUOT: ("disk quota exceeded", "free space there (or choose an --output-dir on another disk)"),
+    errno.EROFS: ("read-only file system", "choose a writable --output-dir"),
+    errno.EACCES: ("permission denied", "choose a writable --output-dir (or make it writable)"),
+    errno.EPERM: ("operation not permitted", "choose a writable --output-dir (or make it writable)"),
+}
+
+
+class WriteError(DistillmError):
+    """A file could not be written: the disk is full or the location is not writable."""
+
+
+def disk_error(path: str | os.PathLike, err: OSError) -> WriteError | None:
+    """The clear error for an OSError of the disk or its permissions while writing `path`, else None."""
+    if err.errno not in _DISK_ERRORS:
+        return None
+    reason, fix = _DISK_ERRORS[err.errno]
+    return WriteError(f"Cannot write {path}: {reason} ({errno.errorcode[err.errno]}). {fix[0].upper()}{fix[1:]}, "
+                      "then rerun the same command: what is already finished is kept.")
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to a temporary file next to `path`, then rename it over `path`: `path` is either the old file or
+    the new one, never a part. A full disk or a location that is not writable is a WriteError naming `path`, and
+    the temporary file is removed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise disk_error(path, err) or err
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) and disk_error(path, err):
+            raise disk_error(path, err) from err
         raise
 
 
@@ -50,14 +86,16 @@ def iter_json_objects(path: str | os.PathLike, error: type[Exception] = Distillm
 
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as handle:
+    with opener(path, "rb") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
+                row = json.loads(line.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
                 raise error(f"{path}:{number}: not a valid JSON line ({err}).") from err
+            except RecursionError:
+                raise error(f"{path}:{number}: {TOO_DEEP}") from None
             if not isinstance(row, dict):
                 raise error(f"{path}:{number}: expected a JSON object per line.")
             yield number, row
@@ -77,6 +115,8 @@ def read_jsonl(path: str | os.PathLike, *, tolerate_torn_tail: bool = False) -> 
             continue
         try:
             rows.append(json.loads(line.decode("utf-8")))
+        except RecursionError:
+            raise DistillmError(f"{path}:{number}: {TOO_DEEP}") from None
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             if tolerate_torn_tail and is_last:
                 logger.warning("%s:%d: dropping a torn last line left by an interrupted write", path, number)
@@ -95,7 +135,10 @@ class JsonlAppender:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.partial = self.path.with_name(self.path.name + ".partial")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise disk_error(self.path.parent, err) or err
 
     def existing_rows(self) -> list[dict]:
         """Rows already complete: the finished file, or the intact lines of the partial one (rewritten clean).
@@ -122,10 +165,14 @@ class JsonlAppender:
         self._write(text)
 
     def _write(self, text: str) -> None:
-        with open(self.partial, "a", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
+        try:
+            with open(self.partial, "a", encoding="utf-8") as handle:
+                handle.write(text)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as err:
+            # the rows appended before stay in NAME.partial (a torn last line is dropped when the run continues)
+            raise disk_error(self.partial, err) or err
 
     def finish(self, rows_in_order: list[dict] | None = None) -> None:
         """Publish the file under its final name (optionally rewritten in a given row order)."""

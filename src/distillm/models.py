@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import importlib.util
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -73,6 +75,7 @@ def resolve_model_source(spec: str | os.PathLike) -> ModelSource:
     if path.suffix.lower() == ".gguf":
         if not path.is_file():
             raise ModelLoadError(f"GGUF file not found: {path}")
+        check_gguf_file(path)
         return ModelSource(text, "gguf", str(path))
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -90,22 +93,141 @@ def resolve_model_source(spec: str | os.PathLike) -> ModelSource:
     return ModelSource(text, "hub", text)
 
 
+GGUF_MAGIC = b"GGUF"
+
+
+def check_gguf_file(path: str | os.PathLike) -> None:
+    """Raise ModelLoadError unless `path` is a whole GGUF file: the magic bytes, a known version, and a header
+    (metadata and tensor table) that is intact and whose tensors all end inside the file. Reads the header only
+    (a fraction of a second), so an empty, foreign or truncated file fails before any model is loaded."""
+    path = Path(path)
+    stat = path.stat()
+    _check_gguf_cached(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _check_gguf_cached(path: str, size: int, mtime_ns: int) -> None:
+    redo = "Download or convert it again (an interrupted download leaves such a file)."
+    if size == 0:
+        raise ModelLoadError(f"{path} is empty (0 bytes), not a GGUF model. {redo}")
+    with open(path, "rb") as handle:
+        if handle.read(4) != GGUF_MAGIC:
+            raise ModelLoadError(f"{path} is not a GGUF file: it does not start with the bytes 'GGUF'. Pass a .gguf "
+                                 "model file, a directory saved with save_pretrained, or a Hugging Face id.")
+        try:
+            needed = _gguf_data_end(handle, size)
+        except (EOFError, ValueError, KeyError, OverflowError) as err:
+            raise ModelLoadError(f"{path} is a damaged or truncated GGUF file ({size} bytes): its header cannot be "
+                                 f"read ({err}). {redo}") from None
+    if needed > size:
+        raise ModelLoadError(f"{path} is a truncated GGUF file: {size} bytes, but its tensors need {needed}. {redo}")
+
+
+def _gguf_data_end(handle, size: int) -> int:
+    """Walk a GGUF header (after the magic): the file size its tensor table needs."""
+    import struct
+
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    def read(n: int) -> bytes:
+        data = handle.read(n)
+        if len(data) < n:
+            raise EOFError(f"the file ends inside the header, at byte {handle.tell()}")
+        return data
+
+    def u32() -> int:
+        return struct.unpack("<I", read(4))[0]
+
+    def u64() -> int:
+        return struct.unpack("<Q", read(8))[0]
+
+    def skip(n: int) -> None:
+        if handle.tell() + n > size:
+            raise EOFError(f"a header field of {n} bytes at byte {handle.tell()} runs past the end of the file")
+        handle.seek(n, 1)
+
+    def string() -> bytes:
+        n = u64()
+        if handle.tell() + n > size:
+            raise EOFError(f"a header string of {n} bytes at byte {handle.tell()} runs past the end of the file")
+        return read(n)
+
+    fixed = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUFValueType -> bytes
+
+    def value(kind: int, depth: int = 0):
+        if kind in fixed:
+            return read(fixed[kind])
+        if kind == 8:
+            return string()
+        if kind == 9 and depth < 8:
+            item, count = u32(), u64()
+            if item in fixed:
+                skip(count * fixed[item])
+            else:
+                if count * 8 > size:
+                    raise ValueError(f"an array of {count} items cannot fit in the file")
+                for _ in range(count):
+                    value(item, depth + 1)
+            return None
+        raise ValueError(f"unknown metadata value type {kind}")
+
+    version = u32()
+    if version not in (2, 3):
+        raise ValueError(f"GGUF version {version} (distillm reads versions 2 and 3)")
+    n_tensors, n_kv = u64(), u64()
+    if n_tensors > size or n_kv > size:
+        raise ValueError(f"{n_tensors} tensors and {n_kv} metadata entries cannot fit in the file")
+    alignment = 32
+    for _ in range(n_kv):
+        key, kind = string(), u32()
+        raw = value(kind)
+        if key == b"general.alignment" and kind == 4:
+            alignment = struct.unpack("<I", raw)[0] or 32
+    end = 0
+    for _ in range(n_tensors):
+        string()
+        n_dims = u32()
+        if n_dims > 8:
+            raise ValueError(f"a tensor with {n_dims} dimensions")
+        dims = [u64() for _ in range(n_dims)]
+        block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(u32())]
+        offset = u64()
+        elements = math.prod(dims)
+        end = max(end, offset + elements // block * type_size)
+    if n_tensors == 0:
+        return handle.tell()
+    start = -(-handle.tell() // alignment) * alignment
+    return start + end
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("DISTILLM_CACHE", Path.home() / ".cache" / "distillm"))
+
+
+def gguf_cache_dir(gguf_path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where `gguf_to_safetensors` keeps the safetensors copy of a GGUF file (keyed by its path, size and mtime)."""
+    gguf_path = Path(gguf_path).resolve()
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return Path(cache_dir or cache_root() / "gguf") / f"{gguf_path.stem}-{key}"
 
 
 def gguf_to_safetensors(gguf_path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None) -> Path:
     """De-quantise a GGUF file into a cached safetensors directory (done once; written atomically)."""
     gguf_path = Path(gguf_path).resolve()
-    stat = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    target = Path(cache_dir or cache_root() / "gguf") / f"{gguf_path.stem}-{key}"
+    target = gguf_cache_dir(gguf_path, cache_dir=cache_dir)
     if (target / "config.json").is_file():
         return target
     logger.info("Converting %s to safetensors (once) into %s", gguf_path.name, target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    check_gguf_file(gguf_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    except Exception as err:  # gguf's and transformers' readers raise assorted types (struct.error, IndexError, ...)
+        raise ModelLoadError(f"Cannot load the GGUF file {gguf_path}: {type(err).__name__}: {err}. If the file is "
+                             "damaged, download or convert it again; transformers reads the GGUF architectures it "
+                             "lists as supported.") from err
     # A GGUF-loaded model carries a quantizer that refuses save_pretrained; the weights are already de-quantised.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -139,21 +261,23 @@ def load_model(
     *,
     dtype: str = "auto",
     trust_remote_code: bool = False,
+    tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer from an alias, a GGUF file, a local directory or a Hub id.
 
     Weights are read from safetensors only (no pickle). `trust_remote_code` stays off unless asked for.
+    `tokenizer`: the model's tokenizer from `load_tokenizer`, already loaded (a 262k-token one takes many seconds).
     """
     source = resolve_model_source(spec)
     if source.kind == "tiny":
         from .tiny import build_tiny_model, build_tiny_tokenizer
 
-        tokenizer = build_tiny_tokenizer()
+        tokenizer = tokenizer or build_tiny_tokenizer()
         return build_tiny_model(tokenizer).to(resolve_dtype(dtype)), tokenizer
     path = str(gguf_to_safetensors(source.path)) if source.kind == "gguf" else source.path
     kwargs = dict(trust_remote_code=trust_remote_code)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        tokenizer = tokenizer or _ready(AutoTokenizer.from_pretrained(path, **kwargs))
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=resolve_dtype(dtype), use_safetensors=True, **kwargs
         )
@@ -167,15 +291,44 @@ def load_model(
                 "models only.") from err
         where = "the Hugging Face Hub or its local cache" if source.kind == "hub" else path
         raise ModelLoadError(f"Could not load model '{source.spec}' from {where}: {err}") from err
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
     if real_vocab_size(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         raise ModelLoadError(
             f"Model '{source.spec}' has {model.get_input_embeddings().weight.shape[0]} embedding rows but its "
             f"tokenizer has {real_vocab_size(tokenizer)} tokens."
         )
     return model, tokenizer
+
+
+def load_tokenizer(spec: str | os.PathLike, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer `load_model` would return, without reading the weights (seconds, not the minute or more a
+    large model or a first GGUF conversion takes): options that depend on it only (the chat template) are
+    checked before the model is loaded. A GGUF file's tokenizer comes from its converted copy if there is one,
+    else from the file's metadata."""
+    source = resolve_model_source(spec)
+    if source.kind == "tiny":
+        from .tiny import build_tiny_tokenizer
+
+        return build_tiny_tokenizer()
+    path, kwargs = source.path, dict(trust_remote_code=trust_remote_code)
+    if source.kind == "gguf":
+        converted = gguf_cache_dir(source.path)
+        if (converted / "config.json").is_file():
+            path = str(converted)
+        else:
+            path, kwargs["gguf_file"] = str(Path(source.path).parent), Path(source.path).name
+    try:
+        return _ready(AutoTokenizer.from_pretrained(path, **kwargs))
+    except (OSError, ValueError) as err:
+        where = "the Hugging Face Hub or its local cache" if source.kind == "hub" else source.path
+        raise ModelLoadError(f"Could not load the tokenizer of '{source.spec}' from {where}: {err}") from err
+
+
+def _ready(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Pad with EOS when the tokenizer has no pad token, on the left (generation appends on the right)."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
 
 
 def loadable_path(spec: str | os.PathLike) -> str | None:

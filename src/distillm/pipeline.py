@@ -40,17 +40,19 @@ from .config import RunConfig
 from .distributed import process_state
 from .errors import DistillmError
 from .faults import fault_point
-from .data.prompts import EncodedPrompt, encode_prompts, load_prompts
+from .data.prompts import EncodedPrompt, check_chat_template, encode_prompts, load_prompts
 from .generation.base import SamplingParams
 from .generation.hf import HFBackend
 from .generation.runner import generate_sharded
 from .generation.vllm_backend import LazyVLLMBackend, choose_backend_name
-from .io import atomic_write_json, atomic_write_text, read_jsonl, write_jsonl
+from .io import atomic_write_json, atomic_write_text, iter_json_objects, read_jsonl, write_jsonl
+from . import rundir
+from .rundir import RunDirError
 from .methods import build_method
 from .methods.base import Method
 from .models import (
     add_lora, check_quantization_supported, check_same_tokenizer, count_parameters, is_peft_model, load_model,
-    load_quantized_student, loadable_path, merged_copy, parse_layer_spec, prune_layers, real_vocab_size,
+    load_quantized_student, load_tokenizer, loadable_path, merged_copy, parse_layer_spec, prune_layers, real_vocab_size,
     resolve_dtype,
 )
 from .evaluation.divergence import teacher_nll, teacher_student_divergence
@@ -65,10 +67,6 @@ from .training.trainer import DistillTrainer, last_complete_checkpoint
 from .quant.qat import is_qat_model, plain_copy, prepare_qat, quant_bits, save_quantized_student
 
 logger = logging.getLogger("distillm")
-
-
-class RunDirError(DistillmError):
-    """The output directory holds another run."""
 
 
 @dataclass
@@ -94,42 +92,83 @@ class RunPaths:
         return self.root / "eval" / f"{tag}_samples.jsonl"
 
 
-def prepare_run_dir(config: RunConfig, *, overwrite: bool = False) -> RunPaths:
+def prepare_run_dir(config, *, overwrite: bool = False, lock: bool = True, kind: str = "run") -> RunPaths:
     """Create the run directory, or continue the run it holds if its config is the same one.
 
-    A directory holding a run with a different config is refused unless `overwrite` (which wipes it); the CLI's
-    --resume continues such a run by passing the config stored in it.
+    A directory holding a run with a different config is refused unless `overwrite`, which empties it -- only a
+    directory carrying distillm's run marker (see `distillm.rundir`); the CLI's --resume continues such a run by
+    passing the config stored in it. With `lock` this process takes the directory's exclusive lock first (held
+    until `rundir.unlock` or the process ends). Every refusal comes before anything in the directory is touched.
     """
     paths = RunPaths(config.output_dir)
+    root = paths.root
     text = config.to_yaml()
-    is_run = paths.config.is_file()
-    if not is_run and paths.root.exists() and any(paths.root.iterdir()):
+    rundir.check_usable(root)
+    exists = root.is_dir()
+    marked = exists and rundir.is_marked(root)
+    legacy = exists and not marked and paths.config.is_file()  # a run made before the marker (or a stranger)
+    if exists and not marked and not legacy and rundir.contents(root):
         # never wiped, even with --overwrite: it may be anything (a home directory, a dataset)
-        raise RunDirError(f"{paths.root} is not empty and holds no distillm run (no config.yaml): choose another "
-                          "--output-dir.")
-    if is_run and overwrite:
-        shutil.rmtree(paths.root)
-    if paths.config.is_file():
-        # output_dir itself may differ: a run directory can be moved or copied and continued
-        changed = config_changes(paths.config, text)
-        produced = [p for p in paths.root.iterdir() if p.name != paths.config.name]
-        if changed and produced:
-            raise RunDirError(
-                f"{paths.root} already holds a run with a different config (differs in: {', '.join(changed)}). "
-                "Pass --resume to continue that run with its own config, --overwrite to replace it, or choose "
-                "another --output-dir."
-            )
-        if produced:
-            logger.info("Continuing the run in %s", paths.root)
-    paths.root.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(paths.config, text)
+        raise RunDirError(f"{root} is not empty and holds no distillm run (no {rundir.MARKER} marker): choose "
+                          "another --output-dir.")
+    if overwrite and exists and rundir.contents(root):
+        if legacy:
+            raise RunDirError(f"--overwrite: {root} has a config.yaml but no distillm run marker ({rundir.MARKER}): "
+                              "it is not a distillm run, or one made by an older version. distillm does not delete "
+                              "it: choose another --output-dir, or delete it yourself if it is an old run you no "
+                              "longer need.")
+        why = rundir.protected(root)
+        if why:
+            raise RunDirError(f"--overwrite: distillm does not delete {root}: {why}. Use a subdirectory as "
+                              "--output-dir.")
+    if legacy and config_changes(paths.config, text):
+        raise RunDirError(
+            f"{root} has a config.yaml that is not this run's (differs in: "
+            f"{', '.join(config_changes(paths.config, text))}) and no distillm run marker ({rundir.MARKER}): it is "
+            "not a distillm run, or one made by an older version with other settings. distillm neither continues "
+            "nor deletes it: choose another --output-dir (or pass --resume to continue an older run with its own "
+            "config).")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise RunDirError(f"Cannot create the output directory {root} ({err.strerror}): choose a writable "
+                          "--output-dir.") from err
+    if lock:
+        rundir.lock(root)
+    try:
+        if overwrite and rundir.contents(root):
+            rundir.remove_run(root)
+        if paths.config.is_file():
+            # output_dir itself may differ: a run directory can be moved or copied and continued
+            changed = config_changes(paths.config, text)
+            produced = [p for p in rundir.contents(root) if p.name != paths.config.name]
+            if changed and produced:
+                raise RunDirError(
+                    f"{root} already holds a run with a different config (differs in: {', '.join(changed)}). "
+                    "Pass --resume to continue that run with its own config, --overwrite to replace it, or choose "
+                    "another --output-dir."
+                )
+            if produced:
+                logger.info("Continuing the run in %s", root)
+        rundir.write_marker(root, kind)
+        atomic_write_text(paths.config, text)
+    except BaseException:
+        if lock:
+            rundir.unlock(root)
+        raise
     return paths
 
 
 def config_changes(saved: Path, text: str) -> list[str]:
     """The dotted keys in which the run config saved at `saved` differs from the YAML `text` (output_dir aside: a
     run directory can be moved or copied and continued); [] when they agree."""
-    previous = {**yaml.safe_load(saved.read_text()), "output_dir": None}
+    try:
+        loaded = yaml.safe_load(saved.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, yaml.YAMLError):
+        loaded = None
+    if not isinstance(loaded, dict):
+        return ["config.yaml (not a distillm config)"]
+    previous = {**loaded, "output_dir": None}
     current = {**yaml.safe_load(text), "output_dir": None}
     return sorted(_diff_keys(previous, current)) if previous != current else []
 
@@ -158,17 +197,19 @@ class ModelPair:
     processor: object | None = None  # a vision-language run's processor (see distillm.vision); None for text
 
 
-def load_models(config: RunConfig) -> ModelPair:
+def load_models(config: RunConfig, tokenizer=None) -> ModelPair:
     """Teacher in the configured dtype; student in fp32 (its master weights: a bf16/fp16 dtype trains it under
     autocast instead, see training_arguments), both on this process's device. With --lora the student is wrapped
-    in a PEFT LoRA adapter; with --load-in-4bit (QLoRA) its base weights are loaded in 4-bit first."""
+    in a PEFT LoRA adapter; with --load-in-4bit (QLoRA) its base weights are loaded in 4-bit first. `tokenizer`: the
+    teacher's, if `load_tokenizer` has loaded it already."""
     m = config.model
     if uses_images(config):  # a vision-language teacher: distillm.vision loads the pair and the processor
         return load_vision_models(config)
     device = process_state().device
     if m.load_in_4bit:
         check_quantization_supported()  # before the teacher is loaded
-    teacher, tokenizer = load_model(m.teacher, dtype=m.dtype, trust_remote_code=m.trust_remote_code)
+    teacher, tokenizer = load_model(m.teacher, dtype=m.dtype, trust_remote_code=m.trust_remote_code,
+                                    tokenizer=tokenizer)
     if m.student_quant != "none" and sharded_engine():
         raise DistillmError("--student-quant is not supported under FSDP / DeepSpeed ZeRO-3 (the fake-quantized "
                             "weights are sharded); run it in one process or with DDP (configs/ddp.yaml).")
@@ -318,10 +359,12 @@ def import_teacher_responses(path: str, prompts: list[EncodedPrompt], tokenizer,
     if not Path(path).is_file():
         raise DistillmError(f"Teacher responses file not found: {path}")
     rows = {}
-    for number, row in enumerate(read_jsonl(path), start=1):
+    vocab = real_vocab_size(tokenizer)
+    for number, row in iter_json_objects(path):
         if "id" not in row or "response" not in row:
             raise DistillmError(f"{path}:{number}: a teacher response row needs 'id' and 'response' fields "
                                 "(`distillm generate` writes such files).")
+        check_teacher_row(row, f"{path}:{number}", vocab)
         rows[str(row["id"])] = row
     missing = [p.id for p in prompts if p.id not in rows]
     if missing:
@@ -336,6 +379,26 @@ def import_teacher_responses(path: str, prompts: list[EncodedPrompt], tokenizer,
                          "prompt_ids": prompt.input_ids, "response_ids": ids,
                          "finish_reason": row.get("finish_reason", "stop")})
     write_jsonl(out, imported)
+
+
+def check_teacher_row(row: dict, where: str, vocab: int) -> None:
+    """A teacher response row's fields have the types training needs, and its token ids are in the vocabulary."""
+    if isinstance(row["id"], bool) or not isinstance(row["id"], (str, int)):
+        raise DistillmError(f"{where}: field 'id' must be a string or an integer (the prompt's id).")
+    if not isinstance(row["response"], str):
+        raise DistillmError(f"{where}: field 'response' must be a string (the response text).")
+    ids = row.get("response_ids")
+    if ids is None:
+        return
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise DistillmError(f"{where}: field 'response_ids' must be a list of integer token ids. Fix it, or drop the "
+                            "field to have the response text tokenized.")
+    bad = next((i for i in ids if not 0 <= i < vocab), None)
+    if bad is not None:
+        raise DistillmError(
+            f"{where}: field 'response_ids' holds the token id {bad}, outside the tokenizer's vocabulary (0 to "
+            f"{vocab - 1}): were these responses tokenized by another model? Regenerate them with `distillm generate "
+            "--model` the teacher, or drop 'response_ids' from the rows to have the response text tokenized.")
 
 
 class DataContext:
@@ -430,13 +493,17 @@ def evaluate(config: RunConfig, models: ModelPair, eval_prompts, teacher_eval_ro
 # ----------------------------------------------------------------------------------------------- training
 
 
-def training_arguments(config: RunConfig, paths: RunPaths) -> TrainingArguments:
-    return TrainingArguments(**training_kwargs(config, paths))
+def training_arguments(config: RunConfig, paths: RunPaths, *, num_rows: int) -> TrainingArguments:
+    return TrainingArguments(**training_kwargs(config, paths, num_rows=num_rows))
 
 
-def training_kwargs(config, paths: RunPaths) -> dict:
-    """TrainingArguments' keywords from the config's training section (shared by `run`/`train` and `align`)."""
+def training_kwargs(config, paths: RunPaths, *, num_rows: int) -> dict:
+    """TrainingArguments' keywords from the config's training section (shared by `run`/`train` and `align`), for
+    a training set of `num_rows` rows. The warm-up is passed as a whole number of steps, computed from
+    --warmup-ratio and the step count (`step_plan`): transformers 5 reads a float `warmup_steps` below 1 as a
+    ratio, transformers 4 as a step count (and has a separate warmup_ratio), so an int means the same to both."""
     t = config.training
+    plan = step_plan(t, num_rows, process_state().num_processes)
     return dict(
         output_dir=str(paths.checkpoints),
         num_train_epochs=t.rounds,
@@ -444,7 +511,7 @@ def training_kwargs(config, paths: RunPaths) -> dict:
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler_type,
-        warmup_steps=t.warmup_ratio,
+        warmup_steps=plan.warmup,
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         seed=t.seed,
@@ -462,6 +529,90 @@ def training_kwargs(config, paths: RunPaths) -> dict:
         disable_tqdm=False,
         use_cpu=not torch.cuda.is_available(),
     )
+
+
+#: A run with fewer optimizer steps than this is warned about: too few to move a student measurably.
+MIN_OPTIMIZER_STEPS = 10
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """The optimizer steps a training run takes: per round (epoch), in all, and how many of them warm up."""
+
+    per_round: int
+    total: int
+    warmup: int
+
+
+def step_plan(training, num_rows: int, num_processes: int = 1) -> StepPlan:
+    """The optimizer steps transformers' Trainer takes on `num_rows` rows (one per prompt, for every method):
+    each process gets ceil(ceil(rows / batch) / processes) micro-batches a round (accelerate deals the batches
+    out, the last ones padded so every process has as many), one optimizer step per --gradient-accumulation-steps
+    of them, a shorter last one included, at least one per round; --rounds rounds. The warm-up is
+    ceil(total x --warmup-ratio) steps, as transformers computes it from a ratio."""
+    batches = math.ceil(num_rows / training.per_device_train_batch_size)
+    per_process = math.ceil(batches / max(num_processes, 1))
+    per_round = max(math.ceil(per_process / training.gradient_accumulation_steps), 1)
+    total = per_round * training.rounds
+    return StepPlan(per_round, total, math.ceil(total * training.warmup_ratio))
+
+
+def learning_rates(training, plan: StepPlan) -> list[float] | None:
+    """The learning rate of each optimizer step under the configured schedule (None if the schedule cannot be
+    built without the Trainer, e.g. one that needs extra arguments)."""
+    rates = _learning_rates(training, plan)
+    return None if rates is None else list(rates)
+
+
+def _learning_rates(training, plan: StepPlan):
+    """An iterator over the steps' learning rates (lazily: a check can stop at the first positive one), or None."""
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=training.learning_rate)
+    try:
+        scheduler = get_scheduler(training.lr_scheduler_type, optimizer, num_warmup_steps=plan.warmup,
+                                  num_training_steps=plan.total)
+    except (ValueError, TypeError, KeyError):
+        return None
+
+    def rates():
+        for _ in range(plan.total):  # the rate each step uses, then the scheduler steps (as the Trainer does)
+            yield optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+
+    return rates()
+
+
+def check_step_plan(config: RunConfig, num_rows: int, num_processes: int = 1) -> StepPlan:
+    """Refuse a run whose every optimizer step has a learning rate of 0 (it would train nothing and end looking
+    like success, the student unchanged to the last digit), e.g. one step that the warm-up takes; warn when the
+    warm-up covers every step or the run has fewer than MIN_OPTIMIZER_STEPS steps. Cheap: run before any model
+    is loaded."""
+    t = config.training
+    plan = step_plan(t, num_rows, num_processes)
+    setup = (f"{num_rows} training prompts, --per-device-train-batch-size {t.per_device_train_batch_size}, "
+             f"--gradient-accumulation-steps {t.gradient_accumulation_steps}"
+             + (f", {num_processes} processes" if num_processes > 1 else "")
+             + f" and --rounds {t.rounds} give {plan.total} optimizer step{'s' if plan.total != 1 else ''}")
+    more_steps = ("use more prompts (--num-prompts), a smaller --per-device-train-batch-size or "
+                  "--gradient-accumulation-steps, or more --rounds")
+    rates = _learning_rates(t, plan)
+    if rates is not None and not any(rate > 0 for rate in rates):
+        cause = (f"the warm-up (--warmup-ratio {t.warmup_ratio}: {plan.warmup} step{'s' if plan.warmup != 1 else ''}) "
+                 "starts from a learning rate of 0" if t.learning_rate > 0 else "--learning-rate is 0")
+        raise DistillmError(
+            f"This run would train nothing: {setup}, and {cause}, so every step has a learning rate of 0 and the "
+            f"student would end exactly as it started. {more_steps[0].upper() + more_steps[1:]}, or lower "
+            "--warmup-ratio (0: no warm-up).")
+    if plan.warmup >= plan.total and plan.total > 0:
+        logger.warning("The warm-up covers all %d optimizer steps (%s, --warmup-ratio %s): the learning rate never "
+                       "reaches --learning-rate %s. Lower --warmup-ratio, or %s.", plan.total, setup,
+                       t.warmup_ratio, t.learning_rate, more_steps)
+    if plan.total < MIN_OPTIMIZER_STEPS:
+        logger.warning("Only %d optimizer step%s (%s): too few to change the student much. For a real run, %s.",
+                       plan.total, "s" if plan.total != 1 else "", setup, more_steps)
+    return plan
 
 
 def train(config: RunConfig, models: ModelPair, method: Method, rows: list[dict], paths: RunPaths, *,
@@ -517,7 +668,7 @@ def train(config: RunConfig, models: ModelPair, method: Method, rows: list[dict]
         write_jsonl(folder / "pairs.jsonl", pairs)
         return pairs
 
-    args = training_arguments(config, paths)
+    args = training_arguments(config, paths, num_rows=len(rows))
     set_seed(config.training.seed)
     if not rows:
         raise DistillmError(f"Method {method.name!r} has no training rows: check the prompt file {config.data.prompts}.")
@@ -665,16 +816,47 @@ def run(config: RunConfig, *, overwrite: bool = False) -> dict:
     started = time.time()
     state = process_state()
     with state.main_process_first():  # one process sets the directory up (and wipes it), the others then agree
-        paths = prepare_run_dir(config, overwrite=overwrite and state.is_main_process)
+        # only the main process locks the directory: the others work in it under its lock
+        paths = prepare_run_dir(config, overwrite=overwrite and state.is_main_process, lock=state.is_main_process)
+    try:
+        return _run(config, paths, started)
+    finally:
+        if state.is_main_process:
+            rundir.unlock(paths.root)
+
+
+def _run(config: RunConfig, paths: RunPaths, started: float) -> dict:
+    state = process_state()
     metrics = read_json_or_none(paths.metrics)
-    if metrics is not None:
-        if metrics.get("complete"):
-            logger.info("%s already holds a finished run; metrics.json is unchanged", paths.root)
-            return metrics
-    models = load_models(config)
-    train_prompts = load_prompt_set(config, models.tokenizer, "train", processor=models.processor)
+    files = rundir.file_digests(config)
+    finished = metrics is not None and metrics.get("complete")
+    if finished and (rundir.stored_inputs(paths.root) is None or rundir.inputs_match_files(paths.root, config)):
+        logger.info("%s already holds a finished run; metrics.json is unchanged", paths.root)
+        return metrics
+    # a changed teacher-responses file is refused before any model is loaded; prompt files are compared as encoded
+    rundir.check_inputs(paths.root, config, files, keys=("teacher_responses",))
     evaluating = bool(config.evaluation.evaluate and config.data.eval_prompts)
-    eval_prompts = load_prompt_set(config, models.tokenizer, "eval", processor=models.processor) if evaluating else []
+    vision = uses_images(config)
+    if vision:  # the prompts need the vision-language model's processor
+        models = load_models(config)
+        tokenizer, processor = models.tokenizer, models.processor
+    else:  # the tokenizer alone (seconds) settles the prompt format and the step count before the weights are read
+        tokenizer, processor = load_tokenizer(config.model.teacher,
+                                              trust_remote_code=config.model.trust_remote_code), None
+        check_chat_template(tokenizer, config.data.chat_template, model=config.model.teacher)
+    train_prompts = load_prompt_set(config, tokenizer, "train", processor=processor)
+    check_step_plan(config, len(train_prompts), state.num_processes)
+    eval_prompts = load_prompt_set(config, tokenizer, "eval", processor=processor) if evaluating else []
+    inputs = {**files, "train_encoded": rundir.encoded_digest(train_prompts),
+              "eval_encoded": rundir.encoded_digest(eval_prompts) if evaluating else None}
+    rundir.check_inputs(paths.root, config, inputs, keys=("train_encoded", "eval_encoded", "teacher_responses"))
+    if state.is_main_process:
+        rundir.record_inputs(paths.root, inputs)
+    if finished:  # the files were rewritten, but the prompts the run was made from are the same
+        logger.info("%s already holds a finished run; metrics.json is unchanged", paths.root)
+        return metrics
+    if not vision:
+        models = load_models(config, tokenizer)
     if config.data.teacher_responses and not paths.teacher_train.is_file() and state.is_main_process:
         import_teacher_responses(config.data.teacher_responses, train_prompts, models.tokenizer, paths.teacher_train)
     state.wait_for_everyone()

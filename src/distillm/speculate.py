@@ -192,11 +192,11 @@ class DraftSpec:
     layers: str | None = None
 
 
-def _load(spec: DraftSpec, dtype: str, cache: dict):
+def _load(spec: DraftSpec, dtype: str, cache: dict, tokenizer=None):
     from .models import load_model, prune_layers
 
     if spec.source not in cache:
-        cache[spec.source] = load_model(spec.source, dtype=dtype)
+        cache[spec.source] = load_model(spec.source, dtype=dtype, tokenizer=tokenizer)
     model, tokenizer = cache[spec.source]
     if spec.layers:
         model = prune_layers(model, spec.layers)
@@ -206,11 +206,12 @@ def _load(spec: DraftSpec, dtype: str, cache: dict):
 def speculate(teacher_source: str, drafts: list[DraftSpec], *, prompts: str = "builtin:eval", num_prompts: int = 16,
               max_new_tokens: int = 64, max_prompt_length: int = 256, temperature: float = 0.0, seed: int = 0,
               num_assistant_tokens: int = 5, schedule: str = "constant", dtype: str = "auto",
-              output_dir: str | Path | None = None) -> dict:
-    """Measure every draft against the teacher (see the module docstring); writes results.json and report.md."""
-    from .data.prompts import encode_prompts, load_prompts
+              output_dir: str | Path | None = None, chat_template: bool = True) -> dict:
+    """Measure every draft against the teacher (see the module docstring); writes results.json and report.md.
+    `chat_template=False`: the plain prompt text (base models)."""
+    from .data.prompts import check_chat_template, encode_prompts, load_prompts
     from .evaluation.divergence import teacher_student_divergence
-    from .models import check_same_tokenizer, real_vocab_size
+    from .models import check_same_tokenizer, load_tokenizer, real_vocab_size
 
     if not drafts:
         raise SpeculateError("No draft model: give --draft NAME=SPEC (repeatable) or --run DIR.")
@@ -218,7 +219,10 @@ def speculate(teacher_source: str, drafts: list[DraftSpec], *, prompts: str = "b
         raise SpeculateError("--num-assistant-tokens and --max-new-tokens must be >= 1.")
     start = time.time()
     cache: dict = {}
-    teacher, tokenizer = _load(DraftSpec("teacher", teacher_source), dtype, cache)
+    tokenizer = load_tokenizer(teacher_source)  # alone, to check the prompt format before any weights are read
+    check_chat_template(tokenizer, chat_template, model=teacher_source)
+    records, _ = load_prompts(prompts, limit=num_prompts)
+    teacher, tokenizer = _load(DraftSpec("teacher", teacher_source), dtype, cache, tokenizer)
     loaded = {}
     for spec in drafts:
         model, draft_tokenizer = _load(spec, dtype, cache)
@@ -228,8 +232,8 @@ def speculate(teacher_source: str, drafts: list[DraftSpec], *, prompts: str = "b
             raise SpeculateError(f"Draft '{spec.name}' ({spec.source}) cannot draft for the teacher "
                                  f"({teacher_source}): {err}") from None
         loaded[spec.name] = model
-    records, _ = load_prompts(prompts, limit=num_prompts)
-    encoded, _ = encode_prompts(records, tokenizer, max_prompt_length=max_prompt_length)
+    encoded, _ = encode_prompts(records, tokenizer, max_prompt_length=max_prompt_length,
+                                use_chat_template=chat_template)
 
     plain_seconds, plain_tokens = 0.0, 0
     stats = {name: DraftStats() for name in loaded}
@@ -263,6 +267,7 @@ def speculate(teacher_source: str, drafts: list[DraftSpec], *, prompts: str = "b
     vocab = real_vocab_size(tokenizer)
     max_length = max_prompt_length + max_new_tokens
     results = {"teacher": teacher_source, "prompts": prompts, "num_prompts": len(encoded),
+               "chat_template": chat_template,
                "max_new_tokens": max_new_tokens, "temperature": temperature,
                "num_assistant_tokens": num_assistant_tokens, "schedule": schedule,
                "plain": {"new_tokens": plain_tokens, "seconds": round(plain_seconds, 2),
@@ -344,6 +349,8 @@ def add_speculate_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--num-prompts", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--max-prompt-length", type=int, default=256)
+    p.add_argument("--no-chat-template", action="store_true", help="Feed the plain prompt text (base models, whose "
+                   "tokenizer has no chat template). With --run: taken from the run's config unless given.")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0: speculative sampling.")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-assistant-tokens", type=int, default=5, help="Draft tokens proposed per teacher call.")
@@ -381,9 +388,28 @@ def drafts_from_args(args) -> tuple[str, list[DraftSpec]]:
     return teacher, drafts
 
 
+def chat_template_from_args(args) -> bool:
+    """False with --no-chat-template, or when the --run was made without the chat template."""
+    if args.no_chat_template or not args.run:
+        return not args.no_chat_template
+    from .evaluation.cli import run_uses_chat_template
+    from .evaluation.suite import EvalError
+
+    try:
+        return run_uses_chat_template(args.run)
+    except EvalError as err:
+        raise SpeculateError(str(err)) from None
+
+
 def cmd_speculate(args) -> int:
+    from .config import check_flags
+
+    check_flags(args, {"--seed": "generation_seed", "--temperature": "temperature", "--num-prompts": "num_prompts",
+                       "--max-new-tokens": "max_new_tokens", "--max-prompt-length": "max_prompt_length",
+                       "--dtype": "dtype"})  # each flag has the range of the config option of the same role
     teacher, drafts = drafts_from_args(args)
     results = speculate(teacher, drafts, prompts=args.prompts, num_prompts=args.num_prompts,
+                        chat_template=chat_template_from_args(args),
                         max_new_tokens=args.max_new_tokens, max_prompt_length=args.max_prompt_length,
                         temperature=args.temperature, seed=args.seed, num_assistant_tokens=args.num_assistant_tokens,
                         schedule=args.schedule, dtype=args.dtype, output_dir=args.output_dir)

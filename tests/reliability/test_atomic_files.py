@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tolerances import adam_atol, model_atol, tiny_student_config
 from reliability_helpers import SRC, TINY_RUN, read_rows, run_distillm
 from distillm.generation.base import SamplingParams
 from distillm.generation.hf import HFBackend
@@ -88,7 +89,11 @@ def test_damaged_outputs_of_a_finished_run_are_redone_to_the_same_result(tmp_pat
     assert "damaged" in result.stderr and "Rebuilding it" in result.stderr
     new, old = (json.loads((d / "metrics.json").read_text()) for d in (run, reference_run))
     assert new["complete"] and new["training"]["steps"] == old["training"]["steps"]
-    assert new["after"]["kl"] == pytest.approx(old["after"]["kl"], rel=1e-5)
+    # round 1 trained again from checkpoint-2: the same operations (tolerances.adam_atol / model_atol, as in
+    # test_kill_resume: 4 pairs x 2 sequences x 128 tokens a step, 6 steps at 3e-3; 4 held-out prompts x 8 tokens)
+    config = tiny_student_config()
+    kl_atol = model_atol(config, 4 * 8, old["after"]["kl"])
+    assert new["after"]["kl"] == pytest.approx(old["after"]["kl"], rel=0, abs=kl_atol)
     assert read_rows(pairs) == read_rows(reference_run / "rounds" / "round_1" / "pairs.jsonl")
     a, b = (load_file(str(d / "student" / "model.safetensors")) for d in (run, reference_run))
-    assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6) for k in b)
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=adam_atol(config, 4 * 2 * 128, 6, 3e-3, b[k])) for k in b)

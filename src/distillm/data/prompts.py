@@ -21,6 +21,7 @@ from typing import Any
 
 from distillm.data.builtin import BUILTIN_SPLITS, load_builtin
 from distillm.errors import DistillmError
+from distillm.io import TOO_DEEP
 
 logger = logging.getLogger("distillm")
 
@@ -201,6 +202,8 @@ def _read_jsonl(file: Path, label: str) -> Iterator[_Row]:
                 f"{where}: invalid JSON ({e.msg} at column {e.colno}). "
                 "Each line of a .jsonl file must be one JSON object."
             ) from None
+        except RecursionError:
+            raise DataError(f"{where}: {TOO_DEEP}") from None
         yield lineno, where, raw
 
 
@@ -210,6 +213,8 @@ def _read_json(file: Path, label: str) -> Iterator[_Row]:
         data = json.loads(_read_text(file, label))
     except json.JSONDecodeError as e:
         raise DataError(f"{label}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno}).") from None
+    except RecursionError:
+        raise DataError(f"{label}: {TOO_DEEP}") from None
     if isinstance(data, dict):
         lists = [key for key, value in data.items() if isinstance(value, list)]
         if len(lists) != 1:
@@ -231,7 +236,14 @@ def _read_csv(file: Path, label: str) -> Iterator[_Row]:
     if not header:
         raise DataError(f"{label}: empty CSV file; the first row must name the columns (e.g. id,prompt).")
     row_number, last_line = 0, reader.line_num
-    for cells in reader:
+    while True:
+        try:
+            cells = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:  # e.g. a cell over the csv module's field size limit (128 KiB)
+            raise DataError(f"{_Where(label, last_line + 1)}: unreadable CSV ({e}). Store long texts in a .jsonl "
+                            "file instead.") from None
         where, last_line = _Where(label, last_line + 1), reader.line_num
         if not cells:  # a blank line
             continue
@@ -367,6 +379,8 @@ def _parse_messages(value: Any, where: _Where, field: str) -> list[dict]:
             value = json.loads(value)
         except json.JSONDecodeError:
             pass
+        except RecursionError:
+            raise DataError(f"{where}: field '{field}': {TOO_DEEP}") from None
     expected = 'a list of {"role": ..., "content": ...} objects'
     if not isinstance(value, list):
         raise DataError(f"{where}: field '{field}' must be {expected}, got {_type_name(value)}.")
@@ -434,30 +448,66 @@ def encode_prompts(
 ) -> tuple[list[EncodedPrompt], int]:
     """Render each record with the tokenizer's chat template and tokenize it, keeping at most the LAST
     `max_prompt_length` tokens. Returns the encoded prompts and how many were truncated (logged once).
+
+    A chat template writes its own special tokens (e.g. a <bos>), so the rendered text is tokenized as it is. Plain
+    text (`use_chat_template=False`) gets the special tokens the tokenizer itself puts before a text
+    (`special_prefix`, e.g. Gemma's and Llama's <bos>): base models produce garbage without them. A long plain prompt
+    keeps that prefix: the text is cut from the left and the prefix put back in front.
     """
     if max_prompt_length < 1:
         raise DataError(f"max_prompt_length must be at least 1, got {max_prompt_length}.")
-    if use_chat_template and getattr(tokenizer, "chat_template", None) is None:
-        raise DataError(
-            "the tokenizer has no chat template, so prompts cannot be formatted as chat. Pass --no-chat-template "
-            "to feed the plain message text instead, or use a tokenizer that ships a chat template."
-        )
+    check_chat_template(tokenizer, use_chat_template)
+    prefix = [] if use_chat_template else special_prefix(tokenizer)
+    if len(prefix) >= max_prompt_length:
+        raise DataError(f"max_prompt_length={max_prompt_length} leaves no room for the prompt text after the "
+                        f"{len(prefix)} special token(s) the tokenizer puts first ({tokenizer.decode(prefix)!r}): "
+                        f"raise --max-prompt-length.")
     records = list(records)
     texts = [_render(record.messages, tokenizer, use_chat_template) for record in records]
     all_ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    keep = max_prompt_length - len(prefix)
+    prefix_text = tokenizer.decode(prefix, skip_special_tokens=False) if prefix else ""
     encoded, n_truncated = [], 0
     for record, text, ids in zip(records, texts, all_ids):
-        if len(ids) > max_prompt_length:
-            ids = ids[-max_prompt_length:]
+        if len(ids) > keep:
+            ids = ids[-keep:]
             text = tokenizer.decode(ids, skip_special_tokens=False)
             n_truncated += 1
-        encoded.append(EncodedPrompt(id=record.id, text=text, input_ids=list(ids), response=record.response))
+        encoded.append(EncodedPrompt(id=record.id, text=prefix_text + text, input_ids=prefix + list(ids),
+                                     response=record.response))
     if n_truncated:
         logger.warning(
             "%d of %d prompts were longer than max_prompt_length=%d tokens and were truncated from the left.",
             n_truncated, len(records), max_prompt_length,
         )
     return encoded, n_truncated
+
+
+def check_chat_template(tokenizer: Any, use_chat_template: bool, model: str | None = None) -> None:
+    """Refuse chat formatting with a tokenizer that has no chat template (a base model's). Cheap: callers run it on
+    the tokenizer alone (`models.load_tokenizer`) before loading any weights."""
+    if use_chat_template and getattr(tokenizer, "chat_template", None) is None:
+        whose = f"the tokenizer of {model}" if model else "the tokenizer"
+        raise DataError(
+            f"{whose} has no chat template (a base model?), so prompts cannot be formatted as chat. Pass "
+            "--no-chat-template to feed the plain message text instead, or use a tokenizer that ships a chat template."
+        )
+
+
+def special_prefix(tokenizer: Any) -> list[int]:
+    """The special tokens the tokenizer puts before a text when asked to add its special tokens (a <bos> for
+    Gemma and Llama; nothing for SmolLM2 or Qwen). Tokens it puts after a text (an <eos>, as T5's does) are not
+    part of it: a prompt must not end a sequence. Found by tokenizing a probe text with and without them."""
+    probe = "Hello"
+    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    full = tokenizer(probe, add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start:start + len(plain)] == plain:
+            return list(full[:start])
+    empty = tokenizer("", add_special_tokens=True)["input_ids"]  # the probe's tokens changed: fall back
+    logger.warning("Could not tell which special tokens the tokenizer puts before a text; using what it adds to an "
+                   "empty string: %s", empty)
+    return list(empty)
 
 
 def _render(messages: list[dict], tokenizer: Any, use_chat_template: bool) -> str:

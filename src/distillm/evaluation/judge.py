@@ -11,8 +11,9 @@ The 95% confidence interval is a percentile bootstrap over prompts (each prompt'
 resampled together, because they share a prompt and answers), 2,000 resamples with a fixed seed.
 
 Judges: `OpenAIChatJudge` talks to any OpenAI-compatible `/v1/chat/completions` endpoint (OpenAI, a vLLM
-server, a llama.cpp server) with the standard library only, retrying 429 / 5xx / connection errors with
-exponential back-off (honouring Retry-After); `HFJudge` runs a local Hugging Face chat model greedily.
+server, a llama.cpp server) with the standard library only: an overall deadline per request, a bounded response
+size, retries of 429 / 5xx / timeouts / dropped connections with exponential back-off (honouring Retry-After)
+within a total time budget, and errors that name the URL; `HFJudge` runs a local Hugging Face chat model greedily.
 `VerdictCache` keeps every judge reply on disk, keyed by the judge and the exact request, so a rerun sends
 nothing that was answered before.
 """
@@ -20,14 +21,16 @@ nothing that was answered before.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import logging
+import math
 import random
 import re
+import socket
 import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,26 +126,99 @@ class Judge(Protocol):
 
 
 class OpenAIChatJudge:
-    """POST /v1/chat/completions with the standard library; thread-safe (one request per call)."""
+    """POST /v1/chat/completions with the standard library; thread-safe (one connection per request).
+
+    Every request has an overall deadline of `timeout_s` seconds (connect, headers and body together: a server
+    that hangs or sends one byte every few seconds is cut off at the deadline), and its response body is read up
+    to `max_response_bytes` (a larger or endless body is an error). 429, 408, 5xx, timeouts and dropped
+    connections are retried with exponential back-off (honouring Retry-After), at most `max_retries` times and
+    only while the whole call stays within `retry_budget_s` seconds. A refused request (other 4xx), a reply that
+    is not HTTP, not JSON or too large is not retried. Every error names the URL. Proxies (http_proxy ...) are
+    not used.
+    """
 
     def __init__(self, base_url: str, model: str, *, api_key: str | None = None, temperature: float = 0.0,
                  max_tokens: int = 512, timeout_s: float = 120.0, max_retries: int = 6, backoff_s: float = 1.0,
-                 max_backoff_s: float = 60.0):
+                 max_backoff_s: float = 60.0, retry_budget_s: float = 300.0,
+                 max_response_bytes: int = 8 * 1024 * 1024):
         base = base_url.rstrip("/")
         self.url = base if base.endswith("/chat/completions") else (
             base + ("/chat/completions" if base.endswith("/v1") else "/v1/chat/completions"))
+        parts = urllib.parse.urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise JudgeError(f"--judge-url {base_url!r}: give an http:// or https:// URL, e.g. "
+                             "http://localhost:8000/v1.")
+        for name, option, value in (("timeout_s", "--judge-timeout", timeout_s),
+                                    ("retry_budget_s", "--judge-retry-budget", retry_budget_s)):
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise JudgeError(f"{option} ({name}) {value!r}: must be a positive number of seconds.")
+        if retry_budget_s < timeout_s:
+            raise JudgeError(f"--judge-retry-budget {retry_budget_s:g} is shorter than --judge-timeout {timeout_s:g}: "
+                             "the budget for all attempts of one request must hold at least one attempt.")
+        if max_retries < 0 or max_response_bytes < 1024:
+            raise JudgeError(f"max_retries {max_retries} must be >= 0 and max_response_bytes {max_response_bytes} "
+                             ">= 1024.")
         self.model, self.api_key = model, api_key
-        self.temperature, self.max_tokens, self.timeout_s = temperature, max_tokens, timeout_s
+        self.temperature, self.max_tokens, self.timeout_s = temperature, max_tokens, float(timeout_s)
         self.max_retries, self.backoff_s, self.max_backoff_s = max_retries, backoff_s, max_backoff_s
+        self.retry_budget_s, self.max_response_bytes = float(retry_budget_s), max_response_bytes
         self.identity = f"openai:{self.url}:{model}:t={temperature}:max={max_tokens}"
 
     def _delay(self, attempt: int, retry_after: str | None) -> float:
         if retry_after:
             try:
-                return min(float(retry_after), self.max_backoff_s)
+                return min(max(float(retry_after), 0.0), self.max_backoff_s)
             except ValueError:
                 pass
         return min(self.backoff_s * 2 ** attempt, self.max_backoff_s) * (0.5 + random.random() / 2)
+
+    def _post(self, body: bytes, headers: dict, deadline: float) -> tuple[int, dict, bytes]:
+        """One POST, all of it (connect, headers, body) before `deadline` (time.monotonic()): a watchdog shuts
+        the socket down at the deadline, which ends any read in progress."""
+        parts = urllib.parse.urlsplit(self.url)
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise _Timeout()
+        connection_class = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        conn = connection_class(parts.hostname, parts.port, timeout=remaining)
+        expired = threading.Event()
+
+        def expire():
+            expired.set()
+            sock = conn.sock
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+        watchdog = threading.Timer(remaining, expire)
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            conn.request("POST", path, body=body, headers=headers)
+            response = conn.getresponse()
+            length = response.getheader("Content-Length")
+            if length and length.strip().isdigit() and int(length) > self.max_response_bytes:
+                raise _TooLarge(int(length))
+            chunks, total = [], 0
+            while True:
+                chunk = response.read(min(65536, self.max_response_bytes + 1 - total))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                total += len(chunk)
+                if total > self.max_response_bytes:
+                    raise _TooLarge(total)
+            return response.status, {k.lower(): v for k, v in response.getheaders()}, b"".join(chunks)
+        except (OSError, http.client.HTTPException) as err:
+            if expired.is_set():
+                raise _Timeout() from err
+            raise
+        finally:
+            watchdog.cancel()
+            conn.close()
 
     def complete(self, messages: list[dict]) -> str:
         body = json.dumps({"model": self.model, "messages": messages, "temperature": self.temperature,
@@ -150,30 +226,66 @@ class OpenAIChatJudge:
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        last_error = ""
+        start = time.monotonic()
+        budget_end = start + self.retry_budget_s
+        last_error, attempts = "", 0
         for attempt in range(self.max_retries + 1):
-            request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+            attempts += 1
             retry_after = None
+            attempt_start = time.monotonic()
+            deadline = min(attempt_start + self.timeout_s, budget_end)
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                    payload = json.loads(response.read().decode("utf-8"))
-                try:
-                    return payload["choices"][0]["message"]["content"] or ""
-                except (KeyError, IndexError, TypeError):
-                    raise JudgeError(f"{self.url} answered without choices[0].message.content: {str(payload)[:300]}")
-            except urllib.error.HTTPError as err:
-                detail = err.read().decode("utf-8", errors="replace")[:300]
-                if err.code != 429 and err.code < 500:
-                    raise JudgeError(f"{self.url} refused the request: HTTP {err.code} {detail}. Check --judge-model, "
-                                     "--judge-url and the API key environment variable.") from err
-                last_error, retry_after = f"HTTP {err.code} {detail}", err.headers.get("Retry-After")
-            except (urllib.error.URLError, TimeoutError, ConnectionError, json.JSONDecodeError) as err:
-                last_error = str(err)
-            if attempt < self.max_retries:
-                delay = self._delay(attempt, retry_after)
-                logger.debug("judge request failed (%s); retrying in %.1f s", last_error, delay)
-                time.sleep(delay)
-        raise JudgeError(f"{self.url}: no answer after {self.max_retries + 1} attempts (last error: {last_error}).")
+                status, response_headers, data = self._post(body, headers, deadline)
+            except _Timeout:
+                last_error = f"no complete answer within {deadline - attempt_start:.3g} s (--judge-timeout)"
+            except _TooLarge as err:
+                raise JudgeError(f"{self.url} sent a response of more than {self.max_response_bytes} bytes "
+                                 f"({err.args[0]} so far): not a chat completion; check --judge-url.") from None
+            except http.client.RemoteDisconnected as err:
+                last_error = f"the server closed the connection without answering ({err})"
+            except http.client.HTTPException as err:  # BadStatusLine, LineTooLong, ...: not an HTTP server
+                raise JudgeError(f"{self.url} did not answer with HTTP ({type(err).__name__}: {str(err)[:200]}): "
+                                 "check the scheme, host and port of --judge-url.") from None
+            except OSError as err:  # refused, reset, unreachable, DNS ...
+                last_error = f"{type(err).__name__}: {err}"
+            else:
+                if 200 <= status < 300:
+                    return self._content(data)
+                detail = data.decode("utf-8", errors="replace")[:300]
+                if status not in (408, 429) and status < 500:
+                    raise JudgeError(f"{self.url} refused the request: HTTP {status} {detail}. Check --judge-model, "
+                                     "--judge-url and the API key environment variable.")
+                last_error, retry_after = f"HTTP {status} {detail}", response_headers.get("retry-after")
+            if attempt == self.max_retries:
+                break
+            delay = self._delay(attempt, retry_after)
+            if time.monotonic() + delay >= budget_end:
+                break
+            log = logger.info if last_error.startswith("HTTP 429") else logger.warning
+            log("judge %s: %s; retrying in %.1f s", self.url, last_error, delay)
+            time.sleep(delay)
+        raise JudgeError(f"{self.url}: no answer after {attempts} attempt{'s' * (attempts > 1)} in "
+                         f"{time.monotonic() - start:.1f} s (last error: {last_error}). Check that the server is up "
+                         "and serves --judge-model, or raise --judge-timeout / --judge-retry-budget.")
+
+    def _content(self, data: bytes) -> str:
+        try:
+            payload = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            raise JudgeError(f"{self.url} answered with a body that is not JSON: {data[:200]!r}. Is --judge-url an "
+                             "OpenAI-compatible endpoint?") from None
+        try:
+            return payload["choices"][0]["message"]["content"] or ""
+        except (KeyError, IndexError, TypeError):
+            raise JudgeError(f"{self.url} answered without choices[0].message.content: {str(payload)[:300]}") from None
+
+
+class _Timeout(Exception):
+    """A request ran past its deadline."""
+
+
+class _TooLarge(Exception):
+    """A response body beyond max_response_bytes."""
 
 
 class HFJudge:
@@ -253,12 +365,20 @@ def judge_pairs(judge: Judge, items: Sequence[PairItem], *, cache: VerdictCache 
         requests.append(judge_messages(item.instruction, item.candidate, item.reference))  # candidate is A
         requests.append(judge_messages(item.instruction, item.reference, item.candidate))  # candidate is B
 
+    failed = threading.Event()  # set by the first request that fails: no request starts after it
+
     def ask(messages: list[dict]) -> str:
         key = VerdictCache.key(judge.identity, messages)
         cached = cache.get(key) if cache is not None else None
         if cached is not None:
             return cached
-        reply = judge.complete(messages)
+        if failed.is_set():
+            raise JudgeError("not sent: an earlier judge request failed")
+        try:
+            reply = judge.complete(messages)
+        except BaseException:
+            failed.set()
+            raise
         if cache is not None:
             cache.put(key, reply)
         return reply
@@ -270,9 +390,14 @@ def judge_pairs(judge: Judge, items: Sequence[PairItem], *, cache: VerdictCache 
             tqdm(total=len(unique), desc=desc, unit="verdict", leave=False) as bar:
         futures = {key: pool.submit(ask, messages) for key, messages in unique.items()}
         answers = {}
-        for key, future in futures.items():
-            answers[key] = future.result()
-            bar.update(1)
+        try:
+            for key, future in futures.items():
+                answers[key] = future.result()
+                bar.update(1)
+        except BaseException:
+            for future in futures.values():  # the first error ends the run: queued requests never start
+                future.cancel()
+            raise
     replies = [answers[VerdictCache.key(judge.identity, messages)] for messages in requests]
     results = []
     for index, item in enumerate(items):

@@ -169,6 +169,8 @@ def write_report(results: dict, out_dir: str | Path) -> Path:
             passes = ", ".join(f"{k} {v:.3f}" for k, v in code_d.items() if k.startswith("pass@"))
             notes.append(f"`{name}` code: {passes} on {code_d['problems']} problems "
                          f"(sandbox isolation: {code_d.get('isolation')}).")
+            if code_d.get("warning"):
+                notes.append(f"`{name}` code: **{code_d['warning']}**")
         if judge_d:
             notes.append(f"`{name}` judge: win rate {judge_d['win_rate']:.3f} "
                          f"[{judge_d['ci_low']:.3f}, {judge_d['ci_high']:.3f}] ({judge_d['ci']}); "

@@ -28,12 +28,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import RunConfig
-from ..data.prompts import EncodedPrompt, PromptRecord, encode_prompts, load_prompts
+from ..data.prompts import EncodedPrompt, PromptRecord, check_chat_template, encode_prompts, load_prompts
 from ..errors import DistillmError
 from ..generation.base import SamplingParams
 from ..generation.runner import generate_responses
 from ..io import atomic_write_json, read_jsonl
-from ..models import check_same_tokenizer, load_model, loadable_path, parse_layer_spec, prune_layers, real_vocab_size
+from ..models import (
+    check_same_tokenizer, load_model, load_tokenizer, loadable_path, parse_layer_spec, prune_layers, real_vocab_size,
+)
 
 logger = logging.getLogger("distillm")
 
@@ -65,6 +67,7 @@ class EvalSettings:
     references: str | None = None
     max_prompt_length: int = 512
     max_length: int = 1024
+    chat_template: bool = True  # False: plain prompt text (base models; --no-chat-template)
     temperature: float = 0.0
     top_p: float = 1.0
     max_new_tokens: int = 128
@@ -98,6 +101,11 @@ class EvalSettings:
         if self.code_samples > 1 and self.temperature == 0 and "code" in self.tasks:
             raise EvalError(f"--code-samples {self.code_samples} with --temperature 0 would give identical samples: "
                             "sample with --temperature > 0 (e.g. 0.8), or use --code-samples 1.")
+        if "code" in self.tasks:
+            from .sandbox import check_limits
+
+            check_limits(self.code_timeout_s, self.code_memory_mb, timeout_name="--code-timeout",
+                         memory_name="--code-memory-mb")
         if "code" in self.tasks and any(k > self.code_samples or k < 1 for k in self.code_k):
             raise EvalError(f"--code-k {','.join(map(str, self.code_k))}: each k must be between 1 and "
                             f"--code-samples ({self.code_samples}).")
@@ -131,20 +139,32 @@ def _check_names(models: list[ModelSpec]) -> None:
         raise EvalError("No models to evaluate: pass --model NAME=SPEC, --teacher SPEC or --run DIR.")
 
 
-def _load(spec: ModelSpec, settings: EvalSettings, cache: dict) -> _Loaded:
+def _check_tokenizers(models: list[ModelSpec], settings: EvalSettings) -> dict:
+    """Each model's tokenizer, loaded alone (no weights) to check the prompt format before any model is loaded."""
+    tokenizers = {}
+    for spec in models:
+        if spec.source not in tokenizers:
+            tokenizers[spec.source] = load_tokenizer(spec.source)
+            check_chat_template(tokenizers[spec.source], settings.chat_template, model=spec.source)
+    return tokenizers
+
+
+def _load(spec: ModelSpec, settings: EvalSettings, cache: dict, tokenizers: dict | None = None) -> _Loaded:
     """Load a model (a pruned one is cut from its source, reusing the source if it is loaded already)."""
+    tokenizer = (tokenizers or {}).get(spec.source)
     if spec.layers is None:
-        model, tokenizer = load_model(spec.source, dtype=settings.dtype)
+        model, tokenizer = load_model(spec.source, dtype=settings.dtype, tokenizer=tokenizer)
         return _Loaded(model, tokenizer, loadable_path(spec.source))
     if spec.source not in cache:
-        cache[spec.source] = load_model(spec.source, dtype=settings.dtype)
+        cache[spec.source] = load_model(spec.source, dtype=settings.dtype, tokenizer=tokenizer)
     base, tokenizer = cache[spec.source]
     keep = parse_layer_spec(spec.layers, base.config.num_hidden_layers)
     return _Loaded(prune_layers(base, keep), tokenizer, None)
 
 
 def _encode(records: list[PromptRecord], tokenizer, settings: EvalSettings) -> list[EncodedPrompt]:
-    encoded, _ = encode_prompts(records, tokenizer, max_prompt_length=settings.max_prompt_length)
+    encoded, _ = encode_prompts(records, tokenizer, max_prompt_length=settings.max_prompt_length,
+                                use_chat_template=settings.chat_template)
     return encoded
 
 
@@ -167,6 +187,8 @@ def _check_generation_dir(folder: Path, spec: ModelSpec, settings: EvalSettings)
             "num_math", "code", "num_code", "code_samples")
     stamp = {"model": dataclasses.asdict(spec) | {"train_log": None},
              "settings": {k: getattr(settings, k) for k in keys}}
+    if not settings.chat_template:  # recorded only when off, so folders made before the option stay valid
+        stamp["settings"]["chat_template"] = False
     path = folder / "made_with.json"
     if path.is_file():
         previous = json.loads(path.read_text())
@@ -219,6 +241,7 @@ def run_evaluation(models: list[ModelSpec], settings: EvalSettings, output_dir: 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     records, _ = load_prompts(settings.prompts, limit=settings.num_prompts)
+    tokenizers = _check_tokenizers(models, settings)
     references, reference_source = _references(settings, records)
     if references is None and settings.teacher is None and tasks & {"rouge", "perplexity", "judge"}:
         raise EvalError(f"{settings.prompts} has no reference responses: give --references FILE, or a teacher "
@@ -245,7 +268,7 @@ def run_evaluation(models: list[ModelSpec], settings: EvalSettings, output_dir: 
         t0 = time.time()
         folder = out / "generations" / spec.name
         _check_generation_dir(folder, spec, settings)
-        loaded = _load(spec, settings, base_cache)
+        loaded = _load(spec, settings, base_cache, tokenizers)
         is_teacher = spec.name == settings.teacher
         metrics: dict = {}
         details: dict = {}

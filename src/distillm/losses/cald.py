@@ -79,15 +79,21 @@ def cald_terms(
 
 def combine_cald(terms: CALDTerms, mask_t: torch.Tensor, mask_s: torch.Tensor, *, b: float = 1.0,
                  reduction: str = "seq_mean", counts=None) -> torch.Tensor:
-    """(2 - b) * SKL + b * SRKL, reduced as `reduction` says ('seq_mean': mean per response, then over responses;
-    'token_mean': over all response tokens). The sums are divided by `counts` = (pairs, teacher-response tokens,
-    student-response tokens), by default this batch's; the trainer passes the whole optimizer step's, so the
-    micro-batches of a gradient-accumulation step add up to exactly the loss of the whole batch."""
+    """(2 - b) * SKL + b * SRKL, reduced as `reduction` says ('seq_mean': mean per response, then over the
+    non-empty responses of each side; 'token_mean': over all response tokens of each side). An empty response
+    carries no tokens and is left out of the means (as in `reduce_tokens`). The sums are divided by `counts` =
+    (pairs, teacher-response tokens, student-response tokens, non-empty teacher responses, non-empty student
+    responses), by default this batch's (a 3-entry tuple: no response is empty, the pairs); the trainer passes the
+    whole optimizer step's, so the micro-batches of a gradient-accumulation step add up to exactly the loss of the
+    whole batch."""
     if counts is None:
-        counts = (terms.skl.shape[0], mask_t.sum(), mask_s.sum())
-    pairs, tokens_t, tokens_s = (max(float(c), 1.0) for c in counts)
+        counts = (terms.skl.shape[0], mask_t.sum(), mask_s.sum(), mask_t.bool().any(-1).sum(),
+                  mask_s.bool().any(-1).sum())
+    counts = [max(float(c), 1.0) for c in counts]
+    tokens_t, tokens_s = counts[1], counts[2]
+    responses_t, responses_s = (counts[3], counts[4]) if len(counts) > 4 else (counts[0], counts[0])
     if reduction == "seq_mean":
-        return ((2.0 - b) * terms.skl.sum() + b * terms.srkl.sum()) / pairs
+        return (2.0 - b) * terms.skl.sum() / responses_t + b * terms.srkl.sum() / responses_s
     if reduction == "token_mean":
         return (2.0 - b) * terms.skl_tokens.sum() / tokens_t + b * terms.srkl_tokens.sum() / tokens_s
     raise ValueError(f"Unknown reduction '{reduction}': use seq_mean or token_mean.")

@@ -67,11 +67,20 @@ def _log_mix(w: Tensor, log_a: Tensor, log_b: Tensor) -> Tensor:
 
 
 def _kl(log_a: Tensor, log_b: Tensor) -> Tensor:
-    """sum_v a log(a / b) with 0 log 0 = 0 (b = 0 where a > 0 gives +inf, the true value)."""
+    """sum_v a log(a / b) with 0 log 0 = 0 (b = 0 where a > 0 gives +inf, the true value).
+
+    Every branch of every torch.where gets safe (finite) inputs, so the backward is NaN-free whatever the
+    upstream gradient: a term a log(a / 0) = +inf is a constant (no gradient from it), so a position whose value
+    is +inf but which a mask or a zero weight leaves out contributes exactly 0 to the gradient (an upstream 0
+    times a finite local derivative), and one left in gives the gradient of its finite terms (docs/numerics.md).
+    """
     support = ~torch.isneginf(log_a)
-    log_a = torch.where(support, log_a, 0.0)
-    log_b = torch.where(support, log_b, 0.0)
-    return torch.where(support, log_a.exp() * (log_a - log_b), 0.0).sum(-1)
+    infinite = support & torch.isneginf(log_b)
+    finite = support & ~infinite
+    log_a = torch.where(finite, log_a, 0.0)
+    log_b = torch.where(finite, log_b, 0.0)
+    terms = torch.where(finite, log_a.exp() * (log_a - log_b), 0.0)
+    return torch.where(infinite, float("inf"), terms).sum(-1)
 
 
 # ------------------------------------------------------------------------------------------- divergences

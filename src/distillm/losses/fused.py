@@ -111,6 +111,7 @@ def default_chunk_size(vocab_size: int) -> int:
 #   JSD   r = (1 - b) q (log q - log m)    (the terms through m cancel: b p + (1 - b) q = m)
 #   TVD   r = 0.5 sign(q - p) q            acceptance  r = q [q < p] (+ q / 2 where q = p, as torch.minimum)
 # Values follow divergences.py: 0 log 0 = 0, a zero of the second argument under a positive first gives +inf.
+# Such a +inf term is a constant for the gradient (r = 0 there, `_constant_infinite`), as in divergences._kl.
 
 def _terms(log_a: Tensor, log_b: Tensor) -> Tensor:
     """a (log a - log b) elementwise, 0 where a = 0."""
@@ -126,15 +127,25 @@ def _log_weight(w, like: Tensor) -> tuple[Tensor, Tensor]:
     return torch.log(w), torch.log1p(-w)
 
 
+def _constant_infinite(values: Tensor, r: Tensor | None, log_a: Tensor, log_b: Tensor) -> Tensor | None:
+    """r with 0 at the entries whose term a log(a / b) is +inf (a > 0, b = 0): such a term is a constant, as in
+    divergences._kl, so it gives no gradient (and no inf/NaN that an upstream 0 would turn into NaN). Only rows
+    whose value is +inf are looked at (none, in the usual case: one check on [C])."""
+    if r is None or bool(torch.isfinite(values).all()):
+        return r
+    infinite = ~torch.isneginf(log_a) & torch.isneginf(log_b)
+    return r.masked_fill_(infinite, 0.0)
+
+
 def _fkl(log_p, log_q, w, detach, need_grad):
     values = _terms(log_p, log_q).sum(-1)
-    return values, (-log_p.exp() if need_grad else None)
+    return values, _constant_infinite(values, -log_p.exp() if need_grad else None, log_p, log_q)
 
 
 def _rkl(log_p, log_q, w, detach, need_grad):
     terms = _terms(log_q, log_p)
     values = terms.sum(-1)
-    return values, (terms.add_(log_q.exp()) if need_grad else None)
+    return values, _constant_infinite(values, terms.add_(log_q.exp()) if need_grad else None, log_q, log_p)
 
 
 def _skl(log_p, log_q, w, detach, need_grad):
@@ -145,7 +156,7 @@ def _skl(log_p, log_q, w, detach, need_grad):
         return values, None
     p = log_p.exp()
     r = (log_1ma + log_q - log_m).exp_().mul_(p).neg_()
-    return values, r.masked_fill_(p == 0, 0.0)
+    return values, _constant_infinite(values, r.masked_fill_(p == 0, 0.0), log_p, log_m)
 
 
 def _srkl(log_p, log_q, w, detach, need_grad):
@@ -159,7 +170,7 @@ def _srkl(log_p, log_q, w, detach, need_grad):
     r = terms.add_(q)
     if not detach:
         r.sub_((log_a + log_q - log_m).exp_().mul_(q).masked_fill_(q == 0, 0.0))
-    return values, r
+    return values, _constant_infinite(values, r, log_q, log_m)
 
 
 def _jsd_mix(log_p, log_q, b, need_grad):

@@ -46,9 +46,13 @@ class LossInputs:
     (hidden states [N, R, H], head weight, bias; `--loss-impl fused`, the default), which the fused losses turn
     into logits a chunk of tokens at a time. A method never looks inside: it calls `divergence_loss` and
     `token_log_probs` below, which take either. `targets` [N, R] are the response tokens (-100 elsewhere).
-    `counts` = (units, tokens of the first group, tokens of the second group) of the WHOLE optimizer step (all
+    `counts` = (units, tokens of the first group, tokens of the second group, non-empty first-group sequences,
+    non-empty second-group sequences, units whose sequences are all non-empty) of the WHOLE optimizer step (all
     micro-batches, all processes), where a unit is one first-group sequence (one prompt): dividing by them makes
-    micro-batch losses add up to the loss of the whole batch. `vocab_size`: the real vocabulary (heads and logits
+    micro-batch losses add up to the loss of the whole batch. An empty response carries no tokens, so it is left
+    out of every mean: per-sequence means divide by the non-empty sequences of their group (`sequence_count`),
+    pair losses by the units whose responses are all non-empty. (A 3-entry `counts` from older callers stands
+    for no empty responses: the units.) `vocab_size`: the real vocabulary (heads and logits
     may be padded beyond it); `chunk_size`: tokens per chunk of the fused path (None: sized to ~64 MiB).
     """
 
@@ -137,25 +141,29 @@ def _topk_token_log_probs(scores: TopKTeacher, targets: torch.Tensor, vocab: int
     return torch.where(targets != IGNORE_INDEX, own / temperature - norm, torch.zeros_like(own))
 
 
-# per-token divergences on full logits, by name (weight: a of skl/srkl, b of jsd)
+# per-token divergences on full logits, by name (weight: a of skl/srkl, b of jsd; detach: whether the student inside
+# the skew mixture is detached, None = the functions' defaults: SKL not detached, SRKL detached)
 PLAIN_DIVERGENCES = {
-    "fkl": lambda s, t, w, tau: plain.forward_kl(s, t, temperature=tau),
-    "rkl": lambda s, t, w, tau: plain.reverse_kl(s, t, temperature=tau),
-    "skl": lambda s, t, w, tau: plain.skew_forward_kl(s, t, w, temperature=tau),
-    "srkl": lambda s, t, w, tau: plain.skew_reverse_kl(s, t, w, temperature=tau),
-    "jsd": lambda s, t, w, tau: plain.generalized_jsd(s, t, w, temperature=tau),
-    "tvd": lambda s, t, w, tau: plain.total_variation(s, t, temperature=tau),
+    "fkl": lambda s, t, w, tau, detach=None: plain.forward_kl(s, t, temperature=tau),
+    "rkl": lambda s, t, w, tau, detach=None: plain.reverse_kl(s, t, temperature=tau),
+    "skl": lambda s, t, w, tau, detach=None: plain.skew_forward_kl(
+        s, t, w, temperature=tau, detach_student_in_mixture=bool(detach)),
+    "srkl": lambda s, t, w, tau, detach=None: plain.skew_reverse_kl(
+        s, t, w, temperature=tau, detach_student_in_mixture=detach is None or detach),
+    "jsd": lambda s, t, w, tau, detach=None: plain.generalized_jsd(s, t, w, temperature=tau),
+    "tvd": lambda s, t, w, tau, detach=None: plain.total_variation(s, t, temperature=tau),
 }
 
 
 def divergence_loss(batch: LossInputs, name: str, rows: slice, token_weights: torch.Tensor, *,
                     weight: float | torch.Tensor | None = None, temperature: float = 1.0,
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+                    detach_student_in_mixture: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(L, d): L = sum_n w_n d_n over the response tokens of `rows` (w = `token_weights` [n, R], 0 off the mask)
     and the per-token divergence d [n, R] (detached, 0 off the mask). `name`: fkl, rkl, skl, srkl, jsd or tvd
     (as in losses.divergences; `weight` is a of skl/srkl, b of jsd, a float or per row). Fused inputs go
     through `losses.fused.fused_weighted_divergence` (never more than a chunk's logits alive), logits through
-    the plain functions; both give the same L and gradients."""
+    the plain functions; both give the same L and gradients. `detach_student_in_mixture` (skl/srkl): None = the
+    functions' defaults (SKL: not detached, SRKL: detached, as DistiLLM-2's code)."""
     mask = batch.mask[rows]
     if name not in PLAIN_DIVERGENCES:
         raise ValueError(f"Unknown divergence '{name}': use {', '.join(PLAIN_DIVERGENCES)}.")
@@ -163,10 +171,12 @@ def divergence_loss(batch: LossInputs, name: str, rows: slice, token_weights: to
     if batch.fused:
         loss, values = fused_weighted_divergence(
             name, student, teacher, token_weights, weight, mask=mask, temperature=temperature,
-            vocab_size=batch.vocab_size, chunk_size=batch.chunk_size)
+            vocab_size=batch.vocab_size, chunk_size=batch.chunk_size,
+            detach_student_in_mixture=detach_student_in_mixture)
         return loss, values.detach()
     values = PLAIN_DIVERGENCES[name](_plain_logits(student, batch.vocab_size),
-                                     _plain_logits(teacher, batch.vocab_size), weight, temperature)
+                                     _plain_logits(teacher, batch.vocab_size), weight, temperature,
+                                     detach_student_in_mixture)
     keep = mask & (token_weights != 0)
     loss = torch.where(keep, token_weights.to(values.dtype) * values, torch.zeros_like(values)).sum()
     return loss, torch.where(mask, values, torch.zeros_like(values)).detach()
@@ -190,12 +200,24 @@ def token_log_probs(batch: LossInputs, who: str, rows: slice, *, temperature: fl
     return plain.token_log_probs(_plain_logits(scores, batch.vocab_size), targets, temperature=temperature)
 
 
+def sequence_count(counts, group: int) -> float:
+    """How many sequences of `group` (0: first, 1: second) the step's per-sequence mean divides by: the non-empty
+    ones (an empty response has no tokens to average), at least 1. 3-entry counts (no such entry): the units."""
+    return max(float(counts[3 + group] if len(counts) > 3 else counts[0]), 1.0)
+
+
+def unit_count(counts) -> float:
+    """How many units (prompts) a per-unit loss divides by: those whose responses are all non-empty, at least 1."""
+    return max(float(counts[5] if len(counts) > 5 else counts[0]), 1.0)
+
+
 def group_weights(mask: torch.Tensor, counts, group: int, reduction: str, scale: float = 1.0) -> torch.Tensor:
     """Per-token weights [n, R] that reduce a group's per-token values as the optimizer step wants them:
-    'seq_mean' -> sum of per-sequence means / units; 'token_mean' -> sum over tokens / that group's tokens."""
+    'seq_mean' -> sum of per-sequence means / the group's non-empty sequences; 'token_mean' -> sum over tokens /
+    that group's tokens. An empty sequence has no tokens, hence no weight, and is not counted."""
     mask = mask.float()
     if reduction == "seq_mean":
-        return scale * mask / (mask.sum(-1, keepdim=True).clamp_min(1.0) * max(float(counts[0]), 1.0))
+        return scale * mask / (mask.sum(-1, keepdim=True).clamp_min(1.0) * sequence_count(counts, group))
     if reduction == "token_mean":
         return scale * mask / max(float(counts[1 + group]), 1.0)
     raise ValueError(f"Unknown reduction '{reduction}': use seq_mean or token_mean.")
@@ -203,10 +225,11 @@ def group_weights(mask: torch.Tensor, counts, group: int, reduction: str, scale:
 
 def reduce_group(values: torch.Tensor, mask: torch.Tensor, counts, group: int, reduction: str) -> torch.Tensor:
     """Sum of per-token `values` [n, R] of one group, normalised by the optimizer step's counts:
-    'seq_mean' -> sum of per-sequence means / units; 'token_mean' -> sum over tokens / that group's tokens."""
+    'seq_mean' -> sum of per-sequence means / the group's non-empty sequences; 'token_mean' -> sum over tokens /
+    that group's tokens."""
     values = torch.where(mask, values, torch.zeros_like(values))
     if reduction == "seq_mean":
-        return per_sequence_mean(values, mask).sum() / max(float(counts[0]), 1.0)
+        return per_sequence_mean(values, mask).sum() / sequence_count(counts, group)
     if reduction == "token_mean":
         return values.sum() / max(float(counts[1 + group]), 1.0)
     raise ValueError(f"Unknown reduction '{reduction}': use seq_mean or token_mean.")

@@ -10,8 +10,12 @@ tau starts at `v1_threshold_init` (0.0) and rises by `v1_threshold_step` (0.1, a
 validation loss -- this loss on held-out teacher responses, measured every `v1_val_interval` optimizer steps --
 is higher than at the previous measurement: when the student stops improving on fixed data, it gets more of its
 own outputs.
-Loss: token-level SKL_a (default) or SRKL_a with a = `v1_alpha` (0.1), student inside the mixture not detached
-in SKL and detached in SRKL (see losses.divergences).
+Loss: SKL_a (default) or SRKL_a with a = `v1_alpha` (0.1), as the released DistiLLM v1 code computes them
+(distillm/losses.py, skewed_forward_kl / skewed_reverse_kl): the student inside the mixture is NOT detached (in
+SRKL either: unlike DistiLLM-2, whose code detaches it), and the loss is the mean over all response tokens of the
+optimizer step (a token mean: `--reduction` does not apply to this method). One difference in value only: v1's
+skewed_forward_kl is the cross-entropy -sum_v p log m1 (no teacher-entropy term); ours is the true KL, which is
+larger by the teacher's entropy, a constant for the student: the gradients are the same.
 """
 
 from __future__ import annotations
@@ -54,9 +58,10 @@ class DistiLLMv1(Method):
     # ------------------------------------------------------------------ loss
     def compute_loss(self, batch: LossInputs):
         mask = batch.mask
-        weights = group_weights(mask, batch.counts, 0, self.reduction)
+        # token mean over the step, student not detached in the mixture: as the released v1 code (module docstring)
+        weights = group_weights(mask, batch.counts, 0, "token_mean")
         loss, values = divergence_loss(batch, self.loss_name, batch.first, weights, weight=self.alpha,
-                                       temperature=self.temperature)
+                                       temperature=self.temperature, detach_student_in_mixture=False)
         metrics = {"units": float(batch.n_first), self.loss_name: sequence_sums(values, mask)}
         return loss, metrics, {"tau": self.threshold, "buffer": float(len(self.buffer))}
 

@@ -3,7 +3,7 @@
 Data: pairs, as in DistiLLM-2 -- the teacher's response (chosen, generated once) and the current student's
 response (rejected, regenerated at the start of every round). Loss (losses.preference.dpkd_loss):
 -log sigmoid(beta [(log q(y_t) - log q(y_s)) - (log p(y_t) - log p(y_s))]) with length-normalised log-probs and
-beta = `dpkd_beta` (0.2), averaged over pairs.
+beta = `dpkd_beta` (0.2), averaged over pairs (a pair with an empty response is left out).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 
 from ..losses.divergences import per_sequence_mean
 from ..losses.preference import dpkd_logits, dpkd_loss
-from .base import LossInputs, Method, token_log_probs
+from .base import LossInputs, Method, token_log_probs, unit_count
 
 
 class DPKD(Method):
@@ -35,7 +35,10 @@ class DPKD(Method):
         beta = self.config.method.dpkd_beta
         losses = dpkd_loss(q[c], q[r], p[c], p[r], beta=beta)
         margins = dpkd_logits(q[c], q[r], p[c], p[r], beta=beta).detach()
-        loss = losses.sum() / max(float(batch.counts[0]), 1.0)
+        # a pair with an empty response has no length-normalised log-prob on that side: it is left out (no loss,
+        # not counted), as empty responses are everywhere (methods.base.LossInputs)
+        full = mask[c].any(-1) & mask[r].any(-1)
+        loss = torch.where(full, losses, torch.zeros_like(losses)).sum() / unit_count(batch.counts)
         metrics = {"units": float(batch.n_first), "dpkd": losses.detach().sum().item(),
                    "margin": margins.sum().item(), "accuracy": (margins > 0).float().sum().item()}
         return loss, metrics, {}

@@ -44,7 +44,7 @@ from ..io import atomic_write_json
 from ..losses.fused import HeadInputs, fused_inputs
 from ..methods.base import LossInputs, Scores
 from ..models import eval_mode
-from .callbacks import MethodStepCallback, NonFiniteGuard
+from .callbacks import MethodStepCallback, NonFiniteGuard, use_step_lines
 from .collate import IGNORE, IMAGE_INPUTS, response_logits
 
 METHOD_STATE_FILE = "distillm_method_state.json"
@@ -52,12 +52,17 @@ logger = logging.getLogger("distillm")
 
 
 def local_counts(batch_samples) -> torch.Tensor:
-    """(prompts, first-group tokens, second-group tokens) of this process's micro-batches."""
-    counts = torch.zeros(3, dtype=torch.float64)
+    """(prompts, first-group tokens, second-group tokens, non-empty first-group responses, non-empty second-group
+    responses, prompts whose responses are all non-empty) of this process's micro-batches (see
+    methods.base.LossInputs: an empty response carries no tokens and is left out of every mean)."""
+    counts = torch.zeros(6, dtype=torch.float64)
     for batch in batch_samples:
         labels = batch["labels"]
         n = int(batch["n_first"])
-        counts += torch.tensor([n, (labels[:n] != IGNORE).sum().item(), (labels[n:] != IGNORE).sum().item()],
+        full_first, full_second = (labels[:n] != IGNORE).any(-1), (labels[n:] != IGNORE).any(-1)
+        full_units = full_first & full_second if full_second.numel() else full_first
+        counts += torch.tensor([n, (labels[:n] != IGNORE).sum().item(), (labels[n:] != IGNORE).sum().item(),
+                                full_first.sum().item(), full_second.sum().item(), full_units.sum().item()],
                                dtype=torch.float64)
     return counts
 
@@ -130,6 +135,7 @@ class DistillTrainer(Trainer):
         self.add_callback(MethodStepCallback(self))
         self.nonfinite_guard = NonFiniteGuard(self, max_nonfinite_steps)
         self.add_callback(self.nonfinite_guard)
+        use_step_lines(self)  # one console line per logging step, not the log dicts inside tqdm bars
         self.nonfinite_stop: dict | None = None  # set when the guard stopped training
         self.last_batch_ids: list[str] = []  # prompt ids of the latest optimizer step's rows (for error messages)
         self.vocab_size = vocab_size
@@ -180,7 +186,7 @@ class DistillTrainer(Trainer):
 
     # ------------------------------------------------------------------ loss normalisation
     def _get_num_items_in_batch(self, batch_samples, device):
-        """(prompts, first-group tokens, second-group tokens) of the whole optimizer step, summed over processes."""
+        """`local_counts` of the whole optimizer step, summed over processes."""
         counts = local_counts(batch_samples).to(device)
         if self.args.world_size > 1:
             counts = self.accelerator.reduce(counts, reduction="sum")
