@@ -120,11 +120,16 @@ def test_dequantized_copy_is_a_plain_model_with_the_same_logits(tiny):
         assert torch.equal(model(ids).logits, plain(ids).logits)
 
 
-def test_no_grad_forwards_reuse_the_quantized_weight_until_it_changes(tiny):
+@pytest.mark.parametrize("make_optimizer", [
+    lambda params: torch.optim.SGD(params, lr=0.5),
+    # the Trainer's default: its fused kernel updates parameters without bumping their version counters
+    lambda params: torch.optim.AdamW(params, lr=0.05, fused=True),
+], ids=["sgd", "fused-adamw"])
+def test_no_grad_forwards_reuse_the_quantized_weight_until_it_changes(tiny, make_optimizer):
     model, _ = tiny
     prepare_qat(model, 4, 32)
     ids = torch.randint(0, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    optimizer = make_optimizer(model.parameters())
     with torch.no_grad():
         first = model(ids).logits
         assert torch.equal(first, model(ids).logits)

@@ -135,6 +135,12 @@ def is_qat_model(model: torch.nn.Module) -> bool:
 
 
 _CACHED_CLASS = None
+#: optimizer steps taken in this process (any optimizer): part of the fake-quantized weights' cache key
+_OPTIMIZER_STEPS = [0]
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    _OPTIMIZER_STEPS[0] += 1
 
 
 def _cached_quantizer_class():
@@ -142,13 +148,18 @@ def _cached_quantizer_class():
 
     Generation calls the student once per new token with the same weights, and re-quantizing 100M weights per
     token would make sampling several times slower. When no gradient flows to the weight (no_grad, or a frozen
-    base under LoRA) the result is reused as long as the weight is the same tensor at the same version (every
-    in-place update -- optimizer step, load_state_dict -- bumps the version). A forward that trains the weight is
-    always computed afresh, through torchao."""
+    base under LoRA) the result is reused as long as the weight is the same tensor at the same version and no
+    optimizer has stepped since: torch's fused AdamW (the Trainer's default) updates parameters in place without
+    bumping their version counter, so the version alone would keep stale weights; every optimizer step is counted
+    by a global step hook instead. A forward that trains the weight is always computed afresh, through torchao."""
     global _CACHED_CLASS
     if _CACHED_CLASS is None:
         import_torchao()
         from torchao.quantization.qat.fake_quantizer import IntxFakeQuantizer
+
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        register_optimizer_step_post_hook(_count_optimizer_step)
 
         class CachedIntxFakeQuantizer(IntxFakeQuantizer):
             def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -156,7 +167,8 @@ def _cached_quantizer_class():
                     self._fq_cache = None
                     return super().forward(x)
                 # a result made under inference_mode cannot enter autograd (a frozen LoRA base in training)
-                key = (x.data_ptr(), x._version, x.dtype, x.device, torch.is_inference_mode_enabled())
+                key = (x.data_ptr(), x._version, _OPTIMIZER_STEPS[0], x.dtype, x.device,
+                       torch.is_inference_mode_enabled())
                 cache = getattr(self, "_fq_cache", None)
                 if cache is None or cache[0] != key:
                     with torch.no_grad():
