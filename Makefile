@@ -1,5 +1,5 @@
 # The two commands of the README.
-#   make demo  - set up, then distil SmolLM2-135M-Instruct into a 10-layer student (about 10 min on 2 CPU cores)
+#   make demo  - set up, then recover an int3-quantized SmolLM2-135M-Instruct by distillation and export it as GGUF
 #   make test  - set up with the test dependencies, then run the test suite
 VENV ?= .venv
 

@@ -19,6 +19,12 @@ warm-up step each. Peak step memory: see `PeakRSS`.
 
 The last lines are the headlines: DistiLLM-2 fused against TRL's DistillationTrainer (tokens/s, memory) and
 against TRL GKD (tokens/s).
+
+QAT row (`--qat int4`, or int3): the full-size student (the teacher's copy, all 30 layers, as in the default demo)
+with and without torchao fake quantization of its linear weights, the same DistiLLM-2 fused step, interleaved;
+prints both times, their ratio (the fake-quantization overhead) and the student's memory:
+
+    python benchmarks/bench_train_step.py --qat int4 --threads 2   # batch 4 pairs = 8 x (48 + 48) tokens
 """
 from __future__ import annotations
 
@@ -151,7 +157,11 @@ def main(argv=None) -> None:
                         help="comma-separated subset of plain,fused,trl,trl-distill")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--out", default="/tmp/bench_train_step")
+    parser.add_argument("--qat", choices=["int8", "int4", "int3", "int2"], default=None,
+                        help="the QAT row instead: full-size student with / without fake quantization")
     args = parser.parse_args(argv)
+    if args.qat:
+        return qat_benchmark(args)
     if args.quick:
         args.pairs, args.prompt_len, args.response_len, args.repeats = 2, 64, 64, 2
     if args.threads:
@@ -247,6 +257,58 @@ def main(argv=None) -> None:
               f"peak step memory {peak['fused'] / max(peak['trl-distill'], 1):.2f}")
     if "fused" in rate and "trl" in rate:
         print(f"headline: distillm2 fused tokens/s / TRL GKD tokens/s = {rate['fused'] / rate['trl']:.2f}")
+
+
+def qat_benchmark(args) -> None:
+    """Fake-quantization overhead: the full-size student's DistiLLM-2 fused step with and without torchao fake
+    quantization (same weights, same batch), interleaved; and the student's memory."""
+    import resource
+
+    from distillm.models import load_model, prune_layers
+    from distillm.quant.qat import prepare_qat, quant_bits
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pairs, prompt_len, response_len = 4, 48, 48  # 8 sequences x 96 tokens (the issue's measurement)
+    if args.quick:
+        pairs, args.repeats = 2, 2
+    teacher, tokenizer = load_model("smollm2-135m-instruct", dtype="float32")
+    student = prune_layers(teacher, list(range(teacher.config.num_hidden_layers))).float()
+    rows, batch = build_batch(tokenizer, pairs, prompt_len, response_len)
+    tokens = int(batch["attention_mask"].sum())
+    models = {"full": copy.deepcopy(student),
+              "qat": prepare_qat(copy.deepcopy(student), quant_bits(args.qat), 32)}
+    trainers = {name: distillm_trainer(model, teacher, tokenizer, rows, "fused", os.path.join(args.out, name))
+                for name, model in models.items()}
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, load average at start "
+          f"{os.getloadavg()[0]:.2f}", flush=True)
+    print(f"batch: {pairs} pairs = {batch['input_ids'].shape[0]} sequences x ({prompt_len} + {response_len}) tokens "
+          f"= {tokens} tokens per step", flush=True)
+    times = {name: [] for name in trainers}
+    for rep in range(args.repeats + 1):
+        for name, trainer in trainers.items():
+            trainer.model.train()
+            batch_copy = {k: v.clone() for k, v in batch.items()}
+            counts = trainer._get_num_items_in_batch([batch_copy], "cpu")
+            start = time.perf_counter()
+            loss = trainer.training_step(trainer.model, batch_copy, counts)
+            elapsed = time.perf_counter() - start
+            trainer.model.zero_grad(set_to_none=True)
+            print(f"  {'warm-up' if rep == 0 else f'repeat {rep}'}: {name:5s} {elapsed:7.2f} s  loss {float(loss):.4f}",
+                  flush=True)
+            if rep:
+                times[name].append(elapsed)
+    print(f"load average at end {os.getloadavg()[0]:.2f}")
+    full, qat = (statistics.median(times[name]) for name in ("full", "qat"))
+    params = sum(p.numel() for p in student.parameters())
+    print(f"\n| step (DistiLLM-2 fused, full-size student) | median time (s) | tokens/s |\n|---|---:|---:|")
+    print(f"| no fake quantization | {full:.2f} | {tokens / full:.1f} |")
+    print(f"| torchao {args.qat} fake quantization, groups of 32 | {qat:.2f} | {tokens / qat:.1f} |")
+    print(f"QAT overhead: {qat / full:.2f}x the step time of the same student without fake quantization")
+    print(f"full-size student: {params / 1e6:.1f}M parameters; fp32 weights {params * 4 / 2**20:.0f} MiB, + gradients "
+          f"and AdamW's two moments = {params * 16 / 2**20:.0f} MiB in training")
+    print(f"peak resident memory of this process (teacher + both students + one step each): "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MiB")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ the student's own responses, batched on-policy). Main entry points:
 
 __version__ = "0.1.0"
 
+from . import _quiet  # noqa: E402,F401  (before transformers imports torchao)
+
 from .config import RunConfig, load_config  # noqa: E402
 from .models import load_model, prune_layers  # noqa: E402
 from .pipeline import run  # noqa: E402

@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "epochs of training (DistiLLM-2 and DPKD regenerate the student's responses every round; the "
                          "on-policy baselines sample the student while training), with a held-out evaluation before "
                          "and after. --method picks the method (default distillm2). With no arguments: the default "
-                         "demo (SmolLM2-135M-Instruct -> 10-layer pruned student on built-in prompts).")
+                         "demo (SmolLM2-135M-Instruct -> itself with int3-quantized weights, recovered by distillation on built-in "
+                         "prompts and exported as GGUF; --preset demo-pruned: the 10-layer pruned student).")
     _add_config_options(run)
 
     train = sub.add_parser("train", help="Train a student, e.g. from teacher responses you already have (no evaluation).",
@@ -142,6 +143,44 @@ def format_metrics(metrics: dict) -> str:
         b, a = metrics["before"][key], metrics["after"][key]
         improved = a < b if better == "lower" else a > b
         lines.append(f"{label:<46}{b:>10.4f}{a:>10.4f}  {'yes' if improved else 'NO'} ({better} is better)")
+    if "distinct_2" in metrics["before"] and "distinct_2" in metrics["after"]:
+        b, a = metrics["before"]["distinct_2"], metrics["after"]["distinct_2"]
+        t = metrics["after"]["teacher_distinct_2"]
+        label = f"distinct-2 of samples (teacher: {t:.4f})"
+        verdict = "yes" if abs(a - t) < abs(b - t) else "NO"
+        lines.append(f"{label:<46}{b:>10.4f}{a:>10.4f}  {verdict} (closer to the teacher's is better)")
+    return "\n".join(lines)
+
+
+def _user_text(prompt: str) -> str:
+    """The last user message of a chat-templated prompt (ChatML's "<|im_start|>user ... <|im_end|>"), else the
+    prompt itself."""
+    import re
+
+    found = re.findall(r"<\|im_start\|>user\s*(.*?)<\|im_end\|>", prompt, flags=re.S)
+    return found[-1] if found else prompt
+
+
+def format_answers(run_dir: Path, *, n: int = 3, width: int = 110, quantized: bool = False) -> str:
+    """The first `n` held-out prompts with the teacher's answer, the student's before and after distillation (the
+    evaluation's samples, temperature --temperature), one line each, cut at `width` characters."""
+    from .io import read_jsonl
+
+    files = [run_dir / "data" / "teacher_eval.jsonl", run_dir / "eval" / "before_samples.jsonl",
+             run_dir / "eval" / "after_samples.jsonl"]
+    if not all(f.is_file() for f in files):
+        return ""
+    teacher, before, after = ({row["id"]: row for row in read_jsonl(f)} for f in files)
+    labels = ("teacher", "round-to-nearest start" if quantized else "student before", "distilled")
+    flat = lambda text: " ".join(str(text).split())  # noqa: E731  (one line per answer)
+    cut = lambda text: text if len(text) <= width else text[:width - 3] + "..."  # noqa: E731
+    lines = ["", f"Held-out answers (first {n} held-out prompts; sampled as in the evaluation):"]
+    for key in list(teacher)[:n]:
+        if key not in before or key not in after:
+            continue
+        lines.append(f"- prompt {key}: {cut(flat(_user_text(teacher[key].get('prompt', ''))))}")
+        for label, rows in zip(labels, (teacher, before, after)):
+            lines.append(f"    {label:<23}| {cut(flat(rows[key]['response']))}")
     return "\n".join(lines)
 
 
@@ -172,6 +211,13 @@ def _cmd_run(args, *, evaluate_default: bool) -> int:
     table = format_metrics(metrics)
     if table:
         print(table)
+    answers = format_answers(Path(config.output_dir), quantized=config.model.student_quant != "none")
+    if answers:
+        print(answers)
+    if training.get("export"):
+        from .quant.qat import format_export
+
+        print(format_export(training["export"]))
     print(f"Wall time: {metrics.get('wall_seconds')} s; metrics: {Path(config.output_dir) / 'metrics.json'}")
     return 0
 

@@ -55,6 +55,9 @@ class ModelSection:
     lora_alpha: int = opt(128, "LoRA alpha (the released DistiLLM-2 configs: 128).", ge=1)
     lora_dropout: float = opt(0.05, "LoRA dropout.", ge=0, lt=1)
     lora_target_modules: str = opt("all-linear", "Modules that get adapters: all-linear, or a comma-separated list of module names (e.g. q_proj,v_proj).")
+    student_quant: str = opt("none", "Quantization-aware student: none, int8, int4, int3 or int2. The student's linear weights (not the embeddings or output head) are fake-quantized (symmetric, fp16 scale per group) and trained through a straight-through estimator; without --student it is the teacher itself, all layers, starting from round-to-nearest. student/ and student/student.gguf hold the quantized weights exactly (docs/quantization.md).")
+    student_quant_group_size: int = opt(32, "Weights sharing one scale in --student-quant (along each row's inputs); a multiple of 32, the GGUF block size.")
+    student_quant_train_embeddings: bool = opt(False, "--student-quant: also train the (unquantized) input embedding and output head. Off: they stay the teacher's, and the GGUF copies the teacher file's bytes for them (exact and small); on: the GGUF stores them in full precision (larger).")
     load_in_4bit: bool = opt(False, "QLoRA: load the student's base weights in 4-bit NF4 (bitsandbytes, NVIDIA GPU only) and train a LoRA adapter on them (implies --lora).")
 
 
@@ -430,9 +433,28 @@ def validate(config: RunConfig) -> None:
         (d.max_prompt_length < d.max_length, "max_prompt_length must be < max_length"),
         (bool(m.lora_target_modules.strip()), "lora_target_modules must be all-linear or a list of module names"),
     ]
+    checks += _quant_checks(m)
     for ok, message in checks:
         if not ok:
             raise ConfigError(f"Invalid config: {message}.")
+
+
+def _quant_checks(m: ModelSection) -> list[tuple[bool, str]]:
+    """--student-quant: the grid must be one the GGUF export stores exactly (Q4_0 blocks for 2-4 bits, Q8_0 for 8:
+    32 weights per fp16 scale, so a group of 32k weights is k blocks with one scale)."""
+    from .quant.qat import QUANT_BITS
+
+    if m.student_quant == "none":
+        return []
+    return [
+        (m.student_quant in QUANT_BITS, f"student_quant must be none or one of {', '.join(QUANT_BITS)} (got "
+         f"'{m.student_quant}'; 5-7 bits have no exact llama.cpp layout distillm writes)"),
+        (m.student_quant_group_size >= 32 and m.student_quant_group_size % 32 == 0,
+         f"student_quant_group_size must be a multiple of 32 (got {m.student_quant_group_size}): GGUF's Q4_0 and "
+         "Q8_0 blocks hold 32 weights with one fp16 scale each, so only whole blocks store a group exactly"),
+        (not m.load_in_4bit, "student_quant and load_in_4bit (QLoRA's NF4 weights) are two different quantizations "
+         "of the student; choose one (--student-quant with --lora is QAT + LoRA)"),
+    ]
 
 
 def validate_align(config: AlignConfig) -> None:
@@ -449,10 +471,29 @@ def validate_align(config: AlignConfig) -> None:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # The default demo: SmolLM2-135M-Instruct -> its 10-layer layer-pruned copy, sized for 2 CPU cores
-    # (about 10 minutes). A higher learning rate than the 7B recipes: the pruned student starts far away.
+    # The default demo: SmolLM2-135M-Instruct -> itself with int3 fake-quantized linear weights (groups of 32, fp16
+    # scales), recovered from its round-to-nearest start by distillation; exported as GGUF. Sized for 2 CPU cores.
     "demo": {
         "output_dir": "runs/demo/{method}",
+        "student_quant": "int3",
+        "student_quant_group_size": 32,
+        "num_prompts": 64,
+        "num_eval_prompts": 24,
+        "max_new_tokens": 48,
+        "max_prompt_length": 128,
+        "max_length": 192,
+        "rounds": 2,
+        "learning_rate": 5e-5,
+        "warmup_ratio": 0.1,
+        "per_device_train_batch_size": 8,
+        "gradient_accumulation_steps": 1,
+        "generation_batch_size": 32,
+    },
+    # The earlier demo: SmolLM2-135M-Instruct -> its 10-layer layer-pruned copy, sized for 2 CPU cores
+    # (about 10 minutes). A higher learning rate than the 7B recipes: the pruned student starts far away. At this
+    # budget the pruned student does not write language yet (README: The default demo).
+    "demo-pruned": {
+        "output_dir": "runs/demo-pruned/{method}",
         "num_prompts": 128,
         "num_eval_prompts": 24,
         "max_new_tokens": 48,

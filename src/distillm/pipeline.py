@@ -64,6 +64,7 @@ from .training.vision import ImageInputs, VisionCollator
 from .generation.vision import VisionHFBackend
 from .vision import load_image_prompt_set, load_vision_models, uses_images
 from .training.trainer import DistillTrainer, last_complete_checkpoint
+from .quant.qat import is_qat_model, plain_copy, prepare_qat, quant_bits, save_quantized_student
 
 logger = logging.getLogger("distillm")
 
@@ -209,14 +210,24 @@ def load_models(config: RunConfig, tokenizer=None) -> ModelPair:
         check_quantization_supported()  # before the teacher is loaded
     teacher, tokenizer = load_model(m.teacher, dtype=m.dtype, trust_remote_code=m.trust_remote_code,
                                     tokenizer=tokenizer)
+    if m.student_quant != "none" and sharded_engine():
+        raise DistillmError("--student-quant is not supported under FSDP / DeepSpeed ZeRO-3 (the fake-quantized "
+                            "weights are sharded); run it in one process or with DDP (configs/ddp.yaml).")
     if m.student:
         student, student_tok = load_model(m.student, dtype="float32", trust_remote_code=m.trust_remote_code)
         check_same_tokenizer(tokenizer, student_tok)
+    elif m.student_quant != "none":  # a quantized copy of the teacher: every layer, round-to-nearest to start
+        student = prune_layers(teacher, list(range(teacher.config.num_hidden_layers))).float()
+        logger.info("Student: the teacher itself (all %d layers), quantized to %s", teacher.config.num_hidden_layers,
+                    m.student_quant)
     else:
         keep = parse_layer_spec(m.student_layers, teacher.config.num_hidden_layers)
         student = prune_layers(teacher, keep).float()
         logger.info("Student: teacher layers %s (%d of %d)", keep, len(keep), teacher.config.num_hidden_layers)
     check_context_length(config, teacher=teacher, student=student)
+    if m.student_quant != "none":  # before LoRA: the adapters wrap the fake-quantized linears
+        prepare_qat(student, quant_bits(m.student_quant), m.student_quant_group_size,
+                    train_embeddings=m.student_quant_train_embeddings)
     teacher = teacher.to(device)
     if m.load_in_4bit:
         # bitsandbytes quantises while loading: a derived student is saved once, then loaded in 4-bit
@@ -468,6 +479,11 @@ def evaluate(config: RunConfig, models: ModelPair, eval_prompts, teacher_eval_ro
     common = dict(vocab_size=models.vocab_size, pad_token_id=models.tokenizer.pad_token_id, max_length=d.max_length,
                   image_inputs=ImageInputs(models.processor) if models.processor is not None else None)
     result = {"teacher_nll_of_student_samples": teacher_nll(models.teacher, samples, **common)}
+    # distinct-2 (distinct word bigrams / all) of the samples, beside the teacher's: a collapsed student repeats
+    from .evaluation.text import distinct_n
+
+    result["distinct_2"] = distinct_n([row["response"] for row in samples])
+    result["teacher_distinct_2"] = distinct_n([row["response"] for row in teacher_eval_rows])
     fault_point(f"eval:{tag}")
     result.update(teacher_student_divergence(models.teacher, models.student, teacher_eval_rows, **common))
     result["seconds"] = round(time.time() - start, 1)
@@ -634,7 +650,7 @@ def train(config: RunConfig, models: ModelPair, method: Method, rows: list[dict]
                     and not (Path(model_dir) / "config.json").is_file():
                 tmp = folder / "student_weights.tmp"
                 shutil.rmtree(tmp, ignore_errors=True)
-                merged_copy(model).save_pretrained(tmp)
+                plain_copy(model).save_pretrained(tmp)  # LoRA merged, fake-quantized weights as plain ones
                 tokenizer.save_pretrained(tmp)
                 shutil.rmtree(model_dir, ignore_errors=True)
                 tmp.rename(model_dir)
@@ -703,7 +719,7 @@ def train(config: RunConfig, models: ModelPair, method: Method, rows: list[dict]
             f"or gradient and were skipped (last batch: prompt ids {', '.join(stop['batch_ids'][:8])}). A checkpoint "
             f"was saved in {paths.checkpoints}. Lower --learning-rate or check those prompts, then rerun the same "
             "command to resume (or raise --max-nonfinite-steps).")
-    save_student(trainer, config, models, paths)
+    export = save_student(trainer, config, models, paths)
     history = [entry for entry in trainer.state.log_history if "loss" in entry]
     write_jsonl(paths.train_log, history)
     by_round: dict[int, list[float]] = {}
@@ -718,6 +734,8 @@ def train(config: RunConfig, models: ModelPair, method: Method, rows: list[dict]
         "skipped_nonfinite_steps": trainer.nonfinite_guard.skipped,
         "log": str(paths.train_log.relative_to(paths.root)),
     }
+    if export:  # a quantized student: its files and sizes
+        summary["export"] = export
     if teacher_cache is not None:  # sequences whose teacher scores came from the cache / from a teacher pass
         summary["teacher_cache"] = {"mode": teacher_cache.label, "cached_sequences": teacher_cache.cached_rows,
                                     "teacher_sequences": teacher_cache.teacher_rows,
@@ -748,11 +766,15 @@ def sharded_engine() -> bool:
         os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "") == "3"
 
 
-def save_student(trainer: DistillTrainer, config: RunConfig, models: ModelPair, paths: RunPaths) -> None:
+def save_student(trainer: DistillTrainer, config: RunConfig, models: ModelPair, paths: RunPaths) -> dict | None:
     """The distilled student into student/ as a plain transformers model (safetensors + tokenizer, loadable with
     from_pretrained). A LoRA student's adapter is kept in adapter/ and merged into the weights saved in student/
     (a QLoRA adapter is merged into the base reloaded in the compute dtype, not into its 4-bit weights).
-    Gathered from all processes by the Trainer (FSDP / DeepSpeed full state dict)."""
+    Gathered from all processes by the Trainer (FSDP / DeepSpeed full state dict). A quantized student
+    (--student-quant) is saved by `quant.qat.save_quantized_student` (dequantized weights + GGUF); it returns
+    what it wrote."""
+    if is_qat_model(models.student):
+        return save_quantized_student(trainer, config, models, paths)
     if not is_peft_model(models.student):
         # written to student.tmp and renamed: a student cut off mid-write never stands in student/
         tmp = paths.root / "student.tmp"
