@@ -32,7 +32,8 @@ def upstream(name, options):
     (2 - b) + b = 2; step-by-step 1 + its rationale weight; DPKD's softplus has slope <= 1 on beta times four
     per-response means (student and teacher, chosen and rejected) per pair."""
     method = load_config(overrides={"method": name, **options}).method
-    return {"distillm2": 2.0, "dpkd": 4 * method.dpkd_beta, "step-by-step": 1 + method.sbs_rationale_weight}.get(name, 1.0)
+    weights = {"distillm2": 2.0, "dpkd": 4 * method.dpkd_beta, "step-by-step": 1 + method.sbs_rationale_weight}
+    return weights.get(name, 1.0)
 
 
 def tols(name, options, heads, groups, loss):
