@@ -134,6 +134,13 @@ def rounding_rtol(roundings: int, dtype: torch.dtype = torch.float32) -> float:
     return roundings * u / (1 - roundings * u)
 
 
+def product_atol(n: int, dtype: torch.dtype = torch.float64, *, k: float = K) -> float:
+    """Bound on the error of 1 - prod_i (1 - a_i) over at most `n` factors in [0, 1] (pass@k's product form): each
+    factor is rounded twice (a_i, then 1 - a_i), the product n - 1 times, the complement once more, so the worst
+    case is 3n * u = 1.5n * eps of 1; k * (n + 1) * eps covers it, and the reference rounded once."""
+    return k * (n + 1) * eps(dtype)
+
+
 def model_atol(config, n_tokens: int, value, *, dtype: torch.dtype = torch.float32, k: float = K) -> float:
     """Bound on the difference between two evaluations of a loss over a Llama-style network (or of its gradient)
     that differ only in the order of their operations (fused vs plain loss, micro-batching, a cached teacher):
