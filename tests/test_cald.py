@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from tolerances import softmax_atol, sum_atol
+from tolerances import rounding_rtol, softmax_atol, sum_atol
 from distillm.losses.cald import b_schedule, cald_loss, curriculum_alpha, sequence_mean_logprob
 from distillm.config import load_config
 from distillm.methods.base import LossInputs
@@ -31,24 +31,33 @@ def brute_srkl(s, t, a):
 
 
 def test_b_schedule_ramps_linearly_then_holds():
+    # exact: progress is 1/2 or 1 (0.2 * 100 rounds to 20 exactly), and 1 + 0.5 * {0.5, 1} are exact binary numbers
     assert b_schedule(0, 100) == 1.0
-    assert b_schedule(25, 100) == pytest.approx(1.25)
-    assert b_schedule(50, 100) == pytest.approx(1.5)
-    assert b_schedule(99, 100) == pytest.approx(1.5)
+    assert b_schedule(25, 100) == 1.25
+    assert b_schedule(50, 100) == 1.5
+    assert b_schedule(99, 100) == 1.5
     assert b_schedule(60, 100, ramp=False) == 1.0
-    assert b_schedule(10, 100, b_start=1.0, b_end=2.0, ramp_fraction=0.2) == pytest.approx(1.5)
+    assert b_schedule(10, 100, b_start=1.0, b_end=2.0, ramp_fraction=0.2) == 1.5
+
+
+def _alpha_atol(ratio, alpha):
+    """float32 a = 1 - ratio: ratio = (1 - a0) * gap_ref / gap went through four roundings (the product in float64,
+    its cast and the gap's to float32, the quotient), the subtraction one more (tolerances.rounding_rtol)."""
+    return rounding_rtol(4, torch.float32) * abs(ratio) + rounding_rtol(1, torch.float32) * abs(alpha)
 
 
 def test_curriculum_alpha_tracks_difficulty_and_clamps():
     gaps = torch.tensor([0.2, 0.4, 0.1, -0.3, 5.0])
     alpha = curriculum_alpha(gaps, 0.2, alpha0=0.1, alpha_min=0.01, alpha_max=0.5)
-    assert alpha[0].item() == pytest.approx(0.1)  # gap == reference -> a0
-    assert alpha[1].item() == pytest.approx(0.5)  # harder -> larger (1 - 0.9 * 0.2 / 0.4 = 0.55, clamped)
-    assert alpha[2].item() == pytest.approx(0.01)  # easier -> smaller (1 - 1.8 < 0 -> a_min)
-    assert alpha[3].item() == pytest.approx(0.01)  # student already ahead -> a_min
-    assert alpha[4].item() == pytest.approx(0.5)
+    a_min = torch.tensor(0.01).item()  # a clamped value is the bound itself, in float32: compared exactly
+    assert alpha[0].item() == pytest.approx(0.1, rel=0, abs=_alpha_atol(0.9, 0.1))  # gap == reference -> a0
+    assert alpha[1].item() == 0.5  # harder -> larger (1 - 0.9 * 0.2 / 0.4 = 0.55, clamped)
+    assert alpha[2].item() == a_min  # easier -> smaller (1 - 1.8 < 0 -> a_min)
+    assert alpha[3].item() == a_min  # student already ahead -> a_min
+    assert alpha[4].item() == 0.5
     mid = curriculum_alpha(torch.tensor([0.25]), 0.2, alpha0=0.1, alpha_min=0.01, alpha_max=0.5)
-    assert mid.item() == pytest.approx(1 - 0.9 * 0.2 / 0.25)  # inside the clamp: exactly Eq. 8
+    want = 1 - 0.9 * 0.2 / 0.25  # inside the clamp: exactly Eq. 8 (float32 rounding: _alpha_atol)
+    assert mid.item() == pytest.approx(want, rel=0, abs=_alpha_atol(0.9 * 0.2 / 0.25, want))
     assert torch.equal(curriculum_alpha(gaps, None, alpha0=0.1), torch.full_like(gaps, 0.1))
 
 
@@ -111,12 +120,15 @@ def test_method_normalises_by_global_counts_and_reports_metrics():
         _inputs(student, teacher, targets, step=0, total_steps=10, normalizer=torch.tensor([2.0, 5.0, 6.0])))
     loss_half, _, _ = method.compute_loss(
         _inputs(student, teacher, targets, step=0, total_steps=10, normalizer=torch.tensor([4.0, 10.0, 12.0])))
-    assert loss_half.item() == pytest.approx(loss.item() / 2)  # divided by the optimizer-step batch, not this one
+    # divided by the optimizer-step batch, not this one: every weight 1 / (2 x counts) is exactly half of
+    # 1 / counts (a division by a power of two more), so the loss is exactly half
+    assert loss_half.item() == loss.item() / 2
     mask = targets != -100
     expected = cald_loss(student[:2], teacher[:2], mask[:2], 0.1, student[2:], teacher[2:], mask[2:], 0.1, b=1.0)
     tol = dict(rel=0, abs=2 * (2 * softmax_atol(student, teacher)))  # two fp32 evaluations, weights (2 - b) + b
     assert loss.item() == pytest.approx(expected.item(), **tol)
-    assert sums["units"] == 2 and sums["alpha_t"] == pytest.approx(0.2) and gauges["b"] == 1.0
+    # alpha_t: a0 = 0.1 in float32 for each of two pairs, summed exactly (a doubling)
+    assert sums["units"] == 2 and sums["alpha_t"] == 2 * torch.tensor(0.1).item() and gauges["b"] == 1.0
     assert (sums["skl"] + sums["srkl"]) / 2 == pytest.approx(expected.item(), **tol)
 
 
@@ -125,7 +137,7 @@ def test_curriculum_reference_updates_once_per_optimizer_step():
     method = distillm2(curriculum=True, gap_momentum=0.5)
     norm = torch.tensor([2.0, 5.0, 6.0])
     _, sums, _ = method.compute_loss(_inputs(student, teacher, targets, step=0, total_steps=4, normalizer=norm))
-    assert sums["alpha_t"] == pytest.approx(0.2)  # no reference yet: a0 for every sample
+    assert sums["alpha_t"] == 2 * torch.tensor(0.1).item()  # no reference yet: a0 (float32) for both samples
     assert method.gap_ref == {"t": None, "s": None}  # nothing folded before the step ends
     method.on_step_end()
     first = dict(method.gap_ref)
@@ -133,7 +145,8 @@ def test_curriculum_reference_updates_once_per_optimizer_step():
     method.compute_loss(_inputs(student, teacher, targets, step=1, total_steps=4, normalizer=norm))
     method.on_step_end()
     # same batch again: the momentum average of two equal batch gaps is unchanged
-    assert method.gap_ref["t"] == pytest.approx(first["t"])
+    # (exactly: 0.5 * g + 0.5 * g = g, and the same batch gives the same g)
+    assert method.gap_ref["t"] == first["t"]
     restored = distillm2()
     restored.load_state_dict(method.state_dict())
     assert restored.gap_ref == method.gap_ref

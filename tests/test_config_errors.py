@@ -2,6 +2,8 @@
 metadata before any work starts; hostile config files (non-UTF-8, absurdly nested, a YAML alias bomb) are refused
 quickly with a message naming the file."""
 
+import math
+
 import pytest
 
 from distillm.cli import main
@@ -42,8 +44,9 @@ def test_every_numeric_option_is_finite_and_within_its_range(name, f):
     bad = [float("nan"), float("inf")] if _kind(f) == "float" else [2**63, -(2**63) - 1]
     for key, step in (("ge", -1), ("gt", 0), ("le", 1), ("lt", 0)):
         if key in meta:
+            # the nearest value outside the range: the next int, or the adjacent float (not a guessed 1e-9 step)
             bad.append(meta[key] + step if _kind(f) == "int" else
-                       meta[key] + step * max(abs(meta[key]), 1) * 1e-9 if step else meta[key])
+                       math.nextafter(meta[key], step * math.inf) if step else meta[key])
     for value in bad:
         with pytest.raises(ConfigError, match=rf"'{name}'.*--{name.replace('_', '-')} \(YAML key {name}\)"):
             load_config(overrides={name: value})

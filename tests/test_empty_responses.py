@@ -15,6 +15,7 @@ from distillm.losses.fused import HeadInputs
 from distillm.methods import METHODS, build_method
 from distillm.methods.base import LossInputs
 from distillm.training.trainer import local_counts
+from tolerances import head_loss_atols, rounding_rtol
 
 T, H, V = 5, 6, 13
 TWO_GROUPS = {"distillm2", "dpkd", "step-by-step"}
@@ -23,7 +24,26 @@ CASES = [("distillm2", {"curriculum": False, "b_ramp": False}), ("distillm2", {"
          ("imitkd", {}), ("gkd", {"jsd_beta": 0.3}), ("minillm", {}), ("dpkd", {}),
          ("speculative-kd", {"skd_loss": "tvd"}), ("speculative-kd", {"skd_loss": "jsd"}), ("step-by-step", {})]
 assert {name for name, _ in CASES} == set(METHODS)
-TOL = dict(atol=1e-12, rtol=1e-10)  # float64; the same sums in a different order at most
+
+
+def upstream(name, options):
+    """The most a method's loss moves per unit change of all its per-token values together (the sum of |its
+    coefficients|): a mean over a group's responses or tokens weighs 1 in all; DistiLLM-2 weighs its two groups
+    (2 - b) + b = 2; step-by-step 1 + its rationale weight; DPKD's softplus has slope <= 1 on beta times four
+    per-response means (student and teacher, chosen and rejected) per pair."""
+    method = load_config(overrides={"method": name, **options}).method
+    weights = {"distillm2": 2.0, "dpkd": 4 * method.dpkd_beta, "step-by-step": 1 + method.sbs_rationale_weight}
+    return weights.get(name, 1.0)
+
+
+def tols(name, options, heads, groups, loss):
+    """(loss, gradient) assert_close bounds for two float64 evaluations of a method's loss on the batch `groups`
+    (or one with fewer rows) that differ in the order of their sums only (tolerances.head_loss_atols)."""
+    hs, ht, targets = stack(groups)
+    loss_atol, grad_atol = head_loss_atols(HeadInputs(hs, heads.ws, heads.bs), HeadInputs(ht, heads.wt, heads.bt),
+                                           upstream=upstream(name, options), n=targets.numel(), loss=loss,
+                                           dtype=torch.float64)
+    return dict(rtol=0, atol=loss_atol), dict(rtol=0, atol=grad_atol)
 
 
 def sequences(n, seed):
@@ -78,11 +98,12 @@ def test_an_empty_response_changes_nothing(name, options, impl):
     with_empty = [stack([g, empty(1)]) for g in full]  # one more unit whose responses are all empty
     loss, gh, gw, gb = run(name, options, impl, full, heads)
     loss_e, gh_e, gw_e, gb_e = run(name, options, impl, with_empty, heads)
-    torch.testing.assert_close(loss_e, loss, **TOL)
-    torch.testing.assert_close(gw_e, gw, **TOL)
-    torch.testing.assert_close(gb_e, gb, **TOL)
+    loss_tol, grad_tol = tols(name, options, heads, with_empty, loss)  # float64, other sums (tolerances)
+    torch.testing.assert_close(loss_e, loss, **loss_tol)
+    torch.testing.assert_close(gw_e, gw, **grad_tol)
+    torch.testing.assert_close(gb_e, gb, **grad_tol)
     rows = [slice(4 * k, 4 * k + 3) for k in range(n_groups)]
-    torch.testing.assert_close(torch.cat([gh_e[r] for r in rows]), gh, **TOL)
+    torch.testing.assert_close(torch.cat([gh_e[r] for r in rows]), gh, **grad_tol)
     assert not torch.cat([gh_e[4 * k + 3] for k in range(n_groups)]).any()
 
 
@@ -93,9 +114,11 @@ def test_dpkd_leaves_out_a_pair_with_one_empty_response(impl):
     loss, gh, gw, gb = run("dpkd", {}, impl, [chosen, rejected], heads)
     for side in (0, 1):  # the fourth pair: a real response on one side, an empty one on the other
         extra = [sequences(1, 7), empty(1)] if side == 0 else [empty(1), sequences(1, 7)]
-        loss_e, _, gw_e, gb_e = run("dpkd", {}, impl, [stack([chosen, extra[0]]), stack([rejected, extra[1]])], heads)
-        torch.testing.assert_close(loss_e, loss, **TOL)
-        torch.testing.assert_close(gw_e, gw, **TOL)
+        groups = [stack([chosen, extra[0]]), stack([rejected, extra[1]])]
+        loss_e, _, gw_e, gb_e = run("dpkd", {}, impl, groups, heads)
+        loss_tol, grad_tol = tols("dpkd", {}, heads, groups, loss)  # float64, other sums (tolerances)
+        torch.testing.assert_close(loss_e, loss, **loss_tol)
+        torch.testing.assert_close(gw_e, gw, **grad_tol)
 
 
 def brute_cald(s_t, t_t, mask_t, s_s, t_s, mask_s, alpha, b):
@@ -113,7 +136,10 @@ def test_cald_averages_each_side_over_its_non_empty_responses(impl):
     mask_t, mask_s = torch.ones(4, T, dtype=torch.bool), torch.ones(4, T, dtype=torch.bool)
     mask_t[1], mask_s[2], mask_s[3, :3] = False, False, False  # pair 1: empty teacher side, pair 2: student side
     got = cald_loss(s_t, t_t, mask_t, 0.1, s_s, t_s, mask_s, 0.1, b=1.3)
-    torch.testing.assert_close(got, brute_cald(s_t, t_t, mask_t, s_s, t_s, mask_s, 0.1, 1.3), **TOL)
+    want = brute_cald(s_t, t_t, mask_t, s_s, t_s, mask_s, 0.1, 1.3)
+    # float64 divergences on both sides, weighed (2 - b) + b = 2 in all, over 2 x 4 x T tokens (tolerances)
+    atol, _ = head_loss_atols(s_t, t_t, s_s, t_s, upstream=2.0, n=2 * 4 * T, loss=want, dtype=torch.float64)
+    torch.testing.assert_close(got, want, rtol=0, atol=atol)
     # the DistiLLM-2 method gives the same (curriculum and ramp off, a = 0.1, b = 1), plain and fused
     heads = Heads()
     hs, ht, targets = sequences(8, 3)
@@ -125,5 +151,7 @@ def test_cald_averages_each_side_over_its_non_empty_responses(impl):
     mask = targets != -100
     alpha = torch.tensor(0.1, dtype=torch.float32).item()  # the method's skews are float32
     want = brute_cald(s[:4], t[:4], mask[:4], s[4:], t[4:], mask[4:], alpha, 1.0)
-    # the methods' per-token weights are float32 (1 / (tokens x responses) rounded once): a few float32 eps
-    torch.testing.assert_close(loss, want, atol=0.0, rtol=4 * torch.finfo(torch.float32).eps)
+    # the methods' per-token weights are float32: scale * mask / (tokens x responses), at most three float32
+    # roundings each (tolerances.rounding_rtol), on terms of one sign; the rest float64 (head_loss_atols, as above)
+    loss_tol, _ = tols("distillm2", {}, heads, [(hs, ht, targets)], want)
+    torch.testing.assert_close(loss, want, atol=loss_tol["atol"], rtol=rounding_rtol(3, torch.float32))

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from fractions import Fraction
 
 import pytest
+import torch
 
 from distillm.evaluation.code import build_program, extract_code, load_humaneval, load_mbpp, pass_at_k, CodeDataError
 from distillm.evaluation.math import (
     MathDataError, answers_match, arithmetic_problems, extract_answer, load_math_problems, score_responses,
 )
 from distillm.evaluation.text import distinct_n, lcs_length, mean_rouge_l, rouge_l, rouge_tokens
+from tolerances import product_atol, rounding_rtol
 
 
 # ----------------------------------------------------------------------------------------------- math
@@ -84,15 +85,17 @@ def test_load_gsm8k_and_math_jsonl(tmp_path):
 
 def test_rouge_l_known_values():
     # LCS "the cat on the mat" = 5 of 6 tokens on each side: P = R = F = 5/6
-    assert rouge_l("The cat sat on the mat.", "the cat is on the mat") == pytest.approx(5 / 6)
+    # (P = 5/6 rounded once, 2 P R rounded, / (P + R) rounded: three float64 roundings, tolerances.rounding_rtol)
+    assert rouge_l("The cat sat on the mat.", "the cat is on the mat") == pytest.approx(
+        5 / 6, rel=rounding_rtol(3, torch.float64), abs=0)
     # LCS "police the gunman" = 3; P = R = 3/4
-    assert rouge_l("police killed the gunman", "police kill the gunman") == pytest.approx(0.75)
+    assert rouge_l("police killed the gunman", "police kill the gunman") == 0.75  # 2 * 0.75^2 / 1.5: exact
     # P = 2/2, R = 2/4: F = 2 * 1 * 0.5 / 1.5
-    assert rouge_l("a b", "a x b y") == pytest.approx(2 / 3)
+    assert rouge_l("a b", "a x b y") == 2 / 3  # 1.0 / 1.5: one correctly rounded quotient, as 2 / 3
     assert rouge_l("", "anything") == 0.0 and rouge_l("same words", "Same, words!") == 1.0
     assert rouge_tokens("It's 3.5-ish") == ["it", "s", "3", "5", "ish"]
     assert lcs_length("ABCBDAB", "BDCABA") == 4
-    assert mean_rouge_l(["a b", "c"], ["a b", "d"]) == pytest.approx(0.5)
+    assert mean_rouge_l(["a b", "c"], ["a b", "d"]) == 0.5  # (1 + 0) / 2: exact
 
 
 def test_distinct_n_against_a_plain_count():
@@ -107,10 +110,10 @@ def test_distinct_n_against_a_plain_count():
         return len(set(grams)) / len(grams)
 
     for n in (1, 2, 3):
-        assert distinct_n(texts, n) == pytest.approx(plain(texts, n))
+        assert distinct_n(texts, n) == plain(texts, n)  # the same quotient of the same two counts
     # bigrams: 5 distinct of 5, then "the cat", "cat the", "the cat" (1 new), then "a a" x 3
-    assert distinct_n(texts, 2) == pytest.approx((5 + 1 + 1) / (5 + 3 + 3))
-    assert distinct_n(["A\nA\nA\nA\nA"] * 10, 2) == pytest.approx(1 / 40)  # a collapsed model: near 0
+    assert distinct_n(texts, 2) == (5 + 1 + 1) / (5 + 3 + 3)  # a quotient of counts, correctly rounded: exact
+    assert distinct_n(["A\nA\nA\nA\nA"] * 10, 2) == 1 / 40  # a collapsed model: near 0
     assert distinct_n(["one", ""], 2) == 0.0 and distinct_n([], 2) == 0.0  # no bigram at all
     with pytest.raises(ValueError, match="n >= 1"):
         distinct_n(texts, 0)
@@ -123,20 +126,14 @@ def _closed_form(n, c, k):
     return 1 - Fraction(math.comb(n - c, k), math.comb(n, k))
 
 
-def _product_atol(n):
-    """pass@k's product form multiplies at most n factors in [0, 1], each rounded once in float64: off by at most
-    about n * eps of 1 (4x for safety, as in tests/tolerances.py), the exact Fraction rounded once more."""
-    return 4 * (n + 1) * sys.float_info.epsilon
-
-
 def test_pass_at_k_matches_closed_form():
     for n in range(1, 13):
         for c in range(n + 1):
             for k in range(1, n + 1):
-                assert pass_at_k(n, c, k) == pytest.approx(float(_closed_form(n, c, k)), rel=0, abs=_product_atol(n))
+                assert pass_at_k(n, c, k) == pytest.approx(float(_closed_form(n, c, k)), rel=0, abs=product_atol(n))
     # large n: the product form stays exact where the binomials are astronomically large
-    assert pass_at_k(200, 13, 100) == pytest.approx(float(_closed_form(200, 13, 100)), rel=0, abs=_product_atol(200))
-    assert pass_at_k(5, 2, 1) == pytest.approx(0.4)
+    assert pass_at_k(200, 13, 100) == pytest.approx(float(_closed_form(200, 13, 100)), rel=0, abs=product_atol(200))
+    assert pass_at_k(5, 2, 1) == pytest.approx(0.4, rel=0, abs=product_atol(5))  # tolerances.product_atol
     assert pass_at_k(10, 0, 5) == 0.0 and pass_at_k(10, 10, 1) == 1.0
     with pytest.raises(ValueError):
         pass_at_k(3, 1, 4)

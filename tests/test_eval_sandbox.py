@@ -19,6 +19,7 @@ from distillm.evaluation.code import (
     CodeProblem, check_completion, evaluate_samples, humaneval_path, load_humaneval, load_mbpp, pass_at_k,
 )
 from distillm.evaluation.sandbox import SandboxConfigError, SandboxLimits, run_python
+from tolerances import product_atol
 
 FAST = SandboxLimits(timeout_s=2.0, memory_mb=512, max_processes=8)
 ADD = CodeProblem("t", "humaneval", "def add(a, b):\n", "def check(f):\n    assert f(1,2)==3\n", "add")
@@ -315,9 +316,10 @@ def test_pass_at_k_of_known_correct_and_wrong_solution_sets(tmp_path):
     limits = SandboxLimits(timeout_s=1.5)
     out = evaluate_samples([problem], samples, ks=(1, 2, 6), limits=limits, concurrency=2)
     assert out["details"][0]["correct"] == 3 and out["details"][0]["statuses"].count("timeout") == 1
-    assert out["pass@1"] == pytest.approx(0.5)
-    assert out["pass@2"] == pytest.approx(1 - 3 / 15)  # 1 - C(3,2)/C(6,2)
-    assert out["pass@6"] == 1.0 and pass_at_k(6, 3, 2) == pytest.approx(0.8)
+    tol = dict(rel=0, abs=product_atol(6))  # pass@k's product form over 6 samples (tolerances.product_atol)
+    assert out["pass@1"] == pytest.approx(0.5, **tol)
+    assert out["pass@2"] == pytest.approx(1 - 3 / 15, **tol)  # 1 - C(3,2)/C(6,2)
+    assert out["pass@6"] == 1.0 and pass_at_k(6, 3, 2) == pytest.approx(0.8, **tol)
 
 
 def test_humaneval_canonical_solutions_pass_and_wrong_ones_fail():
@@ -327,7 +329,8 @@ def test_humaneval_canonical_solutions_pass_and_wrong_ones_fail():
     samples = {p.id: [canonical[p.id], "    return None\n"] for p in problems}
     out = evaluate_samples(problems, samples, ks=(1, 2), limits=SandboxLimits(timeout_s=5), concurrency=2)
     assert [d["correct"] for d in out["details"]] == [1, 1, 1]
-    assert out["pass@1"] == pytest.approx(0.5) and out["pass@2"] == 1.0
+    # (the mean of pass@1 = 1 - (1 - 1/2) = 0.5 exactly, over three problems: 1.5 / 3, exact)
+    assert out["pass@1"] == 0.5 and out["pass@2"] == 1.0
 
 
 def test_cpu_and_file_size_limits_are_named():

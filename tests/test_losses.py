@@ -327,29 +327,32 @@ def test_invalid_beta_and_temperature_raise():
 
 # ------------------------------------------------------------------------------------------ reductions
 VALUES = [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]
+# small integers, their sums and their halves and quarters are exact in float32: these reductions round nothing
+EXACT = dict(rtol=0, atol=0)
 
 
 def test_reductions_hand_computed():
     v = torch.tensor(VALUES)
     mask = torch.tensor([[1, 1, 0], [0, 0, 1]])
-    torch.testing.assert_close(per_sequence_mean(v, mask), torch.tensor([1.5, 6.0]))
-    torch.testing.assert_close(reduce_tokens(v, mask), torch.tensor(3.75))
-    torch.testing.assert_close(reduce_tokens(v, mask.bool(), "seq_mean"), torch.tensor(3.75))
-    torch.testing.assert_close(reduce_tokens(v, mask, "token_mean"), torch.tensor(3.0))
-    torch.testing.assert_close(reduce_tokens(v, mask, "sum"), torch.tensor(9.0))
-    torch.testing.assert_close(reduce_tokens(v, mask, "none"), torch.tensor([[1.0, 2.0, 0.0], [0.0, 0.0, 6.0]]))
+    torch.testing.assert_close(per_sequence_mean(v, mask), torch.tensor([1.5, 6.0]), **EXACT)
+    torch.testing.assert_close(reduce_tokens(v, mask), torch.tensor(3.75), **EXACT)
+    torch.testing.assert_close(reduce_tokens(v, mask.bool(), "seq_mean"), torch.tensor(3.75), **EXACT)
+    torch.testing.assert_close(reduce_tokens(v, mask, "token_mean"), torch.tensor(3.0), **EXACT)
+    torch.testing.assert_close(reduce_tokens(v, mask, "sum"), torch.tensor(9.0), **EXACT)
+    torch.testing.assert_close(reduce_tokens(v, mask, "none"), torch.tensor([[1.0, 2.0, 0.0], [0.0, 0.0, 6.0]]),
+                               **EXACT)
 
 
 def test_reductions_with_empty_sequence():
     v = torch.tensor(VALUES, requires_grad=True)
     mask = torch.tensor([[True, False, True], [False, False, False]])
-    torch.testing.assert_close(per_sequence_mean(v, mask), torch.tensor([2.0, 0.0]))
-    torch.testing.assert_close(reduce_tokens(v, mask, "token_mean"), torch.tensor(2.0))
-    torch.testing.assert_close(reduce_tokens(v, mask, "sum"), torch.tensor(4.0))
+    torch.testing.assert_close(per_sequence_mean(v, mask), torch.tensor([2.0, 0.0]), **EXACT)
+    torch.testing.assert_close(reduce_tokens(v, mask, "token_mean"), torch.tensor(2.0), **EXACT)
+    torch.testing.assert_close(reduce_tokens(v, mask, "sum"), torch.tensor(4.0), **EXACT)
     out = reduce_tokens(v, mask)  # the empty sequence does not count in the mean over sequences
-    torch.testing.assert_close(out, torch.tensor(2.0))
+    torch.testing.assert_close(out, torch.tensor(2.0), **EXACT)
     out.backward()
-    torch.testing.assert_close(v.grad, torch.tensor([[0.5, 0.0, 0.5], [0.0, 0.0, 0.0]]))
+    torch.testing.assert_close(v.grad, torch.tensor([[0.5, 0.0, 0.5], [0.0, 0.0, 0.0]]), **EXACT)
 
 
 @pytest.mark.parametrize("reduction", ["seq_mean", "token_mean", "sum", "none"])
@@ -372,7 +375,7 @@ def test_masked_nonfinite_values_do_not_leak():
         assert torch.isfinite(out)
         (g,) = torch.autograd.grad(out, v)
         assert torch.isfinite(g).all() and g[0, 1] == 0 and g[1, 0] == 0
-    torch.testing.assert_close(reduce_tokens(v, mask, "seq_mean"), torch.tensor((2.0 + 5.5) / 2))
+    torch.testing.assert_close(reduce_tokens(v, mask, "seq_mean"), torch.tensor((2.0 + 5.5) / 2), **EXACT)
 
 
 def test_invalid_reduction_raises():

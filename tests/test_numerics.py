@@ -10,11 +10,19 @@ import torch.nn.functional as F
 
 from distillm.losses import divergences as D
 from distillm.losses.fused import HeadInputs, fused_divergence, fused_weighted_divergence
+from tolerances import head_loss_atols
 
 B, T, H, V = 2, 5, 6, 11
 DROP_MASK, DROP_WEIGHT = (1, 3), (0, 2)  # -inf teacher entries at a masked-out position and a zero-weight one
-# float64 throughout: sums of V terms of size O(1) round to a few V * eps (eps = 2.2e-16)
-TOL = dict(atol=1e-12, rtol=1e-10)
+
+
+def tols(*heads, coef, loss=0.0):
+    """(loss, gradient) assert_close bounds for sum_ij coef_ij d(p_ij, q_ij) computed by the library vs the brute
+    force, both float64 (tolerances.head_loss_atols: head_atol per position, times sum|coef|, over B * T)."""
+    loss_atol, grad_atol = head_loss_atols(*heads, upstream=float(coef.abs().sum()), n=B * T, loss=loss,
+                                           dtype=torch.float64)
+    return dict(rtol=0, atol=loss_atol), dict(rtol=0, atol=grad_atol)
+
 
 # (name, weight, detach_student_in_mixture): every divergence, with the end points where +inf can occur
 CASES = [
@@ -109,10 +117,12 @@ def test_plain_masked_and_zero_weight_positions_give_no_nan(name, w, detach):
         loss = D.reduce_tokens(plain(name, x, t, w, detach), mask, reduction)
         loss.backward()
         y = s.clone().requires_grad_(True)
-        ref = reference(name, w, detach, y, t, coefficients(mask, reduction))
+        coef = coefficients(mask, reduction)
+        ref = reference(name, w, detach, y, t, coef)
         ref.backward()
-        torch.testing.assert_close(loss, ref.detach(), **TOL)
-        torch.testing.assert_close(x.grad, y.grad, **TOL)
+        loss_tol, grad_tol = tols(s, t, coef=coef, loss=ref)  # float64, head_atol per position (tolerances)
+        torch.testing.assert_close(loss, ref.detach(), **loss_tol)
+        torch.testing.assert_close(x.grad, y.grad, **grad_tol)
         assert not x.grad[DROP_MASK].any() and not x.grad[DROP_WEIGHT].any()
     # zero weights (a method's per-token weights), the positions left in the mask
     x = s.clone().requires_grad_(True)
@@ -122,8 +132,9 @@ def test_plain_masked_and_zero_weight_positions_give_no_nan(name, w, detach):
     y = s.clone().requires_grad_(True)
     ref = reference(name, w, detach, y, t, weights)
     ref.backward()
-    torch.testing.assert_close(loss, ref.detach(), **TOL)
-    torch.testing.assert_close(x.grad, y.grad, **TOL)
+    loss_tol, grad_tol = tols(s, t, coef=weights, loss=ref)  # float64, head_atol per position (tolerances)
+    torch.testing.assert_close(loss, ref.detach(), **loss_tol)
+    torch.testing.assert_close(x.grad, y.grad, **grad_tol)
 
 
 def head_data(seed=1):
@@ -154,6 +165,8 @@ def test_fused_masked_and_zero_weight_positions_give_no_nan(name, w, detach, chu
     ref_logits = F.linear(ref_s.hidden, ref_s.weight, ref_s.bias)
     ref = reference(name, w, detach, ref_logits, t, weights)
     ref.backward()
+    # float64 head vs the brute force over F.linear's logits, coefficients `weights` (tolerances.head_loss_atols)
+    loss_tol, grad_tol = tols(student, t, coef=weights, loss=ref)
     kw = _fused_kwargs(name, w, detach, chunk)
     wt = _weight(w)
 
@@ -164,9 +177,9 @@ def test_fused_masked_and_zero_weight_positions_give_no_nan(name, w, detach, chu
         loss = torch.where(upstream != 0, upstream * values, 0.0).sum()
         loss.backward()
         if torch.equal(upstream, weights):
-            torch.testing.assert_close(loss, ref.detach(), **TOL)
+            torch.testing.assert_close(loss, ref.detach(), **loss_tol)
             for got, want in zip(per_token, ref_s):
-                torch.testing.assert_close(got.grad, want.grad, **TOL)
+                torch.testing.assert_close(got.grad, want.grad, **grad_tol)
         for x in per_token:
             assert torch.isfinite(x.grad).all()
 
@@ -175,17 +188,17 @@ def test_fused_masked_and_zero_weight_positions_give_no_nan(name, w, detach, chu
     loss, values = fused_weighted_divergence(name, weighted, t, weights, wt, mask=torch.ones(B, T, dtype=torch.bool),
                                              **kw)
     loss.backward()
-    torch.testing.assert_close(loss, ref.detach(), **TOL)
+    torch.testing.assert_close(loss, ref.detach(), **loss_tol)
     for got, want in zip(weighted, ref_s):
-        torch.testing.assert_close(got.grad, want.grad, **TOL)
+        torch.testing.assert_close(got.grad, want.grad, **grad_tol)
 
     # the mask leaves the -inf positions out: they are not even computed
     masked = leaves(student)
     loss, _ = fused_weighted_divergence(name, masked, t, torch.where(mask, weights, 0.0), wt, mask=mask, **kw)
     loss.backward()
-    torch.testing.assert_close(loss, ref.detach(), **TOL)
+    torch.testing.assert_close(loss, ref.detach(), **loss_tol)
     for got, want in zip(masked, ref_s):
-        torch.testing.assert_close(got.grad, want.grad, **TOL)
+        torch.testing.assert_close(got.grad, want.grad, **grad_tol)
 
 
 @pytest.mark.parametrize("name,w,detach", [("rkl", None, None), ("srkl", 0.0, True), ("srkl", 0.0, False),
@@ -218,8 +231,10 @@ def test_included_infinite_position_has_infinite_value_and_finite_gradient(name,
             else:
                 total = total + brute("rkl", p, q, None, detach)
     total.backward()
+    # float64, upstream 1 at each of the B * T positions (tolerances.head_loss_atols; the loss is +inf, unchecked)
+    _, grad_tol = tols(student, t, coef=ones)
     for got, want in zip(plain_grads, y):
-        torch.testing.assert_close(got, want.grad, **TOL)
+        torch.testing.assert_close(got, want.grad, **grad_tol)
 
     for chunk in (1, 4):
         z = leaves(student)
@@ -228,7 +243,7 @@ def test_included_infinite_position_has_infinite_value_and_finite_gradient(name,
         assert torch.isposinf(loss) and torch.isposinf(values[DROP_MASK])
         loss.backward()
         for got, want in zip(z, y):
-            torch.testing.assert_close(got.grad, want.grad, **TOL)
+            torch.testing.assert_close(got.grad, want.grad, **grad_tol)
 
 
 def test_cald_with_zero_skew_and_masked_inf_teacher_has_no_nan():

@@ -108,6 +108,39 @@ def head_atol(*heads, temperature: float = 1.0, dtype: torch.dtype = torch.float
     return k * eps(dtype) * (2 * math.sqrt(fan_in) + math.sqrt(vocab)) * (z / temperature + math.log(vocab))
 
 
+def head_loss_atols(*heads, upstream: float, n: int, loss=0.0, temperature: float = 1.0,
+                    dtype: torch.dtype = torch.float32, k: float = K) -> tuple[float, float]:
+    """(loss, gradient) bounds for a loss that combines per-token divergences or log-probabilities between
+    softmaxes of `heads` (as `head_atol`: head triples or logits) over `n` tokens, with coefficients whose absolute
+    values add up to at most `upstream`, computed in `dtype` in one order vs another (a fused kernel vs a plain
+    reference, a batch with extra rows vs without): each token's value, and its gradient per unit of upstream, is
+    within v = `head_atol`, so the loss is within v * upstream plus the rounding of its own sum of `n` terms of one
+    sign (`sum_atol(n, |loss|)`); a gradient w.r.t. a head's weight, bias or hidden states, or the logits, sums
+    those per-logit errors times a hidden state or a head row (or 1) over the tokens: v * upstream * max(1,
+    max|hidden|, max|weight|)."""
+    v = head_atol(*heads, temperature=temperature, dtype=dtype, k=k)
+    scale = 1.0
+    for head in heads:
+        if not isinstance(head, torch.Tensor):
+            scale = max(scale, *(float(x.detach().abs().max()) for x in tuple(head)[:2]))
+    value = abs(float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss))
+    return v * upstream + sum_atol(n, value, dtype, k=k), v * upstream * scale
+
+
+def rounding_rtol(roundings: int, dtype: torch.dtype = torch.float32) -> float:
+    """Worst-case relative error of a value that went through `roundings` multiplications or divisions in `dtype`
+    (Higham Lemma 3.1: gamma_n = n*u / (1 - n*u), u = eps / 2); a sum of such values, all of one sign, keeps it."""
+    u = eps(dtype) / 2
+    return roundings * u / (1 - roundings * u)
+
+
+def product_atol(n: int, dtype: torch.dtype = torch.float64, *, k: float = K) -> float:
+    """Bound on the error of 1 - prod_i (1 - a_i) over at most `n` factors in [0, 1] (pass@k's product form): each
+    factor is rounded twice (a_i, then 1 - a_i), the product n - 1 times, the complement once more, so the worst
+    case is 3n * u = 1.5n * eps of 1; k * (n + 1) * eps covers it, and the reference rounded once."""
+    return k * (n + 1) * eps(dtype)
+
+
 def model_atol(config, n_tokens: int, value, *, dtype: torch.dtype = torch.float32, k: float = K) -> float:
     """Bound on the difference between two evaluations of a loss over a Llama-style network (or of its gradient)
     that differ only in the order of their operations (fused vs plain loss, micro-batching, a cached teacher):
