@@ -250,7 +250,11 @@ def test_the_namespace_layer_hides_the_host_filesystem(tmp_path):
     secret.write_text("host data")
     secret.chmod(0o644)
     tmp_path.chmod(0o755)
-    program = (f"import os\nprint(os.path.exists({str(secret)!r}), sorted(os.listdir('/tmp')) == [os.getcwd().split('/')[2]],"
+    # /tmp inside holds the program's own directory and nothing else of the host's /tmp, except the read-only
+    # path to Python itself when the interpreter (a venv in a fresh clone, say) lives under /tmp
+    program = (f"import os, sys\nmine = {{os.getcwd().split('/')[2]}} | {{p.split('/')[2] for p in "
+               "(sys.prefix, sys.base_prefix, sys.exec_prefix) if p.startswith('/tmp/')}\n"
+               f"print(os.path.exists({str(secret)!r}), set(os.listdir('/tmp')) <= mine,"
                " os.listdir('/proc').count('1') == 1)\n"
                "open('/etc/distillm-probe', 'w')\n")
     result = run_python(program, FAST, audit_hook=False)

@@ -56,7 +56,7 @@ class ModelSection:
     lora_dropout: float = opt(0.05, "LoRA dropout.", ge=0, lt=1)
     lora_target_modules: str = opt("all-linear", "Modules that get adapters: all-linear, or a comma-separated list of module names (e.g. q_proj,v_proj).")
     student_quant: str = opt("none", "Quantization-aware student: none, int8, int4, int3 or int2. The student's linear weights (not the embeddings or output head) are fake-quantized (symmetric, fp16 scale per group) and trained through a straight-through estimator; without --student it is the teacher itself, all layers, starting from round-to-nearest. student/ and student/student.gguf hold the quantized weights exactly (docs/quantization.md).")
-    student_quant_group_size: int = opt(32, "Weights sharing one scale in --student-quant (along each row's inputs); a multiple of 32, the GGUF block size.")
+    student_quant_group_size: int = opt(32, "Weights sharing one scale in --student-quant (along each row's inputs); a multiple of 32, the GGUF block size.", ge=32)
     student_quant_train_embeddings: bool = opt(False, "--student-quant: also train the (unquantized) input embedding and output head. Off: they stay the teacher's, and the GGUF copies the teacher file's bytes for them (exact and small); on: the GGUF stores them in full precision (larger).")
     load_in_4bit: bool = opt(False, "QLoRA: load the student's base weights in 4-bit NF4 (bitsandbytes, NVIDIA GPU only) and train a LoRA adapter on them (implies --lora).")
 
