@@ -61,18 +61,26 @@ def fake_quantize(model: torch.nn.Module, bits: int, group_size: int) -> torch.n
 
 
 def cache_fake_quantized_weights_for_inference() -> None:
-    """Without gradients (generation, evaluation) reuse each layer's fake-quantized weight until the weight
-    changes (its version counter moves at every optimizer step): torchao re-quantizes the whole weight at every
-    forward, which for token-by-token generation costs a full re-quantization of the model per token. Training
-    forwards (grad enabled) are untouched, so the straight-through estimator is as torchao defines it."""
+    """Without gradients (generation, evaluation) reuse each layer's fake-quantized weight until an optimizer
+    steps: torchao re-quantizes the whole weight at every forward, which for token-by-token generation costs a
+    full re-quantization of the model per token. Training forwards (grad enabled) are untouched, so the
+    straight-through estimator is as torchao defines it.
+
+    The cache is invalidated by a global optimizer step hook, NOT by the weight's version counter: the Trainer's
+    default optimizer (adamw_torch_fused) updates parameters without bumping `_version`, so a version-keyed cache
+    silently keeps the round-to-nearest weights (this script's first runs had that bug; see the results file)."""
     from torchao.quantization.qat.linear import FakeQuantizedLinear
 
+    steps = [0]
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    register_optimizer_step_post_hook(lambda *a, **k: steps.__setitem__(0, steps[0] + 1))
     original = FakeQuantizedLinear.forward
 
     def forward(self, x):
         if torch.is_grad_enabled() or self.activation_fake_quantizer is not None or self.weight_fake_quantizer is None:
             return original(self, x)
-        key = (self.weight.data_ptr(), self.weight._version)
+        key = (self.weight.data_ptr(), steps[0])
         cached = getattr(self, "_distillm_cached_weight", None)
         if cached is None or cached[0] != key:
             with torch.no_grad():
@@ -115,6 +123,13 @@ def main() -> None:
     ap.add_argument("--teacher-cache", default="runs/qat_budget/teacher_cache")
     ap.add_argument("--no-inference-cache", action="store_true",
                     help="re-quantize the weights at every inference forward too (torchao as it is)")
+    ap.add_argument("--before-from", default=None,
+                    help="a run directory of the same bits and eval settings whose eval/before.json (the RTN start's "
+                         "figures: the same student, the same sampling seed) is reused instead of recomputed")
+    ap.add_argument("--figures-every", type=int, default=0,
+                    help="also log KL/TVD on the first --figures-rows held-out teacher responses every N steps "
+                         "(and at step 0): a cheap learning curve")
+    ap.add_argument("--figures-rows", type=int, default=8)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
@@ -171,6 +186,13 @@ def main() -> None:
     original_evaluate = pipeline.evaluate
 
     def evaluate(cfg, models, eval_prompts, teacher_eval_rows, run_paths, tag):
+        if tag == "before" and args.before_from:  # wait for the other run's RTN figures (it may still be on them)
+            source = Path(args.before_from) / "eval"
+            while not (source / "before.json").is_file():
+                time.sleep(10)
+            run_paths.eval_samples("before").parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(source / "before_samples.jsonl", run_paths.eval_samples("before"))
+            return json.loads((source / "before.json").read_text(encoding="utf-8"))
         t0 = time.time()
         result = original_evaluate(cfg, models, eval_prompts, teacher_eval_rows, run_paths, tag)
         add_time(f"evaluate_{tag}", time.time() - t0)
@@ -183,6 +205,28 @@ def main() -> None:
 
         def __init__(self):
             self.rows = []
+            self.curve = []
+
+        def figures(self, rows):
+            pair = state["pair"]
+            return teacher_student_divergence(pair.teacher, pair.student, rows, vocab_size=pair.vocab_size,
+                                              pad_token_id=pair.tokenizer.pad_token_id,
+                                              max_length=config.data.max_length)
+
+        def subset_figures(self, step):
+            t0 = time.time()
+            figures = self.figures(read_jsonl(paths.teacher_eval)[:args.figures_rows])
+            self.curve.append({"step": step, **{k: round(v, 4) for k, v in figures.items()}})
+            logger.info("curve (first %d held-out rows) at step %d: %s", args.figures_rows, step, self.curve[-1])
+            add_time("round_figures", time.time() - t0)
+
+        def on_train_begin(self, a, s, c, **kw):
+            if args.figures_every and s.global_step == 0:
+                self.subset_figures(0)
+
+        def on_step_end(self, a, s, c, **kw):
+            if args.figures_every and s.global_step % args.figures_every == 0:
+                self.subset_figures(s.global_step)
 
         def on_epoch_end(self, a, s, c, model=None, **kw):
             t0 = time.time()
@@ -241,6 +285,7 @@ def main() -> None:
             timing[f"{key}_tokens"] = COUNTS[key]
     result = {"args": vars(args), "steps": steps, "rtn": metrics["before"], "distilled": metrics["after"],
               "distinct2": distinct, "rounds": round_figures.rows,
+              "curve": round_figures.curve,
               "mean_loss_per_round": metrics["training"]["mean_loss_per_round"],
               "timing": timing, "wall_seconds": round(time.time() - started, 1),
               "pipeline_wall_seconds": metrics["wall_seconds"], "greedy": state["greedy"],
