@@ -167,8 +167,9 @@ def enter_namespaces():
     return None
 
 
-def kill_descendants(deadline_s=5.0):
-    """SIGKILL every child, and what is reparented to us as subreaper, until none is left."""
+def kill_descendants(deadline_s=30.0):
+    """SIGKILL every child, and what is reparented to us as subreaper, until none is left (it returns as soon as
+    none is; the deadline only bounds a machine so loaded that a fork bomb outpaces the /proc scans)."""
     me, end = os.getpid(), time.monotonic() + deadline_s
     while time.monotonic() < end:
         children = []
