@@ -92,6 +92,15 @@ class RunPaths:
         return self.root / "eval" / f"{tag}_samples.jsonl"
 
 
+
+def describe_student(m) -> str:
+    """The student as metrics.json names it: a given model, the teacher quantized, or the teacher's kept layers."""
+    if m.student:
+        return m.student
+    if m.student_quant != "none":
+        return f"the teacher, {m.student_quant} fake-quantized in groups of {m.student_quant_group_size}"
+    return f"teacher layers {m.student_layers}"
+
 def prepare_run_dir(config, *, overwrite: bool = False, lock: bool = True, kind: str = "run") -> RunPaths:
     """Create the run directory, or continue the run it holds if its config is the same one.
 
@@ -871,7 +880,7 @@ def _run(config: RunConfig, paths: RunPaths, started: float) -> dict:
     finally:
         release(teacher_backend)
     metrics: dict = {"method": method.name, "teacher": config.model.teacher,
-                     "student": config.model.student or f"teacher layers {config.model.student_layers}",
+                     "student": describe_student(config.model),
                      "num_train_prompts": len(train_prompts), "num_eval_prompts": len(eval_prompts)}
     if evaluating:
         before_file = paths.root / "eval" / "before.json"

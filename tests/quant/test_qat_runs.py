@@ -47,6 +47,7 @@ def test_every_method_trains_a_quantized_student(name, tmp_path, capsys):
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["complete"] and metrics["training"]["steps"] == 4
+    assert metrics["student"] == "the teacher, int4 fake-quantized in groups of 32"  # not the layer-pruning default
     export = metrics["training"]["export"]
     assert export["quant"] == "int4" and export["quantized_linears"] == 7 * 4  # every layer of the 4-layer teacher
     assert_on_grid(out / "student", 4)
