@@ -3,6 +3,9 @@ small set of chat-templated prompts of varied lengths. Everything is built offli
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -13,6 +16,14 @@ from distillm.tiny import build_tiny_model, build_tiny_tokenizer
 # The models here are tiny: one CPU thread is fastest, and avoids the multi-second stalls that intra-op thread
 # pools suffer when another process keeps the CPU busy.
 torch.set_num_threads(1)
+
+# The tests live in folders mirroring src/distillm (docs/testing.md), without __init__.py: pytest imports each file
+# by its basename (so basenames are unique across tests/) and puts this folder on sys.path (`from tolerances import
+# ...`). Some test modules reuse another's helpers (training/test_teacher_cache.py imports from
+# methods/test_fused_methods.py): every area folder is importable too, whichever folders a run collects.
+for _area in sorted(p for p in Path(__file__).resolve().parent.iterdir() if p.is_dir() and p.name[0] not in "._"):
+    if str(_area) not in sys.path:
+        sys.path.append(str(_area))
 
 PROMPT_TEXTS = [
     "Hi",

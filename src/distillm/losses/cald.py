@@ -7,7 +7,7 @@ For one pair (prompt x, teacher response y_t, student response y_s):
 SKL on the teacher's response pulls the student up where the teacher is confident; SRKL on the student's own
 response pushes it down where it is wrong. b ramps from `b_start` to `b_end` over the first `ramp_fraction`
 of training (moving weight from SKL to SRKL); the skews a_t, a_s are chosen per sample by the curriculum
-(`curriculum_alpha`). See shared/reference/method.md.
+(`curriculum_alpha`). See docs/methods.md.
 """
 
 from __future__ import annotations

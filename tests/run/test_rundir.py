@@ -20,7 +20,7 @@ from distillm.io import JsonlAppender, WriteError, atomic_write_text
 from distillm.pipeline import RunDirError, prepare_run_dir
 
 TINY = ["run", "--preset", "tiny", "--num-prompts", "4", "--num-eval-prompts", "2", "--rounds", "1"]
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 
 
 def fails(capsys, argv: list[str]) -> str:

@@ -22,7 +22,7 @@ from distillm.io import read_jsonl
 from distillm.training import trainer as trainer_module
 from distillm.training.trainer import prepare_teacher, teacher_placement
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SAMPLED = SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=8, seed=7)
 
 
