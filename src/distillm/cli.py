@@ -11,7 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .config import PRESETS, AlignConfig, RunConfig, load_config, option_fields, range_text
+from .config import PRESETS, AlignConfig, RunConfig, load_config, option_fields, range_text, renamed_options
 
 logger = logging.getLogger("distillm")
 
@@ -45,10 +45,14 @@ def _add_config_options(parser: argparse.ArgumentParser, config_cls: type = RunC
                                help=help_text)
         else:
             group.add_argument(flag, dest=name, metavar=name.upper(), default=argparse.SUPPRESS, help=help_text)
+        for alias in f.metadata.get("aliases", ()):  # an earlier name: still accepted, with a warning
+            kind = {"action": argparse.BooleanOptionalAction} if str(f.type).startswith("bool") else {}
+            group.add_argument("--" + alias.replace("_", "-"), dest=alias, default=argparse.SUPPRESS,
+                               help=argparse.SUPPRESS, **kind)
 
 
 def _overrides(args: argparse.Namespace, config_cls: type = RunConfig) -> dict:
-    known = option_fields(config_cls)
+    known = {**option_fields(config_cls), **renamed_options(config_cls)}
     return {key: value for key, value in vars(args).items() if key in known}
 
 

@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import methods
 from .config import METHOD_NAMES, load_config
 from .errors import DistillmError
 from .io import atomic_write_json, atomic_write_text, read_jsonl
@@ -44,14 +45,10 @@ class CompareError(DistillmError):
     """Bad comparison settings, or an output directory holding another comparison."""
 
 
-#: the ablation of DistiLLM-2's components (paper Table 6): the fourth row, "all", is the distillm2 cell itself
-ABLATIONS: dict[str, dict] = {
-    "contrastive": {"method": "distillm2", "curriculum": False, "b_ramp": False},
-    "contrastive+b_ramp": {"method": "distillm2", "curriculum": False, "b_ramp": True},
-    "contrastive+curriculum": {"method": "distillm2", "curriculum": True, "b_ramp": False},
-}
-ABLATION_ROWS = [("contrastive loss only", "contrastive"), ("+ b ramp", "contrastive+b_ramp"),
-                 ("+ curriculum a", "contrastive+curriculum"), ("all (DistiLLM-2)", "distillm2")]
+#: the methods' ablation variants (DistiLLM-2's components, paper Table 6: the last row, "all", is the distillm2
+#: cell itself), declared by each method (`Method.ablations`, `Method.ablation_rows`)
+ABLATIONS: dict[str, dict] = methods.ablations()
+ABLATION_ROWS = methods.ablation_rows()
 VARIANTS: dict[str, dict] = {**{name: {"method": name} for name in METHOD_NAMES}, **ABLATIONS}
 
 #: metric key -> (label, better); the order is the table's
@@ -304,7 +301,6 @@ class Comparison:
 
     def run_cell(self, variant: str, seed: int) -> dict:
         from .evaluation.suite import ModelSpec
-        from .methods import build_method
         from .pipeline import run
 
         folder = self.cell_dir(variant, seed)
@@ -315,8 +311,8 @@ class Comparison:
         name = cell_model_name(variant, seed)
         spec = ModelSpec(name, str(folder / "run" / "student"), train_log=str(folder / "run" / "logs" / "train_log.jsonl"))
         evaluated = self.evaluate([spec])[name]
-        method = build_method(config)
-        tokens = generated_tokens(folder / "run", uses_teacher_rows=_uses_teacher_rows(method, config),
+        uses_teacher_rows = methods.METHODS[config.method.method].uses_teacher_rows(config)
+        tokens = generated_tokens(folder / "run", uses_teacher_rows=uses_teacher_rows,
                                   shared_teacher_file=self.teacher_file)
         cell = {"variant": variant, "seed": seed, "method": config.method.method,
                 "options": VARIANTS[variant], "metrics": evaluated, "steps": metrics["training"]["steps"],
@@ -413,15 +409,6 @@ class CellClaim:
     def __exit__(self, *exc) -> None:
         if self.held:
             self.path.unlink(missing_ok=True)
-
-
-def _uses_teacher_rows(method, config) -> bool:
-    """Whether the method trains on the shared teacher responses (a part of its generation budget)."""
-    if method.name in ("distillm2", "dpkd", "seqkd"):
-        return True
-    if method.name == "imitkd":
-        return config.method.imitkd_fixed_fraction > 0
-    return method.uses_fixed_responses and method.name != "step-by-step" and config.method.fixed_responses == "teacher"
 
 
 def _response_tokens(path: Path) -> int:

@@ -36,7 +36,7 @@ import yaml
 from accelerate.utils import DistributedType
 from transformers import TrainingArguments, set_seed
 
-from .config import RunConfig
+from .config import AlignConfig, RunConfig, upgrade_keys
 from .distributed import process_state
 from .errors import DistillmError
 from .faults import fault_point
@@ -168,6 +168,7 @@ def config_changes(saved: Path, text: str) -> list[str]:
         loaded = None
     if not isinstance(loaded, dict):
         return ["config.yaml (not a distillm config)"]
+    loaded, _ = upgrade_keys(loaded, RunConfig if "method" in loaded else AlignConfig)  # earlier option names
     previous = {**loaded, "output_dir": None}
     current = {**yaml.safe_load(text), "output_dir": None}
     return sorted(_diff_keys(previous, current)) if previous != current else []

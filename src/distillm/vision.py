@@ -24,6 +24,7 @@ import os
 import torch
 
 from .errors import DistillmError
+from .methods import METHODS
 from .models import (ModelLoadError, check_same_tokenizer, copy_with_layers, parse_layer_spec, resolve_dtype,
                      resolve_model_source)
 
@@ -31,7 +32,8 @@ logger = logging.getLogger("distillm")
 
 #: Methods that run on vision-language models. The others need what is not wired for images here: speculative KD
 #: decodes with its own loop, step-by-step re-renders its prompts as text.
-VISION_METHODS = ("distillm2", "kd", "seqkd", "dpkd", "gkd", "imitkd", "minillm", "distillm")
+#: the methods that run on vision-language models (their `vision` attribute)
+VISION_METHODS = tuple(name for name, cls in METHODS.items() if cls.vision)
 
 
 def _model_config(spec: str, trust_remote_code: bool = False):
