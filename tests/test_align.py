@@ -16,7 +16,7 @@ from distillm.config import AlignConfig, ConfigError, load_config
 from distillm.data.prompts import DataError
 from distillm.evaluation.cli import _run_models
 from distillm.pipeline import RunPaths
-from distillm.tiny import build_tiny_model, build_tiny_tokenizer
+from distillm.testing.tiny import build_tiny_model, build_tiny_tokenizer
 
 PAIRS = [
     ("Is the sky blue?", "Yes, it is.", "No idea, go away."),

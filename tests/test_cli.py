@@ -11,7 +11,7 @@ import pytest
 from tolerances import sum_atol
 from distillm.cli import _overrides, build_parser, main
 from distillm.config import load_config
-from distillm.tiny import build_tiny_model, build_tiny_tokenizer
+from distillm.testing.tiny import build_tiny_model, build_tiny_tokenizer
 
 DISTILLM = str(Path(sys.executable).parent / "distillm")
 

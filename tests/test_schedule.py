@@ -17,7 +17,7 @@ from distillm.config import load_config
 from distillm.data.prompts import DataError
 from distillm.errors import DistillmError
 from distillm.pipeline import MIN_OPTIMIZER_STEPS, RunPaths, check_step_plan, learning_rates, step_plan, training_kwargs
-from distillm.tiny import build_tiny_tokenizer
+from distillm.testing.tiny import build_tiny_tokenizer
 
 
 def tiny_config(tmp_path, **overrides):

@@ -270,7 +270,7 @@ def load_model(
     """
     source = resolve_model_source(spec)
     if source.kind == "tiny":
-        from .tiny import build_tiny_model, build_tiny_tokenizer
+        from .testing.tiny import build_tiny_model, build_tiny_tokenizer
 
         tokenizer = tokenizer or build_tiny_tokenizer()
         return build_tiny_model(tokenizer).to(resolve_dtype(dtype)), tokenizer
@@ -306,7 +306,7 @@ def load_tokenizer(spec: str | os.PathLike, *, trust_remote_code: bool = False) 
     else from the file's metadata."""
     source = resolve_model_source(spec)
     if source.kind == "tiny":
-        from .tiny import build_tiny_tokenizer
+        from .testing.tiny import build_tiny_tokenizer
 
         return build_tiny_tokenizer()
     path, kwargs = source.path, dict(trust_remote_code=trust_remote_code)

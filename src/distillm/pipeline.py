@@ -39,7 +39,7 @@ from transformers import TrainingArguments, set_seed
 from .config import AlignConfig, RunConfig, upgrade_keys
 from .distributed import process_state
 from .errors import DistillmError
-from .faults import fault_point
+from .testing.faults import fault_point
 from .data.prompts import EncodedPrompt, check_chat_template, encode_prompts, load_prompts
 from .generation.base import SamplingParams
 from .generation.hf import HFBackend

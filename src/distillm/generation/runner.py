@@ -21,7 +21,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..data.prompts import EncodedPrompt
 from ..errors import DistillmError
-from ..faults import fault_point
+from ..testing.faults import fault_point
 from ..io import JsonlAppender
 from .base import GenerationBackend, SamplingParams
 

@@ -13,7 +13,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from ..faults import fault_point
+from ..testing.faults import fault_point
 
 
 class OnPolicyRoundCallback(TrainerCallback):
