@@ -1,7 +1,7 @@
 """The import graph of src/distillm: module-level import cycles, imports inside functions, private names used
 across modules.
 
-    python scripts/import_graph.py [--verbose]
+    python scripts/import_graph.py [--verbose] [--src DIR]    (DIR: the folder holding distillm/, default src/)
 
 Module-level imports (the ones that run when a module is imported) make the graph whose cycles are counted;
 imports inside functions are listed separately (they close cycles lazily when they point back up the graph).
@@ -62,8 +62,9 @@ def scan(modules: dict[str, Path]):
                 names = [a.name for a in node.names]
                 # `from pkg import submodule` imports the submodule
                 subs = [f"{target}.{n}" for n in names if f"{target}.{n}" in modules]
-                yield name, target, [n for n in names if f"{target}.{n}" not in modules], id(node) in func_nodes, \
-                    node.lineno
+                rest = [n for n in names if f"{target}.{n}" not in modules]
+                if rest or not subs:  # `from . import submodule` alone depends on the submodule, not on the package
+                    yield name, target, rest, id(node) in func_nodes, node.lineno
                 for sub in subs:
                     yield name, sub, [], id(node) in func_nodes, node.lineno
 
@@ -104,7 +105,11 @@ def sccs(nodes, edges):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--verbose", action="store_true")
+    parser.add_argument("--src", default=None, help="the folder holding the distillm package (default: src/)")
     args = parser.parse_args()
+    global ROOT
+    if args.src:
+        ROOT = Path(args.src).resolve()
     modules = {module_name(p): p for p in sorted((ROOT / PACKAGE).rglob("*.py"))}
     top_edges: dict[str, set[str]] = {}
     all_edges: dict[str, set[str]] = {}

@@ -25,6 +25,7 @@ import yaml
 from . import methods as _methods_registry
 from .errors import DistillmError
 from .options import opt
+from .quant.qat import QUANT_BITS
 
 logger = logging.getLogger("distillm")
 
@@ -460,8 +461,6 @@ def validate(config: RunConfig) -> None:
 def _quant_checks(m: ModelSection) -> list[tuple[bool, str]]:
     """--student-quant: the grid must be one the GGUF export stores exactly (Q4_0 blocks for 2-4 bits, Q8_0 for 8:
     32 weights per fp16 scale, so a group of 32k weights is k blocks with one scale)."""
-    from .quant.qat import QUANT_BITS
-
     if m.student_quant == "none":
         return []
     return [
