@@ -41,7 +41,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from ..errors import DistillmError
 from ..testing.faults import fault_point, poison_loss
 from ..io import atomic_write_json
-from ..losses.fused import HeadInputs, fused_inputs
+from ..losses.fused import HeadInputs
+from .fused_inputs import fused_inputs
 from ..methods.base import LossInputs, Scores
 from ..models import eval_mode
 from .callbacks import MethodStepCallback, NonFiniteGuard, use_step_lines
