@@ -4,7 +4,8 @@ compare each run's metrics.json figures and student weights with a stored baseli
     python scripts/check_identical.py record  BASE_DIR      # before the change: run every method, keep the outputs
     python scripts/check_identical.py compare BASE_DIR NEW  # after: run again into NEW and compare with BASE_DIR
 
-Figures compared: every number in metrics.json except wall-clock ones (keys ending in "seconds"). Weights: every
+Figures compared: every value in metrics.json except wall-clock ones (keys ending in "seconds"); paths under the
+two output roots are compared relative to them. Weights: every
 tensor of student/model.safetensors with torch.equal (same dtype, shape and bits). Exit status 1 on any difference.
 Methods: --methods a,b,c (default: every method of the tiny preset, plus vision runs for distillm2 and kd).
 """
@@ -73,8 +74,9 @@ def compare(base: Path, new: Path, names: list[str]) -> list[str]:
 
     problems = []
     for name in names:
-        a = dict(_figures(json.loads((base / name / "metrics.json").read_text())))
-        b = dict(_figures(json.loads((new / name / "metrics.json").read_text())))
+        # paths inside the two output roots (the tiny VLM's teacher/student) are compared relative to them
+        a = dict(_figures(json.loads((base / name / "metrics.json").read_text().replace(str(base), "<root>"))))
+        b = dict(_figures(json.loads((new / name / "metrics.json").read_text().replace(str(new), "<root>"))))
         for key in sorted(set(a) | set(b)):
             if a.get(key, "<missing>") != b.get(key, "<missing>"):
                 problems.append(f"{name}: metrics{key}: {a.get(key, '<missing>')} != {b.get(key, '<missing>')}")

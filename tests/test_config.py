@@ -107,3 +107,23 @@ def test_yaml_round_trip():
 def test_values_are_validated_before_any_work(key, value, message):
     with pytest.raises(ConfigError, match=message):
         load_config(overrides={key: value})
+
+
+def test_a_run_directory_saved_with_earlier_names_is_the_same_config(tmp_path):
+    """A config.yaml written before the renames (loss: alpha0, ...; method: v1_alpha) names the same run as today's
+    config with the same values: rerunning the command continues it instead of refusing a 'different' config."""
+    import yaml
+
+    from distillm.pipeline import config_changes
+
+    config = load_config(preset="tiny", overrides={"skew": 0.2, "curriculum": False})
+    old = yaml.safe_load(config.to_yaml())
+    method = old["method"]
+    old["loss"].update({"alpha0": method.pop("skew"), "alpha_min": method.pop("skew_min"),
+                        "alpha_max": method.pop("skew_max"), "curriculum": method.pop("curriculum")})
+    method["v1_alpha"] = method.pop("v1_skew")
+    saved = tmp_path / "config.yaml"
+    saved.write_text(yaml.safe_dump(old))
+    assert config_changes(saved, config.to_yaml()) == []
+    other = load_config(preset="tiny", overrides={"skew": 0.3, "curriculum": False})
+    assert config_changes(saved, other.to_yaml()) == ["method.skew"]

@@ -81,7 +81,7 @@ def _fake_run(root):
                                       "  student_layers: '0,3'\n")
     (root / "logs").mkdir()
     (root / "logs" / "train_log.jsonl").write_text("".join(
-        json.dumps({"loss": 3.0 - 0.5 * s, "skl": 1.0 / s, "srkl": 2.0 / s, "alpha_t": 0.1, "alpha_s": 0.1,
+        json.dumps({"loss": 3.0 - 0.5 * s, "skl": 1.0 / s, "srkl": 2.0 / s, "skew_t": 0.1, "skew_s": 0.1,
                     "b": 1.0 + 0.1 * s, "learning_rate": 1e-3, "epoch": s / 4, "step": s}) + "\n" for s in range(1, 5)))
 
 

@@ -4,7 +4,7 @@ Data: pairs, batched on-policy -- the teacher's response (chosen, generated once
 regenerated from the current student at the start of every round by the pipeline); a batch holds the B chosen
 sequences followed by the B rejected ones.
 Loss: `losses.cald`: (2 - b) SKL_{a_t} on the teacher responses + b SRKL_{a_s} on the student responses, b ramped
-by `b_schedule`, the skews set per sample by `curriculum_alpha`. This module keeps the run state the loss needs:
+by `b_schedule`, the skews set per sample by `curriculum_skew`. This module keeps the run state the loss needs:
 the running reference gaps of the curriculum, updated once per optimizer step so that splitting a batch into
 more gradient-accumulation micro-batches changes nothing.
 Options (`Options`, config section `method`): skew, skew_min, skew_max, curriculum, gap_momentum, b_ramp, b_start,
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..options import opt
-from ..losses.cald import b_schedule, curriculum_alpha
+from ..losses.cald import b_schedule, curriculum_skew
 from ..losses.divergences import per_sequence_mean
 from .base import LossInputs, Method, divergence_loss, group_weights, sequence_sums, token_log_probs
 
@@ -80,17 +80,17 @@ class DistiLLM2(Method):
         n = batch.n_first
         mask = batch.mask
         chosen, rejected = batch.first, batch.second
-        alpha_t = alpha_s = torch.full((n,), o.skew, device=batch.targets.device)
+        skew_t = skew_s = torch.full((n,), o.skew, device=batch.targets.device)
         if o.curriculum:
             with torch.no_grad():  # geometric-mean probabilities of each response under teacher (p) and student (q)
                 lp = {who: per_sequence_mean(token_log_probs(batch, who, slice(None), temperature=tau), mask).exp()
                       for who, in (("teacher",), ("student",))}
                 gap_t = lp["teacher"][chosen] - lp["student"][chosen]  # how far the student lags on the teacher's
                 gap_s = lp["student"][rejected] - lp["teacher"][rejected]  # how overconfident it is on its own
-            alpha_t = curriculum_alpha(gap_t, self.gap_ref["t"], alpha0=o.skew, alpha_min=o.skew_min,
-                                       alpha_max=o.skew_max)
-            alpha_s = curriculum_alpha(gap_s, self.gap_ref["s"], alpha0=o.skew, alpha_min=o.skew_min,
-                                       alpha_max=o.skew_max)
+            skew_t = curriculum_skew(gap_t, self.gap_ref["t"], skew=o.skew, skew_min=o.skew_min,
+                                     skew_max=o.skew_max)
+            skew_s = curriculum_skew(gap_s, self.gap_ref["s"], skew=o.skew, skew_min=o.skew_min,
+                                     skew_max=o.skew_max)
             self._pending["t"].extend(gap_t.tolist())
             self._pending["s"].extend(gap_s.tolist())
         b = b_schedule(batch.step, batch.total_steps, b_start=o.b_start, b_end=o.b_end,
@@ -99,14 +99,14 @@ class DistiLLM2(Method):
         # student's, each reduced per response then over the step's pairs (or over the step's tokens)
         w_t = group_weights(mask[chosen], batch.counts, 0, self.reduction, scale=2.0 - b)
         w_s = group_weights(mask[rejected], batch.counts, 1, self.reduction, scale=b)
-        skl_loss, skl = divergence_loss(batch, "skl", chosen, w_t, weight=alpha_t, temperature=tau)
-        srkl_loss, srkl = divergence_loss(batch, "srkl", rejected, w_s, weight=alpha_s, temperature=tau)
+        skl_loss, skl = divergence_loss(batch, "skl", chosen, w_t, weight=skew_t, temperature=tau)
+        srkl_loss, srkl = divergence_loss(batch, "srkl", rejected, w_s, weight=skew_s, temperature=tau)
         metrics = {
             "units": float(n),
             "skl": sequence_sums(skl, mask[chosen]),
             "srkl": sequence_sums(srkl, mask[rejected]),
-            "alpha_t": alpha_t.sum().item(),
-            "alpha_s": alpha_s.sum().item(),
+            "skew_t": skew_t.sum().item(),
+            "skew_s": skew_s.sum().item(),
         }
         return skl_loss + srkl_loss, metrics, {"b": b}
 
