@@ -1,6 +1,9 @@
 """Error of a top-k teacher (`distillm.losses.fused.TopKTeacher`: the teacher's k most likely tokens'
-log-probs, the tail mass spread evenly over the other tokens) against the exact teacher, on SmolLM2-135M-Instruct
--> its 10-layer student, for the losses DistiLLM-2 and KD use.
+log-probs and the tail mass 1 - sum_k p over the other tokens) against the exact teacher, on SmolLM2-135M-Instruct
+-> its 10-layer student, for the losses DistiLLM-2 and KD use. Two tail treatments, in the same run: `uniform`
+(the tail mass spread evenly: the former treatment for every loss, "before") and `student` (spread in proportion
+to the student's own probabilities, i.e. one tail bucket on both sides). The default, tail="auto", takes `uniform`
+for forward KL and `student` for the others ("after").
 
 Data: the first `--prompts` built-in training prompts with the teacher's own sampled responses (temperature
 0.8, top-p 0.95, `--max-new-tokens`), i.e. the fixed responses a cache would hold. For each k and loss: the
@@ -32,7 +35,8 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="8 prompts, 32 new tokens")
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--ks", default="8,32,128")
+    parser.add_argument("--ks", default="8,32,64,128")
+    parser.add_argument("--tails", default="uniform,student", help="tail treatments to compare")
     args = parser.parse_args(argv)
     if args.quick:
         args.prompts, args.max_new_tokens = 8, 32
@@ -83,19 +87,26 @@ def main(argv=None) -> None:
 
     exact = {name: loss_and_grad(name, teacher_in) for name in LOSSES}
     ks = [int(k) for k in args.ks.split(",")]
-    print("\n| k | loss | tail mass (mean) | loss rel. error | gradient rel. error |\n|---:|---|---:|---:|---:|")
+    tails = args.tails.split(",")
+    print("\n| k | loss | tail | tail mass (mean) | loss rel. error | gradient rel. error |\n"
+          "|---:|---|---|---:|---:|---:|")
     worst = {}
     for k in ks:
         top = t_logp.topk(k, dim=-1)
-        tail = (1 - top.values.exp().sum(-1))[mask].mean().item()
+        tail_mass = (1 - top.values.exp().sum(-1))[mask].mean().item()
         for name in LOSSES:
-            loss, grad = loss_and_grad(name, TopKTeacher(top.values, top.indices))
-            ref_loss, ref_grad = exact[name]
-            loss_err = ((loss - ref_loss).abs() / ref_loss.abs()).item()
-            grad_err = ((grad - ref_grad).norm() / ref_grad.norm()).item()
-            worst[k] = max(worst.get(k, 0.0), grad_err)
-            print(f"| {k} | {name} | {tail:.4f} | {loss_err:.2e} | {grad_err:.2e} |", flush=True)
-    print(f"headline: worst gradient relative error at k = {ks[-1]}: {worst[ks[-1]]:.2e}")
+            for tail in tails:
+                loss, grad = loss_and_grad(name, TopKTeacher(top.values, top.indices, tail))
+                ref_loss, ref_grad = exact[name]
+                loss_err = ((loss - ref_loss).abs() / ref_loss.abs()).item()
+                grad_err = ((grad - ref_grad).norm() / ref_grad.norm()).item()
+                worst[tail, k] = max(worst.get((tail, k), 0.0), grad_err)
+                print(f"| {k} | {name} | {tail} | {tail_mass:.4f} | {loss_err:.2e} | {grad_err:.2e} |", flush=True)
+    for k in ks:
+        print(f"worst gradient relative error at k = {k}: "
+              + ", ".join(f"{tail} {worst[tail, k]:.2e}" for tail in tails))
+    print(f"headline: worst gradient relative error at k = {ks[-1]}: "
+          + ", ".join(f"{tail} {worst[tail, ks[-1]]:.2e}" for tail in tails))
 
 
 if __name__ == "__main__":

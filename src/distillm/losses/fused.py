@@ -46,6 +46,7 @@ are used as constants), nor do a and b.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, NamedTuple
 
 import torch
@@ -61,6 +62,17 @@ __all__ = [
     "fused_inputs", "topk_logprobs",
 ]
 
+TOPK_TAILS = ("auto", "student", "uniform")
+#: tail="auto": the treatment with the smaller measured gradient error per divergence (benchmarks/bench_topk_teacher.py;
+#: docs/cluster-teacher.md): the even spread for forward KL, the student's proportions (one tail bucket) otherwise
+AUTO_TAIL = {"fkl": "uniform"}
+
+
+def resolve_tail(tail: str, divergence: str | None) -> str:
+    """A top-k teacher's tail treatment for `divergence`: "student" or "uniform" ("auto": see AUTO_TAIL)."""
+    if tail not in TOPK_TAILS:
+        raise ValueError(f"top-k teacher tail must be one of {', '.join(TOPK_TAILS)}, got {tail!r}")
+    return AUTO_TAIL.get(divergence, "student") if tail == "auto" else tail
 DIVERGENCES = ("fkl", "rkl", "skl", "srkl", "jsd", "tvd", "acceptance")
 # A chunk's student logits take about this many bytes (fp32); the kernels hold several such temporaries. Tuned on
 # a 2-core CPU (benchmarks/bench_loss.py): 110 tokens at V = 151,936 and 341 at V = 49,152; bigger chunks were
@@ -79,11 +91,23 @@ class HeadInputs(NamedTuple):
 class TopKTeacher(NamedTuple):
     """An approximate teacher: its k most likely tokens' log-probabilities [..., k] and ids [..., k] per
     position. The fused losses rebuild a full distribution from it, a chunk at a time: the k stored log-probs,
-    and the tail mass 1 - sum_k p spread evenly over the other V - k tokens (at least the smallest normal
-    float, so no token has probability exactly 0). Pass it as `teacher` to any fused divergence."""
+    and the tail mass T = 1 - sum_k p (at least the smallest normal float) over the other V - k tokens, spread
+
+    - tail="student": in proportion to the student's own probabilities there, p_j = T q_j / Q with
+      Q = sum_{j not in top-k} q_j, taken as a constant for the gradient. For every divergence here (each term
+      is 1-homogeneous in (p_j, q_j)) this gives exactly the value and gradient of the divergence between the
+      two distributions coarse-grained to k + 1 outcomes (the top-k tokens and one tail bucket holding T and
+      Q): no guess about how the teacher spreads its tail, and the student's own tail shape is left alone.
+      Rows whose student puts no mass on the tail (Q = 0) fall back to the even spread;
+    - tail="uniform": evenly, T / (V - k) each (the former treatment);
+    - tail="auto" (the default): "uniform" for forward KL, "student" for every other divergence (the smaller
+      measured gradient error of the two on SmolLM2, benchmarks/bench_topk_teacher.py; docs/cluster-teacher.md).
+
+    Pass it as `teacher` to any fused divergence."""
 
     logprobs: Tensor
     indices: Tensor
+    tail: str = "auto"
 
 
 class FusedBatch(NamedTuple):
@@ -286,33 +310,53 @@ class _Problem(NamedTuple):
     rows: Tensor
     n: int
     out_dtype: torch.dtype
+    topk_tail: str = "student"  # a TopKTeacher's tail treatment (see TopKTeacher)
 
 
 def _student_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, idx: Tensor, vocab: int) -> Tensor:
     return F.linear(hidden.index_select(0, idx), weight[:vocab], None if bias is None else bias[:vocab])
 
 
-def _teacher_logits(teacher: tuple, idx: Tensor, vocab: int) -> Tensor | None:
+def _teacher_logits(teacher: tuple, idx: Tensor, vocab: int, student_logits: Tensor | None = None) -> Tensor | None:
     """teacher = (logits [N, V_t] or None, hidden [N, H_t] or None, weight or None, bias or None); a top-k
-    teacher comes as (None, log-probs [N, k], ids [N, k] (an integer 'weight'), None)."""
+    teacher comes as (None, log-probs [N, k], ids [N, k] (an integer 'weight'), None), its tail spread in
+    proportion to `student_logits` (the chunk's [C, V]) when given, else evenly."""
     logits, hidden, weight, bias = teacher
     if logits is not None:
         return logits.index_select(0, idx)[:, :vocab]
     if hidden is not None and not weight.is_floating_point():
-        return topk_logprobs(hidden.index_select(0, idx), weight.index_select(0, idx), vocab)
+        return topk_logprobs(hidden.index_select(0, idx), weight.index_select(0, idx), vocab, student_logits)
     if hidden is not None:
         return _student_logits(hidden, weight, bias, idx, vocab)
     return None
 
 
-def topk_logprobs(logprobs: Tensor, indices: Tensor, vocab: int) -> Tensor:
-    """[C, V] log-probabilities: the top-k ones where given, the tail mass spread evenly over the rest."""
-    logprobs = logprobs if logprobs.dtype == torch.float64 else logprobs.float()
-    k = logprobs.shape[-1]
-    tiny = torch.finfo(logprobs.dtype).tiny
-    tail = (1.0 - logprobs.exp().sum(-1)).clamp_min(tiny * max(vocab - k, 1)) / max(vocab - k, 1)
-    dense = tail.log().unsqueeze(-1).expand(logprobs.shape[0], vocab).clone()
-    return dense.scatter_(1, indices.long(), logprobs)
+def topk_logprobs(logprobs: Tensor, indices: Tensor, vocab: int, student_logits: Tensor | None = None) -> Tensor:
+    """[C, V] log-probabilities: the top-k ones where given, the tail mass T = 1 - sum_k p (at least the smallest
+    normal float) on the other tokens: in proportion to the student's probabilities there when `student_logits`
+    [C, >= V] are given (log p_j = log T + log q_j - log Q, Q the student's tail mass; evenly in rows where
+    Q = 0), else evenly (T / (V - k) each). No gradient flows through it."""
+    wide = logprobs.dtype == torch.float64 or (student_logits is not None and student_logits.dtype == torch.float64)
+    dtype = torch.float64 if wide else torch.float32
+    logprobs = logprobs.to(dtype)
+    indices = indices.long()
+    c, k = logprobs.shape
+    rest = max(vocab - k, 1)
+    tiny = torch.finfo(dtype).tiny
+    log_mass = torch.log((1.0 - logprobs.exp().sum(-1)).clamp_min(tiny * rest))
+    uniform = (log_mass - math.log(rest)).unsqueeze(-1)
+    if student_logits is None:
+        dense = uniform.expand(c, vocab).clone()
+        return dense.scatter_(1, indices, logprobs)
+    with torch.no_grad():
+        log_q = torch.log_softmax(student_logits[:, :vocab].detach().to(dtype), dim=-1)
+        top = torch.zeros(c, vocab, dtype=torch.bool, device=log_q.device).scatter_(1, indices, True)
+        log_q_tail = log_q.masked_fill_(top, float("-inf"))
+        log_tail = torch.logsumexp(log_q_tail, dim=-1, keepdim=True)  # log Q; -inf where the student has none
+        empty = torch.isneginf(log_tail)
+        dense = log_q_tail.add_(log_mass.unsqueeze(-1) - log_tail.masked_fill(empty, 0.0))
+        dense = torch.where(empty, uniform, dense)
+        return dense.scatter_(1, indices, logprobs)
 
 
 def _chunk_extra(extra: Tensor | float | None, idx: Tensor):
@@ -329,7 +373,7 @@ def _chunk(prob: _Problem, hidden, weight, bias, teacher, extra, idx: Tensor, ne
     not depend on the student)."""
     with torch.no_grad():
         s = _student_logits(hidden, weight, bias, idx, prob.vocab)
-        t = _teacher_logits(teacher, idx, prob.vocab)
+        t = _teacher_logits(teacher, idx, prob.vocab, s if prob.topk_tail == "student" else None)
         return prob.kernel(s, t, _chunk_extra(extra, idx), prob.temperature, need_grad)
 
 
@@ -440,7 +484,7 @@ class _FusedWeighted(torch.autograd.Function):
 
 # ------------------------------------------------------------------------------------------ argument handling
 def _prepare(student: HeadInputs, teacher, extra, mask, positions, temperature, vocab_size, chunk_size,
-             kernel, needs_teacher: bool, extra_name: str):
+             kernel, needs_teacher: bool, extra_name: str, divergence: str | None = None):
     """Validate and flatten; returns (problem, student tensors, teacher tuple, extra, leading shape)."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -457,6 +501,7 @@ def _prepare(student: HeadInputs, teacher, extra, mask, positions, temperature, 
     flat_hidden = hidden.reshape(n, hidden.shape[-1])
 
     t_tuple = (None, None, None, None)
+    topk_tail = "student"
     if needs_teacher:
         if isinstance(teacher, HeadInputs):
             t_hidden, t_weight, t_bias = (None if x is None else x.detach() for x in teacher)
@@ -476,6 +521,7 @@ def _prepare(student: HeadInputs, teacher, extra, mask, positions, temperature, 
                 raise ValueError(f"top-k teacher ids must be in [0, {vocab})")
             k = values.shape[-1]
             t_tuple = (None, values.reshape(n, k), ids.reshape(n, k), None)
+            topk_tail = resolve_tail(teacher.tail, divergence)
         elif isinstance(teacher, Tensor):
             t_logits = teacher.detach()
             if t_logits.shape[:-1] != lead or t_logits.shape[-1] < vocab:
@@ -497,7 +543,7 @@ def _prepare(student: HeadInputs, teacher, extra, mask, positions, temperature, 
     wide = torch.float64 in (hidden.dtype, weight.dtype) or any(
         t is not None and t.dtype == torch.float64 for t in t_tuple)
     out_dtype = torch.float64 if wide else torch.float32
-    prob = _Problem(kernel, float(temperature), vocab, int(chunk_size), rows, n, out_dtype)
+    prob = _Problem(kernel, float(temperature), vocab, int(chunk_size), rows, n, out_dtype, topk_tail)
     return prob, (flat_hidden, weight, bias), t_tuple, extra, lead
 
 
@@ -561,7 +607,7 @@ def fused_divergence(
     _check_divergence_weight(divergence, weight)
     kernel = _divergence_kernel(divergence, detach_student_in_mixture)
     prob, (h, w, b), t, extra, lead = _prepare(student, teacher, weight, mask, positions, temperature, vocab_size,
-                                               chunk_size, kernel, True, "weight")
+                                               chunk_size, kernel, True, "weight", divergence)
     return _reshape_out(_FusedPerToken.apply(prob, h, w, b, *t, extra), lead)
 
 
@@ -581,7 +627,7 @@ def fused_weighted_divergence(
     _check_divergence_weight(divergence, weight)
     kernel = _divergence_kernel(divergence, detach_student_in_mixture)
     prob, (h, w, b), t, extra, lead = _prepare(student, teacher, weight, mask, positions, temperature, vocab_size,
-                                               chunk_size, kernel, True, "weight")
+                                               chunk_size, kernel, True, "weight", divergence)
     if token_weights.shape != lead:
         raise ValueError(f"token_weights must have shape {tuple(lead)}, got {tuple(token_weights.shape)}")
     tw = token_weights.detach().reshape(prob.n)
