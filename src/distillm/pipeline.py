@@ -625,7 +625,8 @@ def check_step_plan(config: RunConfig, num_rows: int, num_processes: int = 1) ->
 
 
 def train(config: RunConfig, models: ModelPair, method: Method, rows: list[dict], paths: RunPaths, *,
-          train_prompts: list[EncodedPrompt], validation_rows: list[dict] | None = None) -> dict:
+          train_prompts: list[EncodedPrompt], validation_rows: list[dict] | None = None,
+          teacher_client=None) -> dict:
     """`rounds` epochs of the method on its rows; resumes from the last complete checkpoint in the run directory.
     Paired methods (distillm2, dpkd) regenerate the student's responses at the start of every round."""
     tokenizer = models.tokenizer
@@ -707,7 +708,14 @@ def train(config: RunConfig, models: ModelPair, method: Method, rows: list[dict]
                 models.teacher.to(args.device), [method.sequences(row)[0] for row in dataset.rows],
                 max_length=config.data.max_length, pad_token_id=tokenizer.pad_token_id,
                 batch_size=config.training.per_device_train_batch_size)
+    teacher_service = None
+    if teacher_client is not None and method.needs_teacher:  # --teacher-url: top-k scores from the server
+        from .teacher.remote import RemoteScores
+
+        teacher_service = RemoteScores(teacher_client, config.training.teacher_top_k, models.vocab_size,
+                                       max_pending=config.training.gradient_accumulation_steps)
     trainer = DistillTrainer(
+        teacher_service=teacher_service,
         model=models.student, teacher=models.teacher, method=method, vocab_size=models.vocab_size,
         sampler=sampler, validation_rows=validation_rows, max_nonfinite_steps=config.training.max_nonfinite_steps,
         loss_impl=config.loss.loss_impl, loss_chunk_size=config.loss.loss_chunk_size, teacher_cache=teacher_cache,
@@ -745,6 +753,12 @@ def train(config: RunConfig, models: ModelPair, method: Method, rows: list[dict]
     }
     if export:  # a quantized student: its files and sizes
         summary["export"] = export
+    if teacher_service is not None:  # what went over the wire to the teacher server
+        client = teacher_service.client
+        summary["teacher_server"] = {"urls": client.urls, "top_k": teacher_service.k,
+                                     "scored_sequences": teacher_service.rows, "scored_tokens": teacher_service.tokens,
+                                     "requests": client.requests, "retries": client.retries,
+                                     "bytes_sent": client.bytes_sent, "bytes_received": client.bytes_received}
     if teacher_cache is not None:  # sequences whose teacher scores came from the cache / from a teacher pass
         summary["teacher_cache"] = {"mode": teacher_cache.label, "cached_sequences": teacher_cache.cached_rows,
                                     "teacher_sequences": teacher_cache.teacher_rows,
@@ -834,6 +848,20 @@ def run(config: RunConfig, *, overwrite: bool = False) -> dict:
             rundir.unlock(paths.root)
 
 
+def connect_teacher(config: RunConfig, tokenizer, vision: bool):
+    """The checked client of --teacher-url (reachable, same tokenizer), before any weights are read; or None."""
+    if not config.training.teacher_url:
+        return None
+    if vision:
+        raise DistillmError("--teacher-url does not take images: vision-language runs need the local teacher.")
+    if config.training.teacher_cache != "off":
+        raise DistillmError("--teacher-cache and --teacher-url do not combine: the server's scores are top-k "
+                            "already; drop --teacher-cache.")
+    from .teacher.remote import connect
+
+    return connect(config, tokenizer, real_vocab_size(tokenizer))
+
+
 def _run(config: RunConfig, paths: RunPaths, started: float) -> dict:
     state = process_state()
     metrics = read_json_or_none(paths.metrics)
@@ -853,6 +881,7 @@ def _run(config: RunConfig, paths: RunPaths, started: float) -> dict:
         tokenizer, processor = load_tokenizer(config.model.teacher,
                                               trust_remote_code=config.model.trust_remote_code), None
         check_chat_template(tokenizer, config.data.chat_template, model=config.model.teacher)
+    teacher_client = connect_teacher(config, tokenizer, vision)
     train_prompts = load_prompt_set(config, tokenizer, "train", processor=processor)
     check_step_plan(config, len(train_prompts), state.num_processes)
     eval_prompts = load_prompt_set(config, tokenizer, "eval", processor=processor) if evaluating else []
@@ -870,8 +899,13 @@ def _run(config: RunConfig, paths: RunPaths, started: float) -> dict:
         import_teacher_responses(config.data.teacher_responses, train_prompts, models.tokenizer, paths.teacher_train)
     state.wait_for_everyone()
     method = build_method(config)
-    teacher_backend = make_backend(config, models.teacher, models.tokenizer, model_dir=models.teacher_path,
-                                   processor=models.processor)
+    if teacher_client is not None:  # --teacher-url: the teacher's responses come from the server
+        from .teacher.remote import RemoteBackend
+
+        teacher_backend = RemoteBackend(teacher_client, models.vocab_size)
+    else:
+        teacher_backend = make_backend(config, models.teacher, models.tokenizer, model_dir=models.teacher_path,
+                                       processor=models.processor)
     try:
         rows = method.build_rows(DataContext(config, models.tokenizer, train_prompts, paths, teacher_backend))
         teacher_eval = generate_once(teacher_backend, eval_prompts, paths.teacher_eval,
@@ -896,7 +930,7 @@ def _run(config: RunConfig, paths: RunPaths, started: float) -> dict:
                        method.name, min(32, len(rows)))
         validation = rows[:32]
     metrics["training"] = train(config, models, method, rows, paths, train_prompts=train_prompts,
-                                validation_rows=validation)
+                                validation_rows=validation, teacher_client=teacher_client)
     if evaluating and sharded_engine():
         logger.warning("No 'after' evaluation under FSDP / DeepSpeed ZeRO-3: the models are sharded now. Evaluate "
                        "the saved student with `distillm eval --model distilled=%s`.", paths.student)
