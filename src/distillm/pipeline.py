@@ -177,9 +177,21 @@ def config_changes(saved: Path, text: str) -> list[str]:
         loaded = None
     if not isinstance(loaded, dict):
         return ["config.yaml (not a distillm config)"]
-    previous = {**loaded, "output_dir": None}
-    current = {**yaml.safe_load(text), "output_dir": None}
+    previous = _without_connection({**loaded, "output_dir": None})
+    current = _without_connection({**yaml.safe_load(text), "output_dir": None})
     return sorted(_diff_keys(previous, current)) if previous != current else []
+
+
+#: how the teacher server is reached: a run may continue with another URL, key, timeout or concurrency (its
+#: results depend on the server's model and --teacher-top-k only)
+CONNECTION_OPTIONS = ("teacher_url", "teacher_api_key_env", "teacher_timeout", "teacher_concurrency",
+                      "teacher_max_wait", "teacher_insecure")
+
+
+def _without_connection(config: dict) -> dict:
+    if isinstance(config.get("training"), dict):
+        config["training"] = {k: v for k, v in config["training"].items() if k not in CONNECTION_OPTIONS}
+    return {k: v for k, v in config.items() if k not in CONNECTION_OPTIONS}
 
 
 def _diff_keys(a: dict, b: dict, prefix: str = "") -> set[str]:
