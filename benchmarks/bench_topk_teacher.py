@@ -37,6 +37,8 @@ def main(argv=None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--ks", default="8,32,64,128")
     parser.add_argument("--tails", default="uniform,student", help="tail treatments to compare")
+    parser.add_argument("--student-layers", default="even:10",
+                        help="the teacher layers the student keeps (more layers: a student closer to the teacher)")
     args = parser.parse_args(argv)
     if args.quick:
         args.prompts, args.max_new_tokens = 8, 32
@@ -48,7 +50,7 @@ def main(argv=None) -> None:
 
     torch.manual_seed(0)
     teacher, tokenizer = load_model("smollm2-135m-instruct", dtype="float32")
-    student = prune_layers(teacher, parse_layer_spec("even:10", teacher.config.num_hidden_layers)).float()
+    student = prune_layers(teacher, parse_layer_spec(args.student_layers, teacher.config.num_hidden_layers)).float()
     teacher.eval()
     vocab = real_vocab_size(tokenizer)
     records, _ = load_prompts("builtin:train", limit=args.prompts)
@@ -76,7 +78,9 @@ def main(argv=None) -> None:
     teacher_in = HeadInputs(t.head.hidden.clone(), t.head.weight)
     t_logp = torch.log_softmax(torch.nn.functional.linear(t.head.hidden, t.head.weight)[..., :vocab].float(), -1)
     token_weights = mask.float() / tokens
-    print(f"{len(sequences)} teacher responses, {tokens} response tokens, V = {vocab}", flush=True)
+    q_tail = {}
+    print(f"{len(sequences)} teacher responses, {tokens} response tokens, V = {vocab}, student {args.student_layers}",
+          flush=True)
 
     def loss_and_grad(name, teacher_scores):
         divergence = name.split(" ")[0]
@@ -94,6 +98,11 @@ def main(argv=None) -> None:
     for k in ks:
         top = t_logp.topk(k, dim=-1)
         tail_mass = (1 - top.values.exp().sum(-1))[mask].mean().item()
+        with torch.no_grad():  # the student's mass off the teacher's top-k (what the tail treatment is about)
+            s_logp = torch.log_softmax(torch.nn.functional.linear(hidden, head)[..., :vocab].float(), -1)
+            q_tail[k] = (1 - s_logp.gather(-1, top.indices).exp().sum(-1))[mask].mean().item()
+        print(f"k = {k}: teacher tail mass {tail_mass:.4f}, student mass off the teacher's top-k {q_tail[k]:.4f}",
+              flush=True)
         for name in LOSSES:
             for tail in tails:
                 loss, grad = loss_and_grad(name, TopKTeacher(top.values, top.indices, tail))
