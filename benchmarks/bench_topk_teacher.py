@@ -1,9 +1,9 @@
 """Error of a top-k teacher (`distillm.losses.fused.TopKTeacher`: the teacher's k most likely tokens'
 log-probs and the tail mass 1 - sum_k p over the other tokens) against the exact teacher, on SmolLM2-135M-Instruct
 -> its 10-layer student, for the losses DistiLLM-2 and KD use. Two tail treatments, in the same run: `uniform`
-(the tail mass spread evenly: the former treatment for every loss, "before") and `student` (spread in proportion
-to the student's own probabilities, i.e. one tail bucket on both sides). The default, tail="auto", takes `uniform`
-for forward KL and `student` for the others ("after").
+(the tail mass spread evenly, the default) and `student` (spread in proportion to the student's own probabilities,
+i.e. one tail bucket on both sides). `--student-layers` picks the student (the default even:10 is far from the
+teacher: most of its mass lies off the teacher's top-k; even:26 is close), which decides which tail is better.
 
 Data: the first `--prompts` built-in training prompts with the teacher's own sampled responses (temperature
 0.8, top-p 0.95, `--max-new-tokens`), i.e. the fixed responses a cache would hold. For each k and loss: the

@@ -716,7 +716,7 @@ def train(config: RunConfig, models: ModelPair, method: Method, rows: list[dict]
         with state.main_process_first():  # one process builds it, the others then read it
             teacher_cache = TeacherCache(config.training.teacher_cache_dir or paths.root / "teacher_cache",
                                          config.training.teacher_cache, k=config.training.teacher_cache_k,
-                                         vocab_size=models.vocab_size).build(
+                                         vocab_size=models.vocab_size, tail=config.training.teacher_topk_tail).build(
                 models.teacher.to(args.device), [method.sequences(row)[0] for row in dataset.rows],
                 max_length=config.data.max_length, pad_token_id=tokenizer.pad_token_id,
                 batch_size=config.training.per_device_train_batch_size)
@@ -725,7 +725,8 @@ def train(config: RunConfig, models: ModelPair, method: Method, rows: list[dict]
         from .teacher.remote import RemoteScores
 
         teacher_service = RemoteScores(teacher_client, config.training.teacher_top_k, models.vocab_size,
-                                       max_pending=config.training.gradient_accumulation_steps)
+                                       max_pending=config.training.gradient_accumulation_steps,
+                                       tail=config.training.teacher_topk_tail)
     trainer = DistillTrainer(
         teacher_service=teacher_service,
         model=models.student, teacher=models.teacher, method=method, vocab_size=models.vocab_size,

@@ -56,6 +56,7 @@ def test_remote_scores_are_the_teachers_top_k_at_the_response_positions(clean_se
             torch.testing.assert_close(scores.logprobs[row, 4 - length:], top.values, rtol=0, atol=0)
             assert scores.indices[row, 4 - length:].sort(-1).values.tolist() == top.indices.sort(-1).values.tolist()
         assert bool((scores.logprobs[row, :4 - length] == 0).all())
+    assert scores.tail == "uniform" and RemoteScores(client, K, vocab, tail="student").scores(None, batch).tail == "student"
     client.close()
 
 

@@ -1,4 +1,4 @@
-"""The tail of a top-k teacher (losses.fused.TopKTeacher, tail="student", the default): the teacher's tail mass
+"""The tail of a top-k teacher (losses.fused.TopKTeacher, tail="student"): the teacher's tail mass
 T = 1 - sum_k p spread over the other tokens in proportion to the student's own probabilities.
 
 Checked, values and gradients, against two brute-force references written here:
@@ -183,8 +183,9 @@ def test_student_without_tail_mass_falls_back_to_the_even_spread():
     assert_matches(loss, grads, ref, ref_grads, hidden, head, torch.ones(2, dtype=torch.float64), teacher_logits)
 
 
+@pytest.mark.parametrize("tail", ["student", "uniform"])
 @pytest.mark.parametrize("name", ["skl", "srkl", "fkl"])
-def test_plain_path_of_the_methods_matches_the_fused_one(name):
+def test_plain_path_of_the_methods_matches_the_fused_one(name, tail):
     """`divergence_loss` on full logits (the plain path) spells the same teacher out: same loss and gradient."""
     hidden, head, teacher_logits, top, _ = problem(17, n=8, k=4)
     weight = PLAIN[name][0]
@@ -192,7 +193,7 @@ def test_plain_path_of_the_methods_matches_the_fused_one(name):
     targets[0, 0] = -100
     mask = targets != -100
     token_weights = mask.double() / mask.sum()
-    teacher = TopKTeacher(top.values.reshape(2, 4, 4), top.indices.reshape(2, 4, 4), "auto")
+    teacher = TopKTeacher(top.values.reshape(2, 4, 4), top.indices.reshape(2, 4, 4), tail)
     results = []
     for fused in (True, False):
         student = HeadInputs(hidden.reshape(2, 4, -1), head) if fused else (hidden @ head.t()).reshape(2, 4, -1)
@@ -210,14 +211,14 @@ def test_unknown_tail_is_refused():
                                   token_weights)
 
 
-def test_auto_tail_is_uniform_for_forward_kl_and_the_student_bucket_otherwise():
+def test_default_tail_is_the_even_spread():
     hidden, head, _, top, token_weights = problem(19, k=4)
-    for name, tail in (("fkl", "uniform"), ("srkl", "student"), ("skl", "student"), ("rkl", "student")):
+    for name in ("fkl", "srkl"):
         weight = PLAIN[name][0]
-        auto, _ = fused_weighted_divergence(name, HeadInputs(hidden, head), TopKTeacher(top.values, top.indices),
-                                            token_weights, weight)
-        explicit, _ = fused_weighted_divergence(name, HeadInputs(hidden, head),
-                                                TopKTeacher(top.values, top.indices, tail), token_weights, weight)
-        other, _ = fused_weighted_divergence(name, HeadInputs(hidden, head), TopKTeacher(
-            top.values, top.indices, "student" if tail == "uniform" else "uniform"), token_weights, weight)
-        assert auto.item() == explicit.item() and auto.item() != other.item()
+        default, _ = fused_weighted_divergence(name, HeadInputs(hidden, head), TopKTeacher(top.values, top.indices),
+                                               token_weights, weight)
+        uniform, _ = fused_weighted_divergence(name, HeadInputs(hidden, head),
+                                               TopKTeacher(top.values, top.indices, "uniform"), token_weights, weight)
+        student, _ = fused_weighted_divergence(name, HeadInputs(hidden, head),
+                                               TopKTeacher(top.values, top.indices, "student"), token_weights, weight)
+        assert default.item() == uniform.item() != student.item()

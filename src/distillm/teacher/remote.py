@@ -125,10 +125,12 @@ def _key(batch: dict[str, torch.Tensor]) -> str:
 class RemoteScores:
     """The teacher's top-k scores on micro-batches, from the server (see the module)."""
 
-    def __init__(self, client: TeacherClient, k: int, vocab_size: int, *, max_pending: int = 8):
+    def __init__(self, client: TeacherClient, k: int, vocab_size: int, *, max_pending: int = 8,
+                 tail: str = "uniform"):
         if k > vocab_size:
             raise DistillmError(f"--teacher-top-k {k} exceeds the vocabulary ({vocab_size} tokens)")
         self.client, self.k, self.vocab_size, self.max_pending = client, int(k), int(vocab_size), int(max_pending)
+        self.tail = tail  # how the top-k teacher spreads its tail (losses.fused.TopKTeacher)
         self._pending: dict[str, Future] = {}
         self.rows = 0  # sequences scored
         self.tokens = 0  # response positions scored
@@ -183,7 +185,7 @@ class RemoteScores:
             self.rows += 1
             self.tokens += length
         device = labels.device
-        return TopKTeacher(values.to(device), ids.to(device))
+        return TopKTeacher(values.to(device), ids.to(device), self.tail)
 
     def close(self) -> None:
         for future in self._pending.values():
