@@ -1,6 +1,6 @@
 """The top-k teacher of the fused losses with tail="uniform": the distribution it stands for (top-k log-probs, tail
 mass spread evenly over the other tokens), checked against the plain divergences on that distribution built by
-hand. The default tail (in proportion to the student's probabilities) is tested in tests/teacher/test_topk_tail.py."""
+hand. The tail in proportion to the student's probabilities is tested in tests/losses/test_topk_tail.py."""
 
 from __future__ import annotations
 
