@@ -71,11 +71,13 @@ def test_remote_teacher_run_equals_the_local_teacher_restricted_to_top_k(uninter
     def local_row(self, item):
         ids, length = item
         if length == 0:
-            return np.zeros((0, self.k), np.float32), np.zeros((0, self.k), np.int64)
-        top = topk_scores(model, ids, self.k, self.vocab_size)[len(ids) - 1 - length:].topk(self.k)
+            return np.zeros((0, self.k), np.float32), np.zeros((0, self.k), np.int64), np.zeros(0, np.float32)
+        logp = topk_scores(model, ids, self.k, self.vocab_size)[len(ids) - 1 - length:]
+        top = logp.topk(self.k)
         values, indices = top.values.numpy(), top.indices.numpy()
         order = np.lexsort((indices, -values), axis=-1)
-        return np.take_along_axis(values, order, -1), np.take_along_axis(indices, order, -1)
+        own = logp.gather(-1, torch.tensor(ids[len(ids) - length:]).unsqueeze(-1)).squeeze(-1).numpy()
+        return np.take_along_axis(values, order, -1), np.take_along_axis(indices, order, -1), own
 
     monkeypatch.setattr(RemoteScores, "_score_row", local_row)
     local = tmp_path / "local"

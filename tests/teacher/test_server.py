@@ -155,3 +155,32 @@ def test_tls_verification_is_on_unless_turned_off():
     assert secure._context.verify_mode == ssl.CERT_REQUIRED and secure._context.check_hostname
     insecure = TeacherClient("https://teacher.example:8000", insecure=True)
     assert insecure._context.verify_mode == ssl.CERT_NONE and not insecure._context.check_hostname
+
+
+def test_teacher_token_log_probs_are_exact_outside_the_top_k(clean_server, local):
+    """vLLM sends the actual token's log-prob with the top-k: the teacher's log-probs of the response tokens
+    (DistiLLM-2's curriculum gaps, DPKD) are then the exact ones, also for tokens outside the top k (which the
+    tail alone would put at log(T / (V - k)))."""
+    from distillm.losses.fused import HeadInputs
+    from distillm.methods.base import LossInputs, token_log_probs
+
+    model, tokenizer, vocab = local
+    client = TeacherClient(clean_server, max_wait=5)
+    batch = batch_of(tokenizer, ["hello there", "why?"], [[200, 201, 202], [70, 7]])
+    scores = RemoteScores(client, 2, vocab).scores(None, batch)
+    targets = batch["labels"][:, -3:]
+    lossin = LossInputs(HeadInputs(torch.zeros(2, 3, 4), torch.zeros(vocab, 4)), scores, targets, 2, (2, 5, 0),
+                        vocab_size=vocab)
+    got = token_log_probs(lossin, "teacher", slice(0, 2))
+    outside = 0
+    for row, length in enumerate([3, 2]):
+        ids = batch["input_ids"][row][batch["attention_mask"][row].bool()].tolist()
+        logp = topk_scores(model, ids, 2, vocab)[len(ids) - 1 - length:]
+        exact = logp.gather(-1, torch.tensor(ids[len(ids) - length:]).unsqueeze(-1)).squeeze(-1)
+        torch.testing.assert_close(got[row, 3 - length:], exact, rtol=0, atol=0)  # float32 read back exactly
+        outside += int((~(scores.indices[row, 3 - length:] == torch.tensor(ids[len(ids) - length:]).unsqueeze(-1)).any(-1)).sum())
+    assert outside > 0  # the check did cover tokens outside the top k
+    without = token_log_probs(LossInputs(lossin.student, scores._replace(target=None), targets, 2, (2, 5, 0),
+                                         vocab_size=vocab), "teacher", slice(0, 2))
+    assert not torch.equal(without, got)
+    client.close()

@@ -107,11 +107,14 @@ class TopKTeacher(NamedTuple):
     4.8%, SRKL 6.0% vs 14.6%); for a distant one (10 layers, 99% of its mass off the teacher's top-64) the
     student's proportions do (SKL 12% vs 16%, SRKL 25% vs 41%), though neither is accurate there.
 
-    Pass it as `teacher` to any fused divergence."""
+    Pass it as `teacher` to any fused divergence (the divergences do not use `target`)."""
 
     logprobs: Tensor
     indices: Tensor
     tail: str = "uniform"
+    #: optional log-probs [...] of the actual next token at each position (a vLLM server sends them with the
+    #: top-k): `methods.base.token_log_probs` uses them for tokens outside the top-k instead of the tail's share
+    target: Tensor | None = None
 
 
 class FusedBatch(NamedTuple):

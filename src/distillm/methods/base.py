@@ -112,7 +112,8 @@ def _rows(scores, rows: slice):
     if isinstance(scores, HeadInputs):
         return HeadInputs(scores.hidden[rows], scores.weight, scores.bias)
     if isinstance(scores, TopKTeacher):
-        return scores._replace(logprobs=scores.logprobs[rows], indices=scores.indices[rows])
+        return scores._replace(logprobs=scores.logprobs[rows], indices=scores.indices[rows],
+                               target=None if scores.target is None else scores.target[rows])
     return scores[rows]
 
 
@@ -132,14 +133,17 @@ def _plain_logits(scores, vocab_size: int | None, student: torch.Tensor | None =
 
 def _topk_token_log_probs(scores: TopKTeacher, targets: torch.Tensor, vocab: int, temperature: float):
     """log p_tau(y) of the top-k-plus-tail distribution, without spelling it out: its log-probs are the k stored
-    ones and `tail` on V - k tokens; at temperature tau they are renormalised after dividing by tau."""
+    ones and `tail` on V - k tokens; at temperature tau they are renormalised after dividing by tau. A token
+    outside the top k takes the exact log-prob `scores.target` where the teacher sent it (a vLLM server does),
+    else the tail's share."""
     values = scores.logprobs.float()
     k = values.shape[-1]
     mass = (1.0 - values.exp().sum(-1)).clamp_min(torch.finfo(values.dtype).tiny * max(vocab - k, 1))
     tail = torch.log(mass / max(vocab - k, 1))
     safe = targets.clamp_min(0).unsqueeze(-1)
     hit = scores.indices.long() == safe
-    own = torch.where(hit.any(-1), (values * hit).sum(-1), tail)
+    outside = tail if scores.target is None else scores.target.float()
+    own = torch.where(hit.any(-1), (values * hit).sum(-1), outside)
     parts = [values / temperature]
     if vocab > k:
         parts.append((math.log(vocab - k) + tail / temperature).unsqueeze(-1))

@@ -5,7 +5,8 @@
 - `RemoteBackend`: the teacher's responses (a generation backend: one /v1/completions request per prompt with
   its token ids, `concurrency` in flight, seed + the prompt's index in the batch as the request's seed).
 - `RemoteScores`: the teacher's scores on a micro-batch, a `TopKTeacher` [B, R, k] (top-k log-probs and ids at
-  every response position, from prompt_logprobs=k on prompt + response), for every teacher-scored method; the
+  every response position, from prompt_logprobs=k on prompt + response, and the exact log-prob of each actual
+  token, which vLLM sends as well), for every teacher-scored method; the
   fused and plain losses spread the tail (losses.fused.TopKTeacher). `prefetch(batch)` sends a micro-batch's
   requests ahead (the trainer does so for every micro-batch of the optimizer step as soon as it is drawn, so
   the server scores the next micro-batches while the current one trains); at most `max_pending` micro-batches
@@ -136,18 +137,18 @@ class RemoteScores:
         self.tokens = 0  # response positions scored
         self.prefetched = 0  # micro-batches whose scores were requested ahead
 
-    def _score_row(self, item) -> tuple[np.ndarray, np.ndarray]:
+    def _score_row(self, item) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(top-k log-probs [n, k], their ids [n, k], the actual tokens' log-probs [n]) of a row's response."""
         ids, length = item
         if length == 0:
-            return np.zeros((0, self.k), np.float32), np.zeros((0, self.k), np.int64)
+            return np.zeros((0, self.k), np.float32), np.zeros((0, self.k), np.int64), np.zeros(0, np.float32)
         start = len(ids) - length
         if start < 1:
             raise DistillmError("a sequence without prompt tokens cannot be scored by the teacher server "
                                 "(prompt_logprobs has no entry for the first token)")
         reply = self.client.request("/v1/completions", score_request(ids, self.k))
-        values, top_ids, _ = parse_prompt_logprobs(reply, ids, start, self.k, self.vocab_size,
-                                                   "teacher server /v1/completions (prompt_logprobs)")
-        return values, top_ids
+        return parse_prompt_logprobs(reply, ids, start, self.k, self.vocab_size,
+                                     "teacher server /v1/completions (prompt_logprobs)")
 
     def _score_batch(self, rows: list[tuple[list[int], int]]) -> list[tuple[np.ndarray, np.ndarray]]:
         futures = [self.client.submit(self._score_row, row) for row in rows]
@@ -176,16 +177,18 @@ class RemoteScores:
         results = future.result() if future is not None else self._score_batch(rows)
         values = torch.zeros(len(rows), width, self.k, dtype=torch.float32)
         ids = torch.zeros(len(rows), width, self.k, dtype=torch.long)
-        for i, ((_, length), (v, t)) in enumerate(zip(rows, results)):
+        target = torch.zeros(len(rows), width, dtype=torch.float32)
+        for i, ((_, length), (v, t, own)) in enumerate(zip(rows, results)):
             if v.shape[0] != length:
                 raise DistillmError(f"teacher server: {v.shape[0]} scored positions for a response of {length}")
             if length:
                 values[i, width - length:] = torch.from_numpy(v)
                 ids[i, width - length:] = torch.from_numpy(t)
+                target[i, width - length:] = torch.from_numpy(own)
             self.rows += 1
             self.tokens += length
         device = labels.device
-        return TopKTeacher(values.to(device), ids.to(device), self.tail)
+        return TopKTeacher(values.to(device), ids.to(device), self.tail, target.to(device))
 
     def close(self) -> None:
         for future in self._pending.values():
