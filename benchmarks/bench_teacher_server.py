@@ -110,9 +110,11 @@ def main(argv=None) -> None:
             client = TeacherClient(url, concurrency=2)
             scores = RemoteScores(client, k, vocab).scores(None, data)
             per_token = client.bytes_received / max(tokens, 1)
+            per_k_bytes[k] = per_token
             for name in LOSSES:
                 loss, grad = loss_and_grad(name, scores)
                 ref_loss, ref_grad = exact[name]
+                worst[k] = max(worst.get(k, 0.0), ((grad - ref_grad).norm() / ref_grad.norm()).item())
                 print(f"| {k} | {per_token:,.0f} | {8 * k} | {name} | "
                       f"{((loss - ref_loss).abs() / ref_loss.abs()).item():.2e} | "
                       f"{((grad - ref_grad).norm() / ref_grad.norm()).item():.2e} |", flush=True)
@@ -144,6 +146,9 @@ def main(argv=None) -> None:
         print(f"\nprefetch: {args.steps} micro-batches of {args.batch} sequences, K = {k}: sequential "
               f"{times['sequential']:.2f} s, prefetched {times['prefetch']:.2f} s, ratio "
               f"{times['prefetch'] / times['sequential']:.2f}")
+        print("headline: " + "; ".join(f"K = {k}: {per_k_bytes[k]:,.0f} bytes/token, worst gradient rel. error "
+                                       f"{worst[k]:.2e}" for k in worst)
+              + f"; prefetched / sequential {times['prefetch'] / times['sequential']:.2f}")
     finally:
         proc.kill()
         proc.wait()
