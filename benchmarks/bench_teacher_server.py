@@ -104,6 +104,7 @@ def main(argv=None) -> None:
 
         exact = {name: loss_and_grad(name, HeadInputs(t.head.hidden.clone(), t.head.weight)) for name in LOSSES}
         print(f"{len(sequences)} teacher responses, {tokens} response tokens, V = {vocab}, server {url}", flush=True)
+        worst, per_k_bytes = {}, {}
         print("\n| K | bytes/token (JSON) | bytes/token (binary 8K) | loss | loss rel. error | gradient rel. error |"
               "\n|---:|---:|---:|---|---:|---:|")
         for k in [int(x) for x in args.ks.split(",")]:
