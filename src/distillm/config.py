@@ -128,7 +128,15 @@ class TrainingSection:
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
     teacher_cache: str = opt("off", "Cache the teacher's scores on the fixed (teacher) responses across rounds and resumes: off; exact (its final hidden states, H floats per token, memory-mapped; the head is applied in the loss, so losses are unchanged); topk (its top-k log-probs, the tail mass spread over the other tokens: approximate, see README).", choices=("off", "exact", "topk"))
     teacher_cache_k: int = opt(64, "k of --teacher-cache topk.", ge=1)
+    teacher_topk_tail: str = opt("uniform", "How a top-k teacher (--teacher-cache topk, --teacher-url) spreads the probability its top-k leave out over the other tokens: uniform (evenly; the smaller error for a student close to the teacher) or student (in proportion to the student's own probabilities, i.e. one tail bucket on both sides; the smaller error for a distant student). See docs/cluster-teacher.md.", choices=("uniform", "student"))
     teacher_cache_dir: str | None = opt(None, "Where the teacher cache lives (default: teacher_cache/ in the run directory).")
+    teacher_url: str | None = opt(None, "A teacher on other machines: the base URL of an OpenAI-compatible server with vLLM's extensions (`vllm serve`), e.g. http://host:8000; a comma-separated list is used round-robin. The teacher's responses come from its /v1/completions and its scores from prompt_logprobs (top --teacher-top-k, the tail spread as the top-k teacher cache does). See docs/cluster-teacher.md.")
+    teacher_top_k: int = opt(20, "Log-probs per position the teacher server sends (--teacher-url): vLLM's prompt_logprobs; vLLM caps it at its --max-logprobs (default 20).", ge=1)
+    teacher_api_key_env: str | None = opt(None, "Name of the environment variable holding the teacher server's API key (sent as a Bearer token; never written to config.yaml, logs or metrics).")
+    teacher_timeout: float = opt(120.0, "Seconds one teacher-server request may take before it is retried.", gt=0)
+    teacher_concurrency: int = opt(4, "Teacher-server requests in flight at once (per training process).", ge=1)
+    teacher_max_wait: float = opt(600.0, "How long a run waits, with exponential back-off, for a teacher server that stopped answering (connection refused, 429, 5xx, timeouts) before it stops with an error.", gt=0)
+    teacher_insecure: bool = opt(False, "Skip TLS certificate verification for an https --teacher-url (off: certificates are verified).")
     max_nonfinite_steps: int = opt(3, "Optimizer steps whose loss or gradients are NaN/inf are skipped and counted; after this many in a row the run stops with a checkpoint and names the batch.", ge=1)
 
 

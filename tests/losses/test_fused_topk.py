@@ -1,5 +1,6 @@
-"""The top-k teacher of the fused losses: the distribution it stands for (top-k log-probs, tail mass spread
-evenly over the other tokens), checked against the plain divergences on that distribution built by hand."""
+"""The top-k teacher of the fused losses with tail="uniform": the distribution it stands for (top-k log-probs, tail
+mass spread evenly over the other tokens), checked against the plain divergences on that distribution built by
+hand. The tail in proportion to the student's probabilities is tested in tests/losses/test_topk_tail.py."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def test_topk_teacher_is_the_topk_plus_uniform_tail_distribution(name, weight, k
     teacher_logits = 2 * torch.randn(n, v, generator=g, dtype=torch.float64)
     top = torch.log_softmax(teacher_logits, -1).topk(k)
     token_weights = torch.rand(n, generator=g, dtype=torch.float64)
-    loss, _ = fused_weighted_divergence(name, HeadInputs(hidden, head), TopKTeacher(top.values, top.indices),
+    loss, _ = fused_weighted_divergence(name, HeadInputs(hidden, head), TopKTeacher(top.values, top.indices, "uniform"),
                                         token_weights, weight, chunk_size=4)
     grads = torch.autograd.grad(loss, (hidden, head))
     fn = {"fkl": lambda s, t: D.forward_kl(s, t), "skl": lambda s, t: D.skew_forward_kl(s, t, 0.1),

@@ -35,7 +35,8 @@ from ..options import opt
 
 from ..losses import divergences as plain
 from ..losses.divergences import IGNORE_INDEX, per_sequence_mean
-from ..losses.fused import HeadInputs, TopKTeacher, fused_token_log_probs, fused_weighted_divergence, topk_logprobs
+from ..losses.fused import (HeadInputs, TopKTeacher, fused_token_log_probs, fused_weighted_divergence, resolve_tail,
+                            topk_logprobs)
 
 if TYPE_CHECKING:
     from ..config import RunConfig
@@ -121,28 +122,38 @@ def _rows(scores, rows: slice):
     if isinstance(scores, HeadInputs):
         return HeadInputs(scores.hidden[rows], scores.weight, scores.bias)
     if isinstance(scores, TopKTeacher):
-        return TopKTeacher(scores.logprobs[rows], scores.indices[rows])
+        return scores._replace(logprobs=scores.logprobs[rows], indices=scores.indices[rows],
+                               target=None if scores.target is None else scores.target[rows])
     return scores[rows]
 
 
-def _plain_logits(scores, vocab_size: int | None) -> torch.Tensor:
+def _plain_logits(scores, vocab_size: int | None, student: torch.Tensor | None = None,
+                  divergence: str | None = None) -> torch.Tensor:
+    """Full logits [..., V]; a top-k teacher spelled out in full, its tail spread as its `tail` says for
+    `divergence` (evenly, or in proportion to the `student` logits' probabilities; losses.fused.TopKTeacher)."""
     if isinstance(scores, TopKTeacher):  # the plain (reference) path spells the distribution out in full
         lead, k = scores.logprobs.shape[:-1], scores.logprobs.shape[-1]
-        dense = topk_logprobs(scores.logprobs.reshape(-1, k), scores.indices.reshape(-1, k), vocab_size)
+        guide = None
+        if resolve_tail(scores.tail, divergence) == "student" and student is not None:
+            guide = student[..., :vocab_size].reshape(-1, vocab_size)
+        dense = topk_logprobs(scores.logprobs.reshape(-1, k), scores.indices.reshape(-1, k), vocab_size, guide)
         return dense.reshape(*lead, vocab_size)
     return scores if vocab_size is None else scores[..., :vocab_size]
 
 
 def _topk_token_log_probs(scores: TopKTeacher, targets: torch.Tensor, vocab: int, temperature: float):
     """log p_tau(y) of the top-k-plus-tail distribution, without spelling it out: its log-probs are the k stored
-    ones and `tail` on V - k tokens; at temperature tau they are renormalised after dividing by tau."""
+    ones and `tail` on V - k tokens; at temperature tau they are renormalised after dividing by tau. A token
+    outside the top k takes the exact log-prob `scores.target` where the teacher sent it (a vLLM server does),
+    else the tail's share."""
     values = scores.logprobs.float()
     k = values.shape[-1]
     mass = (1.0 - values.exp().sum(-1)).clamp_min(torch.finfo(values.dtype).tiny * max(vocab - k, 1))
     tail = torch.log(mass / max(vocab - k, 1))
     safe = targets.clamp_min(0).unsqueeze(-1)
     hit = scores.indices.long() == safe
-    own = torch.where(hit.any(-1), (values * hit).sum(-1), tail)
+    outside = tail if scores.target is None else scores.target.float()
+    own = torch.where(hit.any(-1), (values * hit).sum(-1), outside)
     parts = [values / temperature]
     if vocab > k:
         parts.append((math.log(vocab - k) + tail / temperature).unsqueeze(-1))
@@ -183,9 +194,9 @@ def divergence_loss(batch: LossInputs, name: str, rows: slice, token_weights: to
             vocab_size=batch.vocab_size, chunk_size=batch.chunk_size,
             detach_student_in_mixture=detach_student_in_mixture)
         return loss, values.detach()
-    values = PLAIN_DIVERGENCES[name](_plain_logits(student, batch.vocab_size),
-                                     _plain_logits(teacher, batch.vocab_size), weight, temperature,
-                                     detach_student_in_mixture)
+    student_logits = _plain_logits(student, batch.vocab_size)
+    values = PLAIN_DIVERGENCES[name](student_logits, _plain_logits(teacher, batch.vocab_size, student_logits, name),
+                                     weight, temperature, detach_student_in_mixture)
     keep = mask & (token_weights != 0)
     loss = torch.where(keep, token_weights.to(values.dtype) * values, torch.zeros_like(values)).sum()
     return loss, torch.where(mask, values, torch.zeros_like(values)).detach()

@@ -13,7 +13,9 @@ from ..distributed import process_state
 from ..generation.factory import generate_once, make_backend, release, sampling_params
 from ..io import atomic_write_json
 from ..methods import build_method
-from ..models import load_tokenizer
+from ..errors import DistillmError
+from ..models import load_tokenizer, real_vocab_size
+from ..teacher.remote import RemoteBackend, connect
 from ..vision import uses_images
 from .data import DataContext, import_teacher_responses
 from .evaluate import evaluate
@@ -31,6 +33,18 @@ def describe_student(m) -> str:
     if m.student_quant != "none":
         return f"the teacher, {m.student_quant} fake-quantized in groups of {m.student_quant_group_size}"
     return f"teacher layers {m.student_layers}"
+
+
+def connect_teacher(config: RunConfig, tokenizer, vision: bool):
+    """The checked client of --teacher-url (reachable, same tokenizer), before any weights are read; or None."""
+    if not config.training.teacher_url:
+        return None
+    if vision:
+        raise DistillmError("--teacher-url does not take images: vision-language runs need the local teacher.")
+    if config.training.teacher_cache != "off":
+        raise DistillmError("--teacher-cache and --teacher-url do not combine: the server's scores are top-k "
+                            "already; drop --teacher-cache.")
+    return connect(config, tokenizer, real_vocab_size(tokenizer))
 
 
 def run(config: RunConfig, *, overwrite: bool = False) -> dict:
@@ -66,6 +80,7 @@ def _run(config: RunConfig, paths: RunPaths, started: float) -> dict:
         tokenizer, processor = load_tokenizer(config.model.teacher,
                                               trust_remote_code=config.model.trust_remote_code), None
         check_chat_template(tokenizer, config.data.chat_template, model=config.model.teacher)
+    teacher_client = connect_teacher(config, tokenizer, vision)
     train_prompts = load_prompt_set(config, tokenizer, "train", processor=processor)
     check_step_plan(config, len(train_prompts), state.num_processes)
     eval_prompts = load_prompt_set(config, tokenizer, "eval", processor=processor) if evaluating else []
@@ -83,8 +98,11 @@ def _run(config: RunConfig, paths: RunPaths, started: float) -> dict:
         import_teacher_responses(config.data.teacher_responses, train_prompts, models.tokenizer, paths.teacher_train)
     state.wait_for_everyone()
     method = build_method(config)
-    teacher_backend = make_backend(config, models.teacher, models.tokenizer, model_dir=models.teacher_path,
-                                   processor=models.processor)
+    if teacher_client is not None:  # --teacher-url: the teacher's responses come from the server
+        teacher_backend = RemoteBackend(teacher_client, models.vocab_size)
+    else:
+        teacher_backend = make_backend(config, models.teacher, models.tokenizer, model_dir=models.teacher_path,
+                                       processor=models.processor)
     try:
         rows = method.build_rows(DataContext(config, models.tokenizer, train_prompts, paths, teacher_backend))
         teacher_eval = generate_once(teacher_backend, eval_prompts, paths.teacher_eval,
@@ -109,7 +127,7 @@ def _run(config: RunConfig, paths: RunPaths, started: float) -> dict:
                        method.name, min(32, len(rows)))
         validation = rows[:32]
     metrics["training"] = train(config, models, method, rows, paths, train_prompts=train_prompts,
-                                validation_rows=validation)
+                                validation_rows=validation, teacher_client=teacher_client)
     if evaluating and sharded_engine():
         logger.warning("No 'after' evaluation under FSDP / DeepSpeed ZeRO-3: the models are sharded now. Evaluate "
                        "the saved student with `distillm eval --model distilled=%s`.", paths.student)

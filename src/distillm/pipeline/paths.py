@@ -116,9 +116,22 @@ def config_changes(saved: Path, text: str) -> list[str]:
     if not isinstance(loaded, dict):
         return ["config.yaml (not a distillm config)"]
     loaded, _ = upgrade_keys(loaded, RunConfig if "method" in loaded else AlignConfig)  # earlier option names
-    previous = {**loaded, "output_dir": None}
-    current = {**yaml.safe_load(text), "output_dir": None}
+    previous = without_connection({**loaded, "output_dir": None})
+    current = without_connection({**yaml.safe_load(text), "output_dir": None})
     return sorted(_diff_keys(previous, current)) if previous != current else []
+
+
+#: how the teacher server is reached: a run may continue with another URL, key, timeout or concurrency (its
+#: results depend on the server's model and --teacher-top-k only)
+CONNECTION_OPTIONS = ("teacher_url", "teacher_api_key_env", "teacher_timeout", "teacher_concurrency",
+                      "teacher_max_wait", "teacher_insecure")
+
+
+def without_connection(config: dict) -> dict:
+    """A saved config without the options that only say how the teacher server is reached."""
+    if isinstance(config.get("training"), dict):
+        config["training"] = {k: v for k, v in config["training"].items() if k not in CONNECTION_OPTIONS}
+    return {k: v for k, v in config.items() if k not in CONNECTION_OPTIONS}
 
 
 def _diff_keys(a: dict, b: dict, prefix: str = "") -> set[str]:

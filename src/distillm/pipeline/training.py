@@ -25,6 +25,7 @@ from ..io import atomic_write_json, read_jsonl, write_jsonl
 from ..methods.base import Method
 from ..models import ModelPair, is_peft_model, load_model, merged_copy, resolve_dtype
 from ..quant.qat import is_qat_model, plain_copy, save_quantized_student
+from ..teacher.remote import RemoteScores
 from ..training.callbacks import OnPolicyRoundCallback
 from ..training.collate import DistillCollator, RowDataset
 from ..training.sources import OnlineSampler
@@ -159,7 +160,8 @@ def check_step_plan(config: RunConfig, num_rows: int, num_processes: int = 1) ->
 
 
 def train(config: RunConfig, models: ModelPair, method: Method, rows: list[dict], paths: RunPaths, *,
-          train_prompts: list[EncodedPrompt], validation_rows: list[dict] | None = None) -> dict:
+          train_prompts: list[EncodedPrompt], validation_rows: list[dict] | None = None,
+          teacher_client=None) -> dict:
     """`rounds` epochs of the method on its rows; resumes from the last complete checkpoint in the run directory.
     Paired methods (distillm2, dpkd) regenerate the student's responses at the start of every round."""
     tokenizer = models.tokenizer
@@ -235,11 +237,17 @@ def train(config: RunConfig, models: ModelPair, method: Method, rows: list[dict]
         with state.main_process_first():  # one process builds it, the others then read it
             teacher_cache = TeacherCache(config.training.teacher_cache_dir or paths.root / "teacher_cache",
                                          config.training.teacher_cache, k=config.training.teacher_cache_k,
-                                         vocab_size=models.vocab_size).build(
+                                         vocab_size=models.vocab_size, tail=config.training.teacher_topk_tail).build(
                 models.teacher.to(args.device), [method.sequences(row)[0] for row in dataset.rows],
                 max_length=config.data.max_length, pad_token_id=tokenizer.pad_token_id,
                 batch_size=config.training.per_device_train_batch_size)
+    teacher_service = None
+    if teacher_client is not None and method.needs_teacher:  # --teacher-url: top-k scores from the server
+        teacher_service = RemoteScores(teacher_client, config.training.teacher_top_k, models.vocab_size,
+                                       max_pending=config.training.gradient_accumulation_steps,
+                                       tail=config.training.teacher_topk_tail)
     trainer = DistillTrainer(
+        teacher_service=teacher_service,
         model=models.student, teacher=models.teacher, method=method, vocab_size=models.vocab_size,
         sampler=sampler, validation_rows=validation_rows, max_nonfinite_steps=config.training.max_nonfinite_steps,
         loss_impl=config.loss.loss_impl, loss_chunk_size=config.loss.loss_chunk_size, teacher_cache=teacher_cache,
@@ -277,6 +285,12 @@ def train(config: RunConfig, models: ModelPair, method: Method, rows: list[dict]
     }
     if export:  # a quantized student: its files and sizes
         summary["export"] = export
+    if teacher_service is not None:  # what went over the wire to the teacher server
+        client = teacher_service.client
+        summary["teacher_server"] = {"urls": client.urls, "top_k": teacher_service.k,
+                                     "scored_sequences": teacher_service.rows, "scored_tokens": teacher_service.tokens,
+                                     "requests": client.requests, "retries": client.retries,
+                                     "bytes_sent": client.bytes_sent, "bytes_received": client.bytes_received}
     if teacher_cache is not None:  # sequences whose teacher scores came from the cache / from a teacher pass
         summary["teacher_cache"] = {"mode": teacher_cache.label, "cached_sequences": teacher_cache.cached_rows,
                                     "teacher_sequences": teacher_cache.teacher_rows,

@@ -103,13 +103,15 @@ class TeacherCache:
     a live teacher pass (`trainer.run_teacher`) for the others. `teacher_rows` counts the rows the teacher ran on
     (`cached_rows` those read from the cache; `built_rows` those it ran over to build the cache)."""
 
-    def __init__(self, directory: str | os.PathLike, mode: str = "exact", k: int = 64, vocab_size: int | None = None):
+    def __init__(self, directory: str | os.PathLike, mode: str = "exact", k: int = 64, vocab_size: int | None = None,
+                 tail: str = "uniform"):
         if mode not in MODES:
             raise ValueError(f"teacher cache mode must be one of {', '.join(MODES)}, got {mode!r}")
         if mode == "topk" and (k < 1 or vocab_size is None):
             raise ValueError("a top-k teacher cache needs k >= 1 and the vocabulary size")
         self.directory = Path(directory)
         self.mode, self.k, self.vocab_size = mode, k, vocab_size
+        self.tail = tail  # how the top-k teacher spreads its tail (losses.fused.TopKTeacher)
         self.label = mode if mode == "exact" else f"top{k}"
         self.index: dict[str, tuple[int, int]] = {}
         self.hidden: np.ndarray | None = None  # exact: [tokens, H]; topk: log-probs [tokens, k]
@@ -249,7 +251,7 @@ class TeacherCache:
                     if length:
                         values[j, width - length:] = torch.from_numpy(np.array(self.hidden[start:start + length]))
                         ids[j, width - length:] = torch.from_numpy(np.array(self.ids[start:start + length])).long()
-                groups.append(TopKTeacher(values, ids))
+                groups.append(TopKTeacher(values, ids, self.tail))
                 self.cached_rows += len(rows)
             else:
                 index = torch.tensor(list(rows), device=labels.device)

@@ -109,7 +109,7 @@ class DistillTrainer(Trainer):
 
     def __init__(self, *, teacher: torch.nn.Module, method, vocab_size: int, sampler=None,
                  validation_rows: list[dict] | None = None, max_nonfinite_steps: int = 3, loss_impl: str = "fused",
-                 loss_chunk_size: int | None = None, teacher_cache=None, **kwargs):
+                 loss_chunk_size: int | None = None, teacher_cache=None, teacher_service=None, **kwargs):
         super().__init__(**kwargs)
         if loss_impl not in ("fused", "plain"):
             raise DistillmError(f"loss_impl must be fused or plain, got {loss_impl!r}")
@@ -126,6 +126,7 @@ class DistillTrainer(Trainer):
         self.loss_impl = loss_impl
         self.loss_chunk_size = loss_chunk_size
         self.teacher_cache = teacher_cache  # training.teacher_cache.TeacherCache or None
+        self.teacher_service = teacher_service  # teacher.remote.RemoteScores (--teacher-url) or None
         self.teacher = prepare_teacher(teacher, self.accelerator)
         self.method = method
         if self.args.world_size > 1:  # the method's run state (e.g. curriculum gaps) is summed over processes
@@ -158,6 +159,9 @@ class DistillTrainer(Trainer):
                 break
         self.last_batch_ids = []
         batch_samples = [self._draw(batch, index) for index, batch in enumerate(batch_samples)]
+        if self.teacher_service is not None and self.method.needs_teacher:
+            for batch in batch_samples:  # the server scores the step's next micro-batches while one trains
+                self.teacher_service.prefetch(batch)
         return batch_samples, self._get_num_items_in_batch(batch_samples, device)
 
     def _draw(self, batch: dict, micro_index: int) -> dict:
@@ -205,6 +209,8 @@ class DistillTrainer(Trainer):
         """The teacher's scores, from the cache where it holds them, else from a teacher pass under
         torch.inference_mode (no autograd records at all). The (small) result is cloned out of inference mode
         so the loss may keep it for its backward pass."""
+        if self.teacher_service is not None:
+            return self.teacher_service.scores(self, inputs)
         if self.teacher_cache is not None:
             return self.teacher_cache.scores(self, inputs)
         return self.run_teacher(inputs)

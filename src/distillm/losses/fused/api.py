@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from ..divergences import IGNORE_INDEX
-from .autograd import ChunkProblem, FusedPerToken, FusedWeighted, HeadInputs, TopKTeacher
+from .autograd import ChunkProblem, FusedPerToken, FusedWeighted, HeadInputs, TopKTeacher, resolve_tail
 from .kernels import CHUNK_BYTES, check_weight, divergence_kernel, log_prob_kernel
 
 def default_chunk_size(vocab_size: int) -> int:
@@ -16,7 +16,7 @@ def default_chunk_size(vocab_size: int) -> int:
 
 
 def _prepare(student: HeadInputs, teacher, extra, mask, positions, temperature, vocab_size, chunk_size,
-             kernel, needs_teacher: bool, extra_name: str):
+             kernel, needs_teacher: bool, extra_name: str, divergence: str | None = None):
     """Validate and flatten; returns (problem, student tensors, teacher tuple, extra, leading shape)."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -33,6 +33,7 @@ def _prepare(student: HeadInputs, teacher, extra, mask, positions, temperature, 
     flat_hidden = hidden.reshape(n, hidden.shape[-1])
 
     t_tuple = (None, None, None, None)
+    topk_tail = "student"
     if needs_teacher:
         if isinstance(teacher, HeadInputs):
             t_hidden, t_weight, t_bias = (None if x is None else x.detach() for x in teacher)
@@ -52,6 +53,7 @@ def _prepare(student: HeadInputs, teacher, extra, mask, positions, temperature, 
                 raise ValueError(f"top-k teacher ids must be in [0, {vocab})")
             k = values.shape[-1]
             t_tuple = (None, values.reshape(n, k), ids.reshape(n, k), None)
+            topk_tail = resolve_tail(teacher.tail, divergence)
         elif isinstance(teacher, Tensor):
             t_logits = teacher.detach()
             if t_logits.shape[:-1] != lead or t_logits.shape[-1] < vocab:
@@ -73,7 +75,7 @@ def _prepare(student: HeadInputs, teacher, extra, mask, positions, temperature, 
     wide = torch.float64 in (hidden.dtype, weight.dtype) or any(
         t is not None and t.dtype == torch.float64 for t in t_tuple)
     out_dtype = torch.float64 if wide else torch.float32
-    prob = ChunkProblem(kernel, float(temperature), vocab, int(chunk_size), rows, n, out_dtype)
+    prob = ChunkProblem(kernel, float(temperature), vocab, int(chunk_size), rows, n, out_dtype, topk_tail)
     return prob, (flat_hidden, weight, bias), t_tuple, extra, lead
 
 
@@ -136,7 +138,7 @@ def fused_divergence(
     _check_divergence_weight(divergence, weight)
     kernel = divergence_kernel(divergence, detach_student_in_mixture)
     prob, (h, w, b), t, extra, lead = _prepare(student, teacher, weight, mask, positions, temperature, vocab_size,
-                                               chunk_size, kernel, True, "weight")
+                                               chunk_size, kernel, True, "weight", divergence)
     return _reshape_out(FusedPerToken.apply(prob, h, w, b, *t, extra), lead)
 
 
@@ -156,7 +158,7 @@ def fused_weighted_divergence(
     _check_divergence_weight(divergence, weight)
     kernel = divergence_kernel(divergence, detach_student_in_mixture)
     prob, (h, w, b), t, extra, lead = _prepare(student, teacher, weight, mask, positions, temperature, vocab_size,
-                                               chunk_size, kernel, True, "weight")
+                                               chunk_size, kernel, True, "weight", divergence)
     if token_weights.shape != lead:
         raise ValueError(f"token_weights must have shape {tuple(lead)}, got {tuple(token_weights.shape)}")
     tw = token_weights.detach().reshape(prob.n)

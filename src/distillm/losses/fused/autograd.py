@@ -4,11 +4,23 @@ forward). See `losses.fused`."""
 
 from __future__ import annotations
 
+import math
 from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+TOPK_TAILS = ("uniform", "student")
+
+
+def resolve_tail(tail: str, divergence: str | None = None) -> str:
+    """A top-k teacher's tail treatment, checked ("uniform" or "student"; the same for every divergence: see
+    TopKTeacher for the measurements behind that)."""
+    if tail not in TOPK_TAILS:
+        raise ValueError(f"top-k teacher tail must be one of {', '.join(TOPK_TAILS)}, got {tail!r}")
+    return tail
+
 
 class HeadInputs(NamedTuple):
     """What the output head needs: last hidden states [..., H], head weight [V, H] and optional bias [V]."""
@@ -21,11 +33,30 @@ class HeadInputs(NamedTuple):
 class TopKTeacher(NamedTuple):
     """An approximate teacher: its k most likely tokens' log-probabilities [..., k] and ids [..., k] per
     position. The fused losses rebuild a full distribution from it, a chunk at a time: the k stored log-probs,
-    and the tail mass 1 - sum_k p spread evenly over the other V - k tokens (at least the smallest normal
-    float, so no token has probability exactly 0). Pass it as `teacher` to any fused divergence."""
+    and the tail mass T = 1 - sum_k p (at least the smallest normal float) over the other V - k tokens, spread
+
+    - tail="student": in proportion to the student's own probabilities there, p_j = T q_j / Q with
+      Q = sum_{j not in top-k} q_j, taken as a constant for the gradient. For every divergence here (each term
+      is 1-homogeneous in (p_j, q_j)) this gives exactly the value and gradient of the divergence between the
+      two distributions coarse-grained to k + 1 outcomes (the top-k tokens and one tail bucket holding T and
+      Q): no guess about how the teacher spreads its tail, and the student's own tail shape is left alone.
+      Rows whose student puts no mass on the tail (Q = 0) fall back to the even spread;
+    - tail="uniform" (the default): evenly, T / (V - k) each.
+
+    Which is closer to the exact teacher depends on the student, not on the divergence (benchmarks/
+    bench_topk_teacher.py, SmolLM2-135M, k = 64; docs/cluster-teacher.md): for a student close to the teacher
+    (26 of its 30 layers) the even spread gives the smaller gradient error for FKL, SKL and SRKL (SKL 2.6% vs
+    4.8%, SRKL 6.0% vs 14.6%); for a distant one (10 layers, 99% of its mass off the teacher's top-64) the
+    student's proportions do (SKL 12% vs 16%, SRKL 25% vs 41%), though neither is accurate there.
+
+    Pass it as `teacher` to any fused divergence (the divergences do not use `target`)."""
 
     logprobs: Tensor
     indices: Tensor
+    tail: str = "uniform"
+    #: optional log-probs [...] of the actual next token at each position (a vLLM server sends them with the
+    #: top-k): `methods.base.token_log_probs` uses them for tokens outside the top-k instead of the tail's share
+    target: Tensor | None = None
 
 
 class ChunkProblem(NamedTuple):
@@ -38,33 +69,53 @@ class ChunkProblem(NamedTuple):
     rows: Tensor
     n: int
     out_dtype: torch.dtype
+    topk_tail: str = "student"  # a TopKTeacher's tail treatment (see TopKTeacher)
 
 
 def _student_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, idx: Tensor, vocab: int) -> Tensor:
     return F.linear(hidden.index_select(0, idx), weight[:vocab], None if bias is None else bias[:vocab])
 
 
-def _teacher_logits(teacher: tuple, idx: Tensor, vocab: int) -> Tensor | None:
+def _teacher_logits(teacher: tuple, idx: Tensor, vocab: int, student_logits: Tensor | None = None) -> Tensor | None:
     """teacher = (logits [N, V_t] or None, hidden [N, H_t] or None, weight or None, bias or None); a top-k
-    teacher comes as (None, log-probs [N, k], ids [N, k] (an integer 'weight'), None)."""
+    teacher comes as (None, log-probs [N, k], ids [N, k] (an integer 'weight'), None), its tail spread in
+    proportion to `student_logits` (the chunk's [C, V]) when given, else evenly."""
     logits, hidden, weight, bias = teacher
     if logits is not None:
         return logits.index_select(0, idx)[:, :vocab]
     if hidden is not None and not weight.is_floating_point():
-        return topk_logprobs(hidden.index_select(0, idx), weight.index_select(0, idx), vocab)
+        return topk_logprobs(hidden.index_select(0, idx), weight.index_select(0, idx), vocab, student_logits)
     if hidden is not None:
         return _student_logits(hidden, weight, bias, idx, vocab)
     return None
 
 
-def topk_logprobs(logprobs: Tensor, indices: Tensor, vocab: int) -> Tensor:
-    """[C, V] log-probabilities: the top-k ones where given, the tail mass spread evenly over the rest."""
-    logprobs = logprobs if logprobs.dtype == torch.float64 else logprobs.float()
-    k = logprobs.shape[-1]
-    tiny = torch.finfo(logprobs.dtype).tiny
-    tail = (1.0 - logprobs.exp().sum(-1)).clamp_min(tiny * max(vocab - k, 1)) / max(vocab - k, 1)
-    dense = tail.log().unsqueeze(-1).expand(logprobs.shape[0], vocab).clone()
-    return dense.scatter_(1, indices.long(), logprobs)
+def topk_logprobs(logprobs: Tensor, indices: Tensor, vocab: int, student_logits: Tensor | None = None) -> Tensor:
+    """[C, V] log-probabilities: the top-k ones where given, the tail mass T = 1 - sum_k p (at least the smallest
+    normal float) on the other tokens: in proportion to the student's probabilities there when `student_logits`
+    [C, >= V] are given (log p_j = log T + log q_j - log Q, Q the student's tail mass; evenly in rows where
+    Q = 0), else evenly (T / (V - k) each). No gradient flows through it."""
+    wide = logprobs.dtype == torch.float64 or (student_logits is not None and student_logits.dtype == torch.float64)
+    dtype = torch.float64 if wide else torch.float32
+    logprobs = logprobs.to(dtype)
+    indices = indices.long()
+    c, k = logprobs.shape
+    rest = max(vocab - k, 1)
+    tiny = torch.finfo(dtype).tiny
+    log_mass = torch.log((1.0 - logprobs.exp().sum(-1)).clamp_min(tiny * rest))
+    uniform = (log_mass - math.log(rest)).unsqueeze(-1)
+    if student_logits is None:
+        dense = uniform.expand(c, vocab).clone()
+        return dense.scatter_(1, indices, logprobs)
+    with torch.no_grad():
+        log_q = torch.log_softmax(student_logits[:, :vocab].detach().to(dtype), dim=-1)
+        top = torch.zeros(c, vocab, dtype=torch.bool, device=log_q.device).scatter_(1, indices, True)
+        log_q_tail = log_q.masked_fill_(top, float("-inf"))
+        log_tail = torch.logsumexp(log_q_tail, dim=-1, keepdim=True)  # log Q; -inf where the student has none
+        empty = torch.isneginf(log_tail)
+        dense = log_q_tail.add_(log_mass.unsqueeze(-1) - log_tail.masked_fill(empty, 0.0))
+        dense = torch.where(empty, uniform, dense)
+        return dense.scatter_(1, indices, logprobs)
 
 
 def _chunk_extra(extra: Tensor | float | None, idx: Tensor):
@@ -81,7 +132,7 @@ def _chunk(prob: ChunkProblem, hidden, weight, bias, teacher, extra, idx: Tensor
     not depend on the student)."""
     with torch.no_grad():
         s = _student_logits(hidden, weight, bias, idx, prob.vocab)
-        t = _teacher_logits(teacher, idx, prob.vocab)
+        t = _teacher_logits(teacher, idx, prob.vocab, s if prob.topk_tail == "student" else None)
         return prob.kernel(s, t, _chunk_extra(extra, idx), prob.temperature, need_grad)
 
 
