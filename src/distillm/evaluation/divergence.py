@@ -2,6 +2,8 @@
 
 - `teacher_nll`: the teacher's mean per-token negative log-likelihood of responses the student sampled
   (lower: the student writes what the teacher would write).
+- `sequence_log_likelihoods`: the teacher's summed log-likelihood and token count of each response, in the rows'
+  order (the preference figure's per-answer scores; `normalised_scores` divides them).
 - `teacher_student_divergence`: on held-out teacher responses, the token-level KL(p || q), the total variation
   distance and the expected speculative-decoding acceptance rate 1 - TVD, averaged over response tokens.
 """
@@ -18,9 +20,13 @@ from ..losses.divergences import acceptance_rate, forward_kl, token_log_probs, t
 from ..training.collate import IGNORE, build_sequences, pad_left, response_logits
 
 
-def _batches(rows: Sequence[dict], batch_size: int, max_length: int, pad_token_id: int, device, image_inputs=None):
+def _length_order(rows: Sequence[dict]) -> list[int]:
     # longest first: padding is shared by similar lengths, and an out-of-memory shows up at once
-    order = sorted(range(len(rows)), key=lambda i: -(len(rows[i]["prompt_ids"]) + len(rows[i]["response_ids"])))
+    return sorted(range(len(rows)), key=lambda i: -(len(rows[i]["prompt_ids"]) + len(rows[i]["response_ids"])))
+
+
+def _batches(rows: Sequence[dict], batch_size: int, max_length: int, pad_token_id: int, device, image_inputs=None):
+    order = _length_order(rows)
     for start in range(0, len(order), batch_size):
         chunk = [rows[i] for i in order[start:start + batch_size]]
         batch = pad_left([build_sequences(r["prompt_ids"], r["response_ids"], max_length) for r in chunk],
@@ -42,6 +48,32 @@ def teacher_nll(teacher, rows: Sequence[dict], *, vocab_size: int, pad_token_id:
             total += -token_log_probs(logits, targets).sum().item()
             count += int((targets != IGNORE).sum().item())
     return total / max(count, 1)
+
+
+@torch.inference_mode()
+def sequence_log_likelihoods(teacher, rows: Sequence[dict], *, vocab_size: int, pad_token_id: int, max_length: int,
+                             batch_size: int = 8, desc: str = "teacher log-likelihood",
+                             image_inputs=None) -> list[tuple[float, int]]:
+    """Per row, in the rows' order: (sum over its response tokens of log p_teacher(token | prefix), number of
+    those tokens). The response is cut to fit max_length as in training (`build_sequences`)."""
+    order = _length_order(rows)
+    out: list[tuple[float, int] | None] = [None] * len(rows)
+    with eval_mode(teacher):
+        batches = list(_batches(rows, batch_size, max_length, pad_token_id, teacher.device, image_inputs))
+        done = 0
+        for batch in tqdm(batches, desc=desc, leave=False):
+            logits, targets = response_logits(teacher, batch, vocab_size)
+            sums = token_log_probs(logits, targets).double().sum(-1).tolist()
+            counts = (targets != IGNORE).sum(-1).tolist()
+            for k, (total, count) in enumerate(zip(sums, counts)):
+                out[order[done + k]] = (total, int(count))
+            done += len(sums)
+    return out
+
+
+def normalised_scores(likelihoods: Sequence[tuple[float, int]]) -> list[float]:
+    """Length-normalised log-likelihoods: sum / tokens; -inf for a response with no token (never preferred)."""
+    return [total / count if count else float("-inf") for total, count in likelihoods]
 
 
 @torch.inference_mode()
