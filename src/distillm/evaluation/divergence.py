@@ -20,13 +20,9 @@ from ..losses.divergences import acceptance_rate, forward_kl, token_log_probs, t
 from ..training.collate import IGNORE, build_sequences, pad_left, response_logits
 
 
-def _length_order(rows: Sequence[dict]) -> list[int]:
-    # longest first: padding is shared by similar lengths, and an out-of-memory shows up at once
-    return sorted(range(len(rows)), key=lambda i: -(len(rows[i]["prompt_ids"]) + len(rows[i]["response_ids"])))
-
-
 def _batches(rows: Sequence[dict], batch_size: int, max_length: int, pad_token_id: int, device, image_inputs=None):
-    order = _length_order(rows)
+    # longest first: padding is shared by similar lengths, and an out-of-memory shows up at once
+    order = sorted(range(len(rows)), key=lambda i: -(len(rows[i]["prompt_ids"]) + len(rows[i]["response_ids"])))
     for start in range(0, len(order), batch_size):
         chunk = [rows[i] for i in order[start:start + batch_size]]
         batch = pad_left([build_sequences(r["prompt_ids"], r["response_ids"], max_length) for r in chunk],
@@ -51,32 +47,6 @@ def teacher_nll(teacher, rows: Sequence[dict], *, vocab_size: int, pad_token_id:
 
 
 @torch.inference_mode()
-def sequence_log_likelihoods(teacher, rows: Sequence[dict], *, vocab_size: int, pad_token_id: int, max_length: int,
-                             batch_size: int = 8, desc: str = "teacher log-likelihood",
-                             image_inputs=None) -> list[tuple[float, int]]:
-    """Per row, in the rows' order: (sum over its response tokens of log p_teacher(token | prefix), number of
-    those tokens). The response is cut to fit max_length as in training (`build_sequences`)."""
-    order = _length_order(rows)
-    out: list[tuple[float, int] | None] = [None] * len(rows)
-    with eval_mode(teacher):
-        batches = list(_batches(rows, batch_size, max_length, pad_token_id, teacher.device, image_inputs))
-        done = 0
-        for batch in tqdm(batches, desc=desc, leave=False):
-            logits, targets = response_logits(teacher, batch, vocab_size)
-            sums = token_log_probs(logits, targets).double().sum(-1).tolist()
-            counts = (targets != IGNORE).sum(-1).tolist()
-            for k, (total, count) in enumerate(zip(sums, counts)):
-                out[order[done + k]] = (total, int(count))
-            done += len(sums)
-    return out
-
-
-def normalised_scores(likelihoods: Sequence[tuple[float, int]]) -> list[float]:
-    """Length-normalised log-likelihoods: sum / tokens; -inf for a response with no token (never preferred)."""
-    return [total / count if count else float("-inf") for total, count in likelihoods]
-
-
-@torch.inference_mode()
 def teacher_student_divergence(teacher, student, rows: Sequence[dict], *, vocab_size: int, pad_token_id: int,
                                max_length: int, batch_size: int = 8, desc: str = "divergence",
                                image_inputs=None) -> dict[str, float]:
@@ -93,3 +63,30 @@ def teacher_student_divergence(teacher, student, rows: Sequence[dict], *, vocab_
                 sums[key] += fn(q_logits, p_logits)[mask].sum().item()
             count += int(mask.sum().item())
     return {key: value / max(count, 1) for key, value in sums.items()}
+
+
+@torch.inference_mode()
+def sequence_log_likelihoods(teacher, rows: Sequence[dict], *, vocab_size: int, pad_token_id: int, max_length: int,
+                             batch_size: int = 8, desc: str = "teacher log-likelihood") -> list[tuple[float, int]]:
+    """Per row, in the rows' order: (sum over its response tokens of log p_teacher(token | prefix), number of
+    those tokens). The response is cut to fit max_length as in training (`build_sequences`); batches are formed
+    longest first, as in `teacher_nll`, and each result is put back at its row's place."""
+    order = sorted(range(len(rows)), key=lambda i: -(len(rows[i]["prompt_ids"]) + len(rows[i]["response_ids"])))
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
+    with eval_mode(teacher):
+        for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
+            chunk = order[start:start + batch_size]
+            batch = pad_left([build_sequences(rows[i]["prompt_ids"], rows[i]["response_ids"], max_length)
+                              for i in chunk], pad_token_id)
+            logits, targets = response_logits(teacher, {k: v.to(teacher.device) for k, v in batch.items()},
+                                              vocab_size)
+            sums = token_log_probs(logits, targets).double().sum(-1).tolist()
+            counts = (targets != IGNORE).sum(-1).tolist()
+            for i, total, count in zip(chunk, sums, counts):
+                out[i] = (total, int(count))
+    return out
+
+
+def normalised_scores(likelihoods: Sequence[tuple[float, int]]) -> list[float]:
+    """Length-normalised log-likelihoods: sum / tokens; -inf for a response with no token (never preferred)."""
+    return [total / count if count else float("-inf") for total, count in likelihoods]
