@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from distillm.evaluation.divergence import normalised_scores, sequence_log_likelihoods, teacher_nll
-from distillm.evaluation.preference import bootstrap_interval, outcomes, paired_scores, preference, score_answers
+from distillm.evaluation.preference import (
+    bootstrap_interval, outcomes, paired_scores, preference, preference_over_seeds, score_answers,
+)
 from distillm.models import real_vocab_size
 from tolerances import forward_atol, rounding_rtol, softmax_atol, sum_atol
 
@@ -33,7 +35,7 @@ def test_outcomes_win_tie_loss():
 def test_all_wins_gives_one_and_ties_give_half():
     all_wins = preference([2.0] * 30, [1.0] * 30, resamples=500)
     assert (all_wins.rate, all_wins.low, all_wins.high) == (1.0, 1.0, 1.0)
-    assert (all_wins.wins, all_wins.ties, all_wins.losses, all_wins.prompts) == (30, 0, 0, 30)
+    assert (all_wins.wins, all_wins.ties, all_wins.losses, all_wins.prompts, all_wins.seeds) == (30, 0, 0, 30, 1)
     ties = preference([1.0] * 12, [1.0] * 12, resamples=500)
     assert (ties.rate, ties.low, ties.high, ties.ties) == (0.5, 0.5, 0.5, 12)
     losses = preference([0.0] * 5, [1.0] * 5, resamples=50)
@@ -49,6 +51,23 @@ def test_rate_is_wins_plus_half_ties():
     ties = sum(a == b for a, b in zip(v, r))
     assert (result.wins, result.ties, result.losses) == (wins, ties, 41 - wins - ties)
     assert result.rate == pytest.approx((wins + ties / 2) / 41, rel=rounding_rtol(41 + 1, torch.float64))
+
+
+def test_over_seeds_averages_each_prompt_then_resamples_prompts():
+    rng = random.Random(4)
+    per_seed = [[rng.choice([0.0, 0.5, 1.0]) for _ in range(23)] for _ in range(3)]
+    result = preference_over_seeds(per_seed, resamples=700, seed=2)
+    per_prompt = [(a + b + c) / 3 for a, b, c in zip(*per_seed)]
+    assert result.rate == pytest.approx(sum(per_prompt) / 23, rel=rounding_rtol(23 + 3, torch.float64))
+    assert (result.low, result.high) == bootstrap_interval(per_prompt, resamples=700, seed=2)
+    flat = [o for row in per_seed for o in row]
+    assert (result.wins, result.ties, result.losses) == (flat.count(1.0), flat.count(0.5), flat.count(0.0))
+    assert (result.prompts, result.seeds) == (23, 3)
+    # one seed is `preference` itself
+    v, r = [rng.random() for _ in range(9)], [rng.random() for _ in range(9)]
+    assert preference_over_seeds([outcomes(v, r)], resamples=300) == preference(v, r, resamples=300)
+    with pytest.raises(ValueError, match="same prompts"):
+        preference_over_seeds([[1.0, 0.0], [1.0]])
 
 
 # ----------------------------------------------------------------------------------------------- bootstrap

@@ -7,7 +7,8 @@ both answers are the same tokens (or score exactly the same) and loses otherwise
 
     (wins + ties / 2) / prompts
 
-with a percentile bootstrap interval over prompts: `resamples` times, draw as many prompts as there are with
+with a percentile bootstrap interval over prompts (a variant trained with several seeds: each prompt's outcome
+is first averaged over the seeds, `preference_over_seeds`): `resamples` times, draw as many prompts as there are with
 replacement (numpy's PCG64 generator seeded with `seed`, so the interval is the same on every machine), take
 the figure of the draw; the interval is the (1 - confidence) / 2 and (1 + confidence) / 2 quantiles of those
 figures (numpy's default, linear interpolation). The interval shows how much the figure depends on which prompts
@@ -45,24 +46,22 @@ def outcomes(variant: Sequence[float], reference: Sequence[float], same: Sequenc
 
 @dataclass(frozen=True)
 class Preference:
-    rate: float  # (wins + ties / 2) / prompts
+    rate: float  # (wins + ties / 2) / comparisons
     low: float  # bootstrap interval
     high: float
-    wins: int
+    wins: int  # over every (prompt, seed) comparison
     ties: int
     losses: int
+    prompts: int
+    seeds: int
     resamples: int
     confidence: float
-    seed: int
-
-    @property
-    def prompts(self) -> int:
-        return self.wins + self.ties + self.losses
+    seed: int  # the bootstrap's
 
     def as_dict(self) -> dict:
         return {"rate": self.rate, "low": self.low, "high": self.high, "wins": self.wins, "ties": self.ties,
-                "losses": self.losses, "prompts": self.prompts, "resamples": self.resamples,
-                "confidence": self.confidence, "seed": self.seed}
+                "losses": self.losses, "prompts": self.prompts, "seeds": self.seeds, "resamples": self.resamples,
+                "confidence": self.confidence, "bootstrap_seed": self.seed}
 
 
 def bootstrap_interval(values: Sequence[float], *, resamples: int = RESAMPLES, confidence: float = CONFIDENCE,
@@ -85,13 +84,25 @@ def preference(variant: Sequence[float], reference: Sequence[float], same: Seque
                resamples: int = RESAMPLES, confidence: float = CONFIDENCE, seed: int = 0) -> Preference:
     """The preference figure of the module's docstring from per-prompt scores (the same prompts, in the same
     order, for both models)."""
-    scored = outcomes(variant, reference, same)
-    if not scored:
+    return preference_over_seeds([outcomes(variant, reference, same)], resamples=resamples,
+                                 confidence=confidence, seed=seed)
+
+
+def preference_over_seeds(per_seed: Sequence[Sequence[float]], *, resamples: int = RESAMPLES,
+                          confidence: float = CONFIDENCE, seed: int = 0) -> Preference:
+    """One variant trained with several seeds against the reference: `per_seed[s][i]` is seed s's `outcomes` on
+    prompt i (the same prompts, in the same order, for every seed). Each prompt's outcome is averaged over the
+    seeds, and the bootstrap resamples prompts (a prompt's seeds stay together: they share the prompt)."""
+    if not per_seed or not per_seed[0]:
         raise ValueError("no prompts to compare")
-    low, high = bootstrap_interval(scored, resamples=resamples, confidence=confidence, seed=seed)
-    rate = sum(scored) / len(scored)
-    return Preference(rate, low, high, wins=scored.count(1.0), ties=scored.count(0.5), losses=scored.count(0.0),
-                      resamples=resamples, confidence=confidence, seed=seed)
+    if len({len(row) for row in per_seed}) != 1:
+        raise ValueError(f"every seed must score the same prompts; got {[len(row) for row in per_seed]} prompts")
+    per_prompt = [sum(column) / len(column) for column in zip(*per_seed)]
+    low, high = bootstrap_interval(per_prompt, resamples=resamples, confidence=confidence, seed=seed)
+    flat = [o for row in per_seed for o in row]
+    return Preference(sum(per_prompt) / len(per_prompt), low, high, wins=flat.count(1.0), ties=flat.count(0.5),
+                      losses=flat.count(0.0), prompts=len(per_prompt), seeds=len(per_seed), resamples=resamples,
+                      confidence=confidence, seed=seed)
 
 
 def paired_scores(variant_rows: Sequence[dict], reference_rows: Sequence[dict], variant_scores: Sequence[float],
