@@ -18,7 +18,11 @@ and the held-out evaluation (greedy decoding) are the same for every seed.
 
 Held-out metrics (local, no network): the teacher's NLL of the student's responses, KL and TVD on the teacher's
 responses, ROUGE-L against the teacher's responses, exact match on built-in arithmetic problems, and, when a judge
-endpoint is given, the judge's win rate against the teacher's responses.
+endpoint is given, the judge's win rate against the teacher's responses. Degeneracy figures (repetition, loop and
+empty rates, distinct-2 and its distance to the teacher's) flag collapsed students, which every ranking puts last;
+the preference figure compares each variant's greedy answers with the initial student's, prompt by prompt, by
+their length-normalised teacher log-likelihood (docs/evaluation.md, "Degenerate students and the preference
+figure").
 """
 
 from __future__ import annotations
@@ -61,6 +65,11 @@ METRICS = {
     "tvd": ("TVD", "lower"),
     "rouge_l": ("ROUGE-L", "higher"),
     "distinct_2": ("distinct-2", "target"),  # neither direction: the teacher's value is the target
+    # degeneracy (evaluation.degeneracy): a collapsed student wins the teacher-NLL column; these expose it
+    "distinct_2_gap": ("|distinct-2 − teacher's|", "lower"),
+    "repetition": ("repetition (seq-rep-4)", "target"),
+    "loop_rate": ("answers ending in a loop", "target"),
+    "empty_rate": ("empty answers", "target"),
     "math_accuracy": ("arithmetic exact match", "higher"),
     "win_rate": ("judge win rate", "higher"),
 }
@@ -235,33 +244,71 @@ class Comparison:
 
     def evaluate(self, specs, *, include_teacher: bool = False) -> dict[str, dict]:
         """Evaluation-suite metrics of `specs` (the suite evaluates the teacher first, from its cache after the
-        first time), plus the teacher's NLL of each model's held-out responses."""
-        from .evaluation.divergence import teacher_nll
+        first time), plus the teacher's NLL of each model's held-out responses and their degeneracy figures."""
         from .evaluation.suite import ModelSpec, run_evaluation
-        from .models import real_vocab_size
 
         teacher_spec = ModelSpec("teacher", self.s.teacher)
         results = run_evaluation([teacher_spec, *specs], self.eval_settings(), self.eval_dir, judge=self.judge(),
                                  command=self.command)
-        teacher, tokenizer = self.teacher_model()
         out = {}
         for spec in ([teacher_spec] if include_teacher else []) + list(specs):
             metrics = dict(results["models"][spec.name]["metrics"])
-            rows = read_jsonl(self.eval_dir / "generations" / spec.name / "responses.jsonl")
-            metrics["teacher_nll"] = teacher_nll(teacher, rows, vocab_size=real_vocab_size(tokenizer),
-                                                 pad_token_id=tokenizer.pad_token_id,
-                                                 max_length=self.eval_settings().max_length,
-                                                 desc=f"{spec.name}: teacher NLL")
+            scores = self.answer_scores(spec.name)  # the teacher's log-likelihood of each answer
+            metrics["teacher_nll"] = -sum(t for t, _ in scores.values()) / max(sum(c for _, c in scores.values()), 1)
+            self.backfill(metrics, spec.name)
             out[spec.name] = {k: v for k, v in metrics.items() if k in METRICS}
         return out
 
+    def answer_scores(self, name: str) -> dict[str, tuple[float, int]]:
+        """Prompt id -> (the teacher's summed log-likelihood of the model's held-out answer, its tokens), computed
+        once and kept beside the generations (``teacher_scores.json``)."""
+        from .evaluation.divergence import sequence_log_likelihoods
+        from .models import real_vocab_size
+
+        folder = self.eval_dir / "generations" / name
+        path = folder / "teacher_scores.json"
+        if path.is_file():
+            return {key: (float(t), int(c)) for key, (t, c) in json.loads(path.read_text()).items()}
+        rows = read_jsonl(folder / "responses.jsonl")
+        teacher, tokenizer = self.teacher_model()
+        scored = sequence_log_likelihoods(teacher, rows, vocab_size=real_vocab_size(tokenizer),
+                                          pad_token_id=tokenizer.pad_token_id,
+                                          max_length=self.eval_settings().max_length, desc=f"{name}: teacher NLL")
+        scores = {str(row["id"]): score for row, score in zip(rows, scored)}
+        atomic_write_json(path, scores)
+        return scores
+
+    def preferences(self, cells: list[dict], reference: str = "initial") -> dict[str, dict]:
+        """Variant -> its preference over the `reference` model's held-out answers (evaluation.preference), over
+        the variant's finished seeds."""
+        from .evaluation.divergence import normalised_scores
+        from .evaluation.preference import outcomes, paired_scores, preference_over_seeds
+
+        def answers(name):
+            rows = read_jsonl(self.eval_dir / "generations" / name / "responses.jsonl")
+            scores = self.answer_scores(name)
+            return rows, normalised_scores([scores[str(row["id"])] for row in rows])
+
+        ref_rows, ref_scores = answers(reference)
+        per_variant: dict[str, list] = {}
+        for cell in cells:
+            rows, scores = answers(cell_model_name(cell["variant"], cell["seed"]))
+            v, r, same = paired_scores(rows, ref_rows, scores, ref_scores)
+            per_variant.setdefault(cell["variant"], []).append(outcomes(v, r, same))
+        return {variant: preference_over_seeds(rows).as_dict() | {"reference": reference}
+                for variant, rows in per_variant.items()}
+
     def backfill(self, metrics: dict, name: str) -> None:
         """Add the reference-free metrics a finished cell lacks, from its stored held-out generations."""
-        from .evaluation.text import distinct_n
+        from .evaluation.degeneracy import degeneracy_figures
 
         path = self.eval_dir / "generations" / name / "responses.jsonl"
-        if "distinct_2" not in metrics and path.is_file():
-            metrics["distinct_2"] = distinct_n([row["response"] for row in read_jsonl(path)], 2)
+        wanted = ("distinct_2", "repetition", "loop_rate", "empty_rate")
+        if any(k not in metrics for k in wanted) and path.is_file():
+            figures = degeneracy_figures([row["response"] for row in read_jsonl(path)])
+            for key in wanted:  # repetition is None when no answer has 4 words: left out
+                if key not in metrics and figures[key] is not None:
+                    metrics[key] = figures[key]
 
     def reference(self) -> dict:
         """The teacher's and the initial (pruned, untrained) student's figures, computed once."""
@@ -367,7 +414,7 @@ class Comparison:
             self.backfill(reference[name], name)
         if not cells:
             raise CompareError(f"No finished cells in {self.root} yet: run the comparison without --report-only.")
-        summary = summarise(cells, reference, self.s)
+        summary = summarise(cells, reference, self.s, preferences=self.preferences(cells))
         summary["cells_total"] = len(self.cells())
         summary["wall_seconds_this_invocation"] = round(time.time() - started, 1)
         summary["cells_skipped"] = skipped
@@ -454,14 +501,39 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return mean, std
 
 
-def summarise(cells: list[dict], reference: dict, settings: CompareSettings) -> dict:
+def checked(metrics: dict, teacher: dict) -> dict:
+    """`metrics` plus the distance of its distinct-2 to the teacher's and the degenerate flag
+    (evaluation.degeneracy: relative to the teacher's figures on the same prompts)."""
+    from .evaluation.degeneracy import degenerate
+
+    verdict = degenerate(metrics, teacher)
+    out = dict(metrics)
+    if verdict.distinct_2_gap is not None:
+        out["distinct_2_gap"] = verdict.distinct_2_gap
+    return out | {"degenerate": verdict.flagged, "degenerate_reasons": list(verdict.reasons)}
+
+
+def summarise(cells: list[dict], reference: dict, settings: CompareSettings, *,
+              preferences: dict[str, dict] | None = None) -> dict:
+    teacher = reference["teacher"]
+    reference = {**reference, "teacher": checked(teacher, teacher), "initial": checked(reference["initial"], teacher)}
+    flagged_cells = []
+    for cell in cells:
+        metrics = checked(cell["metrics"], teacher)
+        flagged_cells.append({**cell, "degenerate": metrics.pop("degenerate"),
+                              "degenerate_reasons": metrics.pop("degenerate_reasons"), "metrics": metrics})
+    cells = flagged_cells
     by_variant: dict[str, list[dict]] = {}
     for cell in cells:
         by_variant.setdefault(cell["variant"], []).append(cell)
     keys = [k for k in METRICS if any(k in c["metrics"] for c in cells) or k in reference["teacher"]]
     rows = {}
     for variant, group in by_variant.items():
-        entry = {"seeds": [c["seed"] for c in group], "metrics": {}}
+        entry = {"seeds": [c["seed"] for c in group], "metrics": {},
+                 # flagged if any seed is: that seed's collapse pulls the variant's mean teacher NLL down
+                 "degenerate_seeds": [c["seed"] for c in group if c["degenerate"]],
+                 "degenerate_reasons": {str(c["seed"]): c["degenerate_reasons"] for c in group if c["degenerate"]},
+                 "preference": (preferences or {}).get(variant)}
         for key in keys:
             values = [c["metrics"][key] for c in group if c["metrics"].get(key) is not None]
             if values:
@@ -484,18 +556,24 @@ def _ms(pair) -> str:
     return f"{_fmt(mean)} ± {_fmt(std)}"
 
 
+def _preference(value: dict | None) -> str:
+    return "—" if value is None else f"{_fmt(value['rate'])} [{_fmt(value['low'])}, {_fmt(value['high'])}]"
+
+
 def _table(summary: dict, variants: list[tuple[str, str]], *, with_reference: bool) -> list[str]:
     keys = summary["metric_keys"]
     arrow = {"lower": "↓", "higher": "↑", "target": "≈"}
     head = ["variant"] + [f"{METRICS[k][0]} {arrow[METRICS[k][1]]}" for k in keys] + [
-        "seeds", "steps", "student tokens generated", "teacher tokens generated", "wall s"]
+        "degenerate", "preference vs initial ↑", "seeds", "steps", "student tokens generated",
+        "teacher tokens generated", "wall s"]
     lines = ["| " + " | ".join(head) + " |", "| --- |" + " ---: |" * (len(head) - 1)]
     if with_reference:
         for name in ("teacher", "initial"):
             values = summary["reference"][name]
             label = "teacher" if name == "teacher" else "initial student (pruned, untrained)"
+            flag = "—" if name == "teacher" else ("**yes**" if values.get("degenerate") else "no")
             lines.append(f"| {label} | " + " | ".join(_fmt(values[k]) if values.get(k) is not None else "—"
-                                                      for k in keys) + " | — | — | — | — | — |")
+                                                      for k in keys) + f" | {flag} | — | — | — | — | — | — |")
     for label, variant in variants:
         entry = summary["variants"].get(variant)
         if entry is None:
@@ -503,6 +581,9 @@ def _table(summary: dict, variants: list[tuple[str, str]], *, with_reference: bo
         one = len(entry["seeds"]) == 1  # no spread to show from one seed
         cells = [(_fmt(entry["metrics"][k][0]) if k in entry["metrics"] else "—") if one else _ms(entry["metrics"].get(k))
                  for k in keys]
+        flagged = entry.get("degenerate_seeds", [])
+        cells += [f"**yes** ({len(flagged)}/{len(entry['seeds'])} seeds)" if flagged else "no",
+                  _preference(entry.get("preference"))]
         cells += [",".join(map(str, entry["seeds"])), f"{entry['steps'][0]:.0f}", f"{entry['student_tokens'][0]:.0f}",
                   f"{entry['teacher_tokens'][0]:.0f}", f"{entry['wall_seconds'][0]:.0f}"]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -510,11 +591,17 @@ def _table(summary: dict, variants: list[tuple[str, str]], *, with_reference: bo
 
 
 def ranking(summary: dict, key: str) -> list[str]:
-    """Method variants (not the ablation's extra rows) ordered best first by the mean of `key`."""
-    better = METRICS[key][1]
-    entries = [(v, e["metrics"][key][0]) for v, e in summary["variants"].items()
-               if v in METHOD_NAMES and key in e["metrics"]]
-    return [v for v, _ in sorted(entries, key=lambda item: item[1], reverse=better == "higher")]
+    """Method variants (not the ablation's extra rows) ordered best first by the mean of `key`, every variant
+    flagged as degenerate (on any seed) after every other one: a collapsed student cannot rank first."""
+    from .evaluation.degeneracy import rank
+
+    values = {v: e["metrics"][key][0] for v, e in summary["variants"].items()
+              if v in METHOD_NAMES and key in e["metrics"]}
+    return [v for v, _ in rank(values, METRICS[key][1], degenerate_variants(summary))]
+
+
+def degenerate_variants(summary: dict) -> list[str]:
+    return [v for v, e in summary["variants"].items() if e.get("degenerate_seeds")]
 
 
 def write_results(summary: dict, out_dir: Path, *, command: str | None = None) -> Path:
@@ -550,8 +637,16 @@ def write_results(summary: dict, out_dir: Path, *, command: str | None = None) -
               "mean per-token NLL of the model's greedy held-out responses; KL and TVD per token on the teacher's "
               "greedy held-out responses; ROUGE-L against them. Distinct-2: distinct word bigrams / all bigrams "
               "over the greedy held-out responses -- near 0 for a student that repeats the same tokens in every "
-              "answer, which the teacher NLL column rewards. Tokens generated: for the cell's training data "
-              "(mean over seeds).", ""]
+              "answer, which the teacher NLL column rewards. Repetition: the share of an answer's word 4-grams that "
+              "repeat an earlier one (mean over answers); loop: answers ending in 3 or more copies of a unit; empty: "
+              "answers with no word. Degenerate: on some seed, closer to collapse than to the teacher on one of "
+              "these (repetition, loop or empty rate more than halfway from the teacher's value to 1, or distinct-2 "
+              "below half the teacher's); such variants rank last. Preference vs initial: the share of held-out "
+              "prompts where the variant's greedy answer has the higher length-normalised teacher log-likelihood "
+              "than the initial student's (ties half; each prompt averaged over seeds), with a 95 % percentile "
+              "bootstrap interval over prompts -- read it with the degenerate column, as the teacher's likelihood "
+              "favours repetition. docs/evaluation.md gives the details. Tokens generated: for the cell's training "
+              "data (mean over seeds).", ""]
     ranks = {k: ranking(summary, k) for k in summary["metric_keys"] if k in HEADLINE}
     if ranks:
         lines += ["## Ranking (best first, by mean)", ""]
@@ -560,7 +655,16 @@ def write_results(summary: dict, out_dir: Path, *, command: str | None = None) -
             if len(means) == 1:  # nothing to rank
                 lines.append(f"- {METRICS[key][0]}: every method {_fmt(means.pop())}")
             elif order:
-                lines.append(f"- {METRICS[key][0]}: " + " > ".join(order))
+                flagged = set(degenerate_variants(summary))
+                lines.append(f"- {METRICS[key][0]}: " + " > ".join(f"{v} (degenerate)" if v in flagged else v
+                                                                   for v in order))
+        flagged = degenerate_variants(summary)
+        if flagged:
+            lines += ["", "Degenerate, ranked last whatever their figures (seed: the figures that flag it):"]
+            for v in flagged:
+                why = "; ".join(f"seed {seed}: " + ", ".join(reasons)
+                                for seed, reasons in summary["variants"][v]["degenerate_reasons"].items())
+                lines.append(f"- {v}: {why}")
         lines.append("")
     if _plot(summary, out / "comparison.png", [v for v, _ in method_rows], with_reference=True):
         lines += ["![methods](comparison.png)", ""]
