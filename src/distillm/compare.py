@@ -265,17 +265,23 @@ class Comparison:
         from .evaluation.divergence import sequence_log_likelihoods
         from .models import real_vocab_size
 
+        import hashlib
+
         folder = self.eval_dir / "generations" / name
         path = folder / "teacher_scores.json"
-        if path.is_file():
-            return {key: (float(t), int(c)) for key, (t, c) in json.loads(path.read_text()).items()}
         rows = read_jsonl(folder / "responses.jsonl")
+        # the scores hold for these exact answers: regenerated answers are scored again
+        digest = hashlib.sha256(json.dumps([[str(r["id"]), r["prompt_ids"], r["response_ids"]] for r in rows])
+                                .encode()).hexdigest()
+        saved = json.loads(path.read_text()) if path.is_file() else {}
+        if saved.get("responses_sha256") == digest:
+            return {key: (float(t), int(c)) for key, (t, c) in saved["scores"].items()}
         teacher, tokenizer = self.teacher_model()
         scored = sequence_log_likelihoods(teacher, rows, vocab_size=real_vocab_size(tokenizer),
                                           pad_token_id=tokenizer.pad_token_id,
                                           max_length=self.eval_settings().max_length, desc=f"{name}: teacher NLL")
         scores = {str(row["id"]): score for row, score in zip(rows, scored)}
-        atomic_write_json(path, scores)
+        atomic_write_json(path, {"responses_sha256": digest, "scores": scores})
         return scores
 
     def preferences(self, cells: list[dict], reference: str = "initial") -> dict[str, dict]:

@@ -210,3 +210,28 @@ def test_a_collapsed_student_ranked_first_on_teacher_nll_is_flagged_and_ranked_l
     assert row[len(keys)] == "**yes** (2/2 seeds)" and row[len(keys) + 1] == "0.750 [0.500, 1.000]"
     assert table_row(text, "kd")[len(keys):len(keys) + 2] == ["no", "—"]
     assert table_row(text, "teacher")[keys.index("distinct_2_gap")] == "0.000"
+
+
+def test_answer_scores_are_kept_for_the_same_answers_and_redone_for_new_ones(tmp_path):
+    from distillm.evaluation.divergence import sequence_log_likelihoods
+    from distillm.io import write_jsonl
+    from distillm.models import real_vocab_size
+
+    comparison = Comparison(tiny_settings(tmp_path))
+    folder = tmp_path / "eval" / "generations" / "kd-seed0"
+    folder.mkdir(parents=True)
+    rows = [{"id": "a", "prompt_ids": [5, 6, 7], "response_ids": [8, 9, 10]},
+            {"id": "b", "prompt_ids": [11, 12], "response_ids": [13]}]
+    write_jsonl(folder / "responses.jsonl", rows)
+    teacher, tokenizer = comparison.teacher_model()
+    expected = sequence_log_likelihoods(teacher, rows, vocab_size=real_vocab_size(tokenizer),
+                                        pad_token_id=tokenizer.pad_token_id,
+                                        max_length=comparison.eval_settings().max_length)
+    assert comparison.answer_scores("kd-seed0") == {"a": expected[0], "b": expected[1]}
+    saved = json.loads((folder / "teacher_scores.json").read_text())
+    saved["scores"]["a"] = [-1.0, 3]  # the kept file is what a rerun reads
+    (folder / "teacher_scores.json").write_text(json.dumps(saved))
+    assert comparison.answer_scores("kd-seed0")["a"] == (-1.0, 3)
+    rows[0]["response_ids"] = [8, 9]  # new answers: scored again
+    write_jsonl(folder / "responses.jsonl", rows)
+    assert comparison.answer_scores("kd-seed0")["a"][1] == 2
