@@ -26,6 +26,8 @@ from typing import Sequence
 
 import numpy as np
 
+from .divergence import normalised_scores, sequence_log_likelihoods
+
 #: bootstrap defaults
 RESAMPLES = 10_000
 CONFIDENCE = 0.95
@@ -123,7 +125,5 @@ def score_answers(teacher, rows: Sequence[dict], *, vocab_size: int, pad_token_i
                   batch_size: int = 8, desc: str = "teacher log-likelihood") -> list[float]:
     """Each answer's length-normalised teacher log-likelihood (rows: prompt_ids, response_ids), in the rows'
     order; -inf for an answer with no token."""
-    from .divergence import normalised_scores, sequence_log_likelihoods
-
     return normalised_scores(sequence_log_likelihoods(teacher, rows, vocab_size=vocab_size, pad_token_id=pad_token_id,
                                                       max_length=max_length, batch_size=batch_size, desc=desc))
