@@ -66,7 +66,7 @@ METRICS = {
     "rouge_l": ("ROUGE-L", "higher"),
     "distinct_2": ("distinct-2", "target"),  # neither direction: the teacher's value is the target
     # degeneracy (evaluation.degeneracy): a collapsed student wins the teacher-NLL column; these expose it
-    "distinct_2_gap": ("|distinct-2 − teacher's|", "lower"),
+    "distinct_2_gap": ("distinct-2 distance to the teacher's", "lower"),  # no '|' in a table cell
     "repetition": ("repetition (seq-rep-4)", "target"),
     "loop_rate": ("answers ending in a loop", "target"),
     "empty_rate": ("empty answers", "target"),

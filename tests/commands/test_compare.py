@@ -202,6 +202,8 @@ def test_a_collapsed_student_ranked_first_on_teacher_nll_is_flagged_and_ranked_l
     assert summary["variants"]["minillm"]["metrics"]["distinct_2_gap"][0] == abs(d2 - reference["teacher"]["distinct_2"])
 
     text = write_results(summary, tmp_path).read_text()
+    header = next(line for line in text.splitlines() if line.startswith("| variant |"))
+    assert header.count("|") == len(table_row(text, "kd")) + 2  # one column per cell: no '|' inside a label
     assert "teacher NLL of responses: kd > seqkd > minillm (degenerate)" in text
     assert re.search(r"- minillm: seed 0: repetition .*distinct_2 .* < ", text)
     keys = summary["metric_keys"]
