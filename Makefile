@@ -1,5 +1,5 @@
 # The two commands of the README.
-#   make demo  - set up, then recover an int3-quantized SmolLM2-135M-Instruct by distillation and export it as GGUF
+#   make demo  - set up, then recover an int4-quantized SmolLM2-135M-Instruct by distillation and export it as GGUF
 #   make test  - set up with the test dependencies, then run the test suite
 VENV ?= .venv
 
