@@ -38,7 +38,8 @@ def main(argv=None) -> None:
         args.prompts, args.max_new_tokens = 8, 32
 
     from distillm.data.prompts import encode_prompts, load_prompts
-    from distillm.losses.fused import HeadInputs, TopKTeacher, fused_inputs, fused_weighted_divergence
+    from distillm.losses.fused import HeadInputs, TopKTeacher, fused_weighted_divergence
+    from distillm.training.fused_inputs import fused_inputs
     from distillm.models import load_model, parse_layer_spec, prune_layers, real_vocab_size
     from distillm.training.collate import build_sequences, pad_left
 

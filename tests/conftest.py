@@ -11,7 +11,7 @@ import torch
 
 from distillm.data.prompts import EncodedPrompt, PromptRecord, encode_prompts
 from distillm.models import prune_layers
-from distillm.tiny import build_tiny_model, build_tiny_tokenizer
+from distillm.testing.tiny import build_tiny_model, build_tiny_tokenizer
 
 # The models here are tiny: one CPU thread is fastest, and avoids the multi-second stalls that intra-op thread
 # pools suffer when another process keeps the CPU busy.

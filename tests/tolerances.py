@@ -174,6 +174,6 @@ def adam_atol(config, n_tokens: int, steps: int, lr: float, weight: torch.Tensor
 
 def tiny_student_config(num_layers: int = 2):
     """The config of the tiny preset's student (the tiny teacher pruned to `num_layers` layers)."""
-    from distillm.tiny import build_tiny_tokenizer, tiny_llama_config
+    from distillm.testing.tiny import build_tiny_tokenizer, tiny_llama_config
 
     return tiny_llama_config(len(build_tiny_tokenizer()), num_layers=num_layers)

@@ -29,7 +29,8 @@ from .errors import DistillmError
 from .io import atomic_write_json, write_jsonl
 from .models import load_model
 from . import rundir
-from .pipeline import RunPaths, prepare_run_dir, training_kwargs
+from .pipeline.paths import RunPaths, prepare_run_dir
+from .pipeline.training import training_kwargs
 from .training.callbacks import use_step_lines
 from .training.trainer import METHOD_STATE_FILE, last_complete_checkpoint
 

@@ -2,6 +2,10 @@
 
 Every option of the config (see `distillm.config`) is a flag of `train` and `run`; a YAML file given with
 `--config` sets many at once, and flags override it. `distillm run` with no arguments is the default demo.
+
+Each command imports its own modules when it runs (the imports inside the `_cmd_*` functions): `distillm --help`
+and a bad flag answer at once, and a command does not load what only another one needs (vLLM, TRL, the
+evaluation suite).
 """
 
 from __future__ import annotations
@@ -11,7 +15,11 @@ import logging
 import sys
 from pathlib import Path
 
-from .config import PRESETS, AlignConfig, RunConfig, load_config, option_fields, range_text
+from .config import (METHOD_NAMES, PRESETS, AlignConfig, ConfigError, RunConfig, apply_overrides, check_flags,
+                     load_config, option_fields, range_text, renamed_options)
+from .distributed import process_state
+from .errors import DistillmError
+from .io import disk_error, read_jsonl
 
 logger = logging.getLogger("distillm")
 
@@ -45,10 +53,14 @@ def _add_config_options(parser: argparse.ArgumentParser, config_cls: type = RunC
                                help=help_text)
         else:
             group.add_argument(flag, dest=name, metavar=name.upper(), default=argparse.SUPPRESS, help=help_text)
+        for alias in f.metadata.get("aliases", ()):  # an earlier name: still accepted, with a warning
+            kind = {"action": argparse.BooleanOptionalAction} if str(f.type).startswith("bool") else {}
+            group.add_argument("--" + alias.replace("_", "-"), dest=alias, default=argparse.SUPPRESS,
+                               help=argparse.SUPPRESS, **kind)
 
 
 def _overrides(args: argparse.Namespace, config_cls: type = RunConfig) -> dict:
-    known = option_fields(config_cls)
+    known = {**option_fields(config_cls), **renamed_options(config_cls)}
     return {key: value for key, value in vars(args).items() if key in known}
 
 
@@ -119,9 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_speculate_parser(sub)
 
-    from .compare import add_compare_parser
-
-    add_compare_parser(sub)
+    _add_compare_parser(sub)
     return parser
 
 
@@ -175,8 +185,6 @@ def _user_text(prompt: str) -> str:
 def format_answers(run_dir: Path, *, n: int = 3, width: int = 110, quantized: bool = False) -> str:
     """The first `n` held-out prompts with the teacher's answer, the student's before and after distillation (the
     evaluation's samples, temperature --temperature), one line each, cut at `width` characters."""
-    from .io import read_jsonl
-
     files = [run_dir / "data" / "teacher_eval.jsonl", run_dir / "eval" / "before_samples.jsonl",
              run_dir / "eval" / "after_samples.jsonl"]
     if not all(f.is_file() for f in files):
@@ -211,8 +219,6 @@ def _cmd_run(args, *, evaluate_default: bool) -> int:
     if args.resume:
         config = resumed_config(config.output_dir, overrides, overwrite=args.overwrite)
     metrics = run(config, overwrite=args.overwrite)
-    from .distributed import process_state
-
     if not process_state().is_main_process:  # one summary per run, not one per process
         return 0
     training = metrics.get("training", {})
@@ -236,8 +242,6 @@ def _cmd_run(args, *, evaluate_default: bool) -> int:
 def resumed_config(output_dir: str, overrides: dict, *, overwrite: bool) -> RunConfig:
     """The config a run in `output_dir` was started with, for --resume; flags given with --resume must agree
     with it (a run cannot change its settings halfway)."""
-    from .config import ConfigError
-
     if overwrite:
         raise ConfigError("--resume continues the run in --output-dir and --overwrite replaces it: pass one of them.")
     stored = Path(output_dir) / "config.yaml"
@@ -247,8 +251,6 @@ def resumed_config(output_dir: str, overrides: dict, *, overwrite: bool) -> RunC
     config = load_config(stored, preset="none")
     config.output_dir = output_dir
     import copy
-
-    from .config import apply_overrides
 
     flat = config.flat()
     asked = apply_overrides(copy.deepcopy(config), {k: v for k, v in overrides.items() if k != "output_dir"},
@@ -266,11 +268,9 @@ def _cmd_generate(args) -> int:
     from .generation.base import SamplingParams
     from .generation.runner import generate_responses
     from .models import load_model, load_tokenizer, loadable_path
-    from .pipeline import make_backend
+    from .generation.factory import make_backend
     from .data.vision import check_no_images, encode_image_prompts, load_image_prompts
     from .vision import is_vision_model, load_vision_model
-
-    from .config import check_flags
 
     # generate's flags mean what the config options of the same role mean: checked the same way, before loading
     check_flags(args, {"--seed": "generation_seed", "--temperature": "temperature", "--top-p": "top_p",
@@ -329,6 +329,70 @@ def _cmd_align(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------- compare
+
+
+def _int_list(text: str) -> list[int]:
+    from .compare import CompareError
+
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise CompareError(f"--seeds expects comma-separated integers (e.g. 0,1,2), got {text!r}.") from None
+
+
+def _add_compare_parser(sub) -> None:
+    from .compare.protocol import ABLATIONS, SIZES, VARIANTS, CompareSettings  # commands load on use (fast --help)
+    p = sub.add_parser(
+        "compare", help="Every method (and DistiLLM-2's ablation) on the same budget, over seeds, in one table.",
+        description="Train every variant on the same teacher, student initialisation, prompts and budget, evaluate "
+        "each on held-out prompts, and write results.md (mean ± std over seeds), results.json and charts to "
+        "--output-dir. Rerun the same command to continue: finished cells are skipped.")
+    p.add_argument("--output-dir", default="runs/compare")
+    p.add_argument("--size", default="full", choices=[k for k in SIZES if k != "tiny"] + ["tiny"],
+                   help="full: a few hours on 2 CPU cores; quick: the same protocol in < 30 min; tiny: tiny random "
+                   "models (tests).")
+    p.add_argument("--quick", dest="size", action="store_const", const="quick", help="Same as --size quick.")
+    p.add_argument("--teacher", default=CompareSettings.teacher)
+    p.add_argument("--student-layers", default=CompareSettings.student_layers)
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help="Comma-separated: methods (" + ", ".join(METHOD_NAMES) + ") and ablation variants ("
+                   + ", ".join(ABLATIONS) + "). Default: all.")
+    p.add_argument("--seeds", default="0,1,2", help="Comma-separated training/generation seeds.")
+    p.add_argument("--learning-rate", type=float, default=CompareSettings.learning_rate)
+    p.add_argument("--report-only", action="store_true",
+                   help="Write the results of the cells finished so far (e.g. while another process runs the rest).")
+    p.add_argument("--judge-url", default=None, help="OpenAI-compatible endpoint: adds the judge's win rate.")
+    p.add_argument("--judge-model", default=None)
+    p.add_argument("--judge-api-key-env", default=None, help="Environment variable holding the judge's API key.")
+
+
+def _cmd_compare(args) -> int:
+    import shlex
+
+    from .compare import Comparison, CompareSettings
+
+    settings = CompareSettings(
+        output_dir=args.output_dir, size=args.size, teacher=args.teacher, student_layers=args.student_layers,
+        variants=[v.strip() for v in args.variants.split(",") if v.strip()], seeds=_int_list(args.seeds),
+        learning_rate=args.learning_rate, judge_url=args.judge_url, judge_model=args.judge_model,
+        judge_api_key_env=args.judge_api_key_env)
+    command = "distillm " + " ".join(shlex.quote(a) for a in args.argv)
+    if args.report_only:
+        # the results show the command that runs the comparison, not this one
+        saved = Path(settings.output_dir) / "command.txt"
+        command = saved.read_text().strip() if saved.is_file() else None
+    summary = Comparison(settings, command=command).run(report_only=args.report_only)
+    out = Path(settings.output_dir)
+    print((out / "results.md").read_text())
+    print(f"Wall time of this invocation: {summary['wall_seconds_this_invocation']} s "
+          f"({summary['cells_skipped']} finished cells skipped); results: {out / 'results.md'}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -340,8 +404,6 @@ def main(argv: list[str] | None = None) -> int:
         argv = [*argv[:n_global], "run", *rest]
     args = parser.parse_args(argv)
     _setup_logging(args.quiet)
-    from .errors import DistillmError
-
     try:
         if args.command == "generate":
             return _cmd_generate(args)
@@ -357,17 +419,13 @@ def main(argv: list[str] | None = None) -> int:
             args.argv = argv
             return cmd_eval(args)
         if args.command == "compare":
-            from .compare import cmd_compare
-
             args.argv = argv[argv.index("compare"):]
-            return cmd_compare(args)
+            return _cmd_compare(args)
         return _cmd_run(args, evaluate_default=args.command == "run")
     except DistillmError as err:
         print(f"distillm: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # a full disk or an unwritable place met outside distillm's own writers (e.g. a checkpoint)
-        from .io import disk_error
-
         clear = disk_error(err.filename or "a file", err)
         if clear is None:
             raise

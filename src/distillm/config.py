@@ -1,7 +1,9 @@
 """Run configuration: typed dataclasses, validated at the edge.
 
-A config is one `RunConfig` with sections (model, data, generation, loss, training, evaluation). Every option
-has a unique name, so YAML files may be flat (`teacher: ...`) or sectioned (`model: {teacher: ...}`), and each
+A config is one `RunConfig` with sections (model, method, data, generation, loss, training, evaluation). The
+section `method` is derived from the methods: `method` names one, and each method's own options (its module's
+`Options`, `distillm.methods`) follow. Every option has a unique name, so YAML files may be flat
+(`teacher: ...`) or sectioned (`model: {teacher: ...}`), and each
 option is also a command-line flag (`--max-new-tokens 64`). Unknown or mistyped keys are errors that suggest
 the closest valid name. Presets ('demo', 'tiny') are plain dicts of overrides applied first.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import math
 import os
 import reprlib
@@ -19,7 +22,12 @@ from typing import Any
 
 import yaml
 
+from . import methods as _methods_registry
 from .errors import DistillmError
+from .options import opt
+from .quant.qat import QUANT_BITS
+
+logger = logging.getLogger("distillm")
 
 
 class ConfigError(DistillmError):
@@ -31,16 +39,6 @@ SEED_MAX = 2**32 - 1
 #: The largest integer any option may take (torch and numpy hold them as int64).
 INT_MAX = 2**63 - 1
 DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
-
-
-def opt(default, help: str, *, ge=None, gt=None, le=None, lt=None, choices=None, **kwargs):
-    """A config option: its default, help text and the values it accepts (checked by `check_option` wherever
-    a value comes from): `ge`/`gt`/`le`/`lt` bound a number, `choices` lists the accepted strings. Every float
-    option must also be finite and every int option within int64."""
-    bounds = {key: value for key, value in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if value is not None}
-    if choices is not None:
-        bounds["choices"] = tuple(choices)
-    return field(default=default, metadata={"help": help, **bounds, **kwargs})
 
 
 @dataclass
@@ -92,45 +90,20 @@ class GenerationSection:
     vllm_tensor_parallel_size: int = opt(1, "vLLM tensor-parallel size.", ge=1)
 
 
-METHOD_NAMES = ("distillm2", "distillm", "kd", "seqkd", "imitkd", "gkd", "minillm", "dpkd", "speculative-kd",
-                "step-by-step")
+#: every --method, in listing order (the modules of `distillm.methods`)
+METHOD_NAMES = tuple(_methods_registry.METHODS)
 
-
-@dataclass
-class MethodSection:
-    method: str = opt("distillm2", "Distillation method: " + ", ".join(METHOD_NAMES) + " (see README: Methods).", choices=METHOD_NAMES)
-    fixed_responses: str = opt("teacher", "Fixed (off-policy) responses of kd, imitkd, gkd and distillm: 'teacher' (sampled once from the teacher) or 'dataset' (the prompt file's response / last assistant message).", choices=("teacher", "dataset"))
-    jsd_beta: float = opt(0.5, "gkd (and speculative-kd with --skd-loss jsd): b of the generalised JSD (0 -> forward KL, 1 -> reverse KL).", ge=0, le=1)
-    gkd_lambda: float = opt(0.5, "gkd: probability that a batch is sampled on-policy from the current student (else fixed data).", ge=0, le=1)
-    imitkd_fixed_fraction: float = opt(0.0, "imitkd: probability that a batch uses the fixed responses instead of fresh student samples.", ge=0, le=1)
-    v1_loss: str = opt("skl", "distillm (v1): skl (skew KL) or srkl (skew reverse KL).", choices=("skl", "srkl"))
-    v1_alpha: float = opt(0.1, "distillm (v1): the skew a of SKL / SRKL.", ge=0, lt=1)
-    v1_threshold_init: float = opt(0.0, "distillm (v1): initial probability tau that a batch uses student outputs (fresh or replayed).", ge=0, le=1)
-    v1_threshold_step: float = opt(0.1, "distillm (v1): tau rises by this much each time the validation loss rises.", ge=0, le=1)
-    v1_fresh_start: float = opt(1.0, "distillm (v1): probability that a student-output batch is freshly generated (and pushed to the replay buffer) rather than replayed, at the start of training.", ge=0, le=1)
-    v1_fresh_end: float = opt(0.2, "distillm (v1): that probability at the end of training (linear decay).", ge=0, le=1)
-    v1_buffer_capacity: int = opt(1000, "distillm (v1): replay buffer capacity (responses; the oldest are replaced).", ge=1)
-    v1_val_interval: int = opt(10, "distillm (v1): optimizer steps between validation-loss measurements that adapt tau.", ge=1)
-    dpkd_beta: float = opt(0.2, "dpkd: beta of the DPO-style loss.", gt=0)
-    skd_top_k: int = opt(25, "speculative-kd: the teacher keeps a student token if it is in the teacher's top-K, else samples its own.", ge=1)
-    skd_loss: str = opt("fkl", "speculative-kd: loss on the jointly decoded responses: fkl, rkl, jsd or tvd.", choices=("fkl", "rkl", "jsd", "tvd"))
-    sbs_rationale_weight: float = opt(1.0, "step-by-step: weight of the rationale task (loss = answer NLL + weight * rationale NLL).", ge=0)
-    sbs_answer_prefix: str = opt("[answer] ", "step-by-step: task prefix of the answer task (prepended to the prompt).")
-    sbs_rationale_prefix: str = opt("[rationale] ", "step-by-step: task prefix of the rationale task.")
-    sbs_instruction: str = opt("Think step by step: explain your reasoning, then give the final answer on its own last line as 'Answer: <answer>'.", "step-by-step: instruction appended to each prompt when asking the teacher for a rationale.")
+#: section `method`: the method's name, the options several methods share, then each method's own options
+MethodSection = dataclasses.make_dataclass("MethodSection", [
+    ("method", str, opt("distillm2", "Distillation method: " + ", ".join(METHOD_NAMES) + " (see README: Methods).",
+                        choices=METHOD_NAMES)),
+    *((f.name, f.type, field(default=f.default, metadata=f.metadata)) for f in _methods_registry.option_fields()),
+])
+MethodSection.__module__ = __name__
 
 
 @dataclass
 class LossSection:
-    alpha0: float = opt(0.1, "Base skew a0 (the skew of a sample whose gap equals the running reference gap).", ge=0, lt=1)
-    alpha_min: float = opt(0.01, "Lower clamp of the curriculum skew.", ge=0, lt=1)
-    alpha_max: float = opt(0.5, "Upper clamp of the curriculum skew.", ge=0, lt=1)
-    curriculum: bool = opt(True, "Per-sample curriculum skew a (off: constant a = alpha0).")
-    gap_momentum: float = opt(0.9, "Momentum of the running reference gap of the curriculum.", ge=0, lt=1)
-    b_ramp: bool = opt(True, "Ramp b (weight of SRKL; SKL gets 2 - b) from b-start to b-end (off: b = b-start).")
-    b_start: float = opt(1.0, "b at the start of training.", ge=0, le=2)
-    b_end: float = opt(1.5, "b at the end of the ramp.", ge=0, le=2)
-    ramp_fraction: float = opt(0.5, "Fraction of the training steps over which b ramps.", ge=0, le=1)
     reduction: str = opt("seq_mean", "seq_mean (mean per response, then over the non-empty responses) or token_mean (distillm v1 always uses token_mean, as its code).", choices=("seq_mean", "token_mean"))
     loss_temperature: float = opt(1.0, "Temperature dividing both models' logits inside the loss.", gt=0)
     loss_impl: str = opt("fused", "fused: losses from hidden states and the output heads, a chunk of tokens at a time (no full-vocabulary logits of the batch); plain: from full logits (the reference; same values and gradients, more memory).", choices=("fused", "plain"))
@@ -380,9 +353,55 @@ def check_all(config) -> None:
         _coerce(name, f, value, "config")
 
 
+def renamed_options(config_cls: type = RunConfig) -> dict[str, str]:
+    """Earlier option names still accepted (with a warning) -> the current name (each field's `aliases`)."""
+    return {alias: name for name, (_, f) in option_fields(config_cls).items() for alias in f.metadata.get("aliases", ())}
+
+
+def upgrade_keys(data: dict, config_cls: type = RunConfig) -> tuple[dict, list[str]]:
+    """A flat or sectioned config mapping with earlier option names and sections replaced by the current ones, and
+    what was replaced (e.g. ["'loss: alpha0' is now 'method: skew'"]). Unknown keys are left for the caller."""
+    known, renamed = option_fields(config_cls), renamed_options(config_cls)
+    sections = config_cls.sections()
+    out: dict = {}
+    notes: list[str] = []
+
+    def place(section: str | None, key: str, value) -> None:
+        name = renamed.get(key, key)
+        if name not in known:
+            (out.setdefault(section, {}) if section else out)[key] = value
+            return
+        home = known[name][0]
+        if section and section != home and known[name][1].metadata.get("formerly") != section:
+            out.setdefault(section, {})[key] = value  # not an earlier place of this option: reported as unknown
+            return
+        if name != key or (section and section != home):
+            notes.append(f"'{section + ': ' if section else ''}{key}' is now '{home + ': ' if section else ''}{name}'")
+        target = out.setdefault(home, {}) if section else out
+        target[name] = value
+
+    for key, value in data.items():
+        if isinstance(key, str) and key in sections and isinstance(value, dict):
+            out.setdefault(key, {})
+            for sub_key, sub_value in value.items():
+                if isinstance(sub_key, str):
+                    place(key, sub_key, sub_value)
+                else:
+                    out[key][sub_key] = sub_value
+        elif isinstance(key, str):
+            place(None, key.replace("-", "_"), value)
+        else:
+            out[key] = value
+    return out, notes
+
+
 def apply_overrides(config, overrides: dict[str, Any], where: str = "config"):
-    """Set options from a flat or sectioned dict, validating names and types."""
+    """Set options from a flat or sectioned dict, validating names and types. Earlier option names (and options
+    in the section they lived in before) are accepted with a warning."""
     known = option_fields(type(config))
+    overrides, notes = upgrade_keys(overrides, type(config))
+    for note in notes:
+        logger.warning("%s: %s; the earlier name is deprecated and will stop working, rename it.", where, note)
     flat: dict[str, Any] = {}
     for key, value in overrides.items():
         if not isinstance(key, str):
@@ -425,11 +444,11 @@ def validate(config: RunConfig) -> None:
     from transformers.trainer_utils import SchedulerType
 
     check_all(config)
-    m, d, lo, t = config.model, config.data, config.loss, config.training
+    m, d, t = config.model, config.data, config.training
     schedulers = [s.value for s in SchedulerType]
     checks = [
         (t.lr_scheduler_type in schedulers, f"lr_scheduler_type must be one of {', '.join(schedulers)}"),
-        (lo.alpha_min <= lo.alpha0 <= lo.alpha_max, "need 0 <= alpha_min <= alpha0 <= alpha_max < 1"),
+        *(check for cls in _methods_registry.METHODS.values() for check in cls.config_checks(config)),
         (d.max_prompt_length < d.max_length, "max_prompt_length must be < max_length"),
         (bool(m.lora_target_modules.strip()), "lora_target_modules must be all-linear or a list of module names"),
     ]
@@ -442,8 +461,6 @@ def validate(config: RunConfig) -> None:
 def _quant_checks(m: ModelSection) -> list[tuple[bool, str]]:
     """--student-quant: the grid must be one the GGUF export stores exactly (Q4_0 blocks for 2-4 bits, Q8_0 for 8:
     32 weights per fp16 scale, so a group of 32k weights is k blocks with one scale)."""
-    from .quant.qat import QUANT_BITS
-
     if m.student_quant == "none":
         return []
     return [

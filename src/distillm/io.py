@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import DistillmError
-from .faults import fault_point
+from .testing.faults import fault_point
 
 logger = logging.getLogger("distillm")
 

@@ -27,8 +27,21 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .errors import DistillmError
+from .testing.tiny import build_tiny_model, build_tiny_tokenizer
 
 logger = logging.getLogger("distillm")
+
+
+@dataclass
+class ModelPair:
+    """The teacher and the student of a run, with what both share."""
+
+    teacher: torch.nn.Module
+    student: torch.nn.Module
+    tokenizer: object
+    vocab_size: int
+    teacher_path: str | None  # a directory vLLM can load (None for built-in tiny models)
+    processor: object | None = None  # a vision-language run's processor (see distillm.vision); None for text
 
 
 class ModelLoadError(DistillmError):
@@ -256,6 +269,29 @@ def resolve_dtype(dtype: str) -> torch.dtype:
         raise ModelLoadError(f"Unknown dtype '{dtype}': use auto, float32, bfloat16 or float16.") from None
 
 
+def model_config(spec: str, trust_remote_code: bool = False):
+    """The transformers config of `spec` (None for built-in tiny models, GGUF files, or when it cannot be read)."""
+    source = resolve_model_source(spec)
+    if source.kind in ("tiny", "gguf"):
+        return None
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+    except Exception:  # unreachable Hub, no config.json, an unknown model type: load_model reports what is wrong
+        return None
+
+
+def is_vision_model(spec: str | os.PathLike, *, trust_remote_code: bool = False) -> bool:
+    """Whether `spec` names an image-text-to-text model (from its config; the weights are not read)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    config = model_config(str(spec), trust_remote_code)
+    if config is None:
+        return False
+    return hasattr(config, "vision_config") or config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+
 def load_model(
     spec: str | os.PathLike,
     *,
@@ -270,8 +306,6 @@ def load_model(
     """
     source = resolve_model_source(spec)
     if source.kind == "tiny":
-        from .tiny import build_tiny_model, build_tiny_tokenizer
-
         tokenizer = tokenizer or build_tiny_tokenizer()
         return build_tiny_model(tokenizer).to(resolve_dtype(dtype)), tokenizer
     path = str(gguf_to_safetensors(source.path)) if source.kind == "gguf" else source.path
@@ -282,8 +316,6 @@ def load_model(
             path, dtype=resolve_dtype(dtype), use_safetensors=True, **kwargs
         )
     except (OSError, ValueError) as err:
-        from .vision import is_vision_model
-
         if is_vision_model(source.spec, trust_remote_code=trust_remote_code):
             raise ModelLoadError(
                 f"'{source.spec}' is a vision-language model: `distillm run`, `train` and `generate` distil and sample "
@@ -306,8 +338,6 @@ def load_tokenizer(spec: str | os.PathLike, *, trust_remote_code: bool = False) 
     else from the file's metadata."""
     source = resolve_model_source(spec)
     if source.kind == "tiny":
-        from .tiny import build_tiny_tokenizer
-
         return build_tiny_tokenizer()
     path, kwargs = source.path, dict(trust_remote_code=trust_remote_code)
     if source.kind == "gguf":

@@ -24,6 +24,7 @@ import shutil
 from pathlib import Path
 
 from .errors import DistillmError
+from .io import atomic_write_json
 
 logger = logging.getLogger("distillm")
 
@@ -95,8 +96,6 @@ def remove_run(root: Path) -> None:
 
 
 def write_marker(root: Path, kind: str) -> None:
-    from .io import atomic_write_json
-
     if not is_marked(root):
         atomic_write_json(Path(root) / MARKER, {"distillm": kind})
 
@@ -224,8 +223,6 @@ def inputs_match_files(root: Path, config) -> bool:
 
 
 def record_inputs(root: Path, current: dict) -> None:
-    from .io import atomic_write_json
-
     stored = stored_inputs(root) or {}
     if {**stored, **current} != stored:
         atomic_write_json(Path(root) / INPUTS, {**stored, **current})

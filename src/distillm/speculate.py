@@ -29,7 +29,14 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import DistillmError
+from . import models  # models.load_model looked up at call time (tests replace it)
 from .io import atomic_write_json, atomic_write_text
+from .config import check_flags
+from .data.prompts import check_chat_template, encode_prompts, load_prompts
+from .evaluation.cli import run_dir_models, run_uses_chat_template
+from .evaluation.divergence import scoring_batches, teacher_student_divergence
+from .evaluation.suite import EvalError
+from .training.collate import IGNORE, response_logits
 
 logger = logging.getLogger("distillm")
 
@@ -165,11 +172,8 @@ def assisted_generate(teacher, draft, ids: torch.Tensor, tokenizer, *, max_new_t
 def top1_agreement(teacher, draft, rows: list[dict], *, vocab_size: int, pad_token_id: int, max_length: int,
                    batch_size: int = 8) -> float:
     """How often the draft's argmax equals the teacher's, over the response tokens of `rows`."""
-    from .evaluation.divergence import _batches
-    from .training.collate import IGNORE, response_logits
-
     agree, count = 0, 0
-    for batch in _batches(rows, batch_size, max_length, pad_token_id, teacher.device):
+    for batch in scoring_batches(rows, batch_size, max_length, pad_token_id, teacher.device):
         p_logits, targets = response_logits(teacher, batch, vocab_size)
         q_logits, _ = response_logits(draft, batch, vocab_size)
         mask = targets != IGNORE
@@ -193,13 +197,11 @@ class DraftSpec:
 
 
 def _load(spec: DraftSpec, dtype: str, cache: dict, tokenizer=None):
-    from .models import load_model, prune_layers
-
     if spec.source not in cache:
-        cache[spec.source] = load_model(spec.source, dtype=dtype, tokenizer=tokenizer)
+        cache[spec.source] = models.load_model(spec.source, dtype=dtype, tokenizer=tokenizer)
     model, tokenizer = cache[spec.source]
     if spec.layers:
-        model = prune_layers(model, spec.layers)
+        model = models.prune_layers(model, spec.layers)
     return model.eval(), tokenizer
 
 
@@ -209,17 +211,13 @@ def speculate(teacher_source: str, drafts: list[DraftSpec], *, prompts: str = "b
               output_dir: str | Path | None = None, chat_template: bool = True) -> dict:
     """Measure every draft against the teacher (see the module docstring); writes results.json and report.md.
     `chat_template=False`: the plain prompt text (base models)."""
-    from .data.prompts import check_chat_template, encode_prompts, load_prompts
-    from .evaluation.divergence import teacher_student_divergence
-    from .models import check_same_tokenizer, load_tokenizer, real_vocab_size
-
     if not drafts:
         raise SpeculateError("No draft model: give --draft NAME=SPEC (repeatable) or --run DIR.")
     if num_assistant_tokens < 1 or max_new_tokens < 1:
         raise SpeculateError("--num-assistant-tokens and --max-new-tokens must be >= 1.")
     start = time.time()
     cache: dict = {}
-    tokenizer = load_tokenizer(teacher_source)  # alone, to check the prompt format before any weights are read
+    tokenizer = models.load_tokenizer(teacher_source)  # alone, to check the prompt format before any weights are read
     check_chat_template(tokenizer, chat_template, model=teacher_source)
     records, _ = load_prompts(prompts, limit=num_prompts)
     teacher, tokenizer = _load(DraftSpec("teacher", teacher_source), dtype, cache, tokenizer)
@@ -227,7 +225,7 @@ def speculate(teacher_source: str, drafts: list[DraftSpec], *, prompts: str = "b
     for spec in drafts:
         model, draft_tokenizer = _load(spec, dtype, cache)
         try:
-            check_same_tokenizer(tokenizer, draft_tokenizer)
+            models.check_same_tokenizer(tokenizer, draft_tokenizer)
         except DistillmError as err:
             raise SpeculateError(f"Draft '{spec.name}' ({spec.source}) cannot draft for the teacher "
                                  f"({teacher_source}): {err}") from None
@@ -264,7 +262,7 @@ def speculate(teacher_source: str, drafts: list[DraftSpec], *, prompts: str = "b
             s.prompts += 1
             s.identical += int(torch.equal(tokens, plain))
 
-    vocab = real_vocab_size(tokenizer)
+    vocab = models.real_vocab_size(tokenizer)
     max_length = max_prompt_length + max_new_tokens
     results = {"teacher": teacher_source, "prompts": prompts, "num_prompts": len(encoded),
                "chat_template": chat_template,
@@ -365,11 +363,8 @@ def drafts_from_args(args) -> tuple[str, list[DraftSpec]]:
     drafts: list[DraftSpec] = []
     teacher = args.teacher
     if args.run:
-        from .evaluation.cli import _run_models
-        from .evaluation.suite import EvalError
-
         try:
-            specs, run_teacher = _run_models(args.run, with_initial=True)
+            specs, run_teacher = run_dir_models(args.run, with_initial=True)
         except EvalError as err:
             raise SpeculateError(str(err)) from None
         teacher = teacher or run_teacher
@@ -392,9 +387,6 @@ def chat_template_from_args(args) -> bool:
     """False with --no-chat-template, or when the --run was made without the chat template."""
     if args.no_chat_template or not args.run:
         return not args.no_chat_template
-    from .evaluation.cli import run_uses_chat_template
-    from .evaluation.suite import EvalError
-
     try:
         return run_uses_chat_template(args.run)
     except EvalError as err:
@@ -402,8 +394,6 @@ def chat_template_from_args(args) -> bool:
 
 
 def cmd_speculate(args) -> int:
-    from .config import check_flags
-
     check_flags(args, {"--seed": "generation_seed", "--temperature": "temperature", "--num-prompts": "num_prompts",
                        "--max-new-tokens": "max_new_tokens", "--max-prompt-length": "max_prompt_length",
                        "--dtype": "dtype"})  # each flag has the range of the config option of the same role

@@ -22,44 +22,24 @@ import logging
 import os
 
 import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from .errors import DistillmError
-from .models import (ModelLoadError, check_same_tokenizer, copy_with_layers, parse_layer_spec, resolve_dtype,
-                     resolve_model_source)
+from .methods import METHODS
+from .data.vision import check_no_images, encode_image_prompts, image_placeholder, load_image_prompts
+from .distributed import process_state
+from .models import (ModelLoadError, ModelPair, check_same_tokenizer, copy_with_layers, count_parameters,
+                     is_vision_model, parse_layer_spec, real_vocab_size, resolve_dtype, resolve_model_source)
 
 logger = logging.getLogger("distillm")
 
 #: Methods that run on vision-language models. The others need what is not wired for images here: speculative KD
-#: decodes with its own loop, step-by-step re-renders its prompts as text.
-VISION_METHODS = ("distillm2", "kd", "seqkd", "dpkd", "gkd", "imitkd", "minillm", "distillm")
-
-
-def _model_config(spec: str, trust_remote_code: bool = False):
-    source = resolve_model_source(spec)
-    if source.kind in ("tiny", "gguf"):
-        return None
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code)
-    except Exception:  # unreachable Hub, no config.json, an unknown model type: load_model reports what is wrong
-        return None
-
-
-def is_vision_model(spec: str | os.PathLike, *, trust_remote_code: bool = False) -> bool:
-    """Whether `spec` names an image-text-to-text model (from its config; the weights are not read)."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
-
-    config = _model_config(str(spec), trust_remote_code)
-    if config is None:
-        return False
-    return hasattr(config, "vision_config") or config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+#: decodes with its own loop, step-by-step re-renders its prompts as text. (Each method's `vision` attribute.)
+VISION_METHODS = tuple(name for name, cls in METHODS.items() if cls.vision)
 
 
 def load_vision_model(spec: str | os.PathLike, *, dtype: str = "auto", trust_remote_code: bool = False):
     """(model, processor) of a vision-language model: `AutoModelForImageTextToText` + `AutoProcessor`."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
     source = resolve_model_source(spec)
     kwargs = dict(trust_remote_code=trust_remote_code)
     try:
@@ -82,8 +62,6 @@ def check_same_image_layout(teacher_processor, student_processor) -> None:
     """Both processors must turn an image + text into the same tokens and the same pixel values: both models
     score the same sequences, and the student is given the teacher processor's images."""
     from PIL import Image
-
-    from .data.vision import image_placeholder
 
     check_same_tokenizer(teacher_processor.tokenizer, student_processor.tokenizer)
     image = Image.new("RGB", (37, 29), (200, 40, 90))
@@ -123,12 +101,8 @@ def prune_vision_layers(model, keep) -> torch.nn.Module:
 
 
 def load_vision_models(config):
-    """The `pipeline.ModelPair` of a vision-language run: the teacher in the configured dtype, the student in fp32
+    """The `models.ModelPair` of a vision-language run: the teacher in the configured dtype, the student in fp32
     (`--student`, or the teacher with --student-layers of its language model kept), and the teacher's processor."""
-    from .distributed import process_state
-    from .models import count_parameters, real_vocab_size
-    from .pipeline import ModelPair
-
     m = config.model
     if config.method.method not in VISION_METHODS:
         raise DistillmError(f"--method {config.method.method} does not run on vision-language models; use one of "
@@ -161,8 +135,6 @@ def load_vision_models(config):
 
 def load_image_prompt_set(config, processor, which: str):
     """The train or eval prompts of a vision-language run, as `pipeline.load_prompt_set` for text."""
-    from .data.vision import encode_image_prompts, load_image_prompts
-
     d = config.data
     path, limit = (d.prompts, d.num_prompts) if which == "train" else (d.eval_prompts, d.num_eval_prompts)
     records, report = load_image_prompts(
@@ -178,8 +150,6 @@ def load_image_prompt_set(config, processor, which: str):
 def uses_images(config) -> bool:
     """Whether a run is vision-language (its teacher is a vision-language model). A text-only pair given a
     vision-language student, or prompt rows with images, is an error rather than a run that ignores the images."""
-    from .data.vision import check_no_images
-
     m, d = config.model, config.data
     if is_vision_model(m.teacher, trust_remote_code=m.trust_remote_code):
         return True

@@ -14,9 +14,9 @@ from distillm.align import build_trainer, load_preferences
 from distillm.cli import main
 from distillm.config import AlignConfig, ConfigError, load_config
 from distillm.data.prompts import DataError
-from distillm.evaluation.cli import _run_models
+from distillm.evaluation.cli import run_dir_models
 from distillm.pipeline import RunPaths
-from distillm.tiny import build_tiny_model, build_tiny_tokenizer
+from distillm.testing.tiny import build_tiny_model, build_tiny_tokenizer
 
 PAIRS = [
     ("Is the sky blue?", "Yes, it is.", "No idea, go away."),
@@ -122,7 +122,7 @@ def test_align_command_writes_the_run_layout_and_resumes(tmp_path, student_dir, 
     base = AutoModelForCausalLM.from_pretrained(student_dir)
     assert any(not torch.equal(a, b) for a, b in zip(aligned.state_dict().values(), base.state_dict().values()))
     # `distillm eval --run` takes an align run: the aligned model and its base (the policy) as the initial model
-    specs, teacher = _run_models(str(out), True)
+    specs, teacher = run_dir_models(str(out), True)
     assert [(s.name, s.source) for s in specs] == [("align", str(out / "student")), ("align-initial", str(student_dir))]
     assert teacher is None
     # the same command again resumes from the last checkpoint: nothing left to train, same result

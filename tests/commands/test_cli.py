@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from tolerances import sum_atol
-from distillm.cli import main
-from distillm.tiny import build_tiny_model, build_tiny_tokenizer
+from distillm.cli import _overrides, build_parser, main
+from distillm.config import load_config
+from distillm.testing.tiny import build_tiny_model, build_tiny_tokenizer
 
 DISTILLM = str(Path(sys.executable).parent / "distillm")
 
@@ -119,9 +120,18 @@ def test_help_explains_every_option(capsys):
     with pytest.raises(SystemExit):
         main(["run", "--help"])
     text = capsys.readouterr().out
-    for flag in ("--teacher", "--student-layers", "--prompts", "--max-new-tokens", "--rounds", "--alpha0",
-                 "--curriculum", "--b-ramp", "--reduction", "--output-dir", "--overwrite", "--preset"):
+    for flag in ("--teacher", "--student-layers", "--prompts", "--max-new-tokens", "--rounds", "--skew",
+                 "--v1-skew", "--jsd-beta", "--curriculum", "--b-ramp", "--reduction", "--output-dir", "--overwrite", "--preset"):
         assert flag in text
+    assert "--alpha0" not in text  # an earlier name: accepted (test_earlier_flag_names_still_work), not listed
+
+
+def test_earlier_flag_names_still_work(caplog):
+    args = build_parser().parse_args(["run", "--alpha0", "0.2", "--v1-alpha", "0.3", "--skew-max", "0.4"])
+    with caplog.at_level("WARNING", logger="distillm"):
+        config = load_config(overrides=_overrides(args))
+    assert (config.method.skew, config.method.v1_skew, config.method.skew_max) == (0.2, 0.3, 0.4)
+    assert "'alpha0' is now 'skew'" in caplog.text and "'v1_alpha' is now 'v1_skew'" in caplog.text
 
 
 def _run_main(capsys, *args):

@@ -11,7 +11,7 @@ import yaml
 from distillm.cli import main
 from distillm.models import load_model, prune_layers
 from distillm.speculate import (DraftSpec, SpeculateError, assisted_generate, expected_tokens_per_call, speculate)
-from distillm.tiny import build_tiny_model, build_tiny_tokenizer
+from distillm.testing.tiny import build_tiny_model, build_tiny_tokenizer
 from tolerances import sum_atol, sum_rtol
 
 PROMPTS = ["Hi", "Name a colour.", "What is two plus two?", "Write a haiku about the sea."]

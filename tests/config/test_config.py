@@ -7,8 +7,9 @@ from distillm.config import ConfigError, PRESETS, RunConfig, load_config, option
 
 def test_defaults_follow_method_md():
     c = RunConfig()
-    assert (c.loss.alpha0, c.loss.alpha_min, c.loss.alpha_max) == (0.1, 0.01, 0.5)
-    assert c.loss.curriculum and c.loss.b_ramp and (c.loss.b_start, c.loss.b_end, c.loss.ramp_fraction) == (1.0, 1.5, 0.5)
+    assert (c.method.skew, c.method.skew_min, c.method.skew_max) == (0.1, 0.01, 0.5)
+    assert c.method.curriculum and c.method.b_ramp
+    assert (c.method.b_start, c.method.b_end, c.method.ramp_fraction) == (1.0, 1.5, 0.5)
     assert (c.generation.temperature, c.generation.top_p) == (0.8, 0.95)
     assert (c.training.learning_rate, c.training.lr_scheduler_type, c.training.warmup_ratio) == (5e-5, "cosine", 0.1)
     assert c.loss.reduction == "seq_mean" and not c.model.trust_remote_code
@@ -25,10 +26,10 @@ def test_yaml_flat_and_sectioned_then_overrides(tmp_path):
     flat = tmp_path / "flat.yaml"
     flat.write_text("teacher: my/teacher\nlearning_rate: 2e-5\ncurriculum: false\n")
     nested = tmp_path / "nested.yaml"
-    nested.write_text("model:\n  teacher: my/teacher\ntraining:\n  learning_rate: 2.0e-5\nloss:\n  curriculum: no\n")
+    nested.write_text("model:\n  teacher: my/teacher\ntraining:\n  learning_rate: 2.0e-5\nmethod:\n  curriculum: no\n")
     for path in (flat, nested):
         c = load_config(path, preset="demo", overrides={"rounds": "4", "max_new_tokens": 8})
-        assert c.model.teacher == "my/teacher" and c.training.learning_rate == 2e-5 and c.loss.curriculum is False
+        assert c.model.teacher == "my/teacher" and c.training.learning_rate == 2e-5 and c.method.curriculum is False
         assert c.training.rounds == 4 and c.generation.max_new_tokens == 8
         assert c.data.num_prompts == PRESETS["demo"]["num_prompts"]  # the preset stays under the file
 
@@ -51,12 +52,33 @@ def test_bad_values_name_the_option():
         load_config(overrides={"rounds": 1.5})
     with pytest.raises(ConfigError, match="'curriculum' expects bool"):
         load_config(overrides={"curriculum": "maybe"})
-    with pytest.raises(ConfigError, match="alpha"):
-        load_config(overrides={"alpha_max": 0.05})  # below alpha0
+    with pytest.raises(ConfigError, match="skew_min <= skew <= skew_max"):
+        load_config(overrides={"skew_max": 0.05})  # below skew
     with pytest.raises(ConfigError, match="preset"):
         load_config(preset="huge")
     with pytest.raises(ConfigError, match="not found"):
         load_config("/nonexistent/config.yaml")
+
+
+def test_earlier_option_names_load_with_a_warning(tmp_path, caplog):
+    """A config.yaml written before the skew's one name (loss: alpha0, ...; method: v1_alpha) still loads, each
+    earlier name mapped to today's with a warning that names both; the values land where today's names are."""
+    old = tmp_path / "config.yaml"
+    old.write_text("method:\n  method: distillm\n  v1_alpha: 0.3\nloss:\n  alpha0: 0.2\n  alpha_min: 0.05\n"
+                   "  alpha_max: 0.4\n  curriculum: false\n  reduction: token_mean\n")
+    with caplog.at_level("WARNING", logger="distillm"):
+        c = load_config(old, preset="none")
+    assert (c.method.skew, c.method.skew_min, c.method.skew_max, c.method.v1_skew) == (0.2, 0.05, 0.4, 0.3)
+    assert c.method.curriculum is False and c.loss.reduction == "token_mean"
+    warned = caplog.text
+    for old_name, new_name in (("loss: alpha0", "method: skew"), ("method: v1_alpha", "method: v1_skew"),
+                               ("loss: curriculum", "method: curriculum")):
+        assert f"'{old_name}' is now '{new_name}'" in warned
+    assert "reduction" not in warned
+    flat = load_config(overrides={"alpha0": 0.3, "alpha-max": 0.45})
+    assert (flat.method.skew, flat.method.skew_max) == (0.3, 0.45)
+    with pytest.raises(ConfigError, match="section 'loss'"):  # only where an option lived before
+        load_config(overrides={"loss": {"jsd_beta": 0.1}})
 
 
 def test_optional_fields_accept_empty(tmp_path):
@@ -85,3 +107,23 @@ def test_yaml_round_trip():
 def test_values_are_validated_before_any_work(key, value, message):
     with pytest.raises(ConfigError, match=message):
         load_config(overrides={key: value})
+
+
+def test_a_run_directory_saved_with_earlier_names_is_the_same_config(tmp_path):
+    """A config.yaml written before the renames (loss: alpha0, ...; method: v1_alpha) names the same run as today's
+    config with the same values: rerunning the command continues it instead of refusing a 'different' config."""
+    import yaml
+
+    from distillm.pipeline import config_changes
+
+    config = load_config(preset="tiny", overrides={"skew": 0.2, "curriculum": False})
+    old = yaml.safe_load(config.to_yaml())
+    method = old["method"]
+    old["loss"].update({"alpha0": method.pop("skew"), "alpha_min": method.pop("skew_min"),
+                        "alpha_max": method.pop("skew_max"), "curriculum": method.pop("curriculum")})
+    method["v1_alpha"] = method.pop("v1_skew")
+    saved = tmp_path / "config.yaml"
+    saved.write_text(yaml.safe_dump(old))
+    assert config_changes(saved, config.to_yaml()) == []
+    other = load_config(preset="tiny", overrides={"skew": 0.3, "curriculum": False})
+    assert config_changes(saved, other.to_yaml()) == ["method.skew"]

@@ -11,7 +11,7 @@ import pytest
 
 from distillm.data.builtin import builtin_prompts_path, load_builtin
 from distillm.data.prompts import DataError, PromptRecord, encode_prompts, load_prompts
-from distillm.tiny import build_tiny_tokenizer
+from distillm.testing.tiny import build_tiny_tokenizer
 
 ROWS = [
     {"id": "q1", "prompt": "What is 2 + 2?", "response": "4"},

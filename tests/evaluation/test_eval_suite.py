@@ -13,7 +13,7 @@ from distillm.cli import main
 from distillm.evaluation.judge import VerdictCache
 from distillm.evaluation.suite import EvalError, EvalSettings, ModelSpec, run_evaluation
 from distillm.models import prune_layers
-from distillm.tiny import build_tiny_model, build_tiny_tokenizer
+from distillm.testing.tiny import build_tiny_model, build_tiny_tokenizer
 
 FAST = dict(num_prompts=3, max_new_tokens=6, max_prompt_length=256, max_length=256, num_math=2)
 
@@ -43,7 +43,7 @@ def test_identical_model_has_zero_divergence_and_pruned_one_does_not(tmp_path):
     copy, pruned, teacher = (results["models"][n]["metrics"] for n in ("copy", "pruned", "teacher"))
     # the same weights: p = q up to fp32 rounding, so each per-token sum over the vocabulary is 0 (KL, TVD) or
     # sum(p) = 1 (acceptance) up to the rounding of a sum of V probabilities
-    from distillm.tiny import build_tiny_tokenizer
+    from distillm.testing.tiny import build_tiny_tokenizer
 
     atol = sum_atol(len(build_tiny_tokenizer()), 1.0)
     assert copy["kl"] == pytest.approx(0.0, abs=atol) and copy["tvd"] == pytest.approx(0.0, abs=atol)
@@ -81,7 +81,7 @@ def _fake_run(root):
                                       "  student_layers: '0,3'\n")
     (root / "logs").mkdir()
     (root / "logs" / "train_log.jsonl").write_text("".join(
-        json.dumps({"loss": 3.0 - 0.5 * s, "skl": 1.0 / s, "srkl": 2.0 / s, "alpha_t": 0.1, "alpha_s": 0.1,
+        json.dumps({"loss": 3.0 - 0.5 * s, "skl": 1.0 / s, "srkl": 2.0 / s, "skew_t": 0.1, "skew_s": 0.1,
                     "b": 1.0 + 0.1 * s, "learning_rate": 1e-3, "epoch": s / 4, "step": s}) + "\n" for s in range(1, 5)))
 
 
@@ -98,7 +98,7 @@ def test_cli_eval_of_a_run_directory(tmp_path, capsys):
     # the saved student is the teacher pruned to layers 0 and 3, exactly the run's initial student
     distilled, initial = results["models"]["myrun"]["metrics"], results["models"]["myrun-initial"]["metrics"]
     # the same weights loaded two ways: the same KL up to fp32 rounding over the held-out tokens (2 x 5 at most)
-    from distillm.tiny import build_tiny_tokenizer, tiny_llama_config
+    from distillm.testing.tiny import build_tiny_tokenizer, tiny_llama_config
 
     config = tiny_llama_config(len(build_tiny_tokenizer()), num_layers=2)
     assert distilled["kl"] == pytest.approx(initial["kl"], rel=0, abs=model_atol(config, 10, initial["kl"]))

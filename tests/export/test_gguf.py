@@ -29,7 +29,7 @@ from distillm.export.gguf import (
     write_gguf,
 )
 from distillm.quant import QuantizedWeight
-from distillm.tiny import build_tiny_model, build_tiny_tokenizer
+from distillm.testing.tiny import build_tiny_model, build_tiny_tokenizer
 
 T = gguf.GGMLQuantizationType
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

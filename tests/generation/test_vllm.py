@@ -13,7 +13,7 @@ from distillm.generation.hf import HFBackend  # noqa: E402
 from distillm.generation.runner import generate_responses  # noqa: E402
 from distillm.generation.vllm_backend import LazyVLLMBackend  # noqa: E402
 from distillm.models import prune_layers  # noqa: E402
-from distillm.tiny import build_tiny_model  # noqa: E402
+from distillm.testing.tiny import build_tiny_model  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 

@@ -10,10 +10,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from distillm.losses import divergences as D
 from distillm.losses.fused import (
-    HeadInputs, fused_divergence, fused_forward_kl, fused_generalized_jsd, fused_inputs, fused_skew_forward_kl,
+    HeadInputs, fused_divergence, fused_forward_kl, fused_generalized_jsd, fused_skew_forward_kl,
     fused_skew_reverse_kl, fused_token_log_probs, fused_weighted_divergence,
 )
 from distillm.training.collate import pad_left, response_logits
+from distillm.training.fused_inputs import fused_inputs
 from tolerances import forward_atol, head_atol
 
 B, T, H, HT, V, PAD = 3, 5, 8, 6, 37, 4  # N = 15 tokens; heads padded by PAD rows beyond the vocabulary

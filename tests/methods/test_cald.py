@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tolerances import rounding_rtol, softmax_atol, sum_atol
-from distillm.losses.cald import b_schedule, cald_loss, curriculum_alpha, sequence_mean_logprob
+from distillm.losses.cald import b_schedule, cald_loss, curriculum_alpha, curriculum_skew, sequence_mean_logprob
 from distillm.config import load_config
 from distillm.methods.base import LossInputs
 from distillm.methods.distillm2 import DistiLLM2
@@ -46,19 +46,21 @@ def _alpha_atol(ratio, alpha):
     return rounding_rtol(4, torch.float32) * abs(ratio) + rounding_rtol(1, torch.float32) * abs(alpha)
 
 
-def test_curriculum_alpha_tracks_difficulty_and_clamps():
+def test_curriculum_skew_tracks_difficulty_and_clamps():
     gaps = torch.tensor([0.2, 0.4, 0.1, -0.3, 5.0])
-    alpha = curriculum_alpha(gaps, 0.2, alpha0=0.1, alpha_min=0.01, alpha_max=0.5)
+    alpha = curriculum_skew(gaps, 0.2, skew=0.1, skew_min=0.01, skew_max=0.5)
     a_min = torch.tensor(0.01).item()  # a clamped value is the bound itself, in float32: compared exactly
     assert alpha[0].item() == pytest.approx(0.1, rel=0, abs=_alpha_atol(0.9, 0.1))  # gap == reference -> a0
     assert alpha[1].item() == 0.5  # harder -> larger (1 - 0.9 * 0.2 / 0.4 = 0.55, clamped)
     assert alpha[2].item() == a_min  # easier -> smaller (1 - 1.8 < 0 -> a_min)
     assert alpha[3].item() == a_min  # student already ahead -> a_min
     assert alpha[4].item() == 0.5
-    mid = curriculum_alpha(torch.tensor([0.25]), 0.2, alpha0=0.1, alpha_min=0.01, alpha_max=0.5)
+    mid = curriculum_skew(torch.tensor([0.25]), 0.2, skew=0.1, skew_min=0.01, skew_max=0.5)
     want = 1 - 0.9 * 0.2 / 0.25  # inside the clamp: exactly Eq. 8 (float32 rounding: _alpha_atol)
     assert mid.item() == pytest.approx(want, rel=0, abs=_alpha_atol(0.9 * 0.2 / 0.25, want))
-    assert torch.equal(curriculum_alpha(gaps, None, alpha0=0.1), torch.full_like(gaps, 0.1))
+    assert torch.equal(curriculum_skew(gaps, None, skew=0.1), torch.full_like(gaps, 0.1))
+    # the earlier name and keywords: the same function
+    assert torch.equal(curriculum_alpha(gaps, 0.2, alpha0=0.1, alpha_min=0.01, alpha_max=0.5), alpha)
 
 
 def test_cald_loss_matches_brute_force_with_mask_and_weights():
@@ -127,8 +129,8 @@ def test_method_normalises_by_global_counts_and_reports_metrics():
     expected = cald_loss(student[:2], teacher[:2], mask[:2], 0.1, student[2:], teacher[2:], mask[2:], 0.1, b=1.0)
     tol = dict(rel=0, abs=2 * (2 * softmax_atol(student, teacher)))  # two fp32 evaluations, weights (2 - b) + b
     assert loss.item() == pytest.approx(expected.item(), **tol)
-    # alpha_t: a0 = 0.1 in float32 for each of two pairs, summed exactly (a doubling)
-    assert sums["units"] == 2 and sums["alpha_t"] == 2 * torch.tensor(0.1).item() and gauges["b"] == 1.0
+    # skew_t: a0 = 0.1 in float32 for each of two pairs, summed exactly (a doubling)
+    assert sums["units"] == 2 and sums["skew_t"] == 2 * torch.tensor(0.1).item() and gauges["b"] == 1.0
     assert (sums["skl"] + sums["srkl"]) / 2 == pytest.approx(expected.item(), **tol)
 
 
@@ -137,7 +139,7 @@ def test_curriculum_reference_updates_once_per_optimizer_step():
     method = distillm2(curriculum=True, gap_momentum=0.5)
     norm = torch.tensor([2.0, 5.0, 6.0])
     _, sums, _ = method.compute_loss(_inputs(student, teacher, targets, step=0, total_steps=4, normalizer=norm))
-    assert sums["alpha_t"] == 2 * torch.tensor(0.1).item()  # no reference yet: a0 (float32) for both samples
+    assert sums["skew_t"] == 2 * torch.tensor(0.1).item()  # no reference yet: a0 (float32) for both samples
     assert method.gap_ref == {"t": None, "s": None}  # nothing folded before the step ends
     method.on_step_end()
     first = dict(method.gap_ref)

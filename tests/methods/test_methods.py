@@ -245,9 +245,9 @@ def test_v1_loss_is_skew_kl_or_skew_reverse_kl_at_its_alpha():
     expected_skl = brute(batch, lambda p, q: kl(p, a * p + (1 - a) * q), reduction="token_mean")
     expected_srkl = brute(batch, lambda p, q: kl(q, (1 - a) * p + a * q), reduction="token_mean")
     for reduction in ("seq_mean", "token_mean"):
-        loss, _, _ = method("distillm", v1_loss="skl", v1_alpha=a, reduction=reduction).compute_loss(batch)
+        loss, _, _ = method("distillm", v1_loss="skl", v1_skew=a, reduction=reduction).compute_loss(batch)
         assert loss.item() == pytest.approx(expected_skl, **tol(batch, expected_skl))
-        loss, _, _ = method("distillm", v1_loss="srkl", v1_alpha=a, reduction=reduction).compute_loss(batch)
+        loss, _, _ = method("distillm", v1_loss="srkl", v1_skew=a, reduction=reduction).compute_loss(batch)
         assert loss.item() == pytest.approx(expected_srkl, **tol(batch, expected_srkl))
 
 
@@ -257,7 +257,7 @@ def test_v1_gradient_does_not_detach_the_student_in_the_mixture(loss_name):
     (released v1 code), not DistiLLM-2's detached SRKL: checked against autograd on a float64 brute force."""
     batch = random_batch()
     a = 0.1
-    loss, _, _ = method("distillm", v1_loss=loss_name, v1_alpha=a).compute_loss(batch)
+    loss, _, _ = method("distillm", v1_loss=loss_name, v1_skew=a).compute_loss(batch)
     loss.backward()
     s = batch.student_logits.detach().double().requires_grad_(True)
     p, q = torch.softmax(batch.teacher_logits.double(), -1), torch.softmax(s, -1)
@@ -482,3 +482,51 @@ def test_every_method_is_registered_with_a_summary():
     chat = [{"role": "system", "content": "s"}, {"role": "user", "content": "y"}]
     assert with_prefix("x ", chat) == [{"role": "system", "content": "s"}, {"role": "user", "content": "x y"}]
     assert chat[1]["content"] == "y"  # the input is not modified
+
+
+# ------------------------------------------------------------------------------------ the registry, derived
+
+
+def test_the_registry_config_flags_vision_list_and_compare_derive_from_the_method_modules():
+    from distillm import compare, config, vision
+
+    assert config.METHOD_NAMES == tuple(METHODS) and list(METHODS)[0] == "distillm2"
+    section = {f.name for f in __import__("dataclasses").fields(config.MethodSection)}
+    for cls in METHODS.values():
+        for f in __import__("dataclasses").fields(cls.Options):
+            assert f.name in section and config.option_fields()[f.name][0] == "method"
+    assert vision.VISION_METHODS == tuple(name for name, cls in METHODS.items() if cls.vision)
+    assert set(compare.VARIANTS) == set(METHODS) | set(METHODS["distillm2"].ablations)
+    # compare's token accounting: which methods train on the shared teacher responses
+    teacher = load_config(overrides={"fixed_responses": "teacher"})
+    dataset = load_config(overrides={"fixed_responses": "dataset", "imitkd_fixed_fraction": 0.5})
+    uses = {name: (cls.uses_teacher_rows(teacher), cls.uses_teacher_rows(dataset)) for name, cls in METHODS.items()}
+    assert uses == {"distillm2": (True, True), "distillm": (True, False), "kd": (True, False),
+                    "seqkd": (True, True), "imitkd": (False, True), "gkd": (True, False), "minillm": (False, False),
+                    "dpkd": (True, True), "speculative-kd": (False, False), "step-by-step": (False, False)}
+
+
+def test_a_new_method_module_is_registered_with_its_options(tmp_path, monkeypatch):
+    """Adding a method is adding its module: the registry finds it, its options join section `method`."""
+    import sys
+
+    import distillm.methods as registry
+
+    (tmp_path / "my_method.py").write_text(
+        "from dataclasses import dataclass\n"
+        "from distillm.options import opt\n"
+        "from distillm.methods.base import DivergenceMethod\n\n\n"
+        "class MyMethod(DivergenceMethod):\n"
+        "    name = 'my-method'\n"
+        "    divergence_name = 'tvd'\n\n"
+        "    @dataclass\n"
+        "    class Options:\n"
+        "        my_strength: float = opt(0.5, 'my-method: strength.', ge=0)\n")
+    monkeypatch.setattr(registry, "__path__", [*registry.__path__, str(tmp_path)])
+    try:
+        found = registry._discover()
+        assert list(found)[-1] == "my-method" and list(found)[:len(METHODS)] == list(METHODS)
+        monkeypatch.setattr(registry, "METHODS", found)
+        assert "my_strength" in [f.name for f in registry.option_fields()]
+    finally:
+        sys.modules.pop("distillm.methods.my_method", None)

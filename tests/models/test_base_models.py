@@ -11,7 +11,7 @@ from tokenizers.processors import TemplateProcessing
 
 from distillm.cli import main
 from distillm.models import load_model, load_tokenizer
-from distillm.tiny import build_tiny_model, build_tiny_tokenizer
+from distillm.testing.tiny import build_tiny_model, build_tiny_tokenizer
 
 PROMPTS = ["Hi", "Name a colour.", "What is two plus two?"]
 

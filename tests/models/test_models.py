@@ -22,7 +22,7 @@ from distillm.models import (
     prune_layers,
     resolve_model_source,
 )
-from distillm.tiny import build_tiny_tokenizer
+from distillm.testing.tiny import build_tiny_tokenizer
 
 
 def _smollm2_dir() -> Path:
@@ -250,7 +250,7 @@ def test_pruned_student_generate_with_kv_cache_matches_a_no_cache_loop(student, 
 
 
 def test_pruning_leaves_the_teacher_unchanged(tokenizer, encoded_prompts):
-    from distillm.tiny import build_tiny_model
+    from distillm.testing.tiny import build_tiny_model
 
     teacher = build_tiny_model(tokenizer, num_layers=4, seed=0)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}

@@ -14,7 +14,7 @@ from distillm.quant.qat import (
     SCALE_EPS, QuantizationError, dequantized_copy, extract_quantized, fake_quantized_linears, plain_copy,
     prepare_qat, quantizable_linears,
 )
-from distillm.tiny import build_tiny_model, build_tiny_tokenizer
+from distillm.testing.tiny import build_tiny_model, build_tiny_tokenizer
 
 
 def reference_grid(w: torch.Tensor, bits: int, group: int):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from distillm.cli import main
-from distillm.tiny import build_tiny_model, build_tiny_tokenizer
+from distillm.testing.tiny import build_tiny_model, build_tiny_tokenizer
 
 TINY = ["run", "--preset", "tiny", "--num-prompts", "4", "--num-eval-prompts", "2", "--rounds", "1"]
 

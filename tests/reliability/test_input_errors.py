@@ -110,7 +110,7 @@ def test_a_csv_cell_over_the_csv_field_limit_is_named(tmp_path):
 
 def test_deeply_nested_preference_file_is_refused(tmp_path):
     from distillm.align import load_preferences
-    from distillm.tiny import build_tiny_tokenizer
+    from distillm.testing.tiny import build_tiny_tokenizer
 
     prefs = tmp_path / "prefs.jsonl"
     prefs.write_text('{"prompt": "Hi", "chosen": "a", "rejected": "b"}\n{"prompt": "Hi", "chosen": ' + _deep() + "}\n")

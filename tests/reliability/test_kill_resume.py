@@ -2,7 +2,7 @@
 lost: the same generated data (no prompt lost or duplicated), the same optimizer steps, the same final student
 (to float tolerance) and the same metrics as an uninterrupted run.
 
-The kill is a real signal sent by the process to itself at a named point (DISTILLM_FAULT, see distillm.faults),
+The kill is a real signal sent by the process to itself at a named point (DISTILLM_FAULT, see distillm.testing.faults),
 so each test interrupts exactly the phase it names, with no timing guesswork."""
 
 from __future__ import annotations

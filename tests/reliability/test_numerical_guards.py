@@ -17,6 +17,17 @@ from distillm.methods import METHODS, build_method
 from distillm.methods.base import LossInputs
 
 
+def test_the_loss_poisoning_hook_is_the_identity_unless_asked(monkeypatch):
+    from distillm.testing.faults import ENV, poison_loss
+
+    loss = torch.tensor(1.5, requires_grad=True)
+    monkeypatch.delenv(ENV, raising=False)
+    assert poison_loss(loss, 3) is loss  # off: the very same tensor, no arithmetic
+    monkeypatch.setenv(ENV, "nan_loss@3,inf_loss@5-6")
+    assert poison_loss(loss, 2) is loss and torch.isnan(poison_loss(loss, 3))
+    assert poison_loss(loss, 5).item() == poison_loss(loss, 6).item() == float("inf")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("fault", ["nan_loss@3", "inf_loss@3"])
 def test_a_non_finite_step_is_skipped_counted_and_the_run_finishes(fault, tmp_path, reference_run):

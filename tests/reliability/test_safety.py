@@ -17,7 +17,7 @@ from distillm.config import RunConfig
 from distillm.evaluation.code import CodeProblem, check_completion
 from distillm.evaluation.sandbox import SandboxLimits
 from distillm.models import ModelLoadError, load_model
-from distillm.tiny import build_tiny_model, build_tiny_tokenizer
+from distillm.testing.tiny import build_tiny_model, build_tiny_tokenizer
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "distillm"
 

@@ -17,7 +17,7 @@ from distillm.config import load_config
 from distillm.data.prompts import DataError
 from distillm.errors import DistillmError
 from distillm.pipeline import MIN_OPTIMIZER_STEPS, RunPaths, check_step_plan, learning_rates, step_plan, training_kwargs
-from distillm.tiny import build_tiny_tokenizer
+from distillm.testing.tiny import build_tiny_tokenizer
 
 
 def tiny_config(tmp_path, **overrides):
@@ -113,7 +113,7 @@ def _no_weights(*args, **kwargs):
 
 
 def test_run_refuses_a_schedule_that_trains_nothing_before_loading_any_model(tmp_path, monkeypatch):
-    monkeypatch.setattr(pipeline, "load_models", _no_weights)
+    monkeypatch.setattr(pipeline.driver, "load_models", _no_weights)
     config = tiny_config(tmp_path, num_prompts=16, per_device_train_batch_size=4, gradient_accumulation_steps=4,
                          rounds=1, warmup_ratio=0.1)
     with pytest.raises(DistillmError, match="train nothing"):
@@ -121,8 +121,8 @@ def test_run_refuses_a_schedule_that_trains_nothing_before_loading_any_model(tmp
 
 
 def test_run_refuses_a_tokenizer_without_chat_template_before_loading_any_model(tmp_path, monkeypatch):
-    monkeypatch.setattr(pipeline, "load_tokenizer", lambda spec, **_: build_tiny_tokenizer(chat_template=None))
-    monkeypatch.setattr(pipeline, "load_models", _no_weights)
+    monkeypatch.setattr(pipeline.driver, "load_tokenizer", lambda spec, **_: build_tiny_tokenizer(chat_template=None))
+    monkeypatch.setattr(pipeline.driver, "load_models", _no_weights)
     with pytest.raises(DataError, match="no chat template.*--no-chat-template"):
         pipeline.run(tiny_config(tmp_path))
 

@@ -174,7 +174,7 @@ def test_two_processes_train_like_one(tmp_path):
                                    msg=key)
     # the tolerance is far below what training moved: the untrained student differs by much more
     from distillm.models import prune_layers
-    from distillm.tiny import build_tiny_model, build_tiny_tokenizer
+    from distillm.testing.tiny import build_tiny_model, build_tiny_tokenizer
 
     initial = prune_layers(build_tiny_model(build_tiny_tokenizer()), [0, 3]).state_dict()
     moved = max((weights["one"][key] - initial[key]).abs().max().item() for key in weights["one"])

@@ -115,7 +115,7 @@ def test_lora_run_saves_the_adapter_and_a_merged_plain_student(tmp_path):
 
     from distillm.models import prune_layers
     from distillm.pipeline import run
-    from distillm.tiny import build_tiny_model, build_tiny_tokenizer
+    from distillm.testing.tiny import build_tiny_model, build_tiny_tokenizer
 
     out = tmp_path / "lora"
     config = load_config(preset="tiny", overrides={"output_dir": str(out), "lora": True, "lora_r": 4,

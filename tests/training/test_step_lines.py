@@ -13,7 +13,7 @@ from test_trainer import distillm2, make_pairs, make_trainer
 
 def test_line_format():
     logs = {"loss": 2.9134, "grad_norm": 3.25, "learning_rate": 1.2e-4, "epoch": 0.25, "skl": 1.4123,
-            "srkl": 1.4871, "alpha_t": 0.0912, "alpha_s": 0.1, "b": 1.25, "source_fixed": 1.0,
+            "srkl": 1.4871, "skew_t": 0.0912, "skew_s": 0.1, "b": 1.25, "source_fixed": 1.0,
             "generated_student_tokens": 512}
     line = StepLineCallback().format_line(logs, 12, 48, 3.14159)
     assert line == ("step 12/48  loss 2.91  skl 1.41  srkl 1.49  a_t 0.0912  a_s 0.1  b 1.25  fixed 1  "
@@ -37,7 +37,7 @@ def test_trainer_prints_one_line_per_logging_step_and_keeps_the_log(tmp_path, te
             assert key in line
     assert any(line.startswith("done: 2 steps in ") for line in out.splitlines())
     history = [entry for entry in trainer.state.log_history if "loss" in entry]
-    assert len(history) == 2 and {"skl", "srkl", "alpha_t", "b", "learning_rate", "epoch"} <= set(history[0])
+    assert len(history) == 2 and {"skl", "srkl", "skew_t", "b", "learning_rate", "epoch"} <= set(history[0])
 
     # between logging steps, a progress line at most every heartbeat_s seconds
     stream = io.StringIO()

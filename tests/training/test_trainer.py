@@ -179,9 +179,9 @@ def test_each_step_logs_loss_parts_skews_and_b(tmp_path, teacher, student, token
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logs) == 2
     for entry in logs:
-        assert {"loss", "skl", "srkl", "alpha_t", "alpha_s", "b", "learning_rate"} <= set(entry)
+        assert {"loss", "skl", "srkl", "skew_t", "skew_s", "b", "learning_rate"} <= set(entry)
         assert entry["skl"] >= 0 and entry["srkl"] >= 0
-        assert 0.01 <= entry["alpha_t"] <= 0.5
+        assert 0.01 <= entry["skew_t"] <= 0.5
     assert logs[0]["b"] < logs[1]["b"]  # the ramp moves weight to SRKL
     # loss = (2 - b) SKL + b SRKL of the same step
     first = logs[0]

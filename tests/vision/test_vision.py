@@ -17,10 +17,11 @@ from distillm.generation.base import SamplingParams
 from distillm.generation.vision import VisionHFBackend
 from distillm.methods import build_method
 from distillm.models import ModelLoadError
-from distillm.tiny_vision import IMAGE_TOKEN, build_tiny_processor, write_tiny_vlm_setup
+from distillm.testing.tiny_vision import IMAGE_TOKEN, build_tiny_processor, write_tiny_vlm_setup
 from distillm.training.collate import IGNORE, RowDataset
 from distillm.training.trainer import DistillTrainer
-from distillm.training.vision import ImageInputs, VisionCollator
+from distillm.data.vision import ImageInputs
+from distillm.training.vision import VisionCollator
 from distillm.vision import (
     check_same_image_layout, is_vision_model, load_vision_model, prune_vision_layers, uses_images,
 )

@@ -78,7 +78,7 @@ class _Where:
 
 
 @dataclass(frozen=True)
-class _Fields:
+class PromptFields:
     """The column names to read each part of a record from."""
 
     prompt: str = "prompt"
@@ -115,19 +115,19 @@ def load_prompts(
     """
     if limit is not None and limit < 0:
         raise DataError(f"limit must be zero or positive, got {limit}")
-    label, stem, rows, fields = _open_source(path, _Fields(prompt_field, messages_field, response_field, id_field))
-    records, n_empty = _collect(rows, stem, fields, system_prompt, limit)
+    label, stem, rows, fields = open_source(path, PromptFields(prompt_field, messages_field, response_field, id_field))
+    records, n_empty = collect_records(rows, stem, fields, system_prompt, limit)
     if not records and limit != 0:
         raise DataError(f"{label}: no prompts found ({n_empty} empty prompts skipped). Check the file's contents.")
     return records, LoadReport(path=label, n_loaded=len(records), n_empty_skipped=n_empty)
 
 
-def _open_source(path: str | os.PathLike | None, fields: _Fields) -> tuple[str, str, Iterator[_Row], _Fields]:
+def open_source(path: str | os.PathLike | None, fields: PromptFields) -> tuple[str, str, Iterator[_Row], PromptFields]:
     """Resolve `path` to (label for reports, stem for fallback ids, row iterator, field names to use)."""
     spec = "builtin" if path is None else os.fspath(path)
     if spec == "builtin" or spec.startswith("builtin:"):
         split = spec.partition(":")[2] or "train"
-        return f"builtin:{split}", f"builtin-{split}", _read_builtin(split), _Fields()
+        return f"builtin:{split}", f"builtin-{split}", _read_builtin(split), PromptFields()
     file = Path(spec)
     if file.is_dir():
         return spec, file.name, _read_saved_dataset(file, None, spec), fields
@@ -143,8 +143,8 @@ def _open_source(path: str | os.PathLike | None, fields: _Fields) -> tuple[str, 
     return spec, file.stem, reader(file, spec), fields
 
 
-def _collect(
-    rows: Iterable[_Row], stem: str, fields: _Fields, system_prompt: str | None, limit: int | None,
+def collect_records(
+    rows: Iterable[_Row], stem: str, fields: PromptFields, system_prompt: str | None, limit: int | None,
     extend=None,
 ) -> tuple[list[PromptRecord], int]:
     """Parse rows into records until `limit` is reached; returns the records and the number of empty ones skipped.
@@ -224,7 +224,7 @@ def _read_json(file: Path, label: str) -> Iterator[_Row]:
             )
         data = data[lists[0]]
     if not isinstance(data, list):
-        raise DataError(f"{label}: expected a list of records at the top level, got {_type_name(data)}.")
+        raise DataError(f"{label}: expected a list of records at the top level, got {type_name(data)}.")
     for index, raw in enumerate(data, start=1):
         yield index, _Where(label, index, "item"), raw
 
@@ -335,11 +335,11 @@ _READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".par
 
 
 def _parse_record(
-    raw: Any, number: int, where: _Where, stem: str, fields: _Fields, system_prompt: str | None
+    raw: Any, number: int, where: _Where, stem: str, fields: PromptFields, system_prompt: str | None
 ) -> PromptRecord | None:
     """Turn one raw record into a PromptRecord, or None when its prompt is empty."""
     if not isinstance(raw, dict):
-        raise DataError(f"{where}: expected a JSON object with a '{fields.prompt}' field, got {_type_name(raw)}.")
+        raise DataError(f"{where}: expected a JSON object with a '{fields.prompt}' field, got {type_name(raw)}.")
     if fields.messages not in raw and fields.prompt not in raw:
         present = ", ".join(map(str, raw)) or "none"
         raise DataError(
@@ -360,7 +360,7 @@ def _parse_record(
     )
 
 
-def _prompt_messages(raw: dict, where: _Where, fields: _Fields) -> tuple[list[dict], str | None]:
+def _prompt_messages(raw: dict, where: _Where, fields: PromptFields) -> tuple[list[dict], str | None]:
     """The messages to answer, and the content of a trailing assistant turn (removed from them), if any."""
     if raw.get(fields.messages) is not None:
         return _split_messages(_parse_messages(raw[fields.messages], where, fields.messages), where, fields.messages)
@@ -368,7 +368,7 @@ def _prompt_messages(raw: dict, where: _Where, fields: _Fields) -> tuple[list[di
     if prompt is None:
         return [], None
     if not isinstance(prompt, str):
-        raise DataError(f"{where}: field '{fields.prompt}' must be a string, got {_type_name(prompt)}.")
+        raise DataError(f"{where}: field '{fields.prompt}' must be a string, got {type_name(prompt)}.")
     return [{"role": "user", "content": prompt}], None
 
 
@@ -383,16 +383,16 @@ def _parse_messages(value: Any, where: _Where, field: str) -> list[dict]:
             raise DataError(f"{where}: field '{field}': {TOO_DEEP}") from None
     expected = 'a list of {"role": ..., "content": ...} objects'
     if not isinstance(value, list):
-        raise DataError(f"{where}: field '{field}' must be {expected}, got {_type_name(value)}.")
+        raise DataError(f"{where}: field '{field}' must be {expected}, got {type_name(value)}.")
     messages = []
     for i, message in enumerate(value, start=1):
         if not isinstance(message, dict):
-            raise DataError(f"{where}: field '{field}', message {i}: expected an object, got {_type_name(message)}.")
+            raise DataError(f"{where}: field '{field}', message {i}: expected an object, got {type_name(message)}.")
         for key in ("role", "content"):
             if not isinstance(message.get(key), str):
                 raise DataError(
                     f"{where}: field '{field}', message {i}: '{key}' must be a string, "
-                    f"got {_type_name(message.get(key))}. "
+                    f"got {type_name(message.get(key))}. "
                     f"Each message must be {expected}."
                 )
         messages.append({"role": message["role"], "content": message["content"]})
@@ -416,7 +416,7 @@ def _optional_string(raw: dict, field: str, where: _Where) -> str | None:
     """A string field that may be absent or null; an empty string counts as absent."""
     value = raw.get(field)
     if value is not None and not isinstance(value, str):
-        raise DataError(f"{where}: field '{field}' must be a string, got {_type_name(value)}.")
+        raise DataError(f"{where}: field '{field}' must be a string, got {type_name(value)}.")
     return value or None
 
 
@@ -426,11 +426,11 @@ def _record_id(raw: dict, field: str, where: _Where) -> str | None:
     if value is None or value == "":
         return None
     if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise DataError(f"{where}: field '{field}' must be a string or an integer, got {_type_name(value)}.")
+        raise DataError(f"{where}: field '{field}' must be a string or an integer, got {type_name(value)}.")
     return str(value)
 
 
-def _type_name(value: Any) -> str:
+def type_name(value: Any) -> str:
     """A JSON-style name for a value's type, for error messages."""
     names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
     if value is None:

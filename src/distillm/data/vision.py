@@ -18,10 +18,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
+import torch
+
+from ..errors import DistillmError
 from .prompts import (
-    DataError, EncodedPrompt, LoadReport, PromptRecord, _Fields, _collect, _open_source, _type_name,
+    DataError, EncodedPrompt, LoadReport, PromptRecord, PromptFields, collect_records, open_source, type_name,
 )
 
 
@@ -75,8 +78,8 @@ def load_image_prompts(
     if path is None or str(path).startswith("builtin"):
         raise DataError(f"the built-in prompts have no images: a vision-language model needs --prompts pointing at a "
                         f"file whose rows have an '{image_field}' field (an image path) and a prompt.")
-    fields = _Fields(prompt_field, messages_field, response_field, id_field)
-    label, stem, rows, fields = _open_source(path, fields)
+    fields = PromptFields(prompt_field, messages_field, response_field, id_field)
+    label, stem, rows, fields = open_source(path, fields)
     base = _base_folder(path)
 
     def with_image(record, raw, where) -> ImagePromptRecord:
@@ -87,13 +90,13 @@ def load_image_prompts(
                             "Every row of a vision-language run needs an image path; set --image-field to the column "
                             "that holds it.")
         if not isinstance(image, str):
-            raise DataError(f"{where}: field '{image_field}' must be an image path (a string), got {_type_name(image)}.")
+            raise DataError(f"{where}: field '{image_field}' must be an image path (a string), got {type_name(image)}.")
         resolved = (base / image).resolve() if not Path(image).is_absolute() else Path(image)
         open_image(resolved, f"{where}: field '{image_field}'")  # fail now, not in the middle of training
         return ImagePromptRecord(id=record.id, messages=record.messages, response=record.response,
                                  source=record.source, image=str(resolved))
 
-    records, n_empty = _collect(rows, stem, fields, system_prompt, limit, extend=with_image)
+    records, n_empty = collect_records(rows, stem, fields, system_prompt, limit, extend=with_image)
     if not records and limit != 0:
         raise DataError(f"{label}: no prompts found ({n_empty} empty prompts skipped). Check the file's contents.")
     return records, LoadReport(path=label, n_loaded=len(records), n_empty_skipped=n_empty)
@@ -103,7 +106,7 @@ def check_no_images(path: str | os.PathLike | None, image_field: str = "image", 
     """Raise DataError if a row of the prompt file has an image: the model (a text-only one) would ignore it."""
     if path is None or str(path).startswith("builtin"):
         return
-    _, _, rows, _ = _open_source(path, _Fields())
+    _, _, rows, _ = open_source(path, PromptFields())
     for _, where, raw in rows:
         if isinstance(raw, dict) and raw.get(image_field) not in (None, ""):
             raise DataError(
@@ -159,3 +162,40 @@ def encode_image_prompts(records: list[ImagePromptRecord], processor: Any, *, ma
         encoded.append(EncodedPrompt(id=record.id, text=text, input_ids=ids, response=record.response,
                                      image=record.image))
     return encoded
+
+
+class ImageInputs:
+    """Image tensors for rows or image paths, made by the processor's image processor.
+
+    A row's image is its `image` field (rows written by the generation runner carry it) or else the image of the
+    prompt with the row's id in `images_by_id`."""
+
+    def __init__(self, processor: Any, images_by_id: Mapping[str, str] | None = None):
+        self.processor = processor
+        self.images_by_id = dict(images_by_id or {})
+
+    def from_paths(self, paths: Sequence[str]) -> dict[str, torch.Tensor]:
+        images = [open_image(path) for path in paths]
+        out = self.processor.image_processor(images=images, return_tensors="pt")
+        return {key: value for key, value in out.items() if isinstance(value, torch.Tensor)}
+
+    def image_of(self, row: Mapping) -> str:
+        path = row.get("image") or self.images_by_id.get(str(row.get("id")))
+        if not path:
+            raise DistillmError(f"Row {row.get('id')!r} has no image: a vision-language batch needs the image of every "
+                                "prompt (rows from another prompt file?).")
+        return path
+
+    def __call__(self, rows: Sequence[Mapping]) -> dict[str, torch.Tensor]:
+        return self.from_paths([self.image_of(row) for row in rows])
+
+    @property
+    def image_token_id(self) -> int:
+        return self.processor.tokenizer.convert_tokens_to_ids(image_placeholder(self.processor))
+
+    def generate_inputs(self, *, rows: Sequence[Mapping] | None = None,
+                        paths: Sequence[str] | None = None) -> dict:
+        """Arguments of `generate` for a batch: the image tensors, and the image token suppressed -- a sampled
+        image token in a response would be one more image placeholder than there are images."""
+        inputs = self.from_paths(paths) if paths is not None else self(rows)
+        return {**inputs, "suppress_tokens": [self.image_token_id]}

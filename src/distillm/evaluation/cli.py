@@ -9,7 +9,11 @@ from pathlib import Path
 
 import yaml
 
-from .suite import LOCAL_TASKS, TASKS, EvalError, EvalSettings, ModelSpec
+from .suite import EvalError, EvalSettings, LOCAL_TASKS, ModelSpec, TASKS, run_evaluation
+from ..align import resolve_policy
+from ..config import check_flags
+from .judge import HFJudge, OpenAIChatJudge
+from .report import markdown_table
 
 
 def add_eval_parser(sub) -> argparse.ArgumentParser:
@@ -88,7 +92,7 @@ def _split(value: str, default_name: str | None) -> tuple[str, str]:
     return default_name, value
 
 
-def _run_models(value: str, with_initial: bool) -> tuple[list[ModelSpec], str | None]:
+def run_dir_models(value: str, with_initial: bool) -> tuple[list[ModelSpec], str | None]:
     name, directory = _split(value, None) if "=" in value else (None, value)
     root = Path(directory)
     config_path = root / "config.yaml"
@@ -104,8 +108,6 @@ def _run_models(value: str, with_initial: bool) -> tuple[list[ModelSpec], str | 
     specs = [ModelSpec(name, str(root / "student"), train_log=str(log) if log.is_file() else None)]
     if with_initial:
         if model_section.get("policy"):  # a `distillm align` run: the initial model is the policy it aligned
-            from ..align import resolve_policy
-
             specs.append(ModelSpec(f"{name}-initial", resolve_policy(model_section["policy"])))
         elif model_section.get("student"):
             specs.append(ModelSpec(f"{name}-initial", model_section["student"]))
@@ -136,7 +138,7 @@ def build_models(args) -> tuple[list[ModelSpec], str | None]:
     teacher_name = None
     run_teacher = None
     for value in args.run:
-        specs, run_teacher = _run_models(value, not args.no_initial)
+        specs, run_teacher = run_dir_models(value, not args.no_initial)
         models += specs
     if args.teacher:
         teacher_name, source = _split(args.teacher, "teacher")
@@ -151,14 +153,10 @@ def build_models(args) -> tuple[list[ModelSpec], str | None]:
 
 def make_judge(args):
     if args.judge_hf:
-        from .judge import HFJudge
-
         return HFJudge(args.judge_hf, dtype=args.dtype)
     if args.judge_url or args.judge_model:
         if not (args.judge_url and args.judge_model):
             raise EvalError("An endpoint judge needs both --judge-url and --judge-model.")
-        from .judge import OpenAIChatJudge
-
         return OpenAIChatJudge(args.judge_url, args.judge_model, api_key=os.environ.get(args.judge_api_key_env),
                                timeout_s=getattr(args, "judge_timeout", 120.0),
                                retry_budget_s=getattr(args, "judge_retry_budget", 300.0))
@@ -183,11 +181,6 @@ def settings_from_args(args, teacher_name: str | None) -> EvalSettings:
 
 
 def cmd_eval(args) -> int:
-    from .report import markdown_table
-    from .suite import run_evaluation
-
-    from ..config import check_flags
-
     check_flags(args, {"--seed": "generation_seed", "--temperature": "temperature", "--top-p": "top_p",
                        "--max-new-tokens": "max_new_tokens", "--max-prompt-length": "max_prompt_length",
                        "--max-length": "max_length", "--num-prompts": "num_prompts",

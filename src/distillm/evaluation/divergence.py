@@ -20,7 +20,7 @@ from ..losses.divergences import acceptance_rate, forward_kl, token_log_probs, t
 from ..training.collate import IGNORE, build_sequences, pad_left, response_logits
 
 
-def _batches(rows: Sequence[dict], batch_size: int, max_length: int, pad_token_id: int, device, image_inputs=None):
+def scoring_batches(rows: Sequence[dict], batch_size: int, max_length: int, pad_token_id: int, device, image_inputs=None):
     # longest first: padding is shared by similar lengths, and an out-of-memory shows up at once
     order = sorted(range(len(rows)), key=lambda i: -(len(rows[i]["prompt_ids"]) + len(rows[i]["response_ids"])))
     for start in range(0, len(order), batch_size):
@@ -38,7 +38,7 @@ def teacher_nll(teacher, rows: Sequence[dict], *, vocab_size: int, pad_token_id:
     """Mean over all response tokens of -log p_teacher(token | prefix)."""
     total, count = 0.0, 0
     with eval_mode(teacher):
-        batches = list(_batches(rows, batch_size, max_length, pad_token_id, teacher.device, image_inputs))
+        batches = list(scoring_batches(rows, batch_size, max_length, pad_token_id, teacher.device, image_inputs))
         for batch in tqdm(batches, desc=desc, leave=False):
             logits, targets = response_logits(teacher, batch, vocab_size)
             total += -token_log_probs(logits, targets).sum().item()
@@ -54,7 +54,7 @@ def teacher_student_divergence(teacher, student, rows: Sequence[dict], *, vocab_
     sums = {"kl": 0.0, "tvd": 0.0, "acceptance_rate": 0.0}
     count = 0
     with eval_mode(teacher, student):
-        batches = list(_batches(rows, batch_size, max_length, pad_token_id, teacher.device, image_inputs))
+        batches = list(scoring_batches(rows, batch_size, max_length, pad_token_id, teacher.device, image_inputs))
         for batch in tqdm(batches, desc=desc, leave=False):
             p_logits, targets = response_logits(teacher, batch, vocab_size)
             q_logits, _ = response_logits(student, batch, vocab_size)

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from ..errors import DistillmError
 from ..io import read_jsonl, write_jsonl
+from ..models import load_model
 
 logger = logging.getLogger("distillm")
 
@@ -292,8 +293,6 @@ class HFJudge:
     """A local Hugging Face chat model as judge (greedy decoding). One request at a time (a lock guards it)."""
 
     def __init__(self, model_name: str, *, max_new_tokens: int = 256, dtype: str = "auto"):
-        from ..models import load_model
-
         self.model, self.tokenizer = load_model(model_name, dtype=dtype)
         self.max_new_tokens = max_new_tokens
         self.identity = f"hf:{model_name}:max={max_new_tokens}"

@@ -23,7 +23,7 @@ METRICS = {
     "acceptance_rate": ("acceptance rate (1 - TVD)", "higher"),
 }
 HIDDEN = {"nll"}  # kept in results.json, left out of the table (perplexity says the same)
-CURVE_ORDER = ["loss", "skl", "srkl", "alpha_t", "alpha_s", "b", "learning_rate", "grad_norm"]
+CURVE_ORDER = ["loss", "skl", "srkl", "skew_t", "skew_s", "b", "learning_rate", "grad_norm"]
 
 
 def metric_keys(results: dict) -> list[str]:

@@ -31,11 +31,19 @@ from ..config import RunConfig
 from ..data.prompts import EncodedPrompt, PromptRecord, check_chat_template, encode_prompts, load_prompts
 from ..errors import DistillmError
 from ..generation.base import SamplingParams
+from ..generation.factory import make_backend, release
 from ..generation.runner import generate_responses
 from ..io import atomic_write_json, read_jsonl
 from ..models import (
     check_same_tokenizer, load_model, load_tokenizer, loadable_path, parse_layer_spec, prune_layers, real_vocab_size,
 )
+from .code import evaluate_samples, load_humaneval, load_mbpp
+from .divergence import teacher_student_divergence
+from .judge import PairItem, VerdictCache, judge_pairs, win_rate
+from .math import arithmetic_problems, load_math_problems, problem_prompt, score_responses
+from .report import write_report
+from .sandbox import SandboxLimits, check_limits
+from .text import distinct_n, mean_rouge_l, perplexity, reference_rows
 
 logger = logging.getLogger("distillm")
 
@@ -102,8 +110,6 @@ class EvalSettings:
             raise EvalError(f"--code-samples {self.code_samples} with --temperature 0 would give identical samples: "
                             "sample with --temperature > 0 (e.g. 0.8), or use --code-samples 1.")
         if "code" in self.tasks:
-            from .sandbox import check_limits
-
             check_limits(self.code_timeout_s, self.code_memory_mb, timeout_name="--code-timeout",
                          memory_name="--code-memory-mb")
         if "code" in self.tasks and any(k > self.code_samples or k < 1 for k in self.code_k):
@@ -170,8 +176,6 @@ def _encode(records: list[PromptRecord], tokenizer, settings: EvalSettings) -> l
 
 def _generate(loaded: _Loaded, prompts: list[EncodedPrompt], path: Path, params: SamplingParams, desc: str,
               settings: EvalSettings) -> list[dict]:
-    from ..pipeline import make_backend, release
-
     config = RunConfig()
     config.generation.generation_batch_size = settings.batch_size
     backend = make_backend(config, loaded.model, loaded.tokenizer, model_dir=loaded.model_dir)
@@ -222,14 +226,6 @@ def _references(settings: EvalSettings, records: list[PromptRecord]) -> tuple[di
 def run_evaluation(models: list[ModelSpec], settings: EvalSettings, output_dir: str | Path, *, judge=None,
                    command: str | None = None) -> dict:
     """Evaluate `models` on `settings.tasks`; writes OUTPUT/results.json, report.md and figures; returns results."""
-    from .code import evaluate_samples, load_humaneval, load_mbpp
-    from .divergence import teacher_student_divergence
-    from .judge import PairItem, VerdictCache, judge_pairs, win_rate
-    from .math import arithmetic_problems, load_math_problems, problem_prompt, score_responses
-    from .report import write_report
-    from .sandbox import SandboxLimits
-    from .text import distinct_n, mean_rouge_l, perplexity, reference_rows
-
     started = time.time()
     _check_names(models)
     names = [m.name for m in models]

@@ -21,9 +21,10 @@ from transformers import PreTrainedTokenizerBase
 
 from ..data.prompts import EncodedPrompt
 from ..errors import DistillmError
-from ..faults import fault_point
-from ..io import JsonlAppender
+from ..testing.faults import fault_point
+from ..io import JsonlAppender, read_jsonl, write_jsonl
 from .base import GenerationBackend, SamplingParams
+from ..distributed import process_state
 
 logger = logging.getLogger("distillm")
 
@@ -161,10 +162,7 @@ def generate_sharded(
     `generate_responses`. The backend of each rank must hold the same model (DDP replicas, or an engine loaded
     from the same directory).
     """
-    from ..distributed import process_state
     from accelerate.utils import broadcast_object_list, gather_object
-
-    from ..io import read_jsonl, write_jsonl
 
     state = process_state()
     world, rank = state.num_processes, state.process_index

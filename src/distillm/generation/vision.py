@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from ..data.vision import ImageInputs
 from ..errors import DistillmError
 from .base import Completion, SamplingParams
 from .hf import HFBackend
@@ -20,8 +21,6 @@ class VisionHFBackend(HFBackend):
 
     def __init__(self, model, processor, **kwargs):
         super().__init__(model, processor.tokenizer, **kwargs)
-        from ..training.vision import ImageInputs
-
         self.image_inputs = ImageInputs(processor)
 
     def generate_batch(self, prompts: Sequence[list[int]], params: SamplingParams, *, seed: int,

@@ -7,7 +7,7 @@ For one pair (prompt x, teacher response y_t, student response y_s):
 SKL on the teacher's response pulls the student up where the teacher is confident; SRKL on the student's own
 response pushes it down where it is wrong. b ramps from `b_start` to `b_end` over the first `ramp_fraction`
 of training (moving weight from SKL to SRKL); the skews a_t, a_s are chosen per sample by the curriculum
-(`curriculum_alpha`). See docs/methods.md.
+(`curriculum_skew`). See docs/methods.md.
 """
 
 from __future__ import annotations
@@ -35,20 +35,26 @@ def sequence_mean_logprob(logits: torch.Tensor, labels: torch.Tensor, mask: torc
     return per_sequence_mean(token_log_probs(logits, labels, temperature=temperature), mask)
 
 
-def curriculum_alpha(gap: torch.Tensor, gap_ref: float | None, *, alpha0: float = 0.1, alpha_min: float = 0.01,
-                     alpha_max: float = 0.5, eps: float = 1e-6) -> torch.Tensor:
-    """Per-sample skew (paper Eq. 8): keep (1 - a) * gap constant across samples.
+def curriculum_skew(gap: torch.Tensor, gap_ref: float | None, *, skew: float = 0.1, skew_min: float = 0.01,
+                    skew_max: float = 0.5, eps: float = 1e-6) -> torch.Tensor:
+    """Per-sample skew a (paper Eq. 8, where it is alpha): keep (1 - a) * gap constant across samples.
 
-    a_i = clamp(1 - (1 - alpha0) * gap_ref / gap_i, alpha_min, alpha_max). A sample whose gap equals the
-    reference gets alpha0; a harder one (bigger gap) a bigger skew, an easier one a smaller skew; a gap <= 0 (the
-    student already ahead) gets alpha_min. Without a reference yet (the first step) every sample gets alpha0.
+    a_i = clamp(1 - (1 - skew) * gap_ref / gap_i, skew_min, skew_max). A sample whose gap equals the reference
+    gets the base skew; a harder one (bigger gap) a bigger skew, an easier one a smaller skew; a gap <= 0 (the
+    student already ahead) gets skew_min. Without a reference yet (the first step) every sample gets the base skew.
     The result is a constant for the gradient.
     """
     gap = gap.detach().float()
     if gap_ref is None:
-        return torch.full_like(gap, alpha0)
-    alpha = 1.0 - (1.0 - alpha0) * max(gap_ref, eps) / gap.clamp_min(eps)
-    return alpha.clamp(alpha_min, alpha_max)
+        return torch.full_like(gap, skew)
+    a = 1.0 - (1.0 - skew) * max(gap_ref, eps) / gap.clamp_min(eps)
+    return a.clamp(skew_min, skew_max)
+
+
+def curriculum_alpha(gap: torch.Tensor, gap_ref: float | None, *, alpha0: float = 0.1, alpha_min: float = 0.01,
+                     alpha_max: float = 0.5, eps: float = 1e-6) -> torch.Tensor:
+    """The earlier name of `curriculum_skew` (alpha0, alpha_min, alpha_max: skew, skew_min, skew_max)."""
+    return curriculum_skew(gap, gap_ref, skew=alpha0, skew_min=alpha_min, skew_max=alpha_max, eps=eps)
 
 
 @dataclass

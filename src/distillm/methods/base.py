@@ -12,6 +12,13 @@ A method is one small class in its own module (`methods/kd.py`, `methods/gkd.py`
 - the loss (`compute_loss`), from the student's and the teacher's scores over the response tokens, through
   `divergence_loss` and `token_log_probs` (fused chunked losses by default, plain full logits for reference).
 
+A method's module also holds its options (`Options`, a dataclass of `options.opt` fields: default, help text,
+accepted range), its data needs (`uses_fixed_responses`, `paired_rounds`, `needs_teacher`, `vision`,
+`uses_teacher_rows`), the checks across its options (`config_checks`) and its ablation variants (`ablations`).
+The registry (`methods.METHODS`, every module of this package), the config schema (`config.MethodSection`), the
+command-line flags, the vision support list and `distillm compare`'s variants and token accounting are derived
+from these: adding a method is adding its module (and its test).
+
 The trainer (`training.trainer.DistillTrainer`) and the pipeline do the rest, the same for every method.
 """
 
@@ -23,6 +30,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Protocol, Sequence, Union
 
 import torch
+
+from ..options import opt
 
 from ..losses import divergences as plain
 from ..losses.divergences import IGNORE_INDEX, per_sequence_mean
@@ -248,12 +257,35 @@ class Sampler(Protocol):
     def speculative(self, rows: list[dict], top_k: int) -> list[dict]: ...
 
 
+@dataclass
+class NoOptions:
+    """A method without options of its own."""
+
+
+@dataclass
+class CommonOptions:
+    """Options several methods share (config section `method`)."""
+
+    fixed_responses: str = opt("teacher", "Fixed (off-policy) responses of kd, imitkd, gkd and distillm: 'teacher' (sampled once from the teacher) or 'dataset' (the prompt file's response / last assistant message).", choices=("teacher", "dataset"))
+
+
 class Method:
     """Base class: fixed rows as they are, one sequence per row. Subclasses set the class attributes and
     override what differs."""
 
     name: ClassVar[str]
     summary: ClassVar[str] = ""
+    #: the method's own options: a dataclass of `opt` fields, flat config keys and flags of section `method`.
+    #: Names are unique across all methods: method-specific ones carry the method's prefix (v1_, gkd_, ...).
+    Options: ClassVar[type] = NoOptions
+    #: place in listings (--method choices, compare's tables); a new method without one comes after these
+    rank: ClassVar[int] = 100
+    #: runs on vision-language models (the rows carry the prompt's image)
+    vision: ClassVar[bool] = False
+    #: the paper's ablation variants of the method: name -> option overrides (each a cell of `distillm compare`)
+    ablations: ClassVar[dict[str, dict]] = {}
+    #: the rows of the ablation's table: (label, variant name or the method's own name)
+    ablation_rows: ClassVar[list[tuple[str, str]]] = []
     #: the training set holds prompt + fixed response rows (teacher's, or the data set's with fixed_responses=dataset)
     uses_fixed_responses: ClassVar[bool] = True
     #: the training set holds (teacher response, student response) pairs, the student's regenerated every round
@@ -264,6 +296,17 @@ class Method:
     sources: ClassVar[tuple[str, ...]] = ()
     #: the method adapts to a validation loss on held-out fixed responses (see `validation_due`)
     uses_validation: ClassVar[bool] = False
+
+    @classmethod
+    def config_checks(cls, config) -> list[tuple[bool, str]]:
+        """Checks across the method's options, [(ok, message)] (each option's own range is its `opt`)."""
+        return []
+
+    @classmethod
+    def uses_teacher_rows(cls, config) -> bool:
+        """Whether the method trains on the shared teacher responses (a part of its generation budget in
+        `distillm compare`)."""
+        return cls.uses_fixed_responses and config.method.fixed_responses == "teacher"
 
     def __init__(self, config: "RunConfig"):
         self.config = config

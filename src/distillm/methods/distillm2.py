@@ -4,18 +4,22 @@ Data: pairs, batched on-policy -- the teacher's response (chosen, generated once
 regenerated from the current student at the start of every round by the pipeline); a batch holds the B chosen
 sequences followed by the B rejected ones.
 Loss: `losses.cald`: (2 - b) SKL_{a_t} on the teacher responses + b SRKL_{a_s} on the student responses, b ramped
-by `b_schedule`, the skews set per sample by `curriculum_alpha`. This module keeps the run state the loss needs:
+by `b_schedule`, the skews set per sample by `curriculum_skew`. This module keeps the run state the loss needs:
 the running reference gaps of the curriculum, updated once per optimizer step so that splitting a batch into
 more gradient-accumulation micro-batches changes nothing.
-Options (config section `loss`): alpha0, alpha_min, alpha_max, curriculum, gap_momentum, b_ramp, b_start, b_end,
-ramp_fraction; the paper's ablations are --no-curriculum (constant a) and --no-b-ramp (constant b).
+Options (`Options`, config section `method`): skew, skew_min, skew_max, curriculum, gap_momentum, b_ramp, b_start,
+b_end, ramp_fraction; the paper's ablations (`ablations`, Table 6) are --no-curriculum (constant a) and --no-b-ramp
+(constant b). Earlier names, still accepted with a warning: alpha0, alpha_min, alpha_max (section `loss`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from ..losses.cald import b_schedule, curriculum_alpha
+from ..options import opt
+from ..losses.cald import b_schedule, curriculum_skew
 from ..losses.divergences import per_sequence_mean
 from .base import LossInputs, Method, divergence_loss, group_weights, sequence_sums, token_log_probs
 
@@ -24,10 +28,43 @@ class DistiLLM2(Method):
     name = "distillm2"
     summary = "CALD: skew KL on teacher responses + skew reverse KL on fresh student responses, curriculum a, b ramp"
     paired_rounds = True
+    rank = 0
+    vision = True
+
+    @dataclass
+    class Options:
+        skew: float = opt(0.1, "distillm2: base skew a0 (the skew a of a sample whose gap equals the running reference gap).", ge=0, lt=1, aliases=("alpha0",), formerly="loss")
+        skew_min: float = opt(0.01, "distillm2: lower clamp of the curriculum skew a.", ge=0, lt=1, aliases=("alpha_min",), formerly="loss")
+        skew_max: float = opt(0.5, "distillm2: upper clamp of the curriculum skew a.", ge=0, lt=1, aliases=("alpha_max",), formerly="loss")
+        curriculum: bool = opt(True, "distillm2: per-sample curriculum skew a (off: constant a = --skew).", formerly="loss")
+        gap_momentum: float = opt(0.9, "distillm2: momentum of the running reference gap of the curriculum.", ge=0, lt=1, formerly="loss")
+        b_ramp: bool = opt(True, "distillm2: ramp b (weight of SRKL; SKL gets 2 - b) from b-start to b-end (off: b = b-start).", formerly="loss")
+        b_start: float = opt(1.0, "distillm2: b at the start of training.", ge=0, le=2, formerly="loss")
+        b_end: float = opt(1.5, "distillm2: b at the end of the ramp.", ge=0, le=2, formerly="loss")
+        ramp_fraction: float = opt(0.5, "distillm2: fraction of the training steps over which b ramps.", ge=0, le=1, formerly="loss")
+
+    #: the ablation of DistiLLM-2's components (paper Table 6); "all" is the method itself
+    ablations = {
+        "contrastive": {"method": "distillm2", "curriculum": False, "b_ramp": False},
+        "contrastive+b_ramp": {"method": "distillm2", "curriculum": False, "b_ramp": True},
+        "contrastive+curriculum": {"method": "distillm2", "curriculum": True, "b_ramp": False},
+    }
+    #: the rows of the ablation table, in order: the last, "all", is the method itself
+    ablation_rows = [("contrastive loss only", "contrastive"), ("+ b ramp", "contrastive+b_ramp"),
+                     ("+ curriculum a", "contrastive+curriculum"), ("all (DistiLLM-2)", "distillm2")]
+
+    @classmethod
+    def config_checks(cls, config):
+        o = config.method
+        return [(o.skew_min <= o.skew <= o.skew_max, "need 0 <= skew_min <= skew <= skew_max < 1")]
+
+    @classmethod
+    def uses_teacher_rows(cls, config) -> bool:
+        return True  # the chosen responses are the teacher's
 
     def __init__(self, config):
         super().__init__(config)
-        self.opt = config.loss
+        self.opt = config.method
         self.gap_ref = {"t": None, "s": None}  # running reference gaps (teacher side, student side)
         self._pending = {"t": [], "s": []}  # this optimizer step's gaps, folded in by on_step_end
 
@@ -43,17 +80,17 @@ class DistiLLM2(Method):
         n = batch.n_first
         mask = batch.mask
         chosen, rejected = batch.first, batch.second
-        alpha_t = alpha_s = torch.full((n,), o.alpha0, device=batch.targets.device)
+        skew_t = skew_s = torch.full((n,), o.skew, device=batch.targets.device)
         if o.curriculum:
             with torch.no_grad():  # geometric-mean probabilities of each response under teacher (p) and student (q)
                 lp = {who: per_sequence_mean(token_log_probs(batch, who, slice(None), temperature=tau), mask).exp()
                       for who, in (("teacher",), ("student",))}
                 gap_t = lp["teacher"][chosen] - lp["student"][chosen]  # how far the student lags on the teacher's
                 gap_s = lp["student"][rejected] - lp["teacher"][rejected]  # how overconfident it is on its own
-            alpha_t = curriculum_alpha(gap_t, self.gap_ref["t"], alpha0=o.alpha0, alpha_min=o.alpha_min,
-                                       alpha_max=o.alpha_max)
-            alpha_s = curriculum_alpha(gap_s, self.gap_ref["s"], alpha0=o.alpha0, alpha_min=o.alpha_min,
-                                       alpha_max=o.alpha_max)
+            skew_t = curriculum_skew(gap_t, self.gap_ref["t"], skew=o.skew, skew_min=o.skew_min,
+                                     skew_max=o.skew_max)
+            skew_s = curriculum_skew(gap_s, self.gap_ref["s"], skew=o.skew, skew_min=o.skew_min,
+                                     skew_max=o.skew_max)
             self._pending["t"].extend(gap_t.tolist())
             self._pending["s"].extend(gap_s.tolist())
         b = b_schedule(batch.step, batch.total_steps, b_start=o.b_start, b_end=o.b_end,
@@ -62,14 +99,14 @@ class DistiLLM2(Method):
         # student's, each reduced per response then over the step's pairs (or over the step's tokens)
         w_t = group_weights(mask[chosen], batch.counts, 0, self.reduction, scale=2.0 - b)
         w_s = group_weights(mask[rejected], batch.counts, 1, self.reduction, scale=b)
-        skl_loss, skl = divergence_loss(batch, "skl", chosen, w_t, weight=alpha_t, temperature=tau)
-        srkl_loss, srkl = divergence_loss(batch, "srkl", rejected, w_s, weight=alpha_s, temperature=tau)
+        skl_loss, skl = divergence_loss(batch, "skl", chosen, w_t, weight=skew_t, temperature=tau)
+        srkl_loss, srkl = divergence_loss(batch, "srkl", rejected, w_s, weight=skew_s, temperature=tau)
         metrics = {
             "units": float(n),
             "skl": sequence_sums(skl, mask[chosen]),
             "srkl": sequence_sums(srkl, mask[rejected]),
-            "alpha_t": alpha_t.sum().item(),
-            "alpha_s": alpha_s.sum().item(),
+            "skew_t": skew_t.sum().item(),
+            "skew_s": skew_s.sum().item(),
         }
         return skl_loss + srkl_loss, metrics, {"b": b}
 

@@ -8,8 +8,11 @@ beta = `dpkd_beta` (0.2), averaged over pairs (a pair with an empty response is 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from ..options import opt
 from ..losses.divergences import per_sequence_mean
 from ..losses.preference import dpkd_logits, dpkd_loss
 from .base import LossInputs, Method, token_log_probs, unit_count
@@ -19,6 +22,16 @@ class DPKD(Method):
     name = "dpkd"
     summary = "DPO-style: teacher response preferred over the student's, teacher as reference"
     paired_rounds = True
+    rank = 7
+    vision = True
+
+    @dataclass
+    class Options:
+        dpkd_beta: float = opt(0.2, "dpkd: beta of the DPO-style loss.", gt=0)
+
+    @classmethod
+    def uses_teacher_rows(cls, config) -> bool:
+        return True  # the chosen responses are the teacher's
 
     def build_rows(self, ctx) -> list[dict]:
         return ctx.teacher_rows()  # the chosen responses are the teacher's, whatever fixed_responses says

@@ -8,6 +8,9 @@ current student; otherwise the fixed responses are used. Loss: token-level gener
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from ..options import opt
 from .base import DivergenceMethod
 
 
@@ -16,6 +19,13 @@ class GKD(DivergenceMethod):
     summary = "generalised JSD_b; on-policy student samples with probability lambda, else fixed data"
     divergence_name = "jsd"
     sources = ("fixed", "student")
+    rank = 5
+    vision = True
+
+    @dataclass
+    class Options:
+        jsd_beta: float = opt(0.5, "gkd (and speculative-kd with --skd-loss jsd): b of the generalised JSD (0 -> forward KL, 1 -> reverse KL).", ge=0, le=1)
+        gkd_lambda: float = opt(0.5, "gkd: probability that a batch is sampled on-policy from the current student (else fixed data).", ge=0, le=1)
 
     def draw(self, rows, sampler, rng, step, total_steps):
         if rng.random() < self.config.method.gkd_lambda:

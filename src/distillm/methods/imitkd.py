@@ -7,6 +7,9 @@ Loss: token-level FKL, KL(p || q), on those responses: the teacher corrects ever
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from ..options import opt
 from .base import DivergenceMethod
 
 
@@ -15,6 +18,16 @@ class ImitKD(DivergenceMethod):
     summary = "forward KL on fresh student responses (optionally mixed with fixed ones)"
     divergence_name = "fkl"
     sources = ("fixed", "student")
+    rank = 4
+    vision = True
+
+    @dataclass
+    class Options:
+        imitkd_fixed_fraction: float = opt(0.0, "imitkd: probability that a batch uses the fixed responses instead of fresh student samples.", ge=0, le=1)
+
+    @classmethod
+    def uses_teacher_rows(cls, config) -> bool:
+        return config.method.imitkd_fixed_fraction > 0
 
     def draw(self, rows, sampler, rng, step, total_steps):
         if rng.random() < self.config.method.imitkd_fixed_fraction:

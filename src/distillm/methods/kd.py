@@ -13,3 +13,5 @@ class KD(DivergenceMethod):
     name = "kd"
     summary = "forward KL on fixed responses (teacher's or the data set's)"
     divergence_name = "fkl"
+    rank = 2
+    vision = True

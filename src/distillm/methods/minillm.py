@@ -15,6 +15,8 @@ class MiniLLM(DivergenceMethod):
     name = "minillm"
     summary = "reverse KL on fresh student samples (token-level form)"
     divergence_name = "rkl"
+    rank = 6
+    vision = True
     sources = ("student",)
     uses_fixed_responses = False  # the training set holds prompts only
 

@@ -21,6 +21,12 @@ class SeqKD(Method):
     name = "seqkd"
     summary = "SFT (NLL) on the teacher's responses; no teacher pass while training"
     needs_teacher = False
+    rank = 3
+    vision = True
+
+    @classmethod
+    def uses_teacher_rows(cls, config) -> bool:
+        return True  # by definition the teacher's outputs
 
     def build_rows(self, ctx) -> list[dict]:
         return ctx.teacher_rows()  # by definition the teacher's outputs, whatever fixed_responses says

@@ -9,6 +9,9 @@ enough and on the teacher's where they are not. Loss: a token-level divergence o
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from ..options import opt
 from .base import DivergenceMethod
 
 
@@ -17,6 +20,12 @@ class SpeculativeKD(DivergenceMethod):
     summary = "divergence on jointly decoded responses (student proposes, teacher keeps its top-K)"
     uses_fixed_responses = False  # the training set holds prompts only
     sources = ("speculative",)
+    rank = 8
+
+    @dataclass
+    class Options:
+        skd_top_k: int = opt(25, "speculative-kd: the teacher keeps a student token if it is in the teacher's top-K, else samples its own.", ge=1)
+        skd_loss: str = opt("fkl", "speculative-kd: loss on the jointly decoded responses: fkl, rkl, jsd (b = --jsd-beta) or tvd.", choices=("fkl", "rkl", "jsd", "tvd"))
 
     def __init__(self, config):
         super().__init__(config)

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass
 
+from ..options import opt
 from .base import LossInputs, Method, sequence_sums
 from .seqkd import response_nll
 
@@ -56,6 +58,18 @@ class StepByStep(Method):
     name = "step-by-step"
     summary = "multi-task NLL: answer and teacher rationale, with task prefixes; no teacher pass while training"
     needs_teacher = False
+    rank = 9
+
+    @dataclass
+    class Options:
+        sbs_rationale_weight: float = opt(1.0, "step-by-step: weight of the rationale task (loss = answer NLL + weight * rationale NLL).", ge=0)
+        sbs_answer_prefix: str = opt("[answer] ", "step-by-step: task prefix of the answer task (prepended to the prompt).")
+        sbs_rationale_prefix: str = opt("[rationale] ", "step-by-step: task prefix of the rationale task.")
+        sbs_instruction: str = opt("Think step by step: explain your reasoning, then give the final answer on its own last line as 'Answer: <answer>'.", "step-by-step: instruction appended to each prompt when asking the teacher for a rationale.")
+
+    @classmethod
+    def uses_teacher_rows(cls, config) -> bool:
+        return False  # the teacher's rationales are its own generation, not the shared teacher responses
 
     def build_rows(self, ctx) -> list[dict]:
         o = self.config.method

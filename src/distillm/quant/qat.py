@@ -29,6 +29,7 @@ import os
 import torch
 
 from ..errors import DistillmError
+from ..models import is_peft_model, merged_copy, resolve_model_source
 from . import QuantizedWeight
 
 logger = logging.getLogger("distillm")
@@ -242,8 +243,6 @@ def dequantized_copy(model: torch.nn.Module, quantized: dict[str, QuantizedWeigh
 def plain_copy(model: torch.nn.Module) -> torch.nn.Module:
     """A plain transformers model computing what `model` computes at export: a LoRA adapter merged in, then the
     fake-quantized weights replaced by their grid values. `model` itself is left as it is."""
-    from ..models import merged_copy
-
     merged = merged_copy(model)
     if not is_qat_model(merged):
         return merged
@@ -252,8 +251,6 @@ def plain_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 def teacher_gguf(config) -> str | None:
     """The teacher's GGUF file (copied for metadata: tokenizer, chat template), if the teacher is one."""
-    from ..models import resolve_model_source
-
     source = resolve_model_source(config.model.teacher)
     return source.path if source.kind == "gguf" else None
 
@@ -262,7 +259,7 @@ def write_student_gguf(path, plain: torch.nn.Module, quantized: dict[str, Quanti
                        tokenizer) -> str | None:
     """student.gguf through distillm.export.gguf; None (with a warning naming why) when it cannot be written --
     the Hugging Face directory beside it holds the same weights."""
-    try:
+    try:  # the GGUF writer is optional (the gguf package): without it, student/ alone holds the weights
         from ..export.gguf import write_gguf
     except ImportError as err:
         logger.warning("No GGUF written: the GGUF writer is not available (%s); student/ holds the quantized "
@@ -282,8 +279,6 @@ def save_quantized_student(trainer, config, models, paths) -> dict:
     run's student becomes that plain model, so the "after" evaluation measures exactly what was exported.
     Written to student.tmp and renamed; every process builds the model, the main one writes."""
     import shutil
-
-    from ..models import is_peft_model, merged_copy
 
     model = trainer.accelerator.unwrap_model(trainer.model)
     if is_peft_model(model):

@@ -13,7 +13,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from ..faults import fault_point
+from ..testing.faults import fault_point
 
 
 class OnPolicyRoundCallback(TrainerCallback):
@@ -107,7 +107,7 @@ class StepLineCallback(TrainerCallback):
 
     SKIP = {"epoch", "total_flos", "train_samples_per_second", "train_steps_per_second"}
     TAIL = ("learning_rate", "grad_norm")  # printed after the method's metrics
-    SHORT = {"alpha_t": "a_t", "alpha_s": "a_s", "learning_rate": "lr", "grad_norm": "grad",
+    SHORT = {"skew_t": "a_t", "skew_s": "a_s", "learning_rate": "lr", "grad_norm": "grad",
              "validation_loss": "val_loss", "skipped_nonfinite": "skipped", "generated_student_tokens": "gen_student",
              "generated_teacher_tokens": "gen_teacher"}
 

@@ -39,7 +39,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..io import atomic_write_json
-from ..losses.fused import HeadInputs, TopKTeacher, fused_inputs
+from ..losses.fused import HeadInputs, TopKTeacher
+from .fused_inputs import fused_inputs
 from ..methods.base import TeacherGroups
 from .collate import IGNORE, build_sequences, pad_left
 

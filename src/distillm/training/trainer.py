@@ -39,9 +39,10 @@ from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..errors import DistillmError
-from ..faults import fault_active, fault_point
+from ..testing.faults import fault_point, poison_loss
 from ..io import atomic_write_json
-from ..losses.fused import HeadInputs, fused_inputs
+from ..losses.fused import HeadInputs
+from .fused_inputs import fused_inputs
 from ..methods.base import LossInputs, Scores
 from ..models import eval_mode
 from .callbacks import MethodStepCallback, NonFiniteGuard, use_step_lines
@@ -227,12 +228,8 @@ class DistillTrainer(Trainer):
         if num_items_in_batch is None:  # e.g. called outside the training loop
             num_items_in_batch = self._get_num_items_in_batch([inputs], inputs["labels"].device)
         loss, metric_sums, gauges = self.method.compute_loss(self.method_inputs(model, inputs, num_items_in_batch))
-        if model.training and os.environ.get("DISTILLM_FAULT"):  # reliability tests: poison this step's loss
-            step = self.state.global_step + 1
-            for name, factor in (("nan_loss", float("nan")), ("inf_loss", float("inf"))):
-                if fault_active(name, step):
-                    loss = loss * factor
         if model.training:
+            loss = poison_loss(loss, self.state.global_step + 1)  # reliability tests (DISTILLM_FAULT); else a no-op
             for key, value in metric_sums.items():
                 self._metric_sums[key] += value
             self._gauges.update(gauges)

@@ -5,57 +5,17 @@ The sequences (prompt with its image tokens already expanded by the processor, t
 left-padded exactly as for text (`training.collate.DistillCollator`), so the labels -- the loss mask -- cover the
 response tokens only, never the prompt or the image tokens. `VisionCollator` adds the processor's image tensors
 (`pixel_values`, and e.g. `image_sizes` for models that need them), one image per sequence, in the batch's
-sequence order; `collate.response_logits` hands them to the teacher's and the student's forward.
+sequence order (`data.vision.ImageInputs`); `collate.response_logits` hands them to the teacher's and the student's forward.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from typing import Callable, Sequence
 
 import torch
 
-from ..data.vision import open_image
-from ..errors import DistillmError
+from ..data.vision import ImageInputs
 from .collate import DistillCollator, pair_sequences
-
-
-class ImageInputs:
-    """Image tensors for rows or image paths, made by the processor's image processor.
-
-    A row's image is its `image` field (rows written by the generation runner carry it) or else the image of the
-    prompt with the row's id in `images_by_id`."""
-
-    def __init__(self, processor: Any, images_by_id: Mapping[str, str] | None = None):
-        self.processor = processor
-        self.images_by_id = dict(images_by_id or {})
-
-    def from_paths(self, paths: Sequence[str]) -> dict[str, torch.Tensor]:
-        images = [open_image(path) for path in paths]
-        out = self.processor.image_processor(images=images, return_tensors="pt")
-        return {key: value for key, value in out.items() if isinstance(value, torch.Tensor)}
-
-    def image_of(self, row: Mapping) -> str:
-        path = row.get("image") or self.images_by_id.get(str(row.get("id")))
-        if not path:
-            raise DistillmError(f"Row {row.get('id')!r} has no image: a vision-language batch needs the image of every "
-                                "prompt (rows from another prompt file?).")
-        return path
-
-    def __call__(self, rows: Sequence[Mapping]) -> dict[str, torch.Tensor]:
-        return self.from_paths([self.image_of(row) for row in rows])
-
-    @property
-    def image_token_id(self) -> int:
-        from ..data.vision import image_placeholder
-
-        return self.processor.tokenizer.convert_tokens_to_ids(image_placeholder(self.processor))
-
-    def generate_inputs(self, *, rows: Sequence[Mapping] | None = None,
-                        paths: Sequence[str] | None = None) -> dict:
-        """Arguments of `generate` for a batch: the image tensors, and the image token suppressed -- a sampled
-        image token in a response would be one more image placeholder than there are images."""
-        inputs = self.from_paths(paths) if paths is not None else self(rows)
-        return {**inputs, "suppress_tokens": [self.image_token_id]}
 
 
 class VisionCollator(DistillCollator):

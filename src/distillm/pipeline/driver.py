@@ -1,0 +1,122 @@
+"""The whole run: teacher responses, rounds of student responses + training, before/after evaluation,
+metrics.json (see `distillm.pipeline` for the run directory's layout)."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from .. import rundir
+from ..config import RunConfig
+from ..data.prompts import check_chat_template
+from ..distributed import process_state
+from ..generation.factory import generate_once, make_backend, release, sampling_params
+from ..io import atomic_write_json
+from ..methods import build_method
+from ..models import load_tokenizer
+from ..vision import uses_images
+from .data import DataContext, import_teacher_responses
+from .evaluate import evaluate
+from .paths import RunPaths, prepare_run_dir
+from .setup import load_models, load_prompt_set
+from .training import check_step_plan, read_json_or_none, sharded_engine, train
+
+logger = logging.getLogger("distillm")
+
+
+def describe_student(m) -> str:
+    """The student as metrics.json names it: a given model, the teacher quantized, or the teacher's kept layers."""
+    if m.student:
+        return m.student
+    if m.student_quant != "none":
+        return f"the teacher, {m.student_quant} fake-quantized in groups of {m.student_quant_group_size}"
+    return f"teacher layers {m.student_layers}"
+
+
+def run(config: RunConfig, *, overwrite: bool = False) -> dict:
+    """Teacher responses, rounds of student responses + training, before/after evaluation, metrics.json."""
+    started = time.time()
+    state = process_state()
+    with state.main_process_first():  # one process sets the directory up (and wipes it), the others then agree
+        # only the main process locks the directory: the others work in it under its lock
+        paths = prepare_run_dir(config, overwrite=overwrite and state.is_main_process, lock=state.is_main_process)
+    try:
+        return _run(config, paths, started)
+    finally:
+        if state.is_main_process:
+            rundir.unlock(paths.root)
+
+
+def _run(config: RunConfig, paths: RunPaths, started: float) -> dict:
+    state = process_state()
+    metrics = read_json_or_none(paths.metrics)
+    files = rundir.file_digests(config)
+    finished = metrics is not None and metrics.get("complete")
+    if finished and (rundir.stored_inputs(paths.root) is None or rundir.inputs_match_files(paths.root, config)):
+        logger.info("%s already holds a finished run; metrics.json is unchanged", paths.root)
+        return metrics
+    # a changed teacher-responses file is refused before any model is loaded; prompt files are compared as encoded
+    rundir.check_inputs(paths.root, config, files, keys=("teacher_responses",))
+    evaluating = bool(config.evaluation.evaluate and config.data.eval_prompts)
+    vision = uses_images(config)
+    if vision:  # the prompts need the vision-language model's processor
+        models = load_models(config)
+        tokenizer, processor = models.tokenizer, models.processor
+    else:  # the tokenizer alone (seconds) settles the prompt format and the step count before the weights are read
+        tokenizer, processor = load_tokenizer(config.model.teacher,
+                                              trust_remote_code=config.model.trust_remote_code), None
+        check_chat_template(tokenizer, config.data.chat_template, model=config.model.teacher)
+    train_prompts = load_prompt_set(config, tokenizer, "train", processor=processor)
+    check_step_plan(config, len(train_prompts), state.num_processes)
+    eval_prompts = load_prompt_set(config, tokenizer, "eval", processor=processor) if evaluating else []
+    inputs = {**files, "train_encoded": rundir.encoded_digest(train_prompts),
+              "eval_encoded": rundir.encoded_digest(eval_prompts) if evaluating else None}
+    rundir.check_inputs(paths.root, config, inputs, keys=("train_encoded", "eval_encoded", "teacher_responses"))
+    if state.is_main_process:
+        rundir.record_inputs(paths.root, inputs)
+    if finished:  # the files were rewritten, but the prompts the run was made from are the same
+        logger.info("%s already holds a finished run; metrics.json is unchanged", paths.root)
+        return metrics
+    if not vision:
+        models = load_models(config, tokenizer)
+    if config.data.teacher_responses and not paths.teacher_train.is_file() and state.is_main_process:
+        import_teacher_responses(config.data.teacher_responses, train_prompts, models.tokenizer, paths.teacher_train)
+    state.wait_for_everyone()
+    method = build_method(config)
+    teacher_backend = make_backend(config, models.teacher, models.tokenizer, model_dir=models.teacher_path,
+                                   processor=models.processor)
+    try:
+        rows = method.build_rows(DataContext(config, models.tokenizer, train_prompts, paths, teacher_backend))
+        teacher_eval = generate_once(teacher_backend, eval_prompts, paths.teacher_eval,
+                                     sampling_params(config, seed_offset=99), models.tokenizer,
+                                     desc="teacher responses (held-out)") if evaluating else []
+    finally:
+        release(teacher_backend)
+    metrics: dict = {"method": method.name, "teacher": config.model.teacher,
+                     "student": describe_student(config.model),
+                     "num_train_prompts": len(train_prompts), "num_eval_prompts": len(eval_prompts)}
+    if evaluating:
+        before_file = paths.root / "eval" / "before.json"
+        before = read_json_or_none(before_file)
+        if before is not None:  # a resumed run: the student has trained since, so reuse the first figures
+            metrics["before"] = before
+        else:
+            metrics["before"] = evaluate(config, models, eval_prompts, teacher_eval, paths, "before")
+            atomic_write_json(before_file, metrics["before"])
+    validation = teacher_eval
+    if not validation and method.uses_validation:
+        logger.warning("No held-out prompts: %s measures its validation loss on the first %d training rows",
+                       method.name, min(32, len(rows)))
+        validation = rows[:32]
+    metrics["training"] = train(config, models, method, rows, paths, train_prompts=train_prompts,
+                                validation_rows=validation)
+    if evaluating and sharded_engine():
+        logger.warning("No 'after' evaluation under FSDP / DeepSpeed ZeRO-3: the models are sharded now. Evaluate "
+                       "the saved student with `distillm eval --model distilled=%s`.", paths.student)
+    elif evaluating:
+        metrics["after"] = evaluate(config, models, eval_prompts, teacher_eval, paths, "after")
+    metrics["wall_seconds"] = round(time.time() - started, 1)
+    metrics["complete"] = True
+    if state.is_main_process:
+        atomic_write_json(paths.metrics, metrics)
+    return metrics
