@@ -159,6 +159,17 @@ def format_metrics(metrics: dict) -> str:
         label = f"distinct-2 of samples (teacher: {t:.4f})"
         verdict = "yes" if abs(a - t) < abs(b - t) else "NO"
         lines.append(f"{label:<46}{b:>10.4f}{a:>10.4f}  {verdict} (closer to the teacher's is better)")
+    if metrics["after"].get("repetition") is not None and metrics["before"].get("repetition") is not None:
+        b, a, t = metrics["before"]["repetition"], metrics["after"]["repetition"], metrics["after"]["teacher_repetition"]
+        label = f"repetition of samples (teacher: {t:.4f})"
+        verdict = "yes" if abs(a - t) < abs(b - t) else "NO"
+        lines.append(f"{label:<46}{b:>10.4f}{a:>10.4f}  {verdict} (closer to the teacher's is better)")
+    if "degenerate" in metrics["after"]:  # evaluation.degeneracy: closer to collapse than to the teacher
+        for tag in ("before", "after"):
+            if metrics[tag].get("degenerate"):
+                lines.append(f"DEGENERATE student samples ({tag}): " + "; ".join(metrics[tag]["degenerate_reasons"]))
+        if not metrics["after"]["degenerate"]:
+            lines.append("student samples after: not degenerate (docs/evaluation.md, the degenerate rule)")
     return "\n".join(lines)
 
 

@@ -1,6 +1,7 @@
 """The `distillm` command end to end on tiny models, and its errors on bad input."""
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -52,6 +53,17 @@ def test_tiny_run_produces_student_pairs_and_metrics(tiny_run):
     assert metrics["after"]["acceptance_rate"] == pytest.approx(1 - metrics["after"]["tvd"], rel=0,
                                                                 abs=2 * sum_atol(vocab, 1.0))
     assert "held-out metric" in result.stdout and "Distilled student" in result.stdout
+    # the degeneracy figures of the evaluation's samples, beside the teacher's, and the flag printed
+    from distillm.evaluation.degeneracy import degeneracy_figures, degenerate
+
+    for tag in ("before", "after"):
+        samples = [json.loads(line)["response"] for line in (out / "eval" / f"{tag}_samples.jsonl").read_text().splitlines()]
+        teacher = [json.loads(line)["response"] for line in (out / "data" / "teacher_eval.jsonl").read_text().splitlines()]
+        figures, teacher_figures = degeneracy_figures(samples), degeneracy_figures(teacher)
+        for key in ("distinct_2", "repetition", "loop_rate", "empty_rate"):
+            assert metrics[tag][key] == figures[key] and metrics[tag][f"teacher_{key}"] == teacher_figures[key]
+        assert metrics[tag]["degenerate"] == degenerate(figures, teacher_figures).flagged
+        assert (f"DEGENERATE student samples ({tag})" in result.stdout) == metrics[tag]["degenerate"]
 
 
 def test_paired_data_uses_trl_dpo_columns_and_fresh_student_responses(tiny_run):
@@ -192,3 +204,22 @@ def test_global_flags_before_run_options_imply_run(monkeypatch):
     monkeypatch.setattr(cli, "_cmd_run", lambda args, evaluate_default: seen.update(vars(args)) or 0)
     assert cli.main(["-q", "--rounds", "2"]) == 0
     assert seen["command"] == "run" and seen["rounds"] == "2" and seen["quiet"]
+
+
+def test_run_summary_prints_repetition_and_the_degenerate_flag():
+    from distillm.cli import format_metrics
+
+    figures = {"teacher_nll_of_student_samples": 1.0, "kl": 1.0, "tvd": 0.5, "acceptance_rate": 0.5,
+               "distinct_2": 0.5, "teacher_distinct_2": 0.8, "teacher_repetition": 0.02}
+    before = {**figures, "repetition": 0.1, "degenerate": False, "degenerate_reasons": []}
+    after = {**figures, "repetition": 0.9, "degenerate": True,
+             "degenerate_reasons": ["repetition 0.900 > 0.510 (teacher 0.020)"]}
+    table = format_metrics({"before": before, "after": after})
+    assert re.search(r"repetition of samples \(teacher: 0\.0200\) +0\.1000 +0\.9000  NO", table)
+    assert "DEGENERATE student samples (after): repetition 0.900 > 0.510 (teacher 0.020)" in table
+    assert "(before)" not in table
+    table = format_metrics({"before": after, "after": before})
+    assert "DEGENERATE student samples (before)" in table and "after: not degenerate" in table
+    # a run evaluated before these figures existed (a resumed run's before.json): no repetition line, no flag
+    old = {key: value for key, value in figures.items() if key != "teacher_repetition"}
+    assert "repetition" not in format_metrics({"before": old, "after": old})

@@ -7,7 +7,10 @@ import re
 
 import pytest
 
-from distillm.compare import CompareError, CompareSettings, Comparison, generated_tokens, mean_std
+from distillm.compare import (
+    CompareError, CompareSettings, Comparison, generated_tokens, mean_std, ranking, summarise, write_results,
+)
+from distillm.evaluation.degeneracy import degeneracy_figures
 
 
 def tiny_settings(out, **kwargs) -> CompareSettings:
@@ -45,6 +48,15 @@ def test_comparison_end_to_end_then_resume_reruns_only_the_missing_cell(tmp_path
     teacher, initial = table_row(text, "teacher"), table_row(text, "initial student (pruned, untrained)")
     assert teacher[keys.index("kl")] == "—" and re.fullmatch(r"\d+\.\d+", initial[keys.index("kl")])
     assert "distinct_2" in keys and re.fullmatch(r"\d\.\d+", teacher[keys.index("distinct_2")])
+    # degeneracy and the preference over the initial student's answers, from the teacher's per-answer scores
+    for label in ("distillm2", "kd"):
+        row = table_row(text, label)
+        assert re.fullmatch(r"no|\*\*yes\*\* \(\d/2 seeds\)", row[len(keys)])
+        assert re.fullmatch(r"(\d\.\d{3}) \[(\d\.\d{3}), (\d\.\d{3})\]", row[len(keys) + 1]), row
+    preference = summary["variants"]["kd"]["preference"]
+    assert preference["prompts"] == 3 and preference["seeds"] == 2 and preference["low"] <= preference["rate"] <= preference["high"]
+    assert all((out / "eval" / "generations" / name / "teacher_scores.json").is_file()
+               for name in ("teacher", "initial", "kd-seed0", "distillm2-seed1"))
     assert "distinct-2 ≈" in text
     assert not list(out.glob("cells/*/seed_*/run/checkpoints"))  # finished cells keep their student, not checkpoints
     assert all((out / c["run_dir"] / "student" / "model.safetensors").is_file() for c in cells)
@@ -63,11 +75,12 @@ def test_comparison_end_to_end_then_resume_reruns_only_the_missing_cell(tmp_path
     # a cell finished before distinct-2 existed: the report computes it from the cell's stored generations
     old_cell = out / "cells" / "kd" / "seed_0" / "cell.json"
     record = json.loads(old_cell.read_text())
-    expected = record["metrics"].pop("distinct_2")
+    expected = {key: record["metrics"].pop(key) for key in ("distinct_2", "loop_rate", "empty_rate")}
     old_cell.write_text(json.dumps(record))
     backfilled = Comparison(tiny_settings(out)).run(report_only=True)
-    assert next(c for c in backfilled["cells"] if (c["variant"], c["seed"]) == ("kd", 0))["metrics"][
-        "distinct_2"] == expected  # the same function of the same stored texts (JSON keeps a float exactly)
+    backfilled_metrics = next(c for c in backfilled["cells"] if (c["variant"], c["seed"]) == ("kd", 0))["metrics"]
+    # the same function of the same stored texts (JSON keeps a float exactly)
+    assert {key: backfilled_metrics[key] for key in expected} == expected
     assert "distinct_2" not in json.loads(old_cell.read_text())["metrics"]  # the cell's own record is kept
 
     # resume: one cell's final file gone -> only that cell is redone (its run is finished: evaluated again)
@@ -77,12 +90,13 @@ def test_comparison_end_to_end_then_resume_reruns_only_the_missing_cell(tmp_path
     partial = Comparison(tiny_settings(out)).run(report_only=True)  # the finished cells only, nothing run
     assert len(partial["cells"]) == 5 and not gone.is_file()
     assert "Partial results: 5 of 6 cells finished" in (out / "results.md").read_text()
-    assert table_row((out / "results.md").read_text(), "kd")[len(keys)] == "0"  # kd's seeds column
+    assert table_row((out / "results.md").read_text(), "kd")[len(keys) + 2] == "0"  # kd's seeds column (after degenerate, preference)
     again = Comparison(tiny_settings(out)).run()
     assert again["cells_skipped"] == 5 and gone.is_file()
     assert all(p.stat().st_mtime_ns == t for p, t in others.items())
-    assert json.loads(gone.read_text())["metrics"] == next(
-        c["metrics"] for c in cells if (c["variant"], c["seed"]) == ("kd", 1))
+    reported = next(c["metrics"] for c in cells if (c["variant"], c["seed"]) == ("kd", 1))
+    reported.pop("distinct_2_gap")  # the report derives it from the teacher's distinct-2
+    assert json.loads(gone.read_text())["metrics"] == reported
 
     # an unfinished cell whose run was started with other run settings (an older version of the comparison):
     # started again under the current ones, not refused
@@ -154,3 +168,72 @@ def test_a_cell_claimed_by_a_live_process_is_skipped_and_a_stale_claim_taken_ove
     (tmp_path / "b" / "running.pid").write_text(gone.stdout.strip())  # a finished process: a stale claim
     with CellClaim(tmp_path / "b") as claimed:
         assert claimed
+
+
+def test_a_collapsed_student_ranked_first_on_teacher_nll_is_flagged_and_ranked_last(tmp_path):
+    """The figures of docs/results/full: minillm's answers, one token repeated, got the best teacher NLL (0.626,
+    the teacher's own is 0.610). Ranked by that column alone (the rule before the degenerate flag) it came first;
+    now it is flagged from its answers' figures and ranked after every working variant, marked."""
+    teacher_texts = ["Paris is the capital of France.", "Two plus two is four, so the answer is 4.",
+                     "Blue is a calm colour often linked with the sea.", "Apples, bananas and cherries are fruits."]
+    answers = {"kd": [t.replace("the", "a") for t in teacher_texts],
+               "seqkd": [" ".join(reversed(t.split())) for t in teacher_texts],
+               "minillm": ["the the the the the the the the the the the the"] * 4}
+    nll = {"kd": (2.281, 2.2), "seqkd": (2.446, 2.5), "minillm": (0.626, 0.7)}  # two seeds each
+
+    def cell(variant, seed):
+        metrics = {"teacher_nll": nll[variant][seed], "kl": 5.0 + seed, **degeneracy_figures(answers[variant])}
+        return {"variant": variant, "seed": seed, "metrics": metrics, "steps": 40, "student_tokens": 0,
+                "teacher_tokens": 10, "wall_seconds": 1.0}
+
+    cells = [cell(v, s) for v in answers for s in (0, 1)]
+    reference = {"teacher": {"teacher_nll": 0.610, **degeneracy_figures(teacher_texts)},
+                 "initial": {"teacher_nll": 7.3, "kl": 13.0, **degeneracy_figures(["x y z w"] * 2 + ["a b c d"])}}
+    preferences = {"minillm": {"rate": 0.75, "low": 0.5, "high": 1.0}}
+    summary = summarise(cells, reference, tiny_settings(tmp_path), preferences=preferences)
+
+    means = {v: e["metrics"]["teacher_nll"][0] for v, e in summary["variants"].items()}
+    assert sorted(means, key=means.get)[0] == "minillm"  # the rule before: the collapsed student first
+    assert ranking(summary, "teacher_nll") == ["kd", "seqkd", "minillm"]
+    assert summary["variants"]["minillm"]["degenerate_seeds"] == [0, 1]
+    assert not summary["variants"]["kd"]["degenerate_seeds"] and not summary["variants"]["seqkd"]["degenerate_seeds"]
+    d2 = degeneracy_figures(answers["minillm"])["distinct_2"]
+    assert d2 < 0.1  # (both seeds' answers are the same: their mean is exact)
+    assert summary["variants"]["minillm"]["metrics"]["distinct_2_gap"][0] == abs(d2 - reference["teacher"]["distinct_2"])
+
+    text = write_results(summary, tmp_path).read_text()
+    header = next(line for line in text.splitlines() if line.startswith("| variant |"))
+    assert header.count("|") == len(table_row(text, "kd")) + 2  # one column per cell: no '|' inside a label
+    assert "teacher NLL of responses: kd > seqkd > minillm (degenerate)" in text
+    assert re.search(r"- minillm: seed 0: repetition .*distinct_2 .* < ", text)
+    keys = summary["metric_keys"]
+    assert {"repetition", "loop_rate", "empty_rate", "distinct_2_gap"} <= set(keys)
+    row = table_row(text, "minillm")
+    assert row[len(keys)] == "**yes** (2/2 seeds)" and row[len(keys) + 1] == "0.750 [0.500, 1.000]"
+    assert table_row(text, "kd")[len(keys):len(keys) + 2] == ["no", "—"]
+    assert table_row(text, "teacher")[keys.index("distinct_2_gap")] == "0.000"
+
+
+def test_answer_scores_are_kept_for_the_same_answers_and_redone_for_new_ones(tmp_path):
+    from distillm.evaluation.divergence import sequence_log_likelihoods
+    from distillm.io import write_jsonl
+    from distillm.models import real_vocab_size
+
+    comparison = Comparison(tiny_settings(tmp_path))
+    folder = tmp_path / "eval" / "generations" / "kd-seed0"
+    folder.mkdir(parents=True)
+    rows = [{"id": "a", "prompt_ids": [5, 6, 7], "response_ids": [8, 9, 10]},
+            {"id": "b", "prompt_ids": [11, 12], "response_ids": [13]}]
+    write_jsonl(folder / "responses.jsonl", rows)
+    teacher, tokenizer = comparison.teacher_model()
+    expected = sequence_log_likelihoods(teacher, rows, vocab_size=real_vocab_size(tokenizer),
+                                        pad_token_id=tokenizer.pad_token_id,
+                                        max_length=comparison.eval_settings().max_length)
+    assert comparison.answer_scores("kd-seed0") == {"a": expected[0], "b": expected[1]}
+    saved = json.loads((folder / "teacher_scores.json").read_text())
+    saved["scores"]["a"] = [-1.0, 3]  # the kept file is what a rerun reads
+    (folder / "teacher_scores.json").write_text(json.dumps(saved))
+    assert comparison.answer_scores("kd-seed0")["a"] == (-1.0, 3)
+    rows[0]["response_ids"] = [8, 9]  # new answers: scored again
+    write_jsonl(folder / "responses.jsonl", rows)
+    assert comparison.answer_scores("kd-seed0")["a"][1] == 2

@@ -18,7 +18,11 @@ and the held-out evaluation (greedy decoding) are the same for every seed.
 
 Held-out metrics (local, no network): the teacher's NLL of the student's responses, KL and TVD on the teacher's
 responses, ROUGE-L against the teacher's responses, exact match on built-in arithmetic problems, and, when a judge
-endpoint is given, the judge's win rate against the teacher's responses.
+endpoint is given, the judge's win rate against the teacher's responses. Degeneracy figures (repetition, loop and
+empty rates, distinct-2 and its distance to the teacher's) flag collapsed students, which every ranking puts last;
+the preference figure compares each variant's greedy answers with the initial student's, prompt by prompt, by
+their length-normalised teacher log-likelihood (docs/evaluation.md, "Degenerate students and the preference
+figure").
 
 Modules: `protocol` (variants, metrics, sizes, `CompareSettings`), `cells` (`Comparison`: the shared work and the
 cells), `report` (tables, charts). The command line (`distillm compare`) is in `distillm.cli`.

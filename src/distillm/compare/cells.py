@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -14,11 +15,12 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..data.builtin import load_builtin
-from ..evaluation.divergence import teacher_nll
+from ..evaluation.degeneracy import degeneracy_figures
+from ..evaluation.divergence import normalised_scores, sequence_log_likelihoods
 from ..evaluation.judge import OpenAIChatJudge
 from ..evaluation.math import arithmetic_problems, problem_prompt
+from ..evaluation.preference import outcomes, paired_scores, preference_over_seeds
 from ..evaluation.suite import EvalSettings, LOCAL_TASKS, ModelSpec, run_evaluation
-from ..evaluation.text import distinct_n
 from ..generation.factory import sampling_params
 from ..generation.hf import HFBackend
 from ..generation.runner import generate_responses
@@ -132,27 +134,66 @@ class Comparison:
 
     def evaluate(self, specs, *, include_teacher: bool = False) -> dict[str, dict]:
         """Evaluation-suite metrics of `specs` (the suite evaluates the teacher first, from its cache after the
-        first time), plus the teacher's NLL of each model's held-out responses."""
+        first time), plus the teacher's NLL of each model's held-out responses and their degeneracy figures."""
         teacher_spec = ModelSpec("teacher", self.s.teacher)
         results = run_evaluation([teacher_spec, *specs], self.eval_settings(), self.eval_dir, judge=self.judge(),
                                  command=self.command)
-        teacher, tokenizer = self.teacher_model()
         out = {}
         for spec in ([teacher_spec] if include_teacher else []) + list(specs):
             metrics = dict(results["models"][spec.name]["metrics"])
-            rows = read_jsonl(self.eval_dir / "generations" / spec.name / "responses.jsonl")
-            metrics["teacher_nll"] = teacher_nll(teacher, rows, vocab_size=real_vocab_size(tokenizer),
-                                                 pad_token_id=tokenizer.pad_token_id,
-                                                 max_length=self.eval_settings().max_length,
-                                                 desc=f"{spec.name}: teacher NLL")
+            scores = self.answer_scores(spec.name)  # the teacher's log-likelihood of each answer
+            metrics["teacher_nll"] = -sum(t for t, _ in scores.values()) / max(sum(c for _, c in scores.values()), 1)
+            self.backfill(metrics, spec.name)
             out[spec.name] = {k: v for k, v in metrics.items() if k in METRICS}
         return out
+
+    def answer_scores(self, name: str) -> dict[str, tuple[float, int]]:
+        """Prompt id -> (the teacher's summed log-likelihood of the model's held-out answer, its tokens), computed
+        once and kept beside the generations (``teacher_scores.json``)."""
+        folder = self.eval_dir / "generations" / name
+        path = folder / "teacher_scores.json"
+        rows = read_jsonl(folder / "responses.jsonl")
+        # the scores hold for these exact answers: regenerated answers are scored again
+        digest = hashlib.sha256(json.dumps([[str(r["id"]), r["prompt_ids"], r["response_ids"]] for r in rows])
+                                .encode()).hexdigest()
+        saved = json.loads(path.read_text()) if path.is_file() else {}
+        if saved.get("responses_sha256") == digest:
+            return {key: (float(t), int(c)) for key, (t, c) in saved["scores"].items()}
+        teacher, tokenizer = self.teacher_model()
+        scored = sequence_log_likelihoods(teacher, rows, vocab_size=real_vocab_size(tokenizer),
+                                          pad_token_id=tokenizer.pad_token_id,
+                                          max_length=self.eval_settings().max_length, desc=f"{name}: teacher NLL")
+        scores = {str(row["id"]): score for row, score in zip(rows, scored)}
+        atomic_write_json(path, {"responses_sha256": digest, "scores": scores})
+        return scores
+
+    def preferences(self, cells: list[dict], reference: str = "initial") -> dict[str, dict]:
+        """Variant -> its preference over the `reference` model's held-out answers (evaluation.preference), over
+        the variant's finished seeds."""
+
+        def answers(name):
+            rows = read_jsonl(self.eval_dir / "generations" / name / "responses.jsonl")
+            scores = self.answer_scores(name)
+            return rows, normalised_scores([scores[str(row["id"])] for row in rows])
+
+        ref_rows, ref_scores = answers(reference)
+        per_variant: dict[str, list] = {}
+        for cell in cells:
+            rows, scores = answers(cell_model_name(cell["variant"], cell["seed"]))
+            v, r, same = paired_scores(rows, ref_rows, scores, ref_scores)
+            per_variant.setdefault(cell["variant"], []).append(outcomes(v, r, same))
+        return {variant: preference_over_seeds(rows).as_dict() | {"reference": reference}
+                for variant, rows in per_variant.items()}
 
     def backfill(self, metrics: dict, name: str) -> None:
         """Add the reference-free metrics a finished cell lacks, from its stored held-out generations."""
         path = self.eval_dir / "generations" / name / "responses.jsonl"
-        if "distinct_2" not in metrics and path.is_file():
-            metrics["distinct_2"] = distinct_n([row["response"] for row in read_jsonl(path)], 2)
+        wanted = ("distinct_2", "repetition", "loop_rate", "empty_rate")
+        if any(k not in metrics for k in wanted) and path.is_file():
+            figures = degeneracy_figures([row["response"] for row in read_jsonl(path)])
+            for key in wanted:  # repetition is None when no answer has 4 words: left out
+                if key not in metrics and figures[key] is not None:
+                    metrics[key] = figures[key]
 
     def reference(self) -> dict:
         """The teacher's and the initial (pruned, untrained) student's figures, computed once."""
@@ -248,7 +289,7 @@ class Comparison:
             self.backfill(reference[name], name)
         if not cells:
             raise CompareError(f"No finished cells in {self.root} yet: run the comparison without --report-only.")
-        summary = summarise(cells, reference, self.s)
+        summary = summarise(cells, reference, self.s, preferences=self.preferences(cells))
         summary["cells_total"] = len(self.cells())
         summary["wall_seconds_this_invocation"] = round(time.time() - started, 1)
         summary["cells_skipped"] = skipped

@@ -31,6 +31,11 @@ METRICS = {
     "tvd": ("TVD", "lower"),
     "rouge_l": ("ROUGE-L", "higher"),
     "distinct_2": ("distinct-2", "target"),  # neither direction: the teacher's value is the target
+    # degeneracy (evaluation.degeneracy): a collapsed student wins the teacher-NLL column; these expose it
+    "distinct_2_gap": ("distinct-2 distance to the teacher's", "lower"),  # no '|' in a table cell
+    "repetition": ("repetition (seq-rep-4)", "target"),
+    "loop_rate": ("answers ending in a loop", "target"),
+    "empty_rate": ("empty answers", "target"),
     "math_accuracy": ("arithmetic exact match", "higher"),
     "win_rate": ("judge win rate", "higher"),
 }

@@ -9,6 +9,7 @@ import statistics
 from pathlib import Path
 
 from ..config import METHOD_NAMES
+from ..evaluation.degeneracy import degenerate, rank
 from ..evaluation.report import save_figure
 from ..io import atomic_write_json, atomic_write_text
 from .protocol import ABLATION_ROWS, ABLATIONS, CHARTED, CompareSettings, HEADLINE, METRICS
@@ -23,14 +24,37 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return mean, std
 
 
-def summarise(cells: list[dict], reference: dict, settings: CompareSettings) -> dict:
+def checked(metrics: dict, teacher: dict) -> dict:
+    """`metrics` plus the distance of its distinct-2 to the teacher's and the degenerate flag
+    (evaluation.degeneracy: relative to the teacher's figures on the same prompts)."""
+    verdict = degenerate(metrics, teacher)
+    out = dict(metrics)
+    if verdict.distinct_2_gap is not None:
+        out["distinct_2_gap"] = verdict.distinct_2_gap
+    return out | {"degenerate": verdict.flagged, "degenerate_reasons": list(verdict.reasons)}
+
+
+def summarise(cells: list[dict], reference: dict, settings: CompareSettings, *,
+              preferences: dict[str, dict] | None = None) -> dict:
+    teacher = reference["teacher"]
+    reference = {**reference, "teacher": checked(teacher, teacher), "initial": checked(reference["initial"], teacher)}
+    flagged_cells = []
+    for cell in cells:
+        metrics = checked(cell["metrics"], teacher)
+        flagged_cells.append({**cell, "degenerate": metrics.pop("degenerate"),
+                              "degenerate_reasons": metrics.pop("degenerate_reasons"), "metrics": metrics})
+    cells = flagged_cells
     by_variant: dict[str, list[dict]] = {}
     for cell in cells:
         by_variant.setdefault(cell["variant"], []).append(cell)
     keys = [k for k in METRICS if any(k in c["metrics"] for c in cells) or k in reference["teacher"]]
     rows = {}
     for variant, group in by_variant.items():
-        entry = {"seeds": [c["seed"] for c in group], "metrics": {}}
+        entry = {"seeds": [c["seed"] for c in group], "metrics": {},
+                 # flagged if any seed is: that seed's collapse pulls the variant's mean teacher NLL down
+                 "degenerate_seeds": [c["seed"] for c in group if c["degenerate"]],
+                 "degenerate_reasons": {str(c["seed"]): c["degenerate_reasons"] for c in group if c["degenerate"]},
+                 "preference": (preferences or {}).get(variant)}
         for key in keys:
             values = [c["metrics"][key] for c in group if c["metrics"].get(key) is not None]
             if values:
@@ -53,18 +77,24 @@ def _ms(pair) -> str:
     return f"{_fmt(mean)} ± {_fmt(std)}"
 
 
+def _preference(value: dict | None) -> str:
+    return "—" if value is None else f"{_fmt(value['rate'])} [{_fmt(value['low'])}, {_fmt(value['high'])}]"
+
+
 def _table(summary: dict, variants: list[tuple[str, str]], *, with_reference: bool) -> list[str]:
     keys = summary["metric_keys"]
     arrow = {"lower": "↓", "higher": "↑", "target": "≈"}
     head = ["variant"] + [f"{METRICS[k][0]} {arrow[METRICS[k][1]]}" for k in keys] + [
-        "seeds", "steps", "student tokens generated", "teacher tokens generated", "wall s"]
+        "degenerate", "preference vs initial ↑", "seeds", "steps", "student tokens generated",
+        "teacher tokens generated", "wall s"]
     lines = ["| " + " | ".join(head) + " |", "| --- |" + " ---: |" * (len(head) - 1)]
     if with_reference:
         for name in ("teacher", "initial"):
             values = summary["reference"][name]
             label = "teacher" if name == "teacher" else "initial student (pruned, untrained)"
+            flag = "—" if name == "teacher" else ("**yes**" if values.get("degenerate") else "no")
             lines.append(f"| {label} | " + " | ".join(_fmt(values[k]) if values.get(k) is not None else "—"
-                                                      for k in keys) + " | — | — | — | — | — |")
+                                                      for k in keys) + f" | {flag} | — | — | — | — | — | — |")
     for label, variant in variants:
         entry = summary["variants"].get(variant)
         if entry is None:
@@ -72,6 +102,9 @@ def _table(summary: dict, variants: list[tuple[str, str]], *, with_reference: bo
         one = len(entry["seeds"]) == 1  # no spread to show from one seed
         cells = [(_fmt(entry["metrics"][k][0]) if k in entry["metrics"] else "—") if one else _ms(entry["metrics"].get(k))
                  for k in keys]
+        flagged = entry.get("degenerate_seeds", [])
+        cells += [f"**yes** ({len(flagged)}/{len(entry['seeds'])} seeds)" if flagged else "no",
+                  _preference(entry.get("preference"))]
         cells += [",".join(map(str, entry["seeds"])), f"{entry['steps'][0]:.0f}", f"{entry['student_tokens'][0]:.0f}",
                   f"{entry['teacher_tokens'][0]:.0f}", f"{entry['wall_seconds'][0]:.0f}"]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -79,11 +112,15 @@ def _table(summary: dict, variants: list[tuple[str, str]], *, with_reference: bo
 
 
 def ranking(summary: dict, key: str) -> list[str]:
-    """Method variants (not the ablation's extra rows) ordered best first by the mean of `key`."""
-    better = METRICS[key][1]
-    entries = [(v, e["metrics"][key][0]) for v, e in summary["variants"].items()
-               if v in METHOD_NAMES and key in e["metrics"]]
-    return [v for v, _ in sorted(entries, key=lambda item: item[1], reverse=better == "higher")]
+    """Method variants (not the ablation's extra rows) ordered best first by the mean of `key`, every variant
+    flagged as degenerate (on any seed) after every other one: a collapsed student cannot rank first."""
+    values = {v: e["metrics"][key][0] for v, e in summary["variants"].items()
+              if v in METHOD_NAMES and key in e["metrics"]}
+    return [v for v, _ in rank(values, METRICS[key][1], degenerate_variants(summary))]
+
+
+def degenerate_variants(summary: dict) -> list[str]:
+    return [v for v, e in summary["variants"].items() if e.get("degenerate_seeds")]
 
 
 def write_results(summary: dict, out_dir: Path, *, command: str | None = None) -> Path:
@@ -119,8 +156,16 @@ def write_results(summary: dict, out_dir: Path, *, command: str | None = None) -
               "mean per-token NLL of the model's greedy held-out responses; KL and TVD per token on the teacher's "
               "greedy held-out responses; ROUGE-L against them. Distinct-2: distinct word bigrams / all bigrams "
               "over the greedy held-out responses -- near 0 for a student that repeats the same tokens in every "
-              "answer, which the teacher NLL column rewards. Tokens generated: for the cell's training data "
-              "(mean over seeds).", ""]
+              "answer, which the teacher NLL column rewards. Repetition: the share of an answer's word 4-grams that "
+              "repeat an earlier one (mean over answers); loop: answers ending in 3 or more copies of a unit; empty: "
+              "answers with no word. Degenerate: on some seed, closer to collapse than to the teacher on one of "
+              "these (repetition, loop or empty rate more than halfway from the teacher's value to 1, or distinct-2 "
+              "below half the teacher's); such variants rank last. Preference vs initial: the share of held-out "
+              "prompts where the variant's greedy answer has the higher length-normalised teacher log-likelihood "
+              "than the initial student's (ties half; each prompt averaged over seeds), with a 95 % percentile "
+              "bootstrap interval over prompts -- read it with the degenerate column, as the teacher's likelihood "
+              "favours repetition. docs/evaluation.md gives the details. Tokens generated: for the cell's training "
+              "data (mean over seeds).", ""]
     ranks = {k: ranking(summary, k) for k in summary["metric_keys"] if k in HEADLINE}
     if ranks:
         lines += ["## Ranking (best first, by mean)", ""]
@@ -129,7 +174,16 @@ def write_results(summary: dict, out_dir: Path, *, command: str | None = None) -
             if len(means) == 1:  # nothing to rank
                 lines.append(f"- {METRICS[key][0]}: every method {_fmt(means.pop())}")
             elif order:
-                lines.append(f"- {METRICS[key][0]}: " + " > ".join(order))
+                flagged = set(degenerate_variants(summary))
+                lines.append(f"- {METRICS[key][0]}: " + " > ".join(f"{v} (degenerate)" if v in flagged else v
+                                                                   for v in order))
+        flagged = degenerate_variants(summary)
+        if flagged:
+            lines += ["", "Degenerate, ranked last whatever their figures (seed: the figures that flag it):"]
+            for v in flagged:
+                why = "; ".join(f"seed {seed}: " + ", ".join(reasons)
+                                for seed, reasons in summary["variants"][v]["degenerate_reasons"].items())
+                lines.append(f"- {v}: {why}")
         lines.append("")
     if _plot(summary, out / "comparison.png", [v for v, _ in method_rows], with_reference=True):
         lines += ["![methods](comparison.png)", ""]

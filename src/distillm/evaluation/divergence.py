@@ -2,6 +2,8 @@
 
 - `teacher_nll`: the teacher's mean per-token negative log-likelihood of responses the student sampled
   (lower: the student writes what the teacher would write).
+- `sequence_log_likelihoods`: the teacher's summed log-likelihood and token count of each response, in the rows'
+  order (the preference figure's per-answer scores; `normalised_scores` divides them).
 - `teacher_student_divergence`: on held-out teacher responses, the token-level KL(p || q), the total variation
   distance and the expected speculative-decoding acceptance rate 1 - TVD, averaged over response tokens.
 """
@@ -61,3 +63,30 @@ def teacher_student_divergence(teacher, student, rows: Sequence[dict], *, vocab_
                 sums[key] += fn(q_logits, p_logits)[mask].sum().item()
             count += int(mask.sum().item())
     return {key: value / max(count, 1) for key, value in sums.items()}
+
+
+@torch.inference_mode()
+def sequence_log_likelihoods(teacher, rows: Sequence[dict], *, vocab_size: int, pad_token_id: int, max_length: int,
+                             batch_size: int = 8, desc: str = "teacher log-likelihood") -> list[tuple[float, int]]:
+    """Per row, in the rows' order: (sum over its response tokens of log p_teacher(token | prefix), number of
+    those tokens). The response is cut to fit max_length as in training (`build_sequences`); batches are formed
+    longest first, as in `teacher_nll`, and each result is put back at its row's place."""
+    order = sorted(range(len(rows)), key=lambda i: -(len(rows[i]["prompt_ids"]) + len(rows[i]["response_ids"])))
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
+    with eval_mode(teacher):
+        for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
+            chunk = order[start:start + batch_size]
+            batch = pad_left([build_sequences(rows[i]["prompt_ids"], rows[i]["response_ids"], max_length)
+                              for i in chunk], pad_token_id)
+            logits, targets = response_logits(teacher, {k: v.to(teacher.device) for k, v in batch.items()},
+                                              vocab_size)
+            sums = token_log_probs(logits, targets).double().sum(-1).tolist()
+            counts = (targets != IGNORE).sum(-1).tolist()
+            for i, total, count in zip(chunk, sums, counts):
+                out[i] = (total, int(count))
+    return out
+
+
+def normalised_scores(likelihoods: Sequence[tuple[float, int]]) -> list[float]:
+    """Length-normalised log-likelihoods: sum / tokens; -inf for a response with no token (never preferred)."""
+    return [total / count if count else float("-inf") for total, count in likelihoods]

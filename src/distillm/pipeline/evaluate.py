@@ -7,8 +7,8 @@ import time
 
 from ..config import RunConfig
 from ..data.vision import ImageInputs
+from ..evaluation.degeneracy import degeneracy_figures, degenerate
 from ..evaluation.divergence import teacher_nll, teacher_student_divergence
-from ..evaluation.text import distinct_n
 from ..generation.factory import generate_once, make_backend, sampling_params
 from ..models import ModelPair
 from ..testing.faults import fault_point
@@ -32,9 +32,14 @@ def evaluate(config: RunConfig, models: ModelPair, eval_prompts, teacher_eval_ro
     common = dict(vocab_size=models.vocab_size, pad_token_id=models.tokenizer.pad_token_id, max_length=d.max_length,
                   image_inputs=ImageInputs(models.processor) if models.processor is not None else None)
     result = {"teacher_nll_of_student_samples": teacher_nll(models.teacher, samples, **common)}
-    # distinct-2 (distinct word bigrams / all) of the samples, beside the teacher's: a collapsed student repeats
-    result["distinct_2"] = distinct_n([row["response"] for row in samples])
-    result["teacher_distinct_2"] = distinct_n([row["response"] for row in teacher_eval_rows])
+    # distinct-2 (distinct word bigrams / all), repetition, loop and empty rates of the samples, beside the
+    # teacher's, and the degenerate flag (evaluation.degeneracy): a collapsed student repeats itself
+    student = degeneracy_figures([row["response"] for row in samples])
+    teacher = degeneracy_figures([row["response"] for row in teacher_eval_rows])
+    for key in ("distinct_2", "repetition", "loop_rate", "empty_rate"):
+        result[key], result[f"teacher_{key}"] = student[key], teacher[key]
+    verdict = degenerate(student, teacher)
+    result["degenerate"], result["degenerate_reasons"] = verdict.flagged, list(verdict.reasons)
     fault_point(f"eval:{tag}")
     result.update(teacher_student_divergence(models.teacher, models.student, teacher_eval_rows, **common))
     result["seconds"] = round(time.time() - start, 1)
