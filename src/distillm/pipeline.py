@@ -195,6 +195,7 @@ class ModelPair:
     vocab_size: int
     teacher_path: str | None  # a directory vLLM can load (None for built-in tiny models)
     processor: object | None = None  # a vision-language run's processor (see distillm.vision); None for text
+    cross: object | None = None  # a cross-tokenizer run's crosstok.data.CrossSetup (tokenizer is the student's)
 
 
 def load_models(config: RunConfig, tokenizer=None) -> ModelPair:
@@ -677,6 +678,8 @@ def train(config: RunConfig, models: ModelPair, method: Method, rows: list[dict]
     if models.processor is not None:  # vision-language: each row's image, batched by the processor
         image_inputs = ImageInputs(models.processor, {p.id: p.image for p in train_prompts})
         collator = VisionCollator(tokenizer.pad_token_id, config.data.max_length, image_inputs, method.sequences)
+    elif models.cross is not None:  # the teacher has another tokenizer: both sides' ids + the alignment
+        collator = models.cross.collator(config.data.max_length, method.sequences)
     else:
         collator = DistillCollator(tokenizer.pad_token_id, config.data.max_length, method.sequences)
     sampler = OnlineSampler(models.student, models.teacher, tokenizer, sampling_params(config), models.vocab_size,
@@ -698,13 +701,18 @@ def train(config: RunConfig, models: ModelPair, method: Method, rows: list[dict]
                 models.teacher.to(args.device), [method.sequences(row)[0] for row in dataset.rows],
                 max_length=config.data.max_length, pad_token_id=tokenizer.pad_token_id,
                 batch_size=config.training.per_device_train_batch_size)
-    trainer = DistillTrainer(
+    trainer_class, extra = DistillTrainer, {}
+    if models.cross is not None:
+        from .crosstok.trainer import CrossDistillTrainer
+
+        trainer_class, extra = CrossDistillTrainer, {"cross": models.cross}
+    trainer = trainer_class(
         model=models.student, teacher=models.teacher, method=method, vocab_size=models.vocab_size,
         sampler=sampler, validation_rows=validation_rows, max_nonfinite_steps=config.training.max_nonfinite_steps,
         loss_impl=config.loss.loss_impl, loss_chunk_size=config.loss.loss_chunk_size, teacher_cache=teacher_cache,
         args=args, train_dataset=dataset,
         data_collator=collator,
-        processing_class=models.processor or tokenizer,
+        processing_class=models.processor or tokenizer, **extra,
     )
     if method.paired_rounds:
         trainer.add_callback(OnPolicyRoundCallback(dataset, refresh, trainer.model_for_generation))
@@ -835,6 +843,11 @@ def _run(config: RunConfig, paths: RunPaths, started: float) -> dict:
         return metrics
     # a changed teacher-responses file is refused before any model is loaded; prompt files are compared as encoded
     rundir.check_inputs(paths.root, config, files, keys=("teacher_responses",))
+    from .crosstok.run import cross_tokenizers, run_cross
+
+    pair = cross_tokenizers(config)  # (teacher, student) tokenizers when their vocabularies differ, else None
+    if pair is not None:
+        return run_cross(config, paths, started, *pair)
     evaluating = bool(config.evaluation.evaluate and config.data.eval_prompts)
     vision = uses_images(config)
     if vision:  # the prompts need the vision-language model's processor

@@ -57,13 +57,15 @@ from .vocab import VocabMap
 #: bytes of fp32 logits per chunk of group starts (teacher + student rows), as the fused losses' CHUNK_BYTES
 CHUNK_BYTES = 64 * 2**20
 
+# on the shared-vocabulary log-probs (already at temperature tau); detach: as methods.base.divergence_loss (None:
+# the functions' defaults, SKL not detached, SRKL detached)
 DIVERGENCES = {
-    "fkl": lambda s, t, w: plain.forward_kl(s, t),
-    "rkl": lambda s, t, w: plain.reverse_kl(s, t),
-    "skl": lambda s, t, w: plain.skew_forward_kl(s, t, w),
-    "srkl": lambda s, t, w: plain.skew_reverse_kl(s, t, w),
-    "jsd": lambda s, t, w: plain.generalized_jsd(s, t, w),
-    "tvd": lambda s, t, w: plain.total_variation(s, t),
+    "fkl": lambda s, t, w, d=None: plain.forward_kl(s, t),
+    "rkl": lambda s, t, w, d=None: plain.reverse_kl(s, t),
+    "skl": lambda s, t, w, d=None: plain.skew_forward_kl(s, t, w, detach_student_in_mixture=bool(d)),
+    "srkl": lambda s, t, w, d=None: plain.skew_reverse_kl(s, t, w, detach_student_in_mixture=d is None or d),
+    "jsd": lambda s, t, w, d=None: plain.generalized_jsd(s, t, w),
+    "tvd": lambda s, t, w, d=None: plain.total_variation(s, t),
 }
 
 
@@ -108,7 +110,8 @@ def shared_log_probs(log_probs: Tensor, ids: Tensor, unmatched: Tensor) -> Tenso
 
 def group_values(name: str, student_logits: Tensor, teacher_logits: Tensor, one_to_one: Tensor, s_cont: Tensor,
                  t_cont: Tensor, vmap: VocabMap, *, weight: float | Tensor | None = None, temperature: float = 1.0,
-                 uld_weight: float = 1.0, merge_weight: float = 1.0) -> Tensor:
+                 uld_weight: float = 1.0, merge_weight: float = 1.0,
+                 detach_student_in_mixture: bool | None = None) -> Tensor:
     """d_g of the module docstring for M groups: `student_logits` [M, V_s] and `teacher_logits` [M, V_t] at the
     groups' start positions, `one_to_one` [M], continuation log-probs `s_cont`, `t_cont` [M] (0 for 1:1
     groups), `weight`: a of skl/srkl, b of jsd (float or [M]). Differentiable in the student's inputs."""
@@ -125,7 +128,8 @@ def group_values(name: str, student_logits: Tensor, teacher_logits: Tensor, one_
     if one.numel():
         w = weight.index_select(0, one) if isinstance(weight, Tensor) and weight.dim() == 1 else weight
         s_one, t_one = s_lp.index_select(0, one), t_lp.index_select(0, one)
-        values = DIVERGENCES[name](shared_log_probs(s_one, s_ids, s_un), shared_log_probs(t_one, t_ids, t_un), w)
+        values = DIVERGENCES[name](shared_log_probs(s_one, s_ids, s_un), shared_log_probs(t_one, t_ids, t_un), w,
+                                   detach_student_in_mixture)
         if t_un.numel() or s_un.numel():
             values = values + uld_weight * uld_distance(t_one.index_select(-1, t_un).exp(),
                                                         s_one.index_select(-1, s_un).exp())
@@ -172,7 +176,7 @@ def default_chunk(vmap: VocabMap) -> int:
 def aligned_divergence(name: str, student, teacher, student_targets: Tensor, teacher_targets: Tensor,
                        groups: AlignedGroups, vmap: VocabMap, *, weight: float | Tensor | None = None,
                        temperature: float = 1.0, uld_weight: float = 1.0, merge_weight: float = 1.0,
-                       chunk_size: int | None = None) -> Tensor:
+                       chunk_size: int | None = None, detach_student_in_mixture: bool | None = None) -> Tensor:
     """Per-student-column values [N, R_s]: d_g at each group's start column, 0 elsewhere. `student`, `teacher`:
     HeadInputs (hidden [N, R, H] + head) or logits [N, R, V]; targets [N, R] (-100 off the response).
     `weight` may be per row ([N]). Chunks of groups are checkpointed (see the module docstring)."""
@@ -201,7 +205,8 @@ def aligned_divergence(name: str, student, teacher, student_targets: Tensor, tea
             s_logits = _head_rows(s_logits_src, groups.row[sl], groups.s_start[sl]) \
                 if isinstance(s_logits_src, HeadInputs) else s_logits_src
             return group_values(name, s_logits, t_logits, groups.one_to_one[sl], cont, t_cont[sl], vmap, weight=w,
-                                temperature=temperature, uld_weight=uld_weight, merge_weight=merge_weight)
+                                temperature=temperature, uld_weight=uld_weight, merge_weight=merge_weight,
+                                detach_student_in_mixture=detach_student_in_mixture)
 
         if isinstance(student, HeadInputs):
             src = HeadInputs(student.hidden, student.weight, student.bias)
@@ -261,12 +266,13 @@ class CrossTeacher:
 
 
 def cross_divergence_loss(student, teacher: CrossTeacher, student_targets: Tensor, token_weights: Tensor, name: str,
-                          *, weight=None, temperature: float = 1.0,
-                          chunk_size: int | None = None) -> tuple[Tensor, Tensor]:
+                          *, weight=None, temperature: float = 1.0, chunk_size: int | None = None,
+                          detach_student_in_mixture: bool | None = None) -> tuple[Tensor, Tensor]:
     """(L, d) as `methods.base.divergence_loss`: L = sum w * d over the student's columns, d [n, R_s] detached."""
     values = aligned_divergence(name, student, teacher.scores, student_targets, teacher.targets, teacher.groups,
                                 teacher.vmap, weight=weight, temperature=temperature, uld_weight=teacher.uld_weight,
-                                merge_weight=teacher.merge_weight, chunk_size=chunk_size)
+                                merge_weight=teacher.merge_weight, chunk_size=chunk_size,
+                                detach_student_in_mixture=detach_student_in_mixture)
     mask = student_targets != IGNORE_INDEX
     keep = mask & (token_weights != 0)
     loss = torch.where(keep, token_weights.to(values.dtype) * values, torch.zeros_like(values)).sum()

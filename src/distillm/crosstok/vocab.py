@@ -17,7 +17,7 @@ fails is refused with the reason, since nothing could be aligned exactly.
 
 `VocabMap`: teacher id -> student id for every pair of non-special tokens that stand for the same bytes (one id
 per byte string on each side: a duplicate, e.g. a byte-fallback token `<0x41>` beside `A`, keeps the plain
-token), plus the teacher's EOS -> the student's EOS. Built once per tokenizer pair (one pass over both
+token), plus the teacher's EOS -> the student's EOS, plus special tokens with the same string on both sides. Built once per tokenizer pair (one pass over both
 vocabularies) and cached on the teacher tokenizer object.
 """
 
@@ -162,6 +162,11 @@ def _canonical_ids(tokenizer) -> dict[bytes, int]:
     return best
 
 
+def _special_ids(tokenizer) -> dict[str, int]:
+    table = token_bytes(tokenizer)
+    return {piece: idx for piece, idx in tokenizer.get_vocab().items() if idx < len(table) and table[idx] is None}
+
+
 def vocab_map(teacher_tok, student_tok) -> VocabMap:
     """The shared vocabulary of the pair, computed once and cached on the teacher tokenizer object."""
     cache = getattr(teacher_tok, "_distillm_vocab_maps", None)
@@ -172,8 +177,13 @@ def vocab_map(teacher_tok, student_tok) -> VocabMap:
         return cache[key][1]
     t_best, s_best = _canonical_ids(teacher_tok), _canonical_ids(student_tok)
     pairs = sorted((t_id, s_best[data]) for data, t_id in t_best.items() if data in s_best)
-    if teacher_tok.eos_token_id is not None and student_tok.eos_token_id is not None:
-        pairs.append((teacher_tok.eos_token_id, student_tok.eos_token_id))
+    t_eos, s_eos = teacher_tok.eos_token_id, student_tok.eos_token_id
+    if t_eos is not None and s_eos is not None:
+        pairs.append((t_eos, s_eos))
+    # special tokens with the same string on both sides (e.g. '<|im_start|>' in two ChatML tokenizers)
+    t_special, s_special = _special_ids(teacher_tok), _special_ids(student_tok)
+    pairs += sorted((t_id, s_special[name]) for name, t_id in t_special.items()
+                    if name in s_special and t_id != t_eos and s_special[name] != s_eos)
     t_ids = torch.tensor([p[0] for p in pairs], dtype=torch.long)
     s_ids = torch.tensor([p[1] for p in pairs], dtype=torch.long)
     result = VocabMap(t_ids, s_ids, len(teacher_tok), len(student_tok))
