@@ -55,7 +55,7 @@ from ..losses.fused import HeadInputs, fused_token_log_probs
 from .vocab import VocabMap
 
 #: bytes of fp32 logits per chunk of group starts (teacher + student rows), as the fused losses' CHUNK_BYTES
-CHUNK_BYTES = 64 * 2**20
+CHUNK_BYTES = 16 * 2**20  # the kernel keeps ~10 temporaries of this size (sort, exp, index_select)
 
 # on the shared-vocabulary log-probs (already at temperature tau); detach: as methods.base.divergence_loss (None:
 # the functions' defaults, SKL not detached, SRKL detached)
@@ -185,11 +185,12 @@ def aligned_divergence(name: str, student, teacher, student_targets: Tensor, tea
     out = torch.zeros(n, r_s, dtype=torch.float32, device=device)
     if groups.row.numel() == 0:
         return out + 0.0 * _touch(student)
-    s_tok = token_log_probs(student, student_targets, temperature=temperature, vocab_size=vmap.student_size,
-                            chunk_size=chunk_size)
+    # continuation log-probs: only the tokens after a group's first one are scored (none for 1:1 groups)
+    s_tok = token_log_probs(student, _continuations(student_targets, groups.row, groups.s_start, groups.s_end),
+                            temperature=temperature, vocab_size=vmap.student_size, chunk_size=chunk_size)
     with torch.no_grad():
-        t_tok = token_log_probs(teacher, teacher_targets, temperature=temperature, vocab_size=vmap.teacher_size,
-                                chunk_size=chunk_size)
+        t_tok = token_log_probs(teacher, _continuations(teacher_targets, groups.row, groups.t_start, groups.t_end),
+                                temperature=temperature, vocab_size=vmap.teacher_size, chunk_size=chunk_size)
     s_cont = span_log_probs(s_tok, groups.s_start + 1, groups.s_end, groups.row)
     t_cont = span_log_probs(t_tok, groups.t_start + 1, groups.t_end, groups.row)
     w_rows = weight[groups.row] if isinstance(weight, Tensor) and weight.dim() == 1 else weight
@@ -218,6 +219,19 @@ def aligned_divergence(name: str, student, teacher, student_targets: Tensor, tea
         else:
             values.append(chunk(student[groups.row[sl], groups.s_start[sl]], s_cont[sl]))
     return out.index_put((groups.row, groups.s_start), torch.cat(values).float())
+
+
+def _continuations(targets: Tensor, row: Tensor, start: Tensor, end: Tensor) -> Tensor:
+    """`targets` kept at the columns start+1 .. end-1 of each group, -100 elsewhere."""
+    lens = (end - start - 1).clamp_min(0)
+    out = torch.full_like(targets, IGNORE_INDEX)
+    total = int(lens.sum())
+    if total:
+        gi = torch.repeat_interleave(torch.arange(lens.numel(), device=lens.device), lens)
+        first = torch.cumsum(lens, 0) - lens
+        cols = start[gi] + 1 + torch.arange(total, device=lens.device) - first[gi]
+        out[row[gi], cols] = targets[row[gi], cols]
+    return out
 
 
 def _touch(scores) -> Tensor:
