@@ -186,11 +186,14 @@ def aligned_divergence(name: str, student, teacher, student_targets: Tensor, tea
     if groups.row.numel() == 0:
         return out + 0.0 * _touch(student)
     # continuation log-probs: only the tokens after a group's first one are scored (none for 1:1 groups)
+    # (chunks sized like the group chunks: the fused default, 64 MiB of logits, is 64 rows at V = 262k)
+    s_chunk = chunk_size or max(1, CHUNK_BYTES // (4 * vmap.student_size))
+    t_chunk = chunk_size or max(1, CHUNK_BYTES // (4 * vmap.teacher_size))
     s_tok = token_log_probs(student, _continuations(student_targets, groups.row, groups.s_start, groups.s_end),
-                            temperature=temperature, vocab_size=vmap.student_size, chunk_size=chunk_size)
+                            temperature=temperature, vocab_size=vmap.student_size, chunk_size=s_chunk)
     with torch.no_grad():
         t_tok = token_log_probs(teacher, _continuations(teacher_targets, groups.row, groups.t_start, groups.t_end),
-                                temperature=temperature, vocab_size=vmap.teacher_size, chunk_size=chunk_size)
+                                temperature=temperature, vocab_size=vmap.teacher_size, chunk_size=t_chunk)
     s_cont = span_log_probs(s_tok, groups.s_start + 1, groups.s_end, groups.row)
     t_cont = span_log_probs(t_tok, groups.t_start + 1, groups.t_end, groups.row)
     w_rows = weight[groups.row] if isinstance(weight, Tensor) and weight.dim() == 1 else weight
