@@ -202,10 +202,12 @@ def aligned_divergence(name: str, student, teacher, student_targets: Tensor, tea
     for start in range(0, groups.row.numel(), size):
         sl = slice(start, start + size)
         w = w_rows[sl] if isinstance(w_rows, Tensor) and w_rows.dim() == 1 else w_rows
-        with torch.no_grad():
-            t_logits = _head_rows(teacher, groups.row[sl], groups.t_start[sl]).float()
 
-        def chunk(s_logits_src, cont, t_logits=t_logits, sl=sl, w=w):
+        def chunk(s_logits_src, cont, sl=sl, w=w):
+            # the teacher's rows are formed here, so a checkpointed chunk keeps none of them for the backward
+            # (it recomputes them): only the chunk being computed holds [C, V_t] logits
+            with torch.no_grad():
+                t_logits = _head_rows(teacher, groups.row[sl], groups.t_start[sl]).float()
             s_logits = _head_rows(s_logits_src, groups.row[sl], groups.s_start[sl]) \
                 if isinstance(s_logits_src, HeadInputs) else s_logits_src
             return group_values(name, s_logits, t_logits, groups.one_to_one[sl], cont, t_cont[sl], vmap, weight=w,
