@@ -142,3 +142,24 @@ def test_refusals_name_the_reason(tmp_path, pair_student, capsys):
         assert _run(tmp_path, pair_student, *extra, "--overwrite") == 2
         err = capsys.readouterr().err
         assert re.search("distillm: error: .*" + pattern, err), err
+
+
+def test_prompts_rendered_per_side_base_model_teacher(tmp_path):
+    """A teacher tokenizer without a chat template (a base model) gets the plain text after its special prefix;
+    the student keeps its chat template; both are registered by the student's ids."""
+    from distillm.config import load_config
+    from distillm.crosstok.run import paired_prompts
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"id": "a", "prompt": "Question: why?\nAnswer:"}) + "\n")
+    config = load_config(None, preset="tiny", overrides={"prompts": str(prompts), "num_prompts": 1})
+    teacher_tok = build_tiny_tokenizer(chat_template=None)
+    setup = _setup(teacher_tok, build_merged_tokenizer())
+    student, teacher = paired_prompts(config, setup, "train")
+    assert setup.student_tok.decode(student[0].input_ids) == "<|user|>Question: why?\nAnswer:\n<|assistant|>"
+    t_ids = teacher["a"].input_ids
+    from distillm.data.prompts import special_prefix
+
+    plain = teacher_tok("Question: why?\nAnswer:", add_special_tokens=False).input_ids
+    assert t_ids == special_prefix(teacher_tok) + plain  # no template: its own prefix (none here) + the plain text
+    assert setup.teacher_prompt(student[0].input_ids) == t_ids
