@@ -207,3 +207,18 @@ def test_cross_divergence_loss_masks_and_rows():
     sub = teacher.rows(slice(1, 2))
     _, v1 = cross_divergence_loss(HeadInputs(hidden[1:2], weight), sub, s_targets[1:2], w[1:2], "fkl")
     assert torch.allclose(v1[0], values[1])
+
+
+def test_uld_top_k_rule():
+    """top_k: the k largest of each side sorted and compared, the tails' masses as one entry; exact when both
+    vectors have at most k entries."""
+    g = torch.Generator().manual_seed(8)
+    a = torch.softmax(torch.randn(2, 9, generator=g, dtype=torch.float64), -1)
+    b = torch.softmax(torch.randn(2, 6, generator=g, dtype=torch.float64), -1)
+    assert torch.allclose(uld_distance(a, b, top_k=9), uld_distance(a, b), rtol=0, atol=1e-15)
+    got = uld_distance(a, b, top_k=3)
+    for m in range(2):
+        sa, sb = sorted(a[m].tolist(), reverse=True), sorted(b[m].tolist(), reverse=True)
+        want = brute_uld(sa[:3], sb[:3]) + abs(sum(sa[3:]) - sum(sb[3:]))
+        assert got[m].item() == pytest.approx(want, abs=sum_atol(9, 2.0, torch.float64))
+        assert got[m].item() <= brute_uld(sa, sb) + 1e-12  # a lower bound of the exact value

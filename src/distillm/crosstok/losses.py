@@ -91,9 +91,23 @@ class AlignedGroups(NamedTuple):
 # ----------------------------------------------------------------------------------------------- pure functions
 
 
-def uld_distance(a: Tensor, b: Tensor) -> Tensor:
+#: ULD in training compares each side's ULD_TOP_K largest probabilities (see `uld_distance`): a full sort of
+#: 216k unmatched Gemma probabilities per position costs more than the teacher's head matmul on a CPU
+ULD_TOP_K = 1024
+
+
+def uld_distance(a: Tensor, b: Tensor, top_k: int | None = None) -> Tensor:
     """ULD: sum_i |a_(i) - b_(i)| of the two probability vectors [M, A], [M, B] sorted in decreasing order, the
-    shorter padded with zeros (a_(i), b_(i): i-th largest). [M]; differentiable in both."""
+    shorter padded with zeros (a_(i), b_(i): i-th largest). [M]; differentiable in both.
+
+    `top_k`: only each side's k largest are sorted and compared, and the remaining masses (the tails) are
+    compared as one entry, |sum of a's tail - sum of b's tail| (a lower bound of the exact value, off by at most
+    the two tails' masses; exact when both vectors have at most k entries)."""
+    if top_k is not None and max(a.shape[-1], b.shape[-1]) > top_k:
+        a_top = a.topk(min(top_k, a.shape[-1]), dim=-1).values
+        b_top = b.topk(min(top_k, b.shape[-1]), dim=-1).values
+        tails = (a.sum(-1) - a_top.sum(-1)) - (b.sum(-1) - b_top.sum(-1))
+        return uld_distance(a_top, b_top) + tails.abs()
     a = a.sort(dim=-1, descending=True).values
     b = b.sort(dim=-1, descending=True).values
     n = min(a.shape[-1], b.shape[-1])
@@ -111,7 +125,7 @@ def shared_log_probs(log_probs: Tensor, ids: Tensor, unmatched: Tensor) -> Tenso
 def group_values(name: str, student_logits: Tensor, teacher_logits: Tensor, one_to_one: Tensor, s_cont: Tensor,
                  t_cont: Tensor, vmap: VocabMap, *, weight: float | Tensor | None = None, temperature: float = 1.0,
                  uld_weight: float = 1.0, merge_weight: float = 1.0,
-                 detach_student_in_mixture: bool | None = None) -> Tensor:
+                 detach_student_in_mixture: bool | None = None, uld_top_k: int | None = None) -> Tensor:
     """d_g of the module docstring for M groups: `student_logits` [M, V_s] and `teacher_logits` [M, V_t] at the
     groups' start positions, `one_to_one` [M], continuation log-probs `s_cont`, `t_cont` [M] (0 for 1:1
     groups), `weight`: a of skl/srkl, b of jsd (float or [M]). Differentiable in the student's inputs."""
@@ -132,12 +146,13 @@ def group_values(name: str, student_logits: Tensor, teacher_logits: Tensor, one_
                                    detach_student_in_mixture)
         if t_un.numel() or s_un.numel():
             values = values + uld_weight * uld_distance(t_one.index_select(-1, t_un).exp(),
-                                                        s_one.index_select(-1, s_un).exp())
+                                                        s_one.index_select(-1, s_un).exp(), uld_top_k)
         out = out.index_put((one,), values.to(out.dtype))
     many = (~one_to_one).nonzero().squeeze(-1)
     if many.numel():
         merged = uld_distance((t_lp.index_select(0, many) + t_cont.detach().index_select(0, many).unsqueeze(-1)).exp(),
-                              (s_lp.index_select(0, many) + s_cont.index_select(0, many).unsqueeze(-1)).exp())
+                              (s_lp.index_select(0, many) + s_cont.index_select(0, many).unsqueeze(-1)).exp(),
+                              uld_top_k)
         out = out.index_put((many,), (merge_weight * merged).to(out.dtype))
     return out
 
@@ -176,7 +191,8 @@ def default_chunk(vmap: VocabMap) -> int:
 def aligned_divergence(name: str, student, teacher, student_targets: Tensor, teacher_targets: Tensor,
                        groups: AlignedGroups, vmap: VocabMap, *, weight: float | Tensor | None = None,
                        temperature: float = 1.0, uld_weight: float = 1.0, merge_weight: float = 1.0,
-                       chunk_size: int | None = None, detach_student_in_mixture: bool | None = None) -> Tensor:
+                       chunk_size: int | None = None, detach_student_in_mixture: bool | None = None,
+                       uld_top_k: int | None = ULD_TOP_K) -> Tensor:
     """Per-student-column values [N, R_s]: d_g at each group's start column, 0 elsewhere. `student`, `teacher`:
     HeadInputs (hidden [N, R, H] + head) or logits [N, R, V]; targets [N, R] (-100 off the response).
     `weight` may be per row ([N]). Chunks of groups are checkpointed (see the module docstring)."""
@@ -212,7 +228,7 @@ def aligned_divergence(name: str, student, teacher, student_targets: Tensor, tea
                 if isinstance(s_logits_src, HeadInputs) else s_logits_src
             return group_values(name, s_logits, t_logits, groups.one_to_one[sl], cont, t_cont[sl], vmap, weight=w,
                                 temperature=temperature, uld_weight=uld_weight, merge_weight=merge_weight,
-                                detach_student_in_mixture=detach_student_in_mixture)
+                                detach_student_in_mixture=detach_student_in_mixture, uld_top_k=uld_top_k)
 
         if isinstance(student, HeadInputs):
             src = HeadInputs(student.hidden, student.weight, student.bias)
