@@ -149,7 +149,13 @@ def format_metrics(metrics: dict) -> str:
     if "before" not in metrics or "after" not in metrics:
         return ""
     lines = [f"{'held-out metric':<46}{'before':>10}{'after':>10}  better", "-" * 74]
-    for key, label, better in METRIC_ROWS:
+    rows = METRIC_ROWS
+    if "on_teacher_responses" in metrics["before"]:  # a cross-tokenizer run: aligned-space and per-byte figures
+        from .pipeline.cross import CROSS_METRIC_ROWS, flat_metrics  # loaded on use, as the commands are
+
+        metrics = {**metrics, "before": flat_metrics(metrics["before"]), "after": flat_metrics(metrics["after"])}
+        rows = CROSS_METRIC_ROWS
+    for key, label, better in rows:
         b, a = metrics["before"][key], metrics["after"][key]
         improved = a < b if better == "lower" else a > b
         lines.append(f"{label:<46}{b:>10.4f}{a:>10.4f}  {'yes' if improved else 'NO'} ({better} is better)")

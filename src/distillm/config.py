@@ -56,6 +56,7 @@ class ModelSection:
     student_quant: str = opt("none", "Quantization-aware student: none, int8, int4, int3 or int2. The student's linear weights (not the embeddings or output head) are fake-quantized (symmetric, fp16 scale per group) and trained through a straight-through estimator; without --student it is the teacher itself, all layers, starting from round-to-nearest. student/ and student/student.gguf hold the quantized weights exactly (docs/quantization.md).")
     student_quant_group_size: int = opt(32, "Weights sharing one scale in --student-quant (along each row's inputs); a multiple of 32, the GGUF block size.", ge=32)
     student_quant_train_embeddings: bool = opt(False, "--student-quant: also train the (unquantized) input embedding and output head. Off: they stay the teacher's, and the GGUF copies the teacher file's bytes for them (exact and small); on: the GGUF stores them in full precision (larger).")
+    cross_tokenizer: str = opt("auto", "Teacher and student with different tokenizers (docs/cross-tokenizer.md): auto (aligned on byte offsets when the --student's vocabulary differs from the teacher's) or off (refuse such a pair).", choices=("auto", "off"))
     load_in_4bit: bool = opt(False, "QLoRA: load the student's base weights in 4-bit NF4 (bitsandbytes, NVIDIA GPU only) and train a LoRA adapter on them (implies --lora).")
 
 
@@ -107,6 +108,7 @@ class LossSection:
     reduction: str = opt("seq_mean", "seq_mean (mean per response, then over the non-empty responses) or token_mean (distillm v1 always uses token_mean, as its code).", choices=("seq_mean", "token_mean"))
     loss_temperature: float = opt(1.0, "Temperature dividing both models' logits inside the loss.", gt=0)
     loss_impl: str = opt("fused", "fused: losses from hidden states and the output heads, a chunk of tokens at a time (no full-vocabulary logits of the batch); plain: from full logits (the reference; same values and gradients, more memory).", choices=("fused", "plain"))
+    uld_weight: float = opt(1.0, "Cross-tokenizer runs: weight of the ULD term on the probability mass outside the shared vocabulary and on merged (one-to-many) spans (docs/cross-tokenizer.md).", ge=0)
     loss_chunk_size: int | None = opt(None, "Tokens per chunk of the fused losses (default: sized so one chunk's logits take ~64 MiB).", ge=1)
 
 

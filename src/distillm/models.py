@@ -42,6 +42,7 @@ class ModelPair:
     vocab_size: int
     teacher_path: str | None  # a directory vLLM can load (None for built-in tiny models)
     processor: object | None = None  # a vision-language run's processor (see distillm.vision); None for text
+    cross: object | None = None  # a cross-tokenizer run's crosstok.data.CrossSetup (tokenizer is the student's)
 
 
 class ModelLoadError(DistillmError):
@@ -393,9 +394,10 @@ def check_same_tokenizer(teacher_tok: PreTrainedTokenizerBase, student_tok: PreT
             problems.append(f"{attr} differs ({getattr(teacher_tok, attr)} vs {getattr(student_tok, attr)})")
     if problems:
         raise ModelLoadError(
-            "Teacher and student vocabularies differ: " + "; ".join(problems) + ". distillm compares the two "
-            "models token by token, so they must share one tokenizer (cross-tokenizer distillation is not "
-            "supported). Use a student from the teacher's family, or derive one with --student-layers."
+            "Teacher and student vocabularies differ: " + "; ".join(problems) + ". With --cross-tokenizer off "
+            "distillm compares the two models token by token, so they must share one tokenizer: pass "
+            "--cross-tokenizer auto to distil across tokenizers (aligned on byte offsets, docs/cross-tokenizer.md), "
+            "use a student from the teacher's family, or derive one with --student-layers."
         )
 
 

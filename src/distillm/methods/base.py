@@ -37,6 +37,7 @@ from ..losses import divergences as plain
 from ..losses.divergences import IGNORE_INDEX, per_sequence_mean
 from ..losses.fused import (HeadInputs, TopKTeacher, fused_token_log_probs, fused_weighted_divergence, resolve_tail,
                             topk_logprobs)
+from ..crosstok.losses import CrossTeacher, aligned_span_log_probs, cross_divergence_loss
 
 if TYPE_CHECKING:
     from ..config import RunConfig
@@ -112,6 +113,8 @@ class TeacherGroups:
 
 
 def _rows(scores, rows: slice):
+    if isinstance(scores, CrossTeacher):  # a teacher with another tokenizer (crosstok)
+        return scores.rows(rows)
     if isinstance(scores, TeacherGroups):
         n, stop = scores.n_first, rows.stop
         if rows.start in (0, None) and stop == n:
@@ -188,6 +191,9 @@ def divergence_loss(batch: LossInputs, name: str, rows: slice, token_weights: to
     if name not in PLAIN_DIVERGENCES:
         raise ValueError(f"Unknown divergence '{name}': use {', '.join(PLAIN_DIVERGENCES)}.")
     student, teacher = _rows(batch.student, rows), _rows(batch.teacher, rows)
+    if isinstance(teacher, CrossTeacher):  # another tokenizer: the aligned losses of crosstok.losses
+        return cross_divergence_loss(student, teacher, batch.targets[rows], token_weights, name, weight=weight,
+                                     temperature=temperature, detach_student_in_mixture=detach_student_in_mixture)
     if batch.fused:
         loss, values = fused_weighted_divergence(
             name, student, teacher, token_weights, weight, mask=mask, temperature=temperature,
@@ -211,6 +217,10 @@ def token_log_probs(batch: LossInputs, who: str, rows: slice, *, temperature: fl
         return torch.cat([first, token_log_probs(batch, who, batch.second, temperature=temperature)])
     scores = _rows(scores, rows)
     targets = batch.targets[rows]
+    if isinstance(scores, CrossTeacher):  # the teacher's log-prob of each aligned span, at its last student column
+        return aligned_span_log_probs(scores.scores, scores.targets, scores.groups, "teacher", targets.shape,
+                                      temperature=temperature, vocab_size=scores.vmap.teacher_size,
+                                      chunk_size=batch.chunk_size)
     if isinstance(scores, TopKTeacher):
         return _topk_token_log_probs(scores, targets, batch.vocab_size or int(scores.indices.max()) + 1,
                                      temperature)

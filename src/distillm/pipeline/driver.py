@@ -17,6 +17,7 @@ from ..errors import DistillmError
 from ..models import load_tokenizer, real_vocab_size
 from ..teacher.remote import RemoteBackend, connect
 from ..vision import uses_images
+from .cross import cross_tokenizers, run_cross
 from .data import DataContext, import_teacher_responses
 from .evaluate import evaluate
 from .paths import RunPaths, prepare_run_dir
@@ -71,6 +72,9 @@ def _run(config: RunConfig, paths: RunPaths, started: float) -> dict:
         return metrics
     # a changed teacher-responses file is refused before any model is loaded; prompt files are compared as encoded
     rundir.check_inputs(paths.root, config, files, keys=("teacher_responses",))
+    pair = cross_tokenizers(config)  # (teacher, student) tokenizers when their vocabularies differ, else None
+    if pair is not None:
+        return run_cross(config, paths, started, *pair)
     evaluating = bool(config.evaluation.evaluate and config.data.eval_prompts)
     vision = uses_images(config)
     if vision:  # the prompts need the vision-language model's processor

@@ -26,6 +26,7 @@ from ..methods.base import Method
 from ..models import ModelPair, is_peft_model, load_model, merged_copy, resolve_dtype
 from ..quant.qat import is_qat_model, plain_copy, save_quantized_student
 from ..teacher.remote import RemoteScores
+from ..crosstok.trainer import CrossDistillTrainer
 from ..training.callbacks import OnPolicyRoundCallback
 from ..training.collate import DistillCollator, RowDataset
 from ..training.sources import OnlineSampler
@@ -220,6 +221,8 @@ def train(config: RunConfig, models: ModelPair, method: Method, rows: list[dict]
     if models.processor is not None:  # vision-language: each row's image, batched by the processor
         image_inputs = ImageInputs(models.processor, {p.id: p.image for p in train_prompts})
         collator = VisionCollator(tokenizer.pad_token_id, config.data.max_length, image_inputs, method.sequences)
+    elif models.cross is not None:  # the teacher has another tokenizer: both sides' ids + the alignment
+        collator = models.cross.collator(config.data.max_length, method.sequences)
     else:
         collator = DistillCollator(tokenizer.pad_token_id, config.data.max_length, method.sequences)
     sampler = OnlineSampler(models.student, models.teacher, tokenizer, sampling_params(config), models.vocab_size,
@@ -246,14 +249,17 @@ def train(config: RunConfig, models: ModelPair, method: Method, rows: list[dict]
         teacher_service = RemoteScores(teacher_client, config.training.teacher_top_k, models.vocab_size,
                                        max_pending=config.training.gradient_accumulation_steps,
                                        tail=config.training.teacher_topk_tail)
-    trainer = DistillTrainer(
+    trainer_class, extra = DistillTrainer, {}
+    if models.cross is not None:
+        trainer_class, extra = CrossDistillTrainer, {"cross": models.cross}
+    trainer = trainer_class(
         teacher_service=teacher_service,
         model=models.student, teacher=models.teacher, method=method, vocab_size=models.vocab_size,
         sampler=sampler, validation_rows=validation_rows, max_nonfinite_steps=config.training.max_nonfinite_steps,
         loss_impl=config.loss.loss_impl, loss_chunk_size=config.loss.loss_chunk_size, teacher_cache=teacher_cache,
         args=args, train_dataset=dataset,
         data_collator=collator,
-        processing_class=models.processor or tokenizer,
+        processing_class=models.processor or tokenizer, **extra,
     )
     if method.paired_rounds:
         trainer.add_callback(OnPolicyRoundCallback(dataset, refresh, trainer.model_for_generation))
