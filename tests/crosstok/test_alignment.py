@@ -12,7 +12,7 @@ from transformers import PreTrainedTokenizerFast
 from distillm.crosstok.align import align, align_ids
 from distillm.crosstok.testing import build_merged_tokenizer
 from distillm.crosstok.vocab import CrossTokenizerError, check_tokenizer, sequence_bytes, token_bytes, vocab_map
-from distillm.tiny import build_tiny_tokenizer
+from distillm.testing.tiny import build_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

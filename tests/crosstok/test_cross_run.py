@@ -17,9 +17,9 @@ from distillm.crosstok.testing import build_merged_tokenizer, save_tiny_pair_stu
 from distillm.crosstok.trainer import teacher_scores
 from distillm.crosstok.vocab import CrossTokenizerError, vocab_map
 from distillm.errors import DistillmError
-from distillm.losses.fused import fused_inputs
+from distillm.training.fused_inputs import fused_inputs
 from distillm.methods.base import LossInputs, divergence_loss, token_log_probs
-from distillm.tiny import build_tiny_model, build_tiny_tokenizer
+from distillm.testing.tiny import build_tiny_model, build_tiny_tokenizer
 from distillm.training.collate import DistillCollator, pair_sequences
 from tolerances import sum_atol
 
@@ -148,7 +148,7 @@ def test_prompts_rendered_per_side_base_model_teacher(tmp_path):
     """A teacher tokenizer without a chat template (a base model) gets the plain text after its special prefix;
     the student keeps its chat template; both are registered by the student's ids."""
     from distillm.config import load_config
-    from distillm.crosstok.run import paired_prompts
+    from distillm.pipeline.cross import paired_prompts
 
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps({"id": "a", "prompt": "Question: why?\nAnswer:"}) + "\n")

@@ -26,7 +26,7 @@ from distillm.models import real_vocab_size  # noqa: E402
 from distillm.teacher.client import TeacherClient  # noqa: E402
 from distillm.teacher.loopback import topk_scores  # noqa: E402
 from distillm.teacher.remote import RemoteScores, check_vocabulary  # noqa: E402
-from distillm.tiny import build_tiny_model  # noqa: E402
+from distillm.testing.tiny import build_tiny_model  # noqa: E402
 from distillm.training.collate import build_sequences, pad_left  # noqa: E402
 from tolerances import forward_atol  # noqa: E402
 
@@ -37,7 +37,7 @@ STARTUP_S = 900
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    from distillm.tiny import build_tiny_tokenizer
+    from distillm.testing.tiny import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
     # head size 64 (vLLM's CPU attention has no kernel for the default tiny models' head size 16)

@@ -1,5 +1,5 @@
 """A second tiny tokenizer for cross-tokenizer tests and smoke runs: the tiny byte-level tokenizer
-(`distillm.tiny`) plus a few BPE merges, so the same text tokenizes differently (fewer tokens) and the special
+(`distillm.testing.tiny`) plus a few BPE merges, so the same text tokenizes differently (fewer tokens) and the special
 tokens sit at other ids. Everything is built offline."""
 
 from __future__ import annotations
