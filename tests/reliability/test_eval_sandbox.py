@@ -8,6 +8,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -112,12 +113,29 @@ def test_socket_to_a_loopback_server_never_connects():
 @pytest.mark.parametrize("tail", ["exit()", "quit()", "import sys; sys.exit(0)", "import os; os._exit(0)",
                                   "raise SystemExit", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"])
 def test_leaving_before_the_end_is_not_a_pass(tail):
-    """Exit status 0 is not enough: a pass needs the program (and check(...)) to have run to its end."""
-    wrong = check_completion(ADD, f"    return a - b\n{tail}\n", FAST)
-    assert not wrong.passed and wrong.reason in ("exited-early", "killed")
-    # even a correct solution that exits before its tests ran is not a pass
-    assert not check_completion(ADD, f"    return a + b\n{tail}\n", FAST).passed
-    assert check_completion(ADD, "    return a + b\n", FAST).passed
+    """Exit status 0 is not enough: a pass needs the program (and check(...)) to have run to its end.
+
+    Checked in a fresh interpreter: in full-suite runs (three fresh clones, 2026-11-30) the exit-0 cases got
+    reason "sandbox" (the runner failed before starting the program) while passing alone and in every subset
+    tried; the cause is not found yet (see docs/evaluation-sandbox.md, "Open")."""
+    script = (
+        "import json\n"
+        "from distillm.evaluation.code import CodeProblem, check_completion\n"
+        "from distillm.evaluation.sandbox import SandboxLimits\n"
+        "fast = SandboxLimits(timeout_s=2.0, memory_mb=512, max_processes=8)\n"
+        "add = CodeProblem('t', 'humaneval', 'def add(a, b):\\n', 'def check(f):\\n    assert f(1,2)==3\\n', 'add')\n"
+        f"tail = {tail!r}\n"
+        "wrong = check_completion(add, '    return a - b\\n' + tail + '\\n', fast)\n"
+        "early = check_completion(add, '    return a + b\\n' + tail + '\\n', fast)\n"
+        "right = check_completion(add, '    return a + b\\n', fast)\n"
+        "print(json.dumps([wrong.passed, wrong.reason, wrong.stderr[-2000:], early.passed, right.passed]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    wrong_passed, reason, stderr, early_passed, right_passed = json.loads(out.stdout.strip().splitlines()[-1])
+    assert not wrong_passed and reason in ("exited-early", "killed"), stderr
+    assert not early_passed  # even a correct solution that exits before its tests ran is not a pass
+    assert right_passed
 
 
 def test_printing_a_guessed_completion_line_does_not_pass():
