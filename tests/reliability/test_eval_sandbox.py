@@ -115,9 +115,9 @@ def test_socket_to_a_loopback_server_never_connects():
 def test_leaving_before_the_end_is_not_a_pass(tail):
     """Exit status 0 is not enough: a pass needs the program (and check(...)) to have run to its end.
 
-    Checked in a fresh interpreter: in full-suite runs (three fresh clones, 2026-11-30) the exit-0 cases got
-    reason "sandbox" (the runner failed before starting the program) while passing alone and in every subset
-    tried; the cause is not found yet (see docs/evaluation-sandbox.md, "Open")."""
+    Checked in a fresh interpreter. In three concurrent fresh-clone suites (2026-11-30) the exit-0 cases got
+    reason "sandbox": leftover fork-bomb processes of another suite, running as `nobody`, had filled that uid's
+    process limit (docs/evaluation-sandbox.md, "Open")."""
     script = (
         "import json\n"
         "from distillm.evaluation.code import CodeProblem, check_completion\n"
