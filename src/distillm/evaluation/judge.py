@@ -234,6 +234,9 @@ class OpenAIChatJudge:
             attempts += 1
             retry_after = None
             attempt_start = time.monotonic()
+            if attempt and budget_end - attempt_start < 0.05 * self.timeout_s:
+                attempts -= 1  # a retry woken at the budget's end would only time out: keep the last real error
+                break
             deadline = min(attempt_start + self.timeout_s, budget_end)
             try:
                 status, response_headers, data = self._post(body, headers, deadline)
