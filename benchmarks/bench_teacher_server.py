@@ -30,6 +30,9 @@ import torch
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, os.path.join(ROOT, "src"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_topk_teacher import teacher_response_problem  # noqa: E402  (the shared teacher-response setup)
 
 LOSSES = {"fkl": None, "skl (a=0.1)": 0.1, "srkl (a=0.1)": 0.1}
 
@@ -58,42 +61,18 @@ def main(argv=None) -> None:
         args.prompts, args.max_new_tokens = 8, 32
     torch.set_num_threads(1)
 
-    from distillm.data.prompts import encode_prompts, load_prompts
-    from distillm.losses.fused import HeadInputs, fused_inputs, fused_weighted_divergence
-    from distillm.models import load_model, parse_layer_spec, prune_layers, real_vocab_size
+    from distillm.losses.fused import HeadInputs, fused_weighted_divergence
     from distillm.teacher.client import TeacherClient
     from distillm.teacher.remote import RemoteScores
-    from distillm.training.collate import build_sequences, pad_left
+    from distillm.training.collate import pad_left
+    from distillm.training.fused_inputs import fused_inputs
 
     proc, url = start_server("smollm2-135m-instruct")
     try:
-        torch.manual_seed(0)
-        teacher, tokenizer = load_model("smollm2-135m-instruct", dtype="float32")
-        student = prune_layers(teacher, parse_layer_spec("even:10", teacher.config.num_hidden_layers)).float()
-        teacher.eval()
-        vocab = real_vocab_size(tokenizer)
-        records, _ = load_prompts("builtin:train", limit=args.prompts)
-        prompts, _ = encode_prompts(records, tokenizer, max_prompt_length=256)
-        batch = pad_left([(p.input_ids, 0) for p in prompts], tokenizer.pad_token_id)
-        with torch.inference_mode():
-            out = teacher.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                   do_sample=True, temperature=0.8, top_p=0.95, max_new_tokens=args.max_new_tokens,
-                                   pad_token_id=tokenizer.pad_token_id)
-        width = batch["input_ids"].shape[1]
-        sequences = []
-        for prompt, row in zip(prompts, out[:, width:].tolist()):
-            response = row[:row.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in row else row
-            response = [t for t in response if t != tokenizer.pad_token_id] or [tokenizer.eos_token_id]
-            sequences.append(build_sequences(prompt.input_ids, response, 1024))
-        data = pad_left(sequences, tokenizer.pad_token_id)
-        with torch.inference_mode():
-            t = fused_inputs(teacher, data)
-        s = fused_inputs(student, data)
-        mask = s.mask
-        tokens = int(mask.sum())
-        hidden = s.head.hidden.detach().requires_grad_(True)
-        head = s.head.weight.detach().requires_grad_(True)
-        student_in = HeadInputs(hidden, head)
+        p = teacher_response_problem(args.prompts, args.max_new_tokens, "even:10")
+        teacher, student, tokenizer, vocab, sequences, data, t, s, mask, tokens, hidden, head, student_in = (
+            p[k] for k in ("teacher", "student", "tokenizer", "vocab", "sequences", "data", "t", "s", "mask",
+                           "tokens", "hidden", "head", "student_in"))
         token_weights = mask.float() / tokens
 
         def loss_and_grad(name, teacher_scores):

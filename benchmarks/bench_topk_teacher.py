@@ -30,36 +30,27 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 LOSSES = {"fkl": None, "skl (a=0.1)": 0.1, "srkl (a=0.1)": 0.1}
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="8 prompts, 32 new tokens")
-    parser.add_argument("--prompts", type=int, default=32)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--ks", default="8,32,64,128")
-    parser.add_argument("--tails", default="uniform,student", help="tail treatments to compare")
-    parser.add_argument("--student-layers", default="even:10",
-                        help="the teacher layers the student keeps (more layers: a student closer to the teacher)")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.prompts, args.max_new_tokens = 8, 32
-
+def teacher_response_problem(prompts_n: int, max_new_tokens: int, student_layers: str) -> dict:
+    """SmolLM2-135M-Instruct, its layer-pruned student, and `prompts_n` sampled teacher responses to built-in
+    prompts, through both models' final hidden states: what the top-k benchmarks score (shared with
+    bench_teacher_server.py)."""
     from distillm.data.prompts import encode_prompts, load_prompts
-    from distillm.losses.fused import HeadInputs, TopKTeacher, fused_weighted_divergence
-    from distillm.training.fused_inputs import fused_inputs
+    from distillm.losses.fused import HeadInputs
     from distillm.models import load_model, parse_layer_spec, prune_layers, real_vocab_size
     from distillm.training.collate import build_sequences, pad_left
+    from distillm.training.fused_inputs import fused_inputs
 
     torch.manual_seed(0)
     teacher, tokenizer = load_model("smollm2-135m-instruct", dtype="float32")
-    student = prune_layers(teacher, parse_layer_spec(args.student_layers, teacher.config.num_hidden_layers)).float()
+    student = prune_layers(teacher, parse_layer_spec(student_layers, teacher.config.num_hidden_layers)).float()
     teacher.eval()
     vocab = real_vocab_size(tokenizer)
-    records, _ = load_prompts("builtin:train", limit=args.prompts)
+    records, _ = load_prompts("builtin:train", limit=prompts_n)
     prompts, _ = encode_prompts(records, tokenizer, max_prompt_length=256)
     batch = pad_left([(p.input_ids, 0) for p in prompts], tokenizer.pad_token_id)
     with torch.inference_mode():
         out = teacher.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                               do_sample=True, temperature=0.8, top_p=0.95, max_new_tokens=args.max_new_tokens,
+                               do_sample=True, temperature=0.8, top_p=0.95, max_new_tokens=max_new_tokens,
                                pad_token_id=tokenizer.pad_token_id)
     width = batch["input_ids"].shape[1]
     sequences = []
@@ -76,6 +67,29 @@ def main(argv=None) -> None:
     hidden = s.head.hidden.detach().requires_grad_(True)
     head = s.head.weight.detach().requires_grad_(True)
     student_in = HeadInputs(hidden, head)
+    return dict(teacher=teacher, student=student, tokenizer=tokenizer, vocab=vocab, sequences=sequences, data=data,
+                t=t, s=s, mask=mask, tokens=tokens, hidden=hidden, head=head, student_in=student_in)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="8 prompts, 32 new tokens")
+    parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--ks", default="8,32,64,128")
+    parser.add_argument("--tails", default="uniform,student", help="tail treatments to compare")
+    parser.add_argument("--student-layers", default="even:10",
+                        help="the teacher layers the student keeps (more layers: a student closer to the teacher)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.prompts, args.max_new_tokens = 8, 32
+
+    from distillm.losses.fused import HeadInputs, TopKTeacher, fused_weighted_divergence
+
+    p = teacher_response_problem(args.prompts, args.max_new_tokens, args.student_layers)
+    teacher, student, tokenizer, vocab, sequences, data, t, s, mask, tokens, hidden, head, student_in = (
+        p[k] for k in ("teacher", "student", "tokenizer", "vocab", "sequences", "data", "t", "s", "mask", "tokens",
+                       "hidden", "head", "student_in"))
     teacher_in = HeadInputs(t.head.hidden.clone(), t.head.weight)
     t_logp = torch.log_softmax(torch.nn.functional.linear(t.head.hidden, t.head.weight)[..., :vocab].float(), -1)
     token_weights = mask.float() / tokens
