@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import pwd
 import socket
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from distillm.errors import DistillmError
 from distillm.evaluation.code import (
     CodeProblem, check_completion, evaluate_samples, humaneval_path, load_humaneval, load_mbpp, pass_at_k,
 )
-from distillm.evaluation.sandbox import SandboxConfigError, SandboxLimits, run_python
+from distillm.evaluation.sandbox import SandboxConfigError, SandboxLimits, _tasks_of_uid, run_python
 from tolerances import product_atol
 
 FAST = SandboxLimits(timeout_s=2.0, memory_mb=512, max_processes=8)
@@ -66,8 +67,35 @@ def test_fork_bomb_is_contained_and_the_machine_still_forks(audit_hook, namespac
     while _alive(str(tmp_path)) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _alive(str(tmp_path)) == []
+    if os.geteuid() == 0:  # the run's own uid was swept: not one live process of it is left, at once
+        uid = int(result.isolation["uid"].split()[0])
+        assert "own" in result.isolation["uid"] and _tasks_of_uid(uid, live_only=True) == 0
+        assert "survivors" not in result.isolation
     assert subprocess.run(["true"]).returncode == 0
     assert run_python("print('after')", FAST).stdout.strip() == "after"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a uid per run is taken only as root")
+@pytest.mark.parametrize("namespaces", [True, False])
+def test_each_run_has_a_uid_of_its_own_so_concurrent_runs_share_no_process_limit(namespaces):
+    """Not the shared `nobody`: a fork bomb's leftovers of one evaluation once filled nobody's RLIMIT_NPROC for
+    every other evaluation on the machine (three concurrent test suites, 2026-11-30)."""
+    if namespaces and not NAMESPACES:
+        pytest.skip("namespaces unavailable here")
+    runs = [run_python("import os; print(os.getuid(), os.getgid())", FAST, namespaces=namespaces) for _ in range(2)]
+    ids = [tuple(map(int, r.stdout.split())) for r in runs]
+    assert all(r.passed for r in runs)
+    assert ids[0] != ids[1] and all(u == g and u >= 100_000 and u != pwd.getpwnam("nobody").pw_uid for u, g in ids)
+    assert [int(r.isolation["uid"].split()[0]) for r in runs] == [u for u, _ in ids]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a uid per run is taken only as root")
+def test_without_free_ids_mapped_the_run_falls_back_to_nobody_and_says_so(monkeypatch):
+    import distillm.evaluation.sandbox as sandbox
+    monkeypatch.setattr(sandbox, "_mapped_ranges", lambda path: [(0, 65536)])  # a typical rootless container map
+    result = run_python("import os; print(os.getuid())", FAST, namespaces=False)
+    nobody = pwd.getpwnam("nobody").pw_uid
+    assert result.passed and int(result.stdout) == nobody and "nobody" in result.isolation["uid"]
 
 
 def test_huge_allocation_fails_inside_the_sandbox():

@@ -18,7 +18,8 @@ What applies, layer by layer (`SandboxResult.isolation` records what was in forc
   and pivots into it, so the host's /tmp, /run, home directories, Unix sockets and other files are not there
   at all. No network interface is up (loopback included). When pid 1 ends, the kernel kills every process left
   in the namespace, ``setsid()`` or not. Every capability is dropped before the program runs (``setuid`` to
-  ``nobody`` as root; ``capset`` to nothing in a user namespace), with ``no_new_privs`` set.
+  a uid of this run alone as root, see below; ``capset`` to nothing in a user namespace), with
+  ``no_new_privs`` set.
 - **Without namespaces** (`isolation["namespaces"]` says "unavailable (...)"): the runner is a child
   subreaper and kills every descendant, re-parented ones included, at the end; files, network and processes
   are then guarded only by the audit hook.
@@ -31,10 +32,17 @@ What applies, layer by layer (`SandboxResult.isolation` records what was in forc
   namespace layer holds against such code.
 - **Resources** (setrlimit, set by the child before the program runs): address space (RLIMIT_AS), CPU seconds
   (RLIMIT_CPU), size of any file written (RLIMIT_FSIZE, which also bounds the captured stdout/stderr),
-  open files, no core dumps, and processes (RLIMIT_NPROC: the user's current count plus `max_processes`;
-  as root the child first drops to ``nobody``). The wall-time limit is enforced by the runner (SIGKILL to pid 1
-  of the namespace, or to every descendant) and, with a few seconds of grace, by the parent (SIGKILL to the
-  process group).
+  open files, no core dumps, and processes (RLIMIT_NPROC: the user's current count plus `max_processes`).
+  The wall-time limit is enforced by the runner (SIGKILL to pid 1 of the namespace, or to every descendant)
+  and, with a few seconds of grace, by the parent (SIGKILL to the process group).
+- **A uid per run** (as root): the program runs as a fresh, unused uid and gid (`isolation["uid"]`), drawn
+  from the ids this user namespace maps above 100,000, and not as the shared ``nobody``. Its RLIMIT_NPROC
+  therefore counts this run's processes only (runs of concurrent evaluations cannot exhaust each other's
+  limit), and after the run the parent sweeps the uid: a helper that becomes that uid sends SIGKILL to every
+  process it may signal (``kill(-1)``) until none but zombies is left, so nothing the program started survives
+  it, whatever it did to its session, process group or parent. Where no such range is mapped it falls back to
+  ``nobody`` (`isolation["uid"]` says so). Not as root, the program keeps the caller's uid (the sweep would
+  reach the caller's own processes), and the pid namespace or the subreaper kill are what end its offspring.
 
 This is containment for benchmark code written by a model that may be wrong; for code written by a determined
 attacker, run evaluations inside a container or VM as well.
@@ -43,6 +51,7 @@ attacker, run evaluations inside a container or VM as well.
 from __future__ import annotations
 
 import functools
+import grp
 import json
 import math
 import os
@@ -492,8 +501,9 @@ def _nobody() -> tuple[int, int]:
         return (65534, 65534)
 
 
-def _tasks_of_uid(uid: int) -> int:
-    """Processes and threads (RLIMIT_NPROC counts both) whose real user id is `uid`."""
+def _tasks_of_uid(uid: int, *, live_only: bool = False) -> int:
+    """Processes and threads (RLIMIT_NPROC counts both) whose real user id is `uid`; with `live_only`, the
+    processes that are not zombies (a zombie holds no resources and cannot be killed, only reaped)."""
     count = 0
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
@@ -503,9 +513,99 @@ def _tasks_of_uid(uid: int) -> int:
         except OSError:
             continue
         fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-        if int(fields.get("Uid", "-1").split()[0]) == uid:
+        if int(fields.get("Uid", "-1").split()[0]) != uid:
+            continue
+        if live_only:
+            count += fields.get("State", "").strip()[:1] not in ("Z", "X")
+        else:
             count += int(fields.get("Threads", "1").strip() or 1)
     return count
+
+
+def _mapped_ranges(path: str) -> list[tuple[int, int]]:
+    """[start, end) of the ids that /proc/self/{uid,gid}_map maps in this user namespace."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return []
+    ranges = []
+    for line in lines:
+        parts = line.split()
+        if len(parts) == 3 and all(p.isdigit() for p in parts):
+            ranges.append((int(parts[0]), int(parts[0]) + int(parts[2])))
+    return ranges
+
+
+#: per-run ids are drawn from [_RUN_ID_LOW, _RUN_ID_HIGH): above any ordinary user or group, below 2**31
+_RUN_ID_LOW, _RUN_ID_HIGH = 100_000, 2**31 - 1
+
+
+def _run_ids() -> tuple[int, int, bool, str]:
+    """A uid and gid (the same number) that nothing else uses, for one sandbox run as root, whether they are
+    the run's own, and how they were chosen; ``nobody`` where this namespace maps no ids above 100,000 or none is found free."""
+    def usable(path):
+        return [(max(a, _RUN_ID_LOW), min(b, _RUN_ID_HIGH)) for a, b in _mapped_ranges(path)
+                if min(b, _RUN_ID_HIGH) - max(a, _RUN_ID_LOW) >= 1024]
+    uids, gids = usable("/proc/self/uid_map"), usable("/proc/self/gid_map")
+    both = [(max(a, c), min(b, d)) for a, b in uids for c, d in gids if min(b, d) - max(a, c) >= 1024]
+    for _ in range(16) if both else ():
+        low, high = both[secrets.randbelow(len(both))]
+        candidate = low + secrets.randbelow(high - low)
+        try:
+            pwd.getpwuid(candidate)
+            continue
+        except KeyError:
+            pass
+        try:
+            grp.getgrgid(candidate)
+            continue
+        except KeyError:
+            pass
+        if _tasks_of_uid(candidate) == 0:
+            return candidate, candidate, True, f"{candidate} (this run's own)"
+    uid, gid = _nobody()
+    return uid, gid, False, f"{uid} (nobody: no free id above {_RUN_ID_LOW} is mapped here)"
+
+
+_SWEEP = r'''
+import os, signal, sys, time
+uid, end = int(sys.argv[1]), time.monotonic() + float(sys.argv[2])
+
+def live():
+    alive = 0
+    for name in os.listdir("/proc"):
+        if name.isdigit() and name != str(os.getpid()):
+            try:
+                status = open(f"/proc/{name}/status").read()
+            except OSError:
+                continue
+            fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+            if int(fields.get("Uid", "-1").split()[0]) == uid and fields.get("State", "").strip()[:1] not in "ZX":
+                alive += 1
+    return alive
+
+while time.monotonic() < end:
+    try:
+        os.kill(-1, signal.SIGKILL)  # every process this uid may signal: the run's, and nothing else
+    except ProcessLookupError:
+        sys.exit(0)
+    if live() == 0:
+        sys.exit(0)
+    time.sleep(0.005)
+sys.exit(1)
+'''
+
+
+def _sweep_uid(uid: int, gid: int, deadline_s: float = 30.0) -> int:
+    """SIGKILL every process of the run's own `uid` (see the module docstring); the live ones left."""
+    try:
+        subprocess.run([_runner_python(), "-I", "-S", "-c", _SWEEP, str(uid), str(deadline_s)], user=uid,
+                       group=gid, extra_groups=[], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, cwd="/", env={"PATH": "/usr/bin:/bin"},
+                       timeout=deadline_s + 10)
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return _tasks_of_uid(uid, live_only=True)
 
 
 @functools.lru_cache(maxsize=1)
@@ -597,7 +697,8 @@ def run_python(source: str, limits: SandboxLimits = SandboxLimits(), *, audit_ho
     workdir, rootdir = base / "work", base / "root"
     workdir.mkdir()
     rootdir.mkdir()
-    drop_to = _nobody() if os.geteuid() == 0 else None
+    run_uid = _run_ids() if os.geteuid() == 0 else None
+    drop_to = run_uid[:2] if run_uid else None
     target_uid = drop_to[0] if drop_to else os.getuid()
     mb = 1024 * 1024
     cpu = limits.cpu_seconds or int(math.ceil(limits.timeout_s)) + 2
@@ -644,6 +745,7 @@ def run_python(source: str, limits: SandboxLimits = SandboxLimits(), *, audit_ho
             finally:
                 _kill_group(proc)  # and anything left in its process group
                 proc.wait()
+                left = _sweep_uid(*drop_to) if run_uid and run_uid[2] else None
         seconds = time.monotonic() - start
         status_lines = _drain(status_r).decode("utf-8", errors="replace").splitlines()
         result_lines = _drain(result_r).decode("utf-8", errors="replace").splitlines()
@@ -657,6 +759,9 @@ def run_python(source: str, limits: SandboxLimits = SandboxLimits(), *, audit_ho
             isolation.update(message.get("isolation", {}))
             program_status = message.get("program", program_status)
             timed_out = timed_out or bool(message.get("timeout"))
+        isolation["uid"] = run_uid[3] if run_uid else f"{os.getuid()} (the caller's)"
+        if left:
+            isolation["survivors"] = f"{left} process(es) of uid {drop_to[0]} outlived the sweep"
         stdout, stderr = _read_head(out_path), _read_head(err_path)
         started = "started" in result_lines
         completed = f"completed {token}" in result_lines
