@@ -159,17 +159,22 @@ def format_metrics(metrics: dict) -> str:
         b, a = metrics["before"][key], metrics["after"][key]
         improved = a < b if better == "lower" else a > b
         lines.append(f"{label:<46}{b:>10.4f}{a:>10.4f}  {'yes' if improved else 'NO'} ({better} is better)")
-    if "distinct_2" in metrics["before"] and "distinct_2" in metrics["after"]:
-        b, a = metrics["before"]["distinct_2"], metrics["after"]["distinct_2"]
-        t = metrics["after"]["teacher_distinct_2"]
-        label = f"distinct-2 of samples (teacher: {t:.4f})"
+    for key, name in (("distinct_2", "distinct-2"), ("repetition", "repetition")):
+        b, a = metrics["before"].get(key), metrics["after"].get(key)
+        if a is None or b is None:
+            continue
+        t = metrics["after"][f"teacher_{key}"]
+        label = f"{name} of samples (teacher: {t:.4f})"
         verdict = "yes" if abs(a - t) < abs(b - t) else "NO"
-        lines.append(f"{label:<46}{b:>10.4f}{a:>10.4f}  {verdict} (closer to the teacher's is better)")
-    if metrics["after"].get("repetition") is not None and metrics["before"].get("repetition") is not None:
-        b, a, t = metrics["before"]["repetition"], metrics["after"]["repetition"], metrics["after"]["teacher_repetition"]
-        label = f"repetition of samples (teacher: {t:.4f})"
-        verdict = "yes" if abs(a - t) < abs(b - t) else "NO"
-        lines.append(f"{label:<46}{b:>10.4f}{a:>10.4f}  {verdict} (closer to the teacher's is better)")
+        test = metrics["after"].get(f"{key}_change")  # evaluation.degeneracy.gap_change_test
+        note = ""
+        if test:
+            p = test["p_closer"] if verdict == "yes" else test["p_farther"]
+            note = f"; p = {p:.3g}" + ("" if p < 0.05 else ", within noise")
+        lines.append(f"{label:<46}{b:>10.4f}{a:>10.4f}  {verdict} (closer to the teacher's is better{note})")
+    if any(metrics["after"].get(f"{key}_change") for key in ("distinct_2", "repetition")):
+        lines.append("p: paired permutation test over the held-out prompts that the gap to the teacher changed "
+                     "by chance (docs/evaluation.md)")
     if "degenerate" in metrics["after"]:  # evaluation.degeneracy: closer to collapse than to the teacher
         for tag in ("before", "after"):
             if metrics[tag].get("degenerate"):

@@ -7,9 +7,10 @@ import time
 
 from ..config import RunConfig
 from ..data.vision import ImageInputs
-from ..evaluation.degeneracy import degeneracy_figures, degenerate
+from ..evaluation.degeneracy import degeneracy_figures, degenerate, gap_change_test
 from ..evaluation.divergence import teacher_nll, teacher_student_divergence
 from ..generation.factory import generate_once, make_backend, sampling_params
+from ..io import read_jsonl
 from ..models import ModelPair
 from ..testing.faults import fault_point
 from .paths import RunPaths
@@ -39,6 +40,21 @@ def evaluate(config: RunConfig, models: ModelPair, eval_prompts, teacher_eval_ro
     for key in ("distinct_2", "repetition", "loop_rate", "empty_rate"):
         result[key], result[f"teacher_{key}"] = student[key], teacher[key]
     verdict = degenerate(student, teacher)
+    before_path = paths.eval_samples("before")
+    if tag != "before" and before_path.is_file():  # is the change against the start more than chance?
+        before = {row["id"]: row["response"] for row in read_jsonl(before_path)}
+        teacher_by_id = {row["id"]: row["response"] for row in teacher_eval_rows}
+        paired = [row for row in samples if row["id"] in before and row["id"] in teacher_by_id]
+        if paired:
+            args = ([teacher_by_id[row["id"]] for row in paired], [before[row["id"]] for row in paired],
+                    [row["response"] for row in paired])
+            result["distinct_2_change"] = gap_change_test(*args).as_dict()
+            if student["repetition"] is not None and teacher["repetition"] is not None:
+                try:
+                    result["repetition_change"] = gap_change_test(
+                        *args, figure=lambda texts: degeneracy_figures(texts)["repetition"]).as_dict()
+                except ValueError:  # no answer with 4 words on one side
+                    pass
     result["degenerate"], result["degenerate_reasons"] = verdict.flagged, list(verdict.reasons)
     fault_point(f"eval:{tag}")
     result.update(teacher_student_divergence(models.teacher, models.student, teacher_eval_rows, **common))
