@@ -214,7 +214,9 @@ class OpenAIChatJudge:
                     raise _TooLarge(total)
             return response.status, {k.lower(): v for k, v in response.getheaders()}, b"".join(chunks)
         except (OSError, http.client.HTTPException) as err:
-            if expired.is_set():
+            # The socket's own timeout is the time left at the start, so it can only fire at the deadline: it
+            # races the watchdog there (under load it wins), and is the same overall timeout.
+            if expired.is_set() or isinstance(err, TimeoutError) or time.monotonic() >= deadline:
                 raise _Timeout() from err
             raise
         finally:
