@@ -32,6 +32,7 @@ from ..models import ModelPair, eval_mode
 from ..training.fused_inputs import fused_inputs
 from ..vision import uses_images
 from .data import DataContext
+from .modality import CrossModality
 from .setup import check_context_length
 from .training import check_step_plan, read_json_or_none, sharded_engine, train
 
@@ -216,7 +217,7 @@ def run_cross(config: RunConfig, paths, started: float, t_tok, s_tok) -> dict:
         metrics["before"] = before
     validation = teacher_eval or (rows[:32] if method.uses_validation else [])
     metrics["training"] = train(config, models, method, rows, paths, train_prompts=train_prompts,
-                                validation_rows=validation)
+                                validation_rows=validation, modality=CrossModality())
     if evaluating:
         metrics["after"] = cross_evaluate(config, models, eval_prompts, teacher_eval, paths, "after")
     metrics["wall_seconds"] = round(time.time() - started, 1)
