@@ -336,7 +336,7 @@ def save_student(trainer: DistillTrainer, config: RunConfig, models: ModelPair, 
     if trainer.args.should_save:
         if getattr(models.student, "is_loaded_in_4bit", False) or getattr(
                 models.student.get_base_model(), "is_loaded_in_4bit", False):
-            from peft import PeftModel  # optional dependency (LoRA students only)
+            from peft import PeftModel  # optional: PEFT, heavy, only for LoRA / QLoRA students
 
             base_spec = config.model.student or str(paths.root / "student_base")
             base, _ = load_model(base_spec, dtype=config.model.dtype)
