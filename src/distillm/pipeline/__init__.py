@@ -10,6 +10,8 @@ Stages, data flowing one way (prompts -> generation -> training -> evaluation ->
     setup.py      loading a text run's models and prompt sets
     modality.py   what differs between text, vision-language and cross-tokenizer runs: one variant object per
                   modality (TextModality, VisionModality, CrossModality), chosen once, that every stage calls
+    cross.py      the cross-tokenizer stages CrossModality calls: prompts per side, the two models, the
+                  teacher's responses carried over to the student's tokens, the aligned evaluation
     data.py       the training rows: teacher responses, (teacher, student) pairs, DataContext for the methods
     training.py   the Trainer's arguments, the step plan, the rounds of training, saving the student
     evaluate.py   the before/after evaluation
