@@ -84,7 +84,7 @@ def main(argv=None) -> None:
     if args.quick:
         args.prompts, args.max_new_tokens = 8, 32
 
-    from distillm.losses.fused import HeadInputs, TopKTeacher, fused_weighted_divergence
+    from distillm.losses.fused import HeadInputs, TopKTeacher, fused_weighted_divergence, mixture_weight
 
     p = teacher_response_problem(args.prompts, args.max_new_tokens, args.student_layers)
     teacher, student, tokenizer, vocab, sequences, data, t, s, mask, tokens, hidden, head, student_in = (
@@ -99,8 +99,8 @@ def main(argv=None) -> None:
 
     def loss_and_grad(name, teacher_scores):
         divergence = name.split(" ")[0]
-        loss, _ = fused_weighted_divergence(divergence, student_in, teacher_scores, token_weights, LOSSES[name],
-                                            mask=mask, vocab_size=vocab)
+        loss, _ = fused_weighted_divergence(divergence, student_in, teacher_scores, token_weights,
+                                            **mixture_weight(divergence, LOSSES[name]), mask=mask, vocab_size=vocab)
         grads = torch.autograd.grad(loss, (hidden, head))
         return loss.detach(), torch.cat([g.reshape(-1) for g in grads])
 

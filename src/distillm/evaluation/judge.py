@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, Sequence
 
+import torch
 from tqdm.auto import tqdm
 
 from ..errors import DistillmError
@@ -304,8 +305,6 @@ class HFJudge:
         self._lock = threading.Lock()
 
     def complete(self, messages: list[dict]) -> str:
-        import torch
-
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                  return_dict=True, return_tensors="pt")
         with self._lock, torch.inference_mode():

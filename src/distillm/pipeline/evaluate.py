@@ -6,10 +6,9 @@ import logging
 import time
 
 from ..config import RunConfig
-from ..data.vision import ImageInputs
 from ..evaluation.degeneracy import degeneracy_figures, degenerate, gap_change_test
 from ..evaluation.divergence import teacher_nll, teacher_student_divergence
-from ..generation.factory import generate_once, make_backend, sampling_params
+from ..generation.factory import generate_once, sampling_params
 from ..io import read_jsonl
 from ..models import ModelPair
 from ..testing.faults import fault_point
@@ -18,20 +17,20 @@ from .paths import RunPaths
 logger = logging.getLogger("distillm")
 
 
-def evaluate(config: RunConfig, models: ModelPair, eval_prompts, teacher_eval_rows, paths: RunPaths, tag: str):
+def evaluate(config: RunConfig, models: ModelPair, eval_prompts, teacher_eval_rows, paths: RunPaths, tag: str, *,
+             modality):
     """Held-out figures for the current student: teacher NLL of its samples, KL / TVD / acceptance rate on the
-    teacher's responses."""
+    teacher's responses. `modality`: the run's `pipeline.modality` variant (its generation backend, its images)."""
     d = config.data
     start = time.time()
-    backend = make_backend(config, models.student, models.tokenizer, model_dir=None,  # HF: the live student
-                           processor=models.processor)
+    backend = modality.backend(config, models.student, models.tokenizer, model_dir=None)  # HF: the live student
     samples = generate_once(
         backend, eval_prompts, paths.eval_samples(tag),
         sampling_params(config, seed_offset=7_777, max_new_tokens=config.evaluation.eval_max_new_tokens),
         models.tokenizer, desc=f"student samples ({tag})",
     )
     common = dict(vocab_size=models.vocab_size, pad_token_id=models.tokenizer.pad_token_id, max_length=d.max_length,
-                  image_inputs=ImageInputs(models.processor) if models.processor is not None else None)
+                  image_inputs=modality.image_inputs())
     result = {"teacher_nll_of_student_samples": teacher_nll(models.teacher, samples, **common)}
     # distinct-2 (distinct word bigrams / all), repetition, loop and empty rates of the samples, beside the
     # teacher's, and the degenerate flag (evaluation.degeneracy): a collapsed student repeats itself
