@@ -253,12 +253,15 @@ def test_a_hanging_server_is_cut_off_at_the_deadline_and_retried_within_the_budg
     with _RawServer(_hang) as server:
         start = time.monotonic()
         with pytest.raises(JudgeError) as info:
-            _judge(server.url, timeout_s=0.4, retry_budget_s=1.0).complete(MESSAGES)
+            _judge(server.url, timeout_s=0.4, retry_budget_s=2.0).complete(MESSAGES)
         elapsed = time.monotonic() - start
         message = str(info.value)
-    assert 0.9 <= elapsed < 3.0, elapsed
+    # the budget ends it (a retry is started only while 5% of a timeout is left); a loaded machine may wake late
+    assert 1.9 <= elapsed < 6.0, elapsed
     assert server.url in message and "no complete answer within" in message and "--judge-timeout" in message
-    assert 2 <= server.connections <= 3  # retried, but only while the budget lasted
+    # retried, but only while the budget lasted: at most budget / timeout + 1 attempts; at least 2 unless the
+    # process was starved for most of the 2 s (a budget of 1 s once saw a single attempt in a niced, loaded run)
+    assert 2 <= server.connections <= 6
 
 
 def test_the_socket_timeout_winning_the_race_with_the_watchdog_is_the_same_deadline(monkeypatch):
