@@ -292,7 +292,7 @@ def test_a_slow_drip_does_not_keep_a_request_alive():
         start = time.monotonic()
         with pytest.raises(JudgeError, match="no complete answer within"):
             _judge(server.url, timeout_s=0.5, retry_budget_s=0.5).complete(MESSAGES)
-        assert time.monotonic() - start < 2.0
+        assert time.monotonic() - start < 8.0  # without the deadline it never ends; slack for a loaded machine
         assert server.connections == 1
 
 
@@ -331,7 +331,7 @@ def test_judging_stops_at_the_first_failed_request():
         start = time.monotonic()
         with pytest.raises(JudgeError):
             judge_pairs(_judge(server.url, timeout_s=0.3, retry_budget_s=0.3), ITEMS, concurrency=2)
-        assert time.monotonic() - start < 1.5
+        assert time.monotonic() - start < 5.0  # the count below is the real check; this one only bounds a hang
         assert server.connections == 2  # the first two; none of the 6 others
 
 
