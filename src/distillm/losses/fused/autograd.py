@@ -91,31 +91,58 @@ def _teacher_logits(teacher: tuple, idx: Tensor, vocab: int, student_logits: Ten
 
 
 def topk_logprobs(logprobs: Tensor, indices: Tensor, vocab: int, student_logits: Tensor | None = None) -> Tensor:
-    """[C, V] log-probabilities: the top-k ones where given, the tail mass T = 1 - sum_k p (at least the smallest
-    normal float) on the other tokens: in proportion to the student's probabilities there when `student_logits`
-    [C, >= V] are given (log p_j = log T + log q_j - log Q, Q the student's tail mass; evenly in rows where
-    Q = 0), else evenly (T / (V - k) each). No gradient flows through it."""
+    """[C, V] log-probabilities: the known ones where given (entries with a negative id are no entry: see
+    `with_actual_token`), the tail mass T = 1 - sum of the known p (at least the smallest normal float) on the
+    other tokens: in proportion to the student's probabilities there when `student_logits` [C, >= V] are given
+    (log p_j = log T + log q_j - log Q, Q the student's mass off the known tokens; evenly in rows where Q = 0),
+    else evenly (T / (V - known) each). No gradient flows through it."""
     wide = logprobs.dtype == torch.float64 or (student_logits is not None and student_logits.dtype == torch.float64)
     dtype = torch.float64 if wide else torch.float32
-    logprobs = logprobs.to(dtype)
     indices = indices.long()
-    c, k = logprobs.shape
-    rest = max(vocab - k, 1)
+    present = indices >= 0
+    logprobs = logprobs.to(dtype).masked_fill(~present, float("-inf"))
+    slots = torch.where(present, indices, vocab)  # absent entries go to a spare column, dropped below
+    c = logprobs.shape[0]
+    rest = (vocab - present.sum(-1)).clamp_min(1).to(dtype)  # tokens off the known ones, per row
     tiny = torch.finfo(dtype).tiny
-    log_mass = torch.log((1.0 - logprobs.exp().sum(-1)).clamp_min(tiny * rest))
-    uniform = (log_mass - math.log(rest)).unsqueeze(-1)
+    log_mass = torch.log(torch.maximum(1.0 - logprobs.exp().sum(-1), tiny * rest))
+    uniform = (log_mass - torch.log(rest)).unsqueeze(-1)
     if student_logits is None:
-        dense = uniform.expand(c, vocab).clone()
-        return dense.scatter_(1, indices, logprobs)
+        dense = uniform.expand(c, vocab + 1).clone()
+        return dense.scatter_(1, slots, logprobs)[:, :vocab]
     with torch.no_grad():
         log_q = torch.log_softmax(student_logits[:, :vocab].detach().to(dtype), dim=-1)
-        top = torch.zeros(c, vocab, dtype=torch.bool, device=log_q.device).scatter_(1, indices, True)
+        top = torch.zeros(c, vocab + 1, dtype=torch.bool, device=log_q.device).scatter_(1, slots, True)[:, :vocab]
         log_q_tail = log_q.masked_fill_(top, float("-inf"))
         log_tail = torch.logsumexp(log_q_tail, dim=-1, keepdim=True)  # log Q; -inf where the student has none
         empty = torch.isneginf(log_tail)
         dense = log_q_tail.add_(log_mass.unsqueeze(-1) - log_tail.masked_fill(empty, 0.0))
-        dense = torch.where(empty, uniform, dense)
-        return dense.scatter_(1, indices, logprobs)
+        dense = torch.cat([torch.where(empty, uniform, dense), uniform], -1)
+        return dense.scatter_(1, slots, logprobs)[:, :vocab]
+
+
+def with_actual_token(teacher: TopKTeacher, targets: Tensor) -> TopKTeacher:
+    """The top-k teacher with one more known entry per position: the actual next token `targets` [...] (-100:
+    none) with its exact log-prob `teacher.target` [...] (a vLLM server sends it beside the top-k), where that
+    token is outside the top-k. The result has k + 1 entries per position; the extra one has id -1 (no entry)
+    where the token is inside the top-k, masked (-100), or where `teacher.target` is None (then the teacher is
+    returned unchanged). The tail (either treatment) then spreads T = 1 - sum_k p - p(actual) over the other
+    V - k - 1 tokens: the teacher's probability of a token the student sampled (SRKL's responses) is known
+    exactly instead of guessed from the tail. A pure function; `target` is kept."""
+    if teacher.target is None:
+        return teacher
+    values, ids = teacher.logprobs, teacher.indices.long()
+    if targets.shape != values.shape[:-1] or teacher.target.shape != targets.shape:
+        raise ValueError(f"actual tokens {tuple(targets.shape)} and their log-probs {tuple(teacher.target.shape)} "
+                         f"must both be the top-k teacher's leading shape {tuple(values.shape[:-1])}")
+    targets = targets.to(ids.device).long()
+    inside = (ids == targets.clamp_min(0).unsqueeze(-1)).any(-1)
+    extra = (targets >= 0) & ~inside
+    extra_ids = torch.where(extra, targets, -1).unsqueeze(-1).to(teacher.indices.dtype)
+    own = teacher.target.to(device=values.device, dtype=values.dtype)
+    extra_values = torch.where(extra, own, torch.full_like(own, float("-inf"))).unsqueeze(-1)
+    return teacher._replace(logprobs=torch.cat([values, extra_values], -1),
+                            indices=torch.cat([teacher.indices, extra_ids], -1))
 
 
 def _chunk_extra(extra: Tensor | float | None, idx: Tensor):
