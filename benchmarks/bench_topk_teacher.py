@@ -1,21 +1,31 @@
 """Error of a top-k teacher (`distillm.losses.fused.TopKTeacher`: the teacher's k most likely tokens'
 log-probs and the tail mass 1 - sum_k p over the other tokens) against the exact teacher, on SmolLM2-135M-Instruct
--> its 10-layer student, for the losses DistiLLM-2 and KD use. Two tail treatments, in the same run: `uniform`
-(the tail mass spread evenly, the default) and `student` (spread in proportion to the student's own probabilities,
-i.e. one tail bucket on both sides). `--student-layers` picks the student (the default even:10 is far from the
-teacher: most of its mass lies off the teacher's top-k; even:26 is close), which decides which tail is better.
+-> a student, for the losses DistiLLM-2 and KD use. Two tail treatments, in the same run: `uniform` (the tail
+mass spread evenly, the default) and `student` (spread in proportion to the student's own probabilities, i.e. one
+tail bucket on both sides); each also "+actual": the teacher's exact log-prob of the actual next token, which a
+vLLM server sends beside the top-k, as a (k+1)-th known entry where that token is outside the top-k
+(`losses.fused.with_actual_token`, what training through `--teacher-url` does).
 
-Data: the first `--prompts` built-in training prompts with the teacher's own sampled responses (temperature
-0.8, top-p 0.95, `--max-new-tokens`), i.e. the fixed responses a cache would hold. For each k and loss: the
-loss (mean over response tokens) and its gradient w.r.t. the student's hidden states and output head,
-computed with the fused losses from the exact teacher (its hidden states and head) and from the top-k teacher.
-Reported: |L_k - L| / |L| and ||g_k - g|| / ||g|| (Frobenius, over hidden states and head together), and the
-mean tail mass the top-k leaves out.
+The student: `--student-quant int4|int3` (the project's default student: the whole teacher fake-quantized in
+groups of `--student-quant-group-size`, round-to-nearest, untrained, built by the pipeline's own
+`quant.qat.prepare_qat`), or `--student-layers` (the teacher's layers; even:10 is far from the teacher, even:26
+close). Which tail is better depends on the student.
+
+Data (`--responses`): the first `--prompts` built-in training prompts with the teacher's own sampled responses
+(temperature 0.8, top-p 0.95, `--max-new-tokens`), i.e. the fixed responses a cache would hold, and/or the
+student's own samples with the same settings (DistiLLM-2 takes its SRKL on those; there the actual token is
+more often outside the teacher's top-k). For each k and loss: the loss (mean over response tokens) and its
+gradient w.r.t. the student's hidden states and output head, computed with the fused losses from the exact
+teacher (its hidden states and head) and from the top-k teacher. Reported: |L_k - L| / |L| and
+||g_k - g|| / ||g|| (Frobenius, over hidden states and head together), the mean tail mass the top-k leaves out,
+the student's mass off the teacher's top-k, and how often the actual token is outside the top-k.
 
     python benchmarks/bench_topk_teacher.py --quick     # 8 prompts, 32 new tokens
+    python benchmarks/bench_topk_teacher.py --quick --ks 20,64,128 --student-quant int4 --responses teacher,student
     python benchmarks/bench_topk_teacher.py             # 32 prompts, 64 new tokens
 
-The last line is the headline: the worst relative gradient error over the losses at the largest k.
+The last lines are the headlines: the worst relative gradient error over the losses at the largest k, per
+response set.
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ import torch
 
 from distillm.losses import divergences as D
 from distillm.losses.fused import (HeadInputs, TopKTeacher, fused_divergence, fused_weighted_divergence,
-                                  with_actual_token)
+                                  power_exponents, with_actual_token)
 from distillm.methods.base import LossInputs, divergence_loss, token_log_probs
 from tolerances import head_loss_atols
 
@@ -430,3 +430,135 @@ def test_token_log_probs_read_the_extra_entry():
     atol = torch.finfo(torch.float32).eps * (float(own[:10].abs().max()) + 6)
     torch.testing.assert_close(got[:10].double(), own[:10], rtol=0, atol=atol)
     assert bool((got[10:] == 0).all())
+
+
+# --- the "power" tail: p_j proportional to q_j ** g off the known tokens, g fitted per row to the known entries ------
+
+
+def power_dense_teacher(student_logits, top, targets=None, own=None):
+    """The teacher's full log-probs, row by row in plain Python: the known entries as given (top-k, and the actual
+    token where outside it), g = the least-squares slope of log p on log q over the known entries with both
+    finite, clamped to [0, 2] (1 with fewer than two or no spread in log q), the rest T q_j ** g / sum q ** g."""
+    log_q = torch.log_softmax(student_logits.detach(), -1)
+    v = log_q.shape[1]
+    out = torch.empty_like(log_q)
+    for row in range(log_q.shape[0]):
+        known = dict(zip(top.indices[row].tolist(), top.values[row].tolist()))
+        if targets is not None and int(targets[row]) >= 0 and int(targets[row]) not in known:
+            known[int(targets[row])] = float(own[row])
+        pairs = [(log_q[row, j].item(), lp) for j, lp in known.items()
+                 if math.isfinite(lp) and math.isfinite(log_q[row, j].item())]
+        g = 1.0
+        if len(pairs) >= 2:
+            mx = sum(x for x, _ in pairs) / len(pairs)
+            my = sum(y for _, y in pairs) / len(pairs)
+            sxx = sum((x - mx) ** 2 for x, _ in pairs)
+            if sxx > 0:
+                g = min(max(sum((x - mx) * (y - my) for x, y in pairs) / sxx, 0.0), 2.0)
+        rest = [j for j in range(v) if j not in known]
+        mass = 1 - sum(math.exp(x) for x in known.values())
+        weights = {j: (math.exp(g * log_q[row, j].item()) if math.isfinite(log_q[row, j].item()) else 0.0)
+                   for j in rest}
+        total = sum(weights.values())
+        for j in range(v):
+            if j in known:
+                out[row, j] = known[j]
+            elif weights[j] == 0.0:
+                out[row, j] = float("-inf")
+            else:
+                out[row, j] = math.log(mass) + math.log(weights[j]) - math.log(total)
+    return out
+
+
+@pytest.mark.parametrize("name", ["fkl", "skl", "srkl", "rkl", "jsd"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("actual", [False, True])
+def test_power_tail_matches_the_dense_reference(name, temperature, actual):
+    """Fused (`fused_divergence`, per token, and `divergence_loss`) and plain paths against the row-by-row
+    dense teacher, with and without the actual token as a known entry."""
+    hidden, head, teacher_logits, top, _, targets, own = actual_problem(53, k=5)
+    mask = targets >= 0
+    token_weights = mask.double() / mask.sum()
+    weight, fn = PLAIN[name]
+    student_logits = hidden @ head.t()
+    dense = power_dense_teacher(student_logits, top, targets if actual else None, own)
+    ref = torch.where(mask, token_weights * fn(student_logits, dense, weight, temperature), 0.0).sum()
+    ref_grads = torch.autograd.grad(ref, (hidden, head))
+    teacher = reshaped(top, targets, own, "power")
+    if not actual:
+        teacher = teacher._replace(target=None)
+    for loss, grads in fused_and_plain(name, hidden, head, teacher, targets, token_weights, temperature):
+        assert_matches(loss, grads, ref, ref_grads, hidden, head, token_weights, teacher_logits, temperature)
+    if not actual:
+        values = fused_divergence(name, HeadInputs(hidden, head), TopKTeacher(top.values, top.indices, "power"),
+                                  weight, temperature=temperature, chunk_size=5)
+        loss = torch.where(mask, token_weights * values, 0.0).sum()
+        assert_matches(loss, torch.autograd.grad(loss, (hidden, head)), ref, ref_grads, hidden, head,
+                       token_weights, teacher_logits, temperature)
+
+
+def test_power_exponents_fit_and_fallbacks():
+    """An exact power law is recovered; clamped to [0, 2]; one usable entry, or no spread in log q: the fallback."""
+    log_q = torch.log(torch.tensor([[0.4, 0.2, 0.1], [0.4, 0.2, 0.1], [0.4, 0.2, 0.1], [0.3, 0.3, 0.3],
+                                    [0.4, 0.2, 0.1]], dtype=torch.float64))
+    log_p = torch.stack([0.5 * log_q[0] - 0.3, 3.0 * log_q[1], -1.0 * log_q[2], log_q[3],
+                         torch.tensor([-1.0, float("-inf"), float("-inf")], dtype=torch.float64)])
+    g = power_exponents(log_p, log_q)
+    torch.testing.assert_close(g[0], torch.tensor(0.5, dtype=torch.float64), rtol=0, atol=1e-12)
+    assert g[1].item() == 2.0 and g[2].item() == 0.0 and g[3].item() == 1.0 and g[4].item() == 1.0
+
+
+def test_power_tail_edge_cases():
+    """k = V: the exact teacher. k = 1: no fit, g = 1, the student tail bit for bit. -inf student logits: those
+    tokens get teacher probability 0 and everything stays finite (the dense reference). Masked positions and an
+    empty sequence: nothing, and no gradient."""
+    hidden, head, teacher_logits, top, token_weights = problem(59, v=11, k=11)
+    for name in ("fkl", "srkl"):
+        weight, fn = PLAIN[name]
+        loss, _ = fused_weighted_divergence(name, HeadInputs(hidden, head), TopKTeacher(top.values, top.indices,
+                                            "power"), token_weights, weight, chunk_size=4)
+        ref = (token_weights * fn(hidden @ head.t(), teacher_logits, weight, 1.0)).sum()
+        assert_matches(loss, torch.autograd.grad(loss, (hidden, head)), ref,
+                       torch.autograd.grad(ref, (hidden, head)), hidden, head, token_weights, teacher_logits)
+
+    hidden, head, teacher_logits, top, token_weights = problem(61, k=1)
+    power, _ = fused_weighted_divergence("srkl", HeadInputs(hidden, head), TopKTeacher(top.values, top.indices,
+                                         "power"), token_weights, 0.1)
+    student, _ = fused_weighted_divergence("srkl", HeadInputs(hidden, head), TopKTeacher(top.values, top.indices,
+                                           "student"), token_weights, 0.1)
+    assert power.item() == student.item()
+
+    hidden, head, teacher_logits, top, token_weights = problem(67, k=4)
+    in_top = torch.zeros(23, dtype=torch.bool)
+    in_top[top.indices.reshape(-1)] = True
+    bias = torch.zeros(23, dtype=torch.float64)
+    bias[(~in_top).nonzero().squeeze(1)[:3]] = float("-inf")
+    for name in ("fkl", "skl", "srkl"):
+        weight, fn = PLAIN[name]
+        loss, _ = fused_weighted_divergence(name, HeadInputs(hidden, head, bias),
+                                            TopKTeacher(top.values, top.indices, "power"), token_weights, weight)
+        grads = torch.autograd.grad(loss, (hidden, head))
+        logits = hidden @ head.t() + bias
+        ref = (token_weights * fn(logits, power_dense_teacher(logits, top), weight, 1.0)).sum()
+        assert torch.isfinite(loss)
+        assert_matches(loss, grads, ref, torch.autograd.grad(ref, (hidden, head)), hidden, head, token_weights,
+                       teacher_logits)
+
+    hidden, head, teacher_logits, top, _ = problem(71, n=12, k=3)
+    mask = torch.tensor([[0, 1, 1, 1], [0, 0, 0, 0], [0, 0, 1, 1]], dtype=torch.bool)
+    values, ids = top.values.clone(), top.indices.clone()
+    dead = ~mask.reshape(-1)
+    values[dead], ids[dead] = 0.0, 0
+    token_weights = mask.double() / mask.sum()
+    loss, per_token = fused_weighted_divergence("srkl", HeadInputs(hidden.reshape(3, 4, -1), head),
+                                                TopKTeacher(values.reshape(3, 4, 3), ids.reshape(3, 4, 3), "power"),
+                                                token_weights, 0.1, mask=mask, chunk_size=2)
+    grads = torch.autograd.grad(loss, (hidden, head))
+    keep = (~dead).nonzero().squeeze(1)
+    logits = hidden[keep] @ head.t()
+    kept_top = torch.return_types.topk((top.values[keep], top.indices[keep]))
+    ref = D.skew_reverse_kl(logits, power_dense_teacher(logits, kept_top), 0.1).sum() / mask.sum()
+    assert torch.isfinite(loss) and bool((per_token[~mask] == 0).all())
+    assert_matches(loss, grads, ref, torch.autograd.grad(ref, (hidden, head)), hidden, head,
+                   token_weights.reshape(-1), teacher_logits)
+    assert bool((grads[0][dead] == 0).all())

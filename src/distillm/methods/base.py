@@ -136,9 +136,11 @@ def _plain_logits(scores, vocab_size: int | None, student: torch.Tensor | None =
     if isinstance(scores, TopKTeacher):  # the plain (reference) path spells the distribution out in full
         lead, k = scores.logprobs.shape[:-1], scores.logprobs.shape[-1]
         guide = None
-        if resolve_tail(scores.tail, divergence) == "student" and student is not None:
+        tail = resolve_tail(scores.tail, divergence)
+        if tail != "uniform" and student is not None:
             guide = student[..., :vocab_size].reshape(-1, vocab_size)
-        dense = topk_logprobs(scores.logprobs.reshape(-1, k), scores.indices.reshape(-1, k), vocab_size, guide)
+        dense = topk_logprobs(scores.logprobs.reshape(-1, k), scores.indices.reshape(-1, k), vocab_size, guide,
+                              tail=tail)
         return dense.reshape(*lead, vocab_size)
     return scores if vocab_size is None else scores[..., :vocab_size]
 

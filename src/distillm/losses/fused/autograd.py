@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-TOPK_TAILS = ("uniform", "student")
+TOPK_TAILS = ("uniform", "student", "power")
 
 
 def resolve_tail(tail: str, divergence: str | None = None) -> str:
-    """A top-k teacher's tail treatment, checked ("uniform" or "student"; the same for every divergence: see
+    """A top-k teacher's tail treatment, checked ("uniform", "student" or "power"; the same for every divergence: see
     TopKTeacher for the measurements behind that)."""
     if tail not in TOPK_TAILS:
         raise ValueError(f"top-k teacher tail must be one of {', '.join(TOPK_TAILS)}, got {tail!r}")
@@ -49,13 +49,18 @@ class TopKTeacher(NamedTuple):
     4.8%, SRKL 6.0% vs 14.6%); for a distant one (10 layers, 99% of its mass off the teacher's top-64) the
     student's proportions do (SKL 12% vs 16%, SRKL 25% vs 41%), though neither is accurate there.
 
-    Pass it as `teacher` to any fused divergence (the divergences do not use `target`)."""
+    For the project's default student (the teacher quantized to int4, round-to-nearest) the student's
+    proportions are the better tail for all three (k = 64, teacher responses: SKL 1.9% vs 5.7%, SRKL 6.9% vs 14%).
+
+    Pass it as `teacher` to any fused divergence. The divergences themselves do not read `target`;
+    `with_actual_token` turns it into a (k+1)-th known entry first (`methods.base.divergence_loss` does)."""
 
     logprobs: Tensor
     indices: Tensor
     tail: str = "uniform"
     #: optional log-probs [...] of the actual next token at each position (a vLLM server sends them with the
-    #: top-k): `methods.base.token_log_probs` uses them for tokens outside the top-k instead of the tail's share
+    #: top-k): `methods.base.token_log_probs` uses them for tokens outside the top-k instead of the tail's share,
+    #: and `divergence_loss` adds them as a known entry (`with_actual_token`)
     target: Tensor | None = None
 
 
@@ -76,7 +81,8 @@ def _student_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, idx: Te
     return F.linear(hidden.index_select(0, idx), weight[:vocab], None if bias is None else bias[:vocab])
 
 
-def _teacher_logits(teacher: tuple, idx: Tensor, vocab: int, student_logits: Tensor | None = None) -> Tensor | None:
+def _teacher_logits(teacher: tuple, idx: Tensor, vocab: int, student_logits: Tensor | None = None,
+                    tail: str = "student") -> Tensor | None:
     """teacher = (logits [N, V_t] or None, hidden [N, H_t] or None, weight or None, bias or None); a top-k
     teacher comes as (None, log-probs [N, k], ids [N, k] (an integer 'weight'), None), its tail spread in
     proportion to `student_logits` (the chunk's [C, V]) when given, else evenly."""
@@ -84,18 +90,40 @@ def _teacher_logits(teacher: tuple, idx: Tensor, vocab: int, student_logits: Ten
     if logits is not None:
         return logits.index_select(0, idx)[:, :vocab]
     if hidden is not None and not weight.is_floating_point():
-        return topk_logprobs(hidden.index_select(0, idx), weight.index_select(0, idx), vocab, student_logits)
+        return topk_logprobs(hidden.index_select(0, idx), weight.index_select(0, idx), vocab, student_logits,
+                             tail=tail)
     if hidden is not None:
         return _student_logits(hidden, weight, bias, idx, vocab)
     return None
 
 
-def topk_logprobs(logprobs: Tensor, indices: Tensor, vocab: int, student_logits: Tensor | None = None) -> Tensor:
+def power_exponents(logprobs: Tensor, log_q_known: Tensor, fallback: float = 1.0, max_power: float = 2.0) -> Tensor:
+    """Per row [C], the least-squares slope g of log p on log q over the known entries [C, k] (the teacher's
+    log-probs `logprobs`, the student's `log_q_known` of the same tokens; entries where either is -inf are left
+    out), clamped to [0, max_power]: the exponent of the "power" tail, p_j proportional to q_j ** g off the known
+    tokens. Rows with fewer than two usable entries or no spread in log q get `fallback`."""
+    use = torch.isfinite(logprobs) & torch.isfinite(log_q_known)
+    n = use.sum(-1, keepdim=True)
+    x = torch.where(use, log_q_known, 0.0)
+    y = torch.where(use, logprobs, 0.0)
+    x = torch.where(use, x - x.sum(-1, keepdim=True) / n.clamp_min(1), 0.0)
+    y = torch.where(use, y - y.sum(-1, keepdim=True) / n.clamp_min(1), 0.0)
+    sxx = (x * x).sum(-1)
+    slope = (x * y).sum(-1) / sxx.clamp_min(torch.finfo(sxx.dtype).tiny)
+    ok = (n.squeeze(-1) >= 2) & (sxx > 0)
+    return torch.where(ok, slope.clamp(0.0, max_power), torch.full_like(slope, fallback))
+
+
+def topk_logprobs(logprobs: Tensor, indices: Tensor, vocab: int, student_logits: Tensor | None = None, *,
+                  tail: str = "student") -> Tensor:
     """[C, V] log-probabilities: the known ones where given (entries with a negative id are no entry: see
     `with_actual_token`), the tail mass T = 1 - sum of the known p (at least the smallest normal float) on the
-    other tokens: in proportion to the student's probabilities there when `student_logits` [C, >= V] are given
-    (log p_j = log T + log q_j - log Q, Q the student's mass off the known tokens; evenly in rows where Q = 0),
-    else evenly (T / (V - known) each). No gradient flows through it."""
+    other tokens. With `student_logits` [C, >= V] (q their softmax), spread as `tail` says:
+    "student": in proportion to the student's probabilities there (log p_j = log T + log q_j - log Q, Q the
+    student's mass off the known tokens); "power": in proportion to q_j ** g, g per row the least-squares slope
+    of log p on log q over the known entries, in [0, 2] (`power_exponents`; g = 0 is the even spread, g = 1 the
+    student's). Rows where the student has no mass off the known tokens get the even spread, and so does every
+    row without `student_logits`: T / (V - known) each. No gradient flows through it."""
     wide = logprobs.dtype == torch.float64 or (student_logits is not None and student_logits.dtype == torch.float64)
     dtype = torch.float64 if wide else torch.float32
     indices = indices.long()
@@ -113,6 +141,10 @@ def topk_logprobs(logprobs: Tensor, indices: Tensor, vocab: int, student_logits:
     with torch.no_grad():
         log_q = torch.log_softmax(student_logits[:, :vocab].detach().to(dtype), dim=-1)
         top = torch.zeros(c, vocab + 1, dtype=torch.bool, device=log_q.device).scatter_(1, slots, True)[:, :vocab]
+        if tail == "power":  # q ** g (a token the student gives probability 0 stays at 0, whatever g)
+            known_q = log_q.gather(1, indices.clamp_min(0)).masked_fill(~present, float("-inf"))
+            power = power_exponents(logprobs, known_q).unsqueeze(-1)
+            log_q = torch.where(torch.isneginf(log_q), log_q, log_q * power)
         log_q_tail = log_q.masked_fill_(top, float("-inf"))
         log_tail = torch.logsumexp(log_q_tail, dim=-1, keepdim=True)  # log Q; -inf where the student has none
         empty = torch.isneginf(log_tail)
@@ -159,7 +191,7 @@ def _chunk(prob: ChunkProblem, hidden, weight, bias, teacher, extra, idx: Tensor
     not depend on the student)."""
     with torch.no_grad():
         s = _student_logits(hidden, weight, bias, idx, prob.vocab)
-        t = _teacher_logits(teacher, idx, prob.vocab, s if prob.topk_tail == "student" else None)
+        t = _teacher_logits(teacher, idx, prob.vocab, None if prob.topk_tail == "uniform" else s, prob.topk_tail)
         return prob.kernel(s, t, _chunk_extra(extra, idx), prob.temperature, need_grad)
 
 
