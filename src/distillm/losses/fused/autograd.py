@@ -41,16 +41,17 @@ class TopKTeacher(NamedTuple):
       two distributions coarse-grained to k + 1 outcomes (the top-k tokens and one tail bucket holding T and
       Q): no guess about how the teacher spreads its tail, and the student's own tail shape is left alone.
       Rows whose student puts no mass on the tail (Q = 0) fall back to the even spread;
-    - tail="uniform" (the default): evenly, T / (V - k) each.
+    - tail="power" (the pipeline's default, --teacher-topk-tail): in proportion to q_j ** g, g per row the
+      least-squares slope of log p on log q over the known entries, clamped to [0, 2] (`power_exponents`; g = 0
+      is the even spread, g = 1 the student's proportions); the teacher, g included, is a constant for the
+      gradient. A heuristic without the bucket form's exactness;
+    - tail="uniform" (this class's default): evenly, T / (V - k) each.
 
-    Which is closer to the exact teacher depends on the student, not on the divergence (benchmarks/
-    bench_topk_teacher.py, SmolLM2-135M, k = 64; docs/cluster-teacher.md): for a student close to the teacher
-    (26 of its 30 layers) the even spread gives the smaller gradient error for FKL, SKL and SRKL (SKL 2.6% vs
-    4.8%, SRKL 6.0% vs 14.6%); for a distant one (10 layers, 99% of its mass off the teacher's top-64) the
-    student's proportions do (SKL 12% vs 16%, SRKL 25% vs 41%), though neither is accurate there.
-
-    For the project's default student (the teacher quantized to int4, round-to-nearest) the student's
-    proportions are the better tail for all three (k = 64, teacher responses: SKL 1.9% vs 5.7%, SRKL 6.9% vs 14%).
+    Gradient relative error against the exact teacher at k = 64 (benchmarks/bench_topk_teacher.py,
+    SmolLM2-135M, 8 teacher responses; docs/cluster-teacher.md), SKL / SRKL (a = 0.1), uniform, student, power:
+    the default int4 student 5.7% / 14%, 1.9% / 6.9%, 1.3% / 2.7%; a 26-layer student 2.0% / 4.9%, 3.7% / 10%,
+    1.0% / 2.6%; a distant, untrained 10-layer student 11% / 34%, 7.9% / 17%, 14% / 41% (no tail is accurate
+    there).
 
     Pass it as `teacher` to any fused divergence. The divergences themselves do not read `target`;
     `with_actual_token` turns it into a (k+1)-th known entry first (`methods.base.divergence_loss` does)."""
