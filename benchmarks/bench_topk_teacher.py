@@ -1,15 +1,16 @@
 """Error of a top-k teacher (`distillm.losses.fused.TopKTeacher`: the teacher's k most likely tokens'
 log-probs and the tail mass 1 - sum_k p over the other tokens) against the exact teacher, on SmolLM2-135M-Instruct
--> a student, for the losses DistiLLM-2 and KD use. Two tail treatments, in the same run: `uniform` (the tail
-mass spread evenly, the default) and `student` (spread in proportion to the student's own probabilities, i.e. one
-tail bucket on both sides); each also "+actual": the teacher's exact log-prob of the actual next token, which a
+-> a student, for the losses DistiLLM-2 and KD use. Tail treatments (`--tails`), in the same run: `uniform`
+(the tail mass spread evenly), `student` (spread in proportion to the student's own probabilities, i.e. one tail
+bucket on both sides) and `power` (in proportion to q ** g, g fitted per position to the top-k; the pipeline's
+default); each also "+actual": the teacher's exact log-prob of the actual next token, which a
 vLLM server sends beside the top-k, as a (k+1)-th known entry where that token is outside the top-k
 (`losses.fused.with_actual_token`, what training through `--teacher-url` does).
 
 The student: `--student-quant int4|int3` (the project's default student: the whole teacher fake-quantized in
 groups of `--student-quant-group-size`, round-to-nearest, untrained, built by the pipeline's own
 `quant.qat.prepare_qat`), or `--student-layers` (the teacher's layers; even:10 is far from the teacher, even:26
-close). Which tail is better depends on the student.
+close). Which tail is best depends on the student (power for all but the far even:10).
 
 Data (`--responses`): the first `--prompts` built-in training prompts with the teacher's own sampled responses
 (temperature 0.8, top-p 0.95, `--max-new-tokens`), i.e. the fixed responses a cache would hold, and/or the
@@ -23,6 +24,7 @@ the student's mass off the teacher's top-k, and how often the actual token is ou
     python benchmarks/bench_topk_teacher.py --quick     # 8 prompts, 32 new tokens
     python benchmarks/bench_topk_teacher.py --quick --ks 20,64,128 --student-quant int4 --responses teacher,student
     python benchmarks/bench_topk_teacher.py             # 32 prompts, 64 new tokens
+    python benchmarks/bench_topk_teacher.py --speed     # the cost of each tail: fused SRKL time, ratio to uniform
 
 The last lines are the headlines: the worst relative gradient error over the losses at the largest k, per
 response set.
@@ -118,7 +120,7 @@ def main(argv=None) -> None:
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--ks", default="8,32,64,128")
-    parser.add_argument("--tails", default="uniform,student", help="tail treatments to compare")
+    parser.add_argument("--tails", default="uniform,student,power", help="tail treatments to compare")
     parser.add_argument("--student-layers", default="even:10",
                         help="the teacher layers the student keeps (more layers: a student closer to the teacher)")
     parser.add_argument("--student-quant", default="none", choices=["none", "int8", "int4", "int3", "int2"],
@@ -130,9 +132,14 @@ def main(argv=None) -> None:
     parser.add_argument("--actual-token", default="both", choices=["off", "on", "both"],
                         help="also (or only) give the loss the teacher's exact log-prob of the actual token as a "
                              "(k+1)-th known entry when it is outside the top-k (losses.fused.with_actual_token)")
+    parser.add_argument("--speed", action="store_true",
+                        help="instead: time the fused SRKL loss + backward with each tail on a synthetic problem "
+                             "(256 tokens, V = 49152, H = 576, k = 64; best of 3) and print the ratios to uniform")
     args = parser.parse_args(argv)
     if args.quick:
         args.prompts, args.max_new_tokens = 8, 32
+    if args.speed:
+        return tail_speed(args.tails.split(",") + (["power"] if "power" not in args.tails else []))
 
     teacher, student, tokenizer, label = load_pair(args.student_layers, args.student_quant,
                                                    args.student_quant_group_size)
@@ -142,6 +149,31 @@ def main(argv=None) -> None:
                                                    who), label, who)
     for who, line in headline.items():
         print(f"headline ({who} responses): {line}")
+
+
+def tail_speed(tails: list[str], n: int = 256, h: int = 576, v: int = 49152, k: int = 64) -> None:
+    """The cost of a tail treatment: the fused SRKL loss and its gradient from a top-k teacher, per tail."""
+    import time
+
+    from distillm.losses.fused import HeadInputs, TopKTeacher, fused_weighted_divergence
+
+    torch.manual_seed(0)
+    hidden = torch.randn(n, h, requires_grad=True)
+    head = torch.randn(v, h) * 0.05
+    top = torch.log_softmax(torch.randn(n, v) * 3, -1).topk(k)
+    weights = torch.full((n,), 1.0 / n)
+    best = {}
+    for _ in range(3):
+        for tail in tails:
+            start = time.perf_counter()
+            loss, _ = fused_weighted_divergence("srkl", HeadInputs(hidden, head), TopKTeacher(top.values, top.indices,
+                                                tail), weights, 0.1)
+            loss.backward()
+            best[tail] = min(best.get(tail, float("inf")), time.perf_counter() - start)
+    base = best.get("uniform", next(iter(best.values())))
+    for tail, seconds in best.items():
+        print(f"{tail}: {seconds:.3f} s (fused SRKL + backward, {n} tokens, V = {v}, k = {k}), "
+              f"ratio to uniform {seconds / base:.2f}")
 
 
 def run(args, p: dict, label: str, who: str) -> str:
