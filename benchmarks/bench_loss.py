@@ -76,17 +76,18 @@ def _build(impl: str, args):
                 t = F.linear(h_t, w_t)
             return fn(s, t).mean()
     elif impl in ("fused", "fused_weighted"):
-        from distillm.losses.fused import HeadInputs, fused_divergence, fused_weighted_divergence
+        from distillm.losses.fused import HeadInputs, fused_divergence, fused_weighted_divergence, mixture_weight
         student, teacher = HeadInputs(h_s, w_s), HeadInputs(h_t, w_t)
         if impl == "fused":
             def step():
-                return fused_divergence(args.divergence, student, teacher, weight, chunk_size=args.chunk).mean()
+                return fused_divergence(args.divergence, student, teacher, **mixture_weight(args.divergence, weight),
+                                        chunk_size=args.chunk).mean()
         else:
             token_weights = torch.full((n,), 1.0 / n)
 
             def step():
-                return fused_weighted_divergence(args.divergence, student, teacher, token_weights, weight,
-                                                 chunk_size=args.chunk)[0]
+                return fused_weighted_divergence(args.divergence, student, teacher, token_weights,
+                                                 **mixture_weight(args.divergence, weight), chunk_size=args.chunk)[0]
     elif impl == "liger":
         from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
         kwargs = {} if args.chunk is None else {"chunk_size": args.chunk}

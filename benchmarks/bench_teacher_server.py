@@ -61,7 +61,7 @@ def main(argv=None) -> None:
         args.prompts, args.max_new_tokens = 8, 32
     torch.set_num_threads(1)
 
-    from distillm.losses.fused import HeadInputs, fused_weighted_divergence
+    from distillm.losses.fused import HeadInputs, fused_weighted_divergence, mixture_weight
     from distillm.teacher.client import TeacherClient
     from distillm.teacher.remote import RemoteScores
     from distillm.training.collate import pad_left
@@ -76,8 +76,9 @@ def main(argv=None) -> None:
         token_weights = mask.float() / tokens
 
         def loss_and_grad(name, teacher_scores):
-            loss, _ = fused_weighted_divergence(name.split(" ")[0], student_in, teacher_scores, token_weights,
-                                                LOSSES[name], mask=mask, vocab_size=vocab)
+            divergence = name.split(" ")[0]
+            loss, _ = fused_weighted_divergence(divergence, student_in, teacher_scores, token_weights,
+                                                **mixture_weight(divergence, LOSSES[name]), mask=mask, vocab_size=vocab)
             grads = torch.autograd.grad(loss, (hidden, head))
             return loss.detach(), torch.cat([g.reshape(-1) for g in grads])
 

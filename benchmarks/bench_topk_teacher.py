@@ -167,7 +167,7 @@ def tail_speed(tails: list[str], n: int = 256, h: int = 576, v: int = 49152, k: 
         for tail in tails:
             start = time.perf_counter()
             loss, _ = fused_weighted_divergence("srkl", HeadInputs(hidden, head), TopKTeacher(top.values, top.indices,
-                                                tail), weights, 0.1)
+                                                tail), weights, alpha=0.1)
             loss.backward()
             best[tail] = min(best.get(tail, float("inf")), time.perf_counter() - start)
     base = best.get("uniform", next(iter(best.values())))
@@ -177,7 +177,8 @@ def tail_speed(tails: list[str], n: int = 256, h: int = 576, v: int = 49152, k: 
 
 
 def run(args, p: dict, label: str, who: str) -> str:
-    from distillm.losses.fused import HeadInputs, TopKTeacher, fused_weighted_divergence, with_actual_token
+    from distillm.losses.fused import (HeadInputs, TopKTeacher, fused_weighted_divergence, mixture_weight,
+                                       with_actual_token)
 
     sequences, vocab, t, mask, tokens, hidden, head, student_in, labels = (
         p[k] for k in ("sequences", "vocab", "t", "mask", "tokens", "hidden", "head", "student_in", "labels"))
@@ -193,8 +194,8 @@ def run(args, p: dict, label: str, who: str) -> str:
 
     def loss_and_grad(name, teacher_scores):
         divergence = name.split(" ")[0]
-        loss, _ = fused_weighted_divergence(divergence, student_in, teacher_scores, token_weights, LOSSES[name],
-                                            mask=mask, vocab_size=vocab)
+        loss, _ = fused_weighted_divergence(divergence, student_in, teacher_scores, token_weights,
+                                            **mixture_weight(divergence, LOSSES[name]), mask=mask, vocab_size=vocab)
         grads = torch.autograd.grad(loss, (hidden, head))
         return loss.detach(), torch.cat([g.reshape(-1) for g in grads])
 

@@ -8,6 +8,8 @@ Figures compared: every value in metrics.json except wall-clock ones (keys endin
 two output roots are compared relative to them. Weights: every
 tensor of student/model.safetensors with torch.equal (same dtype, shape and bits). Exit status 1 on any difference.
 Methods: --methods a,b,c (default: every method of the tiny preset, plus vision runs for distillm2 and kd).
+Cross-tokenizer runs (a tiny student with another tokenizer, `pipeline.cross`) on request: cross-<method>, e.g.
+--methods cross-distillm2,cross-gkd,cross-dpkd,cross-kd.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def _vision_setup(root: Path) -> dict:
 
 def run_all(root: Path, names: list[str]) -> None:
     root.mkdir(parents=True, exist_ok=True)
-    setup = None
+    setup = pair_student = None
     for name in names:
         out = root / name
         if (out / "metrics.json").is_file():
@@ -50,6 +52,14 @@ def run_all(root: Path, names: list[str]) -> None:
             args = ["-q", "run", "--preset", "tiny", "--method", name[len("vision-"):], "--teacher",
                     str(setup["teacher"]), "--student", str(setup["student"]), "--prompts", str(setup["prompts"]),
                     "--eval-prompts", str(setup["eval_prompts"]), "--rounds", "2", "--max-new-tokens", "6"]
+        elif name.startswith("cross-"):  # the tiny teacher and a tiny student with a merged tokenizer
+            if pair_student is None:
+                from distillm.crosstok.testing import save_tiny_pair_student
+
+                pair_student = save_tiny_pair_student(root / "_pair_student")
+            args = ["-q", "run", "--preset", "tiny", "--method", name[len("cross-"):], "--student", pair_student,
+                    "--num-prompts", "8", "--num-eval-prompts", "4", "--rounds", "2", "--max-new-tokens", "12",
+                    "--per-device-train-batch-size", "4"]
         else:
             args = ["-q", "run", "--preset", "tiny", "--method", name]
         print(f"running {name}", flush=True)
@@ -96,7 +106,8 @@ def main() -> int:
     parser.add_argument("action", choices=("record", "compare"))
     parser.add_argument("base")
     parser.add_argument("new", nargs="?")
-    parser.add_argument("--methods", default=None, help="comma-separated names (vision runs: vision-<method>)")
+    parser.add_argument("--methods", default=None, help="comma-separated names (vision runs: vision-<method>, "
+                        "cross-tokenizer runs: cross-<method>)")
     args = parser.parse_args()
     names = args.methods.split(",") if args.methods else [*TEXT_METHODS, *(f"vision-{m}" for m in VISION_METHODS)]
     if args.action == "record":

@@ -99,7 +99,7 @@ def tokenize_pairs(rows: list[dict], tokenizer, max_length: int) -> list[dict]:
 
 
 def _dpo_trainer_class():
-    from trl import DPOTrainer
+    from trl import DPOTrainer  # optional: TRL, heavy, only `distillm align` needs it
 
     class AlignTrainer(DPOTrainer):
         """TRL's DPOTrainer whose checkpoints end with a completion marker, like DistillTrainer's, so that a
@@ -123,8 +123,8 @@ def _dpo_trainer_class():
 
 def build_trainer(config: AlignConfig, paths: RunPaths):
     """The DPO trainer: policy and a separately loaded, frozen copy of it as the reference model."""
-    from datasets import Dataset
-    from trl import DPOConfig
+    from datasets import Dataset  # optional: datasets (pyarrow, pandas) is heavy, only `distillm align` needs it
+    from trl import DPOConfig  # optional: TRL, heavy, only `distillm align` needs it
 
     # TRL 1.16 reads transformers' deprecated gradient-checkpointing names; the warnings are not the user's to fix
     warnings.filterwarnings("ignore", message=".*gradient_checkpointing.* is deprecated", category=FutureWarning)

@@ -3,23 +3,44 @@
 Every option of the config (see `distillm.config`) is a flag of `train` and `run`; a YAML file given with
 `--config` sets many at once, and flags override it. `distillm run` with no arguments is the default demo.
 
-Each command imports its own modules when it runs (the imports inside the `_cmd_*` functions): `distillm --help`
-and a bad flag answer at once, and a command does not load what only another one needs (vLLM, TRL, the
-evaluation suite).
+The commands' modules are imported with this one: `import distillm` loads the pipeline (torch, transformers)
+anyway, so importing them on use saved little. Optional heavy packages (vLLM, TRL, PEFT, torchao, matplotlib, ...)
+are still imported on use, inside the functions that need them.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
+import re
+import shlex
 import sys
 from pathlib import Path
 
+import transformers
+
+from . import models  # models.load_model looked up at call time (tests replace it)
+from .align import align
+from .compare import CompareError, Comparison
+from .compare.protocol import ABLATIONS, SIZES, VARIANTS, CompareSettings
 from .config import (METHOD_NAMES, PRESETS, AlignConfig, ConfigError, RunConfig, apply_overrides, check_flags,
                      load_config, option_fields, range_text, renamed_options)
+from .data.prompts import check_chat_template, encode_prompts, load_prompts
+from .data.vision import check_no_images, encode_image_prompts, load_image_prompts
 from .distributed import process_state
 from .errors import DistillmError
+from .evaluation.cli import add_eval_parser, cmd_eval
+from .generation.base import SamplingParams
+from .generation.factory import make_backend
+from .generation.runner import generate_responses
 from .io import disk_error, read_jsonl
+from .models import load_tokenizer, loadable_path
+from .pipeline import run
+from .pipeline.cross import CROSS_METRIC_ROWS, flat_metrics
+from .quant.qat import format_export
+from .speculate import add_speculate_parser, cmd_speculate
+from .vision import is_vision_model, load_vision_model
 
 logger = logging.getLogger("distillm")
 
@@ -113,8 +134,6 @@ def build_parser() -> argparse.ArgumentParser:
                      help="vLLM: fraction of each GPU's memory the engine may take.")
     gen.add_argument("--trust-remote-code", action="store_true")
 
-    from .evaluation.cli import add_eval_parser
-
     add_eval_parser(sub)
 
     align = sub.add_parser("align", help="Preference alignment (DPO, with TRL) of a distilled student on prompt/chosen/"
@@ -127,8 +146,6 @@ def build_parser() -> argparse.ArgumentParser:
                            "the same command to resume.")
     _add_config_options(align, AlignConfig)
 
-    from .speculate import add_speculate_parser
-
     add_speculate_parser(sub)
 
     _add_compare_parser(sub)
@@ -139,7 +156,6 @@ def _setup_logging(quiet: bool) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
                         level=logging.WARNING if quiet else logging.INFO)
     logging.getLogger("distillm").setLevel(logging.WARNING if quiet else logging.INFO)
-    import transformers
 
     transformers.logging.set_verbosity_error()
 
@@ -151,25 +167,28 @@ def format_metrics(metrics: dict) -> str:
     lines = [f"{'held-out metric':<46}{'before':>10}{'after':>10}  better", "-" * 74]
     rows = METRIC_ROWS
     if "on_teacher_responses" in metrics["before"]:  # a cross-tokenizer run: aligned-space and per-byte figures
-        from .pipeline.cross import CROSS_METRIC_ROWS, flat_metrics  # loaded on use, as the commands are
-
         metrics = {**metrics, "before": flat_metrics(metrics["before"]), "after": flat_metrics(metrics["after"])}
         rows = CROSS_METRIC_ROWS
     for key, label, better in rows:
         b, a = metrics["before"][key], metrics["after"][key]
         improved = a < b if better == "lower" else a > b
         lines.append(f"{label:<46}{b:>10.4f}{a:>10.4f}  {'yes' if improved else 'NO'} ({better} is better)")
-    if "distinct_2" in metrics["before"] and "distinct_2" in metrics["after"]:
-        b, a = metrics["before"]["distinct_2"], metrics["after"]["distinct_2"]
-        t = metrics["after"]["teacher_distinct_2"]
-        label = f"distinct-2 of samples (teacher: {t:.4f})"
+    for key, name in (("distinct_2", "distinct-2"), ("repetition", "repetition")):
+        b, a = metrics["before"].get(key), metrics["after"].get(key)
+        if a is None or b is None:
+            continue
+        t = metrics["after"][f"teacher_{key}"]
+        label = f"{name} of samples (teacher: {t:.4f})"
         verdict = "yes" if abs(a - t) < abs(b - t) else "NO"
-        lines.append(f"{label:<46}{b:>10.4f}{a:>10.4f}  {verdict} (closer to the teacher's is better)")
-    if metrics["after"].get("repetition") is not None and metrics["before"].get("repetition") is not None:
-        b, a, t = metrics["before"]["repetition"], metrics["after"]["repetition"], metrics["after"]["teacher_repetition"]
-        label = f"repetition of samples (teacher: {t:.4f})"
-        verdict = "yes" if abs(a - t) < abs(b - t) else "NO"
-        lines.append(f"{label:<46}{b:>10.4f}{a:>10.4f}  {verdict} (closer to the teacher's is better)")
+        test = metrics["after"].get(f"{key}_change")  # evaluation.degeneracy.gap_change_test
+        note = ""
+        if test:
+            p = test["p_closer"] if verdict == "yes" else test["p_farther"]
+            note = f"; p = {p:.3g}" + ("" if p < 0.05 else ", within noise")
+        lines.append(f"{label:<46}{b:>10.4f}{a:>10.4f}  {verdict} (closer to the teacher's is better{note})")
+    if any(metrics["after"].get(f"{key}_change") for key in ("distinct_2", "repetition")):
+        lines.append("p: paired permutation test over the held-out prompts that the gap to the teacher changed "
+                     "by chance (docs/evaluation.md)")
     if "degenerate" in metrics["after"]:  # evaluation.degeneracy: closer to collapse than to the teacher
         for tag in ("before", "after"):
             if metrics[tag].get("degenerate"):
@@ -182,8 +201,6 @@ def format_metrics(metrics: dict) -> str:
 def _user_text(prompt: str) -> str:
     """The last user message of a chat-templated prompt (ChatML's "<|im_start|>user ... <|im_end|>"), else the
     prompt itself."""
-    import re
-
     found = re.findall(r"<\|im_start\|>user\s*(.*?)<\|im_end\|>", prompt, flags=re.S)
     return found[-1] if found else prompt
 
@@ -210,8 +227,6 @@ def format_answers(run_dir: Path, *, n: int = 3, width: int = 110, quantized: bo
 
 
 def _cmd_run(args, *, evaluate_default: bool) -> int:
-    from .pipeline import run
-
     overrides = _overrides(args)
     if not evaluate_default:
         overrides.setdefault("evaluate", False)
@@ -238,8 +253,6 @@ def _cmd_run(args, *, evaluate_default: bool) -> int:
     if answers:
         print(answers)
     if training.get("export"):
-        from .quant.qat import format_export
-
         print(format_export(training["export"]))
     print(f"Wall time: {metrics.get('wall_seconds')} s; metrics: {Path(config.output_dir) / 'metrics.json'}")
     return 0
@@ -256,7 +269,6 @@ def resumed_config(output_dir: str, overrides: dict, *, overwrite: bool) -> RunC
                           "--output-dir, or drop --resume to start a new run there.")
     config = load_config(stored, preset="none")
     config.output_dir = output_dir
-    import copy
 
     flat = config.flat()
     asked = apply_overrides(copy.deepcopy(config), {k: v for k, v in overrides.items() if k != "output_dir"},
@@ -270,14 +282,6 @@ def resumed_config(output_dir: str, overrides: dict, *, overwrite: bool) -> RunC
 
 
 def _cmd_generate(args) -> int:
-    from .data.prompts import check_chat_template, encode_prompts, load_prompts
-    from .generation.base import SamplingParams
-    from .generation.runner import generate_responses
-    from .models import load_model, load_tokenizer, loadable_path
-    from .generation.factory import make_backend
-    from .data.vision import check_no_images, encode_image_prompts, load_image_prompts
-    from .vision import is_vision_model, load_vision_model
-
     # generate's flags mean what the config options of the same role mean: checked the same way, before loading
     check_flags(args, {"--seed": "generation_seed", "--temperature": "temperature", "--top-p": "top_p",
                        "--max-new-tokens": "max_new_tokens", "--batch-size": "generation_batch_size",
@@ -304,8 +308,8 @@ def _cmd_generate(args) -> int:
         check_no_images(args.prompts, args.image_field, model=args.model)
         tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)  # checked before the weights
         check_chat_template(tokenizer, not args.no_chat_template, model=args.model)
-        model, tokenizer = load_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
-                                      tokenizer=tokenizer)
+        model, tokenizer = models.load_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                                             tokenizer=tokenizer)
         records, report = load_prompts(args.prompts, prompt_field=args.prompt_field,
                                        messages_field=args.messages_field, limit=args.num_prompts)
         prompts, n_truncated = encode_prompts(records, tokenizer, max_prompt_length=args.max_prompt_length,
@@ -320,8 +324,6 @@ def _cmd_generate(args) -> int:
 
 
 def _cmd_align(args) -> int:
-    from .align import align
-
     config = load_config(args.config, overrides=_overrides(args, AlignConfig), config_cls=AlignConfig)
     metrics = align(config, overwrite=args.overwrite)
     first, last = metrics["first"], metrics["last"]
@@ -339,8 +341,6 @@ def _cmd_align(args) -> int:
 
 
 def _int_list(text: str) -> list[int]:
-    from .compare import CompareError
-
     try:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
@@ -348,7 +348,6 @@ def _int_list(text: str) -> list[int]:
 
 
 def _add_compare_parser(sub) -> None:
-    from .compare.protocol import ABLATIONS, SIZES, VARIANTS, CompareSettings  # commands load on use (fast --help)
     p = sub.add_parser(
         "compare", help="Every method (and DistiLLM-2's ablation) on the same budget, over seeds, in one table.",
         description="Train every variant on the same teacher, student initialisation, prompts and budget, evaluate "
@@ -374,10 +373,6 @@ def _add_compare_parser(sub) -> None:
 
 
 def _cmd_compare(args) -> int:
-    import shlex
-
-    from .compare import Comparison, CompareSettings
-
     settings = CompareSettings(
         output_dir=args.output_dir, size=args.size, teacher=args.teacher, student_layers=args.student_layers,
         variants=[v.strip() for v in args.variants.split(",") if v.strip()], seeds=_int_list(args.seeds),
@@ -416,12 +411,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "align":
             return _cmd_align(args)
         if args.command == "speculate":
-            from .speculate import cmd_speculate
-
             return cmd_speculate(args)
         if args.command == "eval":
-            from .evaluation.cli import cmd_eval
-
             args.argv = argv
             return cmd_eval(args)
         if args.command == "compare":

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from transformers.trainer_utils import SchedulerType
 
 from . import methods as _methods_registry
 from .errors import DistillmError
@@ -451,8 +452,6 @@ def _unknown(key: str, known: dict, where: str):
 def validate(config: RunConfig) -> None:
     """Check values before any work starts, so a typo fails in a second, not after the teacher has generated.
     Each option's own range is its field's metadata (`check_all`); here are the checks across options."""
-    from transformers.trainer_utils import SchedulerType
-
     check_all(config)
     m, d, t = config.model, config.data, config.training
     schedulers = [s.value for s in SchedulerType]

@@ -8,6 +8,7 @@ mid-write) so the rows it held are regenerated rather than trained on.
 from __future__ import annotations
 
 import errno
+import gzip
 import json
 import logging
 import os
@@ -82,8 +83,6 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
 def iter_json_objects(path: str | os.PathLike, error: type[Exception] = DistillmError):
     """(line number, object) for each non-empty line of a JSONL file (gzipped if it ends in .gz); a line that is
     not a JSON object raises `error` naming the file and line."""
-    import gzip
-
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as handle:

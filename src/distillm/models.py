@@ -19,12 +19,16 @@ import logging
 import math
 import os
 import shutil
+import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel,
+                          PreTrainedTokenizerBase)
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
 from .errors import DistillmError
 from .testing.tiny import build_tiny_model, build_tiny_tokenizer
@@ -139,10 +143,6 @@ def _check_gguf_cached(path: str, size: int, mtime_ns: int) -> None:
 
 def _gguf_data_end(handle, size: int) -> int:
     """Walk a GGUF header (after the magic): the file size its tensor table needs."""
-    import struct
-
-    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-
     def read(n: int) -> bytes:
         data = handle.read(n)
         if len(data) < n:
@@ -275,8 +275,6 @@ def model_config(spec: str, trust_remote_code: bool = False):
     source = resolve_model_source(spec)
     if source.kind in ("tiny", "gguf"):
         return None
-    from transformers import AutoConfig
-
     try:
         return AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code)
     except Exception:  # unreachable Hub, no config.json, an unknown model type: load_model reports what is wrong
@@ -285,8 +283,6 @@ def model_config(spec: str, trust_remote_code: bool = False):
 
 def is_vision_model(spec: str | os.PathLike, *, trust_remote_code: bool = False) -> bool:
     """Whether `spec` names an image-text-to-text model (from its config; the weights are not read)."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
-
     config = model_config(str(spec), trust_remote_code)
     if config is None:
         return False
@@ -529,8 +525,7 @@ def check_quantization_supported() -> None:
 def load_quantized_student(path: str, *, compute_dtype: torch.dtype, trust_remote_code: bool = False):
     """The student's base weights in 4-bit NF4 with double quantisation (the QLoRA recipe), ready for k-bit
     training (PEFT's prepare_model_for_kbit_training)."""
-    from peft import prepare_model_for_kbit_training
-    from transformers import BitsAndBytesConfig
+    from peft import prepare_model_for_kbit_training  # optional: PEFT, heavy, only for LoRA / QLoRA students
 
     check_quantization_supported()
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -545,7 +540,7 @@ def add_lora(model: PreTrainedModel, *, r: int = 16, alpha: int = 128, dropout: 
     """Wrap `model` in a PEFT LoRA adapter (only the adapter's weights train; the base is frozen). With gradient
     checkpointing the input embeddings' output is made to require grad, so the checkpointed blocks (whose inputs
     would otherwise all be frozen) still pass gradients to the adapters."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model  # optional: PEFT, heavy, only for LoRA / QLoRA students
 
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=_lora_targets(target_modules),
                         task_type="CAUSAL_LM")
@@ -560,7 +555,7 @@ def add_lora(model: PreTrainedModel, *, r: int = 16, alpha: int = 128, dropout: 
 
 def is_peft_model(model) -> bool:
     try:
-        from peft import PeftModel
+        from peft import PeftModel  # optional: PEFT, heavy, only for LoRA / QLoRA students
     except ImportError:
         return False
     return isinstance(model, PeftModel)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformers.generation.candidate_generator import AssistedCandidateGenerator
 
 from .errors import DistillmError
 from . import models  # models.load_model looked up at call time (tests replace it)
@@ -98,8 +99,6 @@ def count_proposals(counter: _Counter):
     """Record, per teacher call, how many tokens the assistant proposed and how many the teacher accepted, from
     the two methods of transformers' candidate-generator interface that assisted decoding calls once per step:
     `get_candidates` (its output length) and `update_candidate_strategy` (its `num_matches`)."""
-    from transformers.generation.candidate_generator import AssistedCandidateGenerator
-
     original_get, original_update = (AssistedCandidateGenerator.get_candidates,
                                      AssistedCandidateGenerator.update_candidate_strategy)
 

@@ -22,6 +22,7 @@ import logging
 import os
 
 import torch
+from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from .errors import DistillmError
@@ -61,8 +62,6 @@ def load_vision_model(spec: str | os.PathLike, *, dtype: str = "auto", trust_rem
 def check_same_image_layout(teacher_processor, student_processor) -> None:
     """Both processors must turn an image + text into the same tokens and the same pixel values: both models
     score the same sequences, and the student is given the teacher processor's images."""
-    from PIL import Image
-
     check_same_tokenizer(teacher_processor.tokenizer, student_processor.tokenizer)
     image = Image.new("RGB", (37, 29), (200, 40, 90))
     outputs = []

@@ -224,3 +224,20 @@ def test_run_summary_prints_repetition_and_the_degenerate_flag():
     # a run evaluated before these figures existed (a resumed run's before.json): no repetition line, no flag
     old = {key: value for key, value in figures.items() if key != "teacher_repetition"}
     assert "repetition" not in format_metrics({"before": old, "after": old})
+
+
+def test_run_summary_gives_the_permutation_p_value_of_a_diversity_change():
+    from distillm.cli import format_metrics
+
+    figures = {"teacher_nll_of_student_samples": 1.0, "kl": 1.0, "tvd": 0.5, "acceptance_rate": 0.5,
+               "teacher_distinct_2": 0.9076}
+    before, after = {**figures, "distinct_2": 0.9037}, {**figures, "distinct_2": 0.86}
+    after["distinct_2_change"] = {"before_gap": 0.0039, "after_gap": 0.0476, "p_farther": 0.002, "p_closer": 0.998,
+                                  "patterns": 4097}
+    table = format_metrics({"before": before, "after": after})
+    assert re.search(r"distinct-2 of samples \(teacher: 0\.9076\) +0\.9037 +0\.8600  NO \(closer to the "
+                     r"teacher's is better; p = 0\.002\)", table)
+    assert "paired permutation test" in table
+    after.update(distinct_2=0.9045, distinct_2_change={**after["distinct_2_change"], "p_closer": 0.53})
+    assert "yes (closer to the teacher's is better; p = 0.53, within noise)" in format_metrics(
+        {"before": before, "after": after})

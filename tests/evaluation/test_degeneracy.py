@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from distillm.evaluation.degeneracy import (
-    MARGIN, degeneracy_figures, degenerate, loop_period, periodic_tail, rank, repetition, thresholds,
+    MARGIN, degeneracy_figures, degenerate, gap_change_test, loop_period, periodic_tail, rank, repetition,
+    thresholds,
 )
 from distillm.evaluation.text import distinct_n, rouge_tokens
 from tolerances import rounding_rtol
@@ -218,3 +219,80 @@ def test_one_token_student_wins_teacher_nll_only_under_the_old_rule():
     flags = {name for name, texts in students.items() if degenerate(degeneracy_figures(texts), teacher).flagged}
     assert flags == {"collapsed"}
     assert rank(teacher_nll, "lower", flags) == [("working", False), ("weaker", False), ("collapsed", True)]
+
+
+# ----------------------------------------------------------------------------------------------- gap change test
+
+_WORDS = "the cat sat on a mat dog ran far away from home bread rises when yeast eats sugar".split()
+
+
+def _answers(rng, n, *, loop_every=0):
+    out = []
+    for i in range(n):
+        if loop_every and i % loop_every == 0:
+            out.append(" ".join(["the dog"] * 8))
+        else:
+            out.append(" ".join(rng.choice(_WORDS) for _ in range(rng.randint(3, 12))))
+    return out
+
+
+def _brute_force_p(teacher, before, after):
+    """Every one of the 2^n swap patterns, written out plainly: a pattern is the bits of an integer."""
+    t = distinct_n(teacher, 2)
+    n = len(before)
+    changes = []
+    for mask in range(2 ** n):
+        a, b = [], []
+        for i in range(n):
+            if mask >> i & 1:
+                a.append(before[i]); b.append(after[i])
+            else:
+                a.append(after[i]); b.append(before[i])
+        changes.append(abs(distinct_n(a, 2) - t) - abs(distinct_n(b, 2) - t))
+    observed = changes[0]
+    return (sum(c >= observed - 1e-12 for c in changes) / len(changes),
+            sum(c <= observed + 1e-12 for c in changes) / len(changes))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_gap_change_p_values_match_the_brute_force_enumeration(seed):
+    rng = random.Random(seed)
+    n = 7
+    teacher, before, after = _answers(rng, n), _answers(rng, n), _answers(rng, n, loop_every=seed % 3)
+    result = gap_change_test(teacher, before, after)
+    assert result.patterns == 2 ** n
+    assert (result.p_farther, result.p_closer) == _brute_force_p(teacher, before, after)
+    t = distinct_n(teacher, 2)
+    assert result.before_gap == abs(distinct_n(before, 2) - t) and result.after_gap == abs(distinct_n(after, 2) - t)
+
+
+def test_a_collapse_on_every_prompt_is_not_chance_and_no_change_is():
+    rng = random.Random(5)
+    n = 10
+    teacher, before = _answers(rng, n), _answers(rng, n)
+    collapsed = ["the dog " * 10] * n  # the same loop everywhere: distinct-2 near 0
+    result = gap_change_test(teacher, before, collapsed)
+    # the observed split (every diverse answer on one side) is the most extreme of the 1,024 patterns; its
+    # mirror (all swapped) is the least, so p_farther is 1/1024 (up to exact ties) and p_closer is 1
+    assert result.patterns == 1024 and result.p_farther <= 2 / 1024 and result.p_closer == 1.0
+    same = gap_change_test(teacher, before, before)  # nothing changed: every pattern ties the observed 0
+    assert same.change == 0 and same.p_farther == 1.0 and same.p_closer == 1.0
+
+
+def test_gap_change_samples_patterns_when_there_are_too_many_and_is_seeded():
+    rng = random.Random(9)
+    n = 40
+    teacher, before, after = _answers(rng, n), _answers(rng, n), _answers(rng, n, loop_every=2)
+    one, two = gap_change_test(teacher, before, after, permutations=300), gap_change_test(teacher, before, after, permutations=300)
+    assert one == two and one.patterns == 301  # the sampled patterns plus the observed one
+    assert 1 / 301 <= one.p_farther <= 1 and 1 / 301 <= one.p_closer <= 1
+    assert one.p_farther < 0.05  # a loop in every other answer: really farther from the teacher
+
+
+def test_gap_change_test_refuses_bad_inputs():
+    with pytest.raises(ValueError, match="same prompts"):
+        gap_change_test(["a b c"], ["a b"], ["a b", "c d"])
+    with pytest.raises(ValueError, match="at least one prompt"):
+        gap_change_test(["a b c"], [], [])
+    with pytest.raises(ValueError, match="permutations"):
+        gap_change_test(["a b c"], ["a b"], ["c d"], permutations=0)

@@ -261,6 +261,28 @@ def test_a_hanging_server_is_cut_off_at_the_deadline_and_retried_within_the_budg
     assert 2 <= server.connections <= 3  # retried, but only while the budget lasted
 
 
+def test_the_socket_timeout_winning_the_race_with_the_watchdog_is_the_same_deadline(monkeypatch):
+    """Under load the socket's own timeout (the time left) can fire before the watchdog at the deadline: that is
+    the overall timeout too, not a connection error (it once read "TimeoutError: timed out" in a loaded suite)."""
+    import distillm.evaluation.judge as judge
+
+    class NeverFires:  # a watchdog that loses every race
+        def __init__(self, *args, **kwargs):
+            self.daemon = True
+
+        def start(self):
+            pass
+
+        def cancel(self):
+            pass
+
+    monkeypatch.setattr(judge.threading, "Timer", NeverFires)
+    with _RawServer(_hang) as server:
+        with pytest.raises(JudgeError) as info:
+            _judge(server.url, timeout_s=0.3, retry_budget_s=0.3).complete(MESSAGES)
+    assert "no complete answer within" in str(info.value) and "--judge-timeout" in str(info.value)
+
+
 def test_a_slow_drip_does_not_keep_a_request_alive():
     """One byte every 50 ms never trips a per-read timeout of 0.5 s; the overall deadline still ends it."""
     with _RawServer(_drip) as server:

@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from distillm.losses import divergences as D
 from distillm.losses.fused import (
     HeadInputs, fused_divergence, fused_forward_kl, fused_generalized_jsd, fused_skew_forward_kl,
-    fused_skew_reverse_kl, fused_token_log_probs, fused_weighted_divergence,
+    fused_skew_reverse_kl, fused_token_log_probs, fused_weighted_divergence, mixture_weight,
 )
 from distillm.training.collate import pad_left, response_logits
 from distillm.training.fused_inputs import fused_inputs
@@ -94,13 +94,13 @@ def check(name, weight=None, chunk=4, tau=1.0, detach=None, seed=0, dtype=torch.
         kw["detach_student_in_mixture"] = detach
 
     fused_s = leaves(student)
-    out = fused_divergence(name, fused_s, teacher_in, weight, **kw)
+    out = fused_divergence(name, fused_s, teacher_in, **mixture_weight(name, weight), **kw)
     assert out.shape == (B, T) and out.dtype == dtype
     torch.testing.assert_close(out, ref.detach(), atol=atol, rtol=rtol)
     (out * up).sum().backward()
 
     weighted_s = leaves(student)
-    loss, values = fused_weighted_divergence(name, weighted_s, teacher_in, up, weight, **kw)
+    loss, values = fused_weighted_divergence(name, weighted_s, teacher_in, up, **mixture_weight(name, weight), **kw)
     assert not values.requires_grad
     torch.testing.assert_close(values, ref.detach(), atol=atol, rtol=rtol)
     torch.testing.assert_close(loss, (ref.detach() * up).sum(), atol=loss_atol, rtol=rtol)
@@ -183,7 +183,8 @@ def test_extreme_logits_and_masked_vocabulary(name):
     ref = plain_values(name, ref_s, t_logits, weight, mask)
     (ref * up).sum().backward()
     fused_s = leaves(student)
-    out = fused_divergence(name, fused_s, t_logits, weight, mask=mask, vocab_size=V, chunk_size=4)
+    out = fused_divergence(name, fused_s, t_logits, **mixture_weight(name, weight), mask=mask, vocab_size=V,
+                           chunk_size=4)
     (out * up).sum().backward()
     assert torch.isfinite(out).all()
     far = 1 - out if name == "acceptance" else out
@@ -199,8 +200,8 @@ def test_teacher_log_probs_equal_teacher_logits():
     student, teacher, mask, _ = make(9)
     t_logits = F.linear(teacher.hidden, teacher.weight[:V], teacher.bias[:V])
     for tau in (1.0, 0.7):
-        a = fused_divergence("jsd", student, t_logits, 0.3, mask=mask, temperature=tau, chunk_size=4, vocab_size=V)
-        b = fused_divergence("jsd", student, t_logits.log_softmax(-1), 0.3, mask=mask, temperature=tau,
+        a = fused_divergence("jsd", student, t_logits, beta=0.3, mask=mask, temperature=tau, chunk_size=4, vocab_size=V)
+        b = fused_divergence("jsd", student, t_logits.log_softmax(-1), beta=0.3, mask=mask, temperature=tau,
                              chunk_size=4, vocab_size=V)
         # log_softmax(z) = z - logsumexp(z): the same softmax up to one rounding of each logit's size
         torch.testing.assert_close(a, b, rtol=0, atol=2 * head_atol(student, t_logits, temperature=tau,
@@ -209,8 +210,8 @@ def test_teacher_log_probs_equal_teacher_logits():
 
 def test_positions_equal_mask():
     student, teacher, mask, _ = make(10)
-    a = fused_divergence("skl", student, teacher, 0.2, mask=mask, vocab_size=V, chunk_size=3)
-    b = fused_divergence("skl", student, teacher, 0.2, positions=mask.reshape(-1).nonzero().squeeze(1),
+    a = fused_divergence("skl", student, teacher, alpha=0.2, mask=mask, vocab_size=V, chunk_size=3)
+    b = fused_divergence("skl", student, teacher, alpha=0.2, positions=mask.reshape(-1).nonzero().squeeze(1),
                          vocab_size=V, chunk_size=3)
     torch.testing.assert_close(a, b, rtol=0, atol=0)  # the same tokens through the same chunks
 
@@ -252,10 +253,12 @@ def test_invalid_arguments():
     student, teacher, mask, _ = make(14)
     with pytest.raises(ValueError, match="unknown divergence"):
         fused_divergence("kl", student, teacher, vocab_size=V)
-    with pytest.raises(ValueError, match="needs its weight"):
+    with pytest.raises(ValueError, match="needs its mixture weight alpha="):
         fused_divergence("skl", student, teacher, vocab_size=V)
+    with pytest.raises(ValueError, match="needs its mixture weight beta="):
+        fused_divergence("jsd", student, teacher, vocab_size=V)
     with pytest.raises(ValueError, match="alpha"):
-        fused_divergence("skl", student, teacher, 1.0, vocab_size=V)
+        fused_divergence("skl", student, teacher, alpha=1.0, vocab_size=V)
     with pytest.raises(ValueError, match="pass vocab_size"):  # heads of different sizes need the cut
         fused_forward_kl(student, HeadInputs(teacher.hidden, torch.cat([teacher.weight, teacher.weight[:2]])))
     with pytest.raises(ValueError, match="must be"):  # a teacher head smaller than the vocabulary
@@ -264,6 +267,39 @@ def test_invalid_arguments():
         fused_forward_kl(student, teacher, mask=mask, positions=torch.tensor([0]), vocab_size=V)
     with pytest.raises(ValueError, match="temperature"):
         fused_forward_kl(student, teacher, temperature=0.0, vocab_size=V)
+
+
+@pytest.mark.parametrize("name", ["skl", "srkl", "jsd"])
+def test_mixture_weight_has_its_own_name_and_the_old_keyword_still_works(name):
+    student, teacher, mask, up = make(16)
+    kw = dict(mask=mask, vocab_size=V, chunk_size=4)
+    new = fused_divergence(name, student, teacher, **mixture_weight(name, 0.3), **kw)
+    assert mixture_weight(name, 0.3) == ({"beta": 0.3} if name == "jsd" else {"alpha": 0.3})
+    with pytest.warns(DeprecationWarning, match="alpha= .* or beta="):
+        old = fused_divergence(name, student, teacher, weight=0.3, **kw)
+    with pytest.warns(DeprecationWarning):
+        positional = fused_divergence(name, student, teacher, 0.3, **kw)
+    torch.testing.assert_close(old, new, rtol=0, atol=0)  # the same value through the same kernel
+    torch.testing.assert_close(positional, new, rtol=0, atol=0)
+    with pytest.warns(DeprecationWarning):
+        old_loss, _ = fused_weighted_divergence(name, student, teacher, up, weight=0.3, **kw)
+    new_loss, _ = fused_weighted_divergence(name, student, teacher, up, **mixture_weight(name, 0.3), **kw)
+    torch.testing.assert_close(old_loss, new_loss, rtol=0, atol=0)
+    other = "alpha" if name == "jsd" else "beta"  # the other divergence family's weight is refused, by name
+    with pytest.raises(ValueError, match=f"{name} takes {'beta' if name == 'jsd' else 'alpha'}=, got {other}="):
+        fused_divergence(name, student, teacher, **{other: 0.3}, **kw)
+    with pytest.raises(TypeError, match="not also weight="):
+        fused_divergence(name, student, teacher, weight=0.3, **mixture_weight(name, 0.3), **kw)
+
+
+def test_divergences_without_a_mixture_weight_refuse_one():
+    student, teacher, mask, _ = make(17)
+    assert mixture_weight("fkl", 0.3) == {}
+    with pytest.raises(ValueError, match="fkl takes no mixture weight, got alpha="):
+        fused_divergence("fkl", student, teacher, alpha=0.3, mask=mask, vocab_size=V)
+    with pytest.warns(DeprecationWarning):  # the old keyword was ignored there: it still is
+        old = fused_divergence("fkl", student, teacher, weight=0.3, mask=mask, vocab_size=V)
+    torch.testing.assert_close(old, fused_divergence("fkl", student, teacher, mask=mask, vocab_size=V), rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------------------------------- memory bound
@@ -301,10 +337,11 @@ def test_memory_bounded_by_the_chunk(name):
         created = LargestTensor()
         with created, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             if fn == "per_token":
-                out = fused_divergence(name, student, teacher, WEIGHTS[name], chunk_size=chunk)
+                out = fused_divergence(name, student, teacher, **mixture_weight(name, WEIGHTS[name]), chunk_size=chunk)
                 (out * up).sum().backward()
             else:
-                loss, _ = fused_weighted_divergence(name, student, teacher, up, WEIGHTS[name], chunk_size=chunk)
+                loss, _ = fused_weighted_divergence(name, student, teacher, up, **mixture_weight(name, WEIGHTS[name]),
+                                                    chunk_size=chunk)
                 loss.backward()
         # saved: the inputs (or their gradients) by the fused function, one chunk's logits inside a chunk
         assert max(saved) <= max(n * h, v * h, 2 * chunk * v)
@@ -357,8 +394,8 @@ def test_frozen_head_per_token(name):
     ref = plain_values(name, HeadInputs(ref_h, student.weight, student.bias), teacher, WEIGHTS[name], mask)
     (ref * up).sum().backward()
     h = student.hidden.clone().requires_grad_(True)
-    out = fused_divergence(name, HeadInputs(h, student.weight, student.bias), teacher, WEIGHTS[name], mask=mask,
-                           vocab_size=V, chunk_size=4)
+    out = fused_divergence(name, HeadInputs(h, student.weight, student.bias), teacher,
+                           **mixture_weight(name, WEIGHTS[name]), mask=mask, vocab_size=V, chunk_size=4)
     (out * up).sum().backward()
     atol, _, grad_atol = tolerances(student, teacher, up, 1.0, torch.float64)
     torch.testing.assert_close(out, ref.detach(), rtol=0, atol=atol)

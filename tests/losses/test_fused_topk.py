@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from distillm.losses import divergences as D
-from distillm.losses.fused import HeadInputs, TopKTeacher, fused_weighted_divergence
+from distillm.losses.fused import HeadInputs, TopKTeacher, fused_weighted_divergence, mixture_weight
 from tolerances import head_loss_atols
 
 
@@ -36,7 +36,7 @@ def test_topk_teacher_is_the_topk_plus_uniform_tail_distribution(name, weight, k
     top = torch.log_softmax(teacher_logits, -1).topk(k)
     token_weights = torch.rand(n, generator=g, dtype=torch.float64)
     loss, _ = fused_weighted_divergence(name, HeadInputs(hidden, head), TopKTeacher(top.values, top.indices, "uniform"),
-                                        token_weights, weight, chunk_size=4)
+                                        token_weights, **mixture_weight(name, weight), chunk_size=4)
     grads = torch.autograd.grad(loss, (hidden, head))
     fn = {"fkl": lambda s, t: D.forward_kl(s, t), "skl": lambda s, t: D.skew_forward_kl(s, t, 0.1),
           "srkl": lambda s, t: D.skew_reverse_kl(s, t, 0.1), "jsd": lambda s, t: D.generalized_jsd(s, t, 0.5)}[name]

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from distillm.losses import divergences as D
-from distillm.losses.fused import HeadInputs, fused_divergence, fused_weighted_divergence
+from distillm.losses.fused import HeadInputs, fused_divergence, fused_weighted_divergence, mixture_weight
 from tolerances import head_loss_atols
 
 B, T, H, V = 2, 5, 6, 11
@@ -173,7 +173,7 @@ def test_fused_masked_and_zero_weight_positions_give_no_nan(name, w, detach, chu
     # per-token values over every position (the -inf ones included), then a masked reduction / zero weights
     for upstream in (weights, coefficients(mask, "seq_mean")):
         per_token = leaves(student)
-        values = fused_divergence(name, per_token, t, wt, **kw)
+        values = fused_divergence(name, per_token, t, **mixture_weight(name, wt), **kw)
         loss = torch.where(upstream != 0, upstream * values, 0.0).sum()
         loss.backward()
         if torch.equal(upstream, weights):
@@ -185,8 +185,8 @@ def test_fused_masked_and_zero_weight_positions_give_no_nan(name, w, detach, chu
 
     # the training path: per-token weights given up front, zero at the -inf positions, which stay in the mask
     weighted = leaves(student)
-    loss, values = fused_weighted_divergence(name, weighted, t, weights, wt, mask=torch.ones(B, T, dtype=torch.bool),
-                                             **kw)
+    loss, values = fused_weighted_divergence(name, weighted, t, weights, **mixture_weight(name, wt),
+                                             mask=torch.ones(B, T, dtype=torch.bool), **kw)
     loss.backward()
     torch.testing.assert_close(loss, ref.detach(), **loss_tol)
     for got, want in zip(weighted, ref_s):
@@ -194,7 +194,8 @@ def test_fused_masked_and_zero_weight_positions_give_no_nan(name, w, detach, chu
 
     # the mask leaves the -inf positions out: they are not even computed
     masked = leaves(student)
-    loss, _ = fused_weighted_divergence(name, masked, t, torch.where(mask, weights, 0.0), wt, mask=mask, **kw)
+    loss, _ = fused_weighted_divergence(name, masked, t, torch.where(mask, weights, 0.0), **mixture_weight(name, wt),
+                                        mask=mask, **kw)
     loss.backward()
     torch.testing.assert_close(loss, ref.detach(), **loss_tol)
     for got, want in zip(masked, ref_s):
@@ -238,7 +239,7 @@ def test_included_infinite_position_has_infinite_value_and_finite_gradient(name,
 
     for chunk in (1, 4):
         z = leaves(student)
-        loss, values = fused_weighted_divergence(name, z, t, ones, _weight(w), chunk_size=chunk,
+        loss, values = fused_weighted_divergence(name, z, t, ones, **mixture_weight(name, _weight(w)), chunk_size=chunk,
                                                  **({} if detach is None else {"detach_student_in_mixture": detach}))
         assert torch.isposinf(loss) and torch.isposinf(values[DROP_MASK])
         loss.backward()

@@ -20,7 +20,7 @@ import torch
 
 from distillm.losses import divergences as D
 from distillm.losses.fused import (HeadInputs, TopKTeacher, fused_divergence, fused_weighted_divergence,
-                                  power_exponents, with_actual_token)
+                                   mixture_weight, power_exponents, with_actual_token)
 from distillm.methods.base import LossInputs, divergence_loss, token_log_probs
 from tolerances import head_loss_atols
 
@@ -88,7 +88,7 @@ def test_student_tail_is_the_one_bucket_divergence(name, k):
     hidden, head, teacher_logits, top, token_weights = problem(k, k=k)
     weight = PLAIN[name][0]
     loss, _ = fused_weighted_divergence(name, HeadInputs(hidden, head), TopKTeacher(top.values, top.indices, "student"),
-                                        token_weights, weight, chunk_size=4)
+                                        token_weights, **mixture_weight(name, weight), chunk_size=4)
     grads = torch.autograd.grad(loss, (hidden, head))
     ref = (token_weights * bucket_reference(name, hidden @ head.t(), top)).sum()
     ref_grads = torch.autograd.grad(ref, (hidden, head))
@@ -102,8 +102,8 @@ def test_student_tail_is_the_dense_proportional_teacher(name, temperature):
     with the teacher constant for the gradient, at temperature 1 and 2."""
     hidden, head, teacher_logits, top, token_weights = problem(3, k=4)
     weight, fn = PLAIN[name]
-    values = fused_divergence(name, HeadInputs(hidden, head), TopKTeacher(top.values, top.indices, "student"), weight,
-                              temperature=temperature, chunk_size=3)
+    values = fused_divergence(name, HeadInputs(hidden, head), TopKTeacher(top.values, top.indices, "student"),
+                              **mixture_weight(name, weight), temperature=temperature, chunk_size=3)
     loss = (token_weights * values).sum()
     grads = torch.autograd.grad(loss, (hidden, head))
     student_logits = hidden @ head.t()
@@ -117,7 +117,7 @@ def test_k_equal_to_vocab_is_the_exact_teacher(name):
     hidden, head, teacher_logits, top, token_weights = problem(5, v=11, k=11)
     weight, fn = PLAIN[name]
     loss, _ = fused_weighted_divergence(name, HeadInputs(hidden, head), TopKTeacher(top.values, top.indices, "student"),
-                                        token_weights, weight, chunk_size=4)
+                                        token_weights, **mixture_weight(name, weight), chunk_size=4)
     grads = torch.autograd.grad(loss, (hidden, head))
     ref = (token_weights * fn(hidden @ head.t(), teacher_logits, weight, 1.0)).sum()
     ref_grads = torch.autograd.grad(ref, (hidden, head))
@@ -135,7 +135,7 @@ def test_masked_positions_and_empty_sequences_contribute_nothing():
     token_weights = mask.double() / mask.sum()
     h3 = hidden.reshape(3, 4, -1)
     loss, per_token = fused_weighted_divergence("srkl", HeadInputs(h3, head), TopKTeacher(values, ids, "student"),
-                                                token_weights, 0.1, mask=mask, chunk_size=2)
+                                                token_weights, alpha=0.1, mask=mask, chunk_size=2)
     grads = torch.autograd.grad(loss, (hidden, head))
     assert torch.isfinite(loss) and bool((per_token[~mask] == 0).all())
     keep = mask.reshape(-1).nonzero().squeeze(1)
@@ -158,7 +158,8 @@ def test_neg_inf_student_logits_are_exact_zeros():
     for name in ("fkl", "skl", "srkl", "rkl"):
         weight = PLAIN[name][0]
         loss, _ = fused_weighted_divergence(name, HeadInputs(hidden, head, bias),
-                                            TopKTeacher(top.values, top.indices, "student"), token_weights, weight)
+                                            TopKTeacher(top.values, top.indices, "student"), token_weights,
+                                            **mixture_weight(name, weight))
         grads = torch.autograd.grad(loss, (hidden, head))
         ref = (token_weights * bucket_reference(name, hidden @ head.t() + bias, top)).sum()
         ref_grads = torch.autograd.grad(ref, (hidden, head))
@@ -177,7 +178,8 @@ def test_student_without_tail_mass_falls_back_to_the_even_spread():
     bias[:3] = 0.0
     values_fkl = fused_divergence("fkl", HeadInputs(hidden, head, bias), TopKTeacher(values, ids, "student"))
     assert bool(torch.isinf(values_fkl).all())
-    loss = fused_divergence("srkl", HeadInputs(hidden, head, bias), TopKTeacher(values, ids, "student"), 0.1).sum()
+    loss = fused_divergence("srkl", HeadInputs(hidden, head, bias), TopKTeacher(values, ids, "student"),
+                            alpha=0.1).sum()
     grads = torch.autograd.grad(loss, (hidden, head))
     ref = bucket_reference("srkl", hidden @ head.t() + bias, torch.return_types.topk((values, ids))).sum()
     ref_grads = torch.autograd.grad(ref, (hidden, head))
@@ -216,12 +218,13 @@ def test_default_tail_is_the_even_spread():
     hidden, head, _, top, token_weights = problem(19, k=4)
     for name in ("fkl", "srkl"):
         weight = PLAIN[name][0]
+        mix = mixture_weight(name, weight)
         default, _ = fused_weighted_divergence(name, HeadInputs(hidden, head), TopKTeacher(top.values, top.indices),
-                                               token_weights, weight)
+                                               token_weights, **mix)
         uniform, _ = fused_weighted_divergence(name, HeadInputs(hidden, head),
-                                               TopKTeacher(top.values, top.indices, "uniform"), token_weights, weight)
+                                               TopKTeacher(top.values, top.indices, "uniform"), token_weights, **mix)
         student, _ = fused_weighted_divergence(name, HeadInputs(hidden, head),
-                                               TopKTeacher(top.values, top.indices, "student"), token_weights, weight)
+                                               TopKTeacher(top.values, top.indices, "student"), token_weights, **mix)
         assert default.item() == uniform.item() != student.item()
 
 
@@ -491,7 +494,7 @@ def test_power_tail_matches_the_dense_reference(name, temperature, actual):
         assert_matches(loss, grads, ref, ref_grads, hidden, head, token_weights, teacher_logits, temperature)
     if not actual:
         values = fused_divergence(name, HeadInputs(hidden, head), TopKTeacher(top.values, top.indices, "power"),
-                                  weight, temperature=temperature, chunk_size=5)
+                                  **mixture_weight(name, weight), temperature=temperature, chunk_size=5)
         loss = torch.where(mask, token_weights * values, 0.0).sum()
         assert_matches(loss, torch.autograd.grad(loss, (hidden, head)), ref, ref_grads, hidden, head,
                        token_weights, teacher_logits, temperature)
@@ -516,16 +519,16 @@ def test_power_tail_edge_cases():
     for name in ("fkl", "srkl"):
         weight, fn = PLAIN[name]
         loss, _ = fused_weighted_divergence(name, HeadInputs(hidden, head), TopKTeacher(top.values, top.indices,
-                                            "power"), token_weights, weight, chunk_size=4)
+                                            "power"), token_weights, **mixture_weight(name, weight), chunk_size=4)
         ref = (token_weights * fn(hidden @ head.t(), teacher_logits, weight, 1.0)).sum()
         assert_matches(loss, torch.autograd.grad(loss, (hidden, head)), ref,
                        torch.autograd.grad(ref, (hidden, head)), hidden, head, token_weights, teacher_logits)
 
     hidden, head, teacher_logits, top, token_weights = problem(61, k=1)
     power, _ = fused_weighted_divergence("srkl", HeadInputs(hidden, head), TopKTeacher(top.values, top.indices,
-                                         "power"), token_weights, 0.1)
+                                         "power"), token_weights, alpha=0.1)
     student, _ = fused_weighted_divergence("srkl", HeadInputs(hidden, head), TopKTeacher(top.values, top.indices,
-                                           "student"), token_weights, 0.1)
+                                           "student"), token_weights, alpha=0.1)
     assert power.item() == student.item()
 
     hidden, head, teacher_logits, top, token_weights = problem(67, k=4)
@@ -536,7 +539,8 @@ def test_power_tail_edge_cases():
     for name in ("fkl", "skl", "srkl"):
         weight, fn = PLAIN[name]
         loss, _ = fused_weighted_divergence(name, HeadInputs(hidden, head, bias),
-                                            TopKTeacher(top.values, top.indices, "power"), token_weights, weight)
+                                            TopKTeacher(top.values, top.indices, "power"), token_weights,
+                                            **mixture_weight(name, weight))
         grads = torch.autograd.grad(loss, (hidden, head))
         logits = hidden @ head.t() + bias
         ref = (token_weights * fn(logits, power_dense_teacher(logits, top), weight, 1.0)).sum()
@@ -552,7 +556,7 @@ def test_power_tail_edge_cases():
     token_weights = mask.double() / mask.sum()
     loss, per_token = fused_weighted_divergence("srkl", HeadInputs(hidden.reshape(3, 4, -1), head),
                                                 TopKTeacher(values.reshape(3, 4, 3), ids.reshape(3, 4, 3), "power"),
-                                                token_weights, 0.1, mask=mask, chunk_size=2)
+                                                token_weights, alpha=0.1, mask=mask, chunk_size=2)
     grads = torch.autograd.grad(loss, (hidden, head))
     keep = (~dead).nonzero().squeeze(1)
     logits = hidden[keep] @ head.t()

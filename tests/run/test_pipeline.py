@@ -114,3 +114,20 @@ def test_fixed_responses_from_the_data_set_for_kd(tmp_path, tokenizer):
     ctx.prompts, _ = encode_prompts(records, tokenizer, max_prompt_length=64)
     with pytest.raises(DistillmError, match=r"p\.jsonl.*1 of 2 have none \(e\.g\. id 'b'\).*--fixed-responses teacher"):
         build_method(config).build_rows(ctx)
+
+
+def test_the_modality_is_chosen_once_from_the_models(tmp_path):
+    """Text and cross-tokenizer runs get their variant of the stages (pipeline.modality); a vision-language teacher
+    gets VisionModality (tests/vision)."""
+    from distillm.crosstok.testing import save_tiny_pair_student
+    from distillm.pipeline import CrossModality, TextModality, VisionModality, modality_for
+
+    text = modality_for(load_config(preset="tiny", overrides={"output_dir": str(tmp_path / "a")}))
+    assert type(text) is TextModality and text.image_inputs() is None
+    student = save_tiny_pair_student(tmp_path / "pair_student")
+    cross = modality_for(load_config(preset="tiny", overrides={"output_dir": str(tmp_path / "b"), "student": student}))
+    assert isinstance(cross, CrossModality) and not isinstance(cross, VisionModality)
+    assert len(cross.teacher_tok) != len(cross.student_tok)
+    off = load_config(preset="tiny", overrides={"output_dir": str(tmp_path / "c"), "student": student,
+                                                 "cross_tokenizer": "off"})
+    assert type(modality_for(off)) is TextModality  # and the one-tokenizer loader refuses the pair, saying why

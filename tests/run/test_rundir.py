@@ -188,7 +188,7 @@ def test_a_changed_teacher_responses_file_is_refused_before_loading_models(tmp_p
     rundir.unlock(paths.root)
     rundir.record_inputs(paths.root, rundir.file_digests(config))
     responses.write_text('{"id": "a", "response": "two"}\n')
-    monkeypatch.setattr(pipeline.driver, "load_models", lambda config: pytest.fail("models loaded before the check"))
+    monkeypatch.setattr(pipeline.modality, "load_text_models", lambda config: pytest.fail("models loaded before the check"))
     with pytest.raises(RunDirError, match=r"teacher-responses file \(data.teacher_responses = .*teacher.jsonl\) "
                                           "changed"):
         pipeline.run(config)
@@ -284,6 +284,6 @@ def test_a_full_disk_anywhere_in_a_command_is_a_clear_error(tmp_path, capsys, mo
     def full(*args, **kwargs):  # e.g. the Trainer saving a checkpoint: not distillm's own writer
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "checkpoints" / "x"))
 
-    monkeypatch.setattr(pipeline.driver, "load_models", full)
+    monkeypatch.setattr(pipeline.modality, "load_text_models", full)
     message = fails(capsys, [*TINY, "--output-dir", str(tmp_path / "run")])
     assert f"Cannot write {tmp_path / 'run' / 'checkpoints' / 'x'}: no space left on the device" in message

@@ -113,7 +113,7 @@ def _no_weights(*args, **kwargs):
 
 
 def test_run_refuses_a_schedule_that_trains_nothing_before_loading_any_model(tmp_path, monkeypatch):
-    monkeypatch.setattr(pipeline.driver, "load_models", _no_weights)
+    monkeypatch.setattr(pipeline.modality, "load_text_models", _no_weights)
     config = tiny_config(tmp_path, num_prompts=16, per_device_train_batch_size=4, gradient_accumulation_steps=4,
                          rounds=1, warmup_ratio=0.1)
     with pytest.raises(DistillmError, match="train nothing"):
@@ -121,8 +121,8 @@ def test_run_refuses_a_schedule_that_trains_nothing_before_loading_any_model(tmp
 
 
 def test_run_refuses_a_tokenizer_without_chat_template_before_loading_any_model(tmp_path, monkeypatch):
-    monkeypatch.setattr(pipeline.driver, "load_tokenizer", lambda spec, **_: build_tiny_tokenizer(chat_template=None))
-    monkeypatch.setattr(pipeline.driver, "load_models", _no_weights)
+    monkeypatch.setattr(pipeline.modality, "load_tokenizer", lambda spec, **_: build_tiny_tokenizer(chat_template=None))
+    monkeypatch.setattr(pipeline.modality, "load_text_models", _no_weights)
     with pytest.raises(DataError, match="no chat template.*--no-chat-template"):
         pipeline.run(tiny_config(tmp_path))
 

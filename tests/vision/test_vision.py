@@ -356,6 +356,19 @@ def test_generate_then_train_a_vlm_from_teacher_responses(tmp_path, setup):
     assert (out / "student" / "model.safetensors").is_file()
 
 
+def test_a_vlm_teacher_gets_the_vision_modality(setup):
+    from distillm.pipeline import VisionModality, modality_for
+
+    config = load_config(preset="tiny", overrides={"teacher": str(setup["teacher"]), "prompts": str(setup["prompts"]),
+                                                   "eval_prompts": str(setup["eval_prompts"])})
+    modality = modality_for(config)
+    assert isinstance(modality, VisionModality)
+    tokenizer = modality.open(config)  # the models first: the prompts need the processor
+    assert modality.processor is not None and tokenizer is modality.processor.tokenizer
+    assert modality.load_models(config, tokenizer).processor is modality.processor  # loaded once
+    assert modality.processing_class(tokenizer) is modality.processor
+
+
 def test_vlm_student_derived_with_student_layers(setup):
     from distillm.vision import load_vision_models
 

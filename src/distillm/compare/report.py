@@ -196,10 +196,10 @@ def write_results(summary: dict, out_dir: Path, *, command: str | None = None) -
 
 
 def _plot(summary: dict, path: Path, variants: list[str], *, with_reference: bool) -> bool:
-    import matplotlib
+    import matplotlib  # optional: matplotlib, heavy, only when a figure is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # optional: matplotlib, heavy, only when a figure is drawn
 
     keys = [k for k in CHARTED if k in summary["metric_keys"]]
     if not keys or not variants:

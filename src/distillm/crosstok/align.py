@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .vocab import sequence_bytes
+
 
 @dataclass(frozen=True)
 class Alignment:
@@ -108,8 +110,6 @@ def align(teacher: list[bytes | None], student: list[bytes | None], *, teacher_e
 
 def align_ids(teacher_tok, student_tok, teacher_ids: list[int], student_ids: list[int]) -> Alignment:
     """`align` on token ids: each side's trailing EOS is recognised by its tokenizer's eos_token_id."""
-    from .vocab import sequence_bytes
-
     t_eos = bool(teacher_ids) and teacher_ids[-1] == teacher_tok.eos_token_id
     s_eos = bool(student_ids) and student_ids[-1] == student_tok.eos_token_id
     return align(sequence_bytes(teacher_tok, teacher_ids), sequence_bytes(student_tok, student_ids),

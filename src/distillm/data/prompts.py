@@ -270,9 +270,9 @@ def _read_parquet(file: Path, label: str) -> Iterator[_Row]:
 
 def _parquet_rows(file: Path) -> list[dict]:
     try:
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # optional: pyarrow (the dev extra), only for .parquet prompts
     except ImportError:
-        import pandas as pd
+        import pandas as pd  # optional: pandas (the dev extra), the fallback .parquet reader
 
         frame = pd.read_parquet(file)
         return frame.astype(object).where(frame.notna(), None).to_dict("records")
@@ -298,7 +298,7 @@ def _read_saved_dataset(directory: Path, split: str | None, label: str) -> Itera
 
 
 def _load_from_disk(directory: Path, label: str) -> Any:
-    import datasets
+    import datasets  # optional: heavy (pyarrow, pandas), only for a saved Hugging Face dataset
 
     try:
         return datasets.load_from_disk(str(directory))

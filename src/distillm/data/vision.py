@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
+from PIL import Image, UnidentifiedImageError
 
 from ..errors import DistillmError
 from .prompts import (
@@ -37,8 +38,6 @@ class ImagePromptRecord(PromptRecord):
 
 def open_image(path: str | os.PathLike, where: str = ""):
     """The image at `path` as an RGB PIL image; a missing or undecodable file raises DataError naming `where`."""
-    from PIL import Image, UnidentifiedImageError
-
     prefix = f"{where}: " if where else ""
     path = Path(path)
     if not path.is_file():

@@ -45,12 +45,24 @@ by itself; the others still apply.
 
 `rank` orders models by one metric with the flagged ones after all others (and marked), so a collapsed student
 can never rank first.
+
+`gap_change_test` says whether a before/after change of a figure's distance to the teacher is more than chance:
+a paired permutation test over prompts. Under the null hypothesis the student's answer to a prompt before and
+after training are exchangeable, so each prompt's pair is swapped at random (every one of the 2^n swap patterns
+when 2^n <= `permutations`, else that many random ones), and the p-value of "farther from the teacher" is the
+share of patterns whose change in gap is at least the observed one (likewise "closer"). A corpus-level figure
+such as distinct-2 cannot be bootstrapped by drawing prompts with replacement (a drawn twice answer repeats all
+its bigrams); swapping within a prompt keeps every answer once. On 24 held-out prompts a run-to-run spread of
+distinct-2 of about 0.04 is common (the demo preset: 0.8600 in one run, p = 0.0015, and 0.9045 in another, p = 0.45), so a
+verdict without this test reads noise as a result.
 """
 
 from __future__ import annotations
 
+import itertools
+import random
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 from .text import distinct_n, rouge_tokens
 
@@ -171,3 +183,62 @@ def rank(values: Mapping[str, float], better: str, flagged: Iterable[str] = ()) 
     flagged = set(flagged)
     order = sorted(values, key=lambda name: values[name], reverse=better == "higher")
     return [(name, False) for name in order if name not in flagged] + [(name, True) for name in order if name in flagged]
+
+
+# ----------------------------------------------------------------------------------------------- before/after
+
+
+@dataclass(frozen=True)
+class GapChange:
+    """How a figure's distance to the teacher changed from `before` to `after`, with the permutation p-values."""
+
+    before_gap: float
+    after_gap: float
+    p_farther: float  # P(change >= observed) under the null: small = after is really farther from the teacher
+    p_closer: float  # P(change <= observed): small = after is really closer
+    patterns: int  # swap patterns evaluated (2^n when exhaustive)
+
+    @property
+    def change(self) -> float:
+        return self.after_gap - self.before_gap
+
+    def as_dict(self) -> dict:
+        return {"before_gap": self.before_gap, "after_gap": self.after_gap, "p_farther": self.p_farther,
+                "p_closer": self.p_closer, "patterns": self.patterns}
+
+
+def gap_change_test(teacher: Sequence[str], before: Sequence[str], after: Sequence[str], *,
+                    figure: Callable[[Sequence[str]], float | None] = lambda texts: distinct_n(texts, 2),
+                    permutations: int = 4096, seed: int = 0) -> GapChange:
+    """The paired permutation test of the module's docstring. `before[i]` and `after[i]` answer the same prompt;
+    `teacher` is the teacher's answers to the same prompts (its figure, fixed, is the target)."""
+    if len(before) != len(after):
+        raise ValueError(f"before and after answer the same prompts: got {len(before)} and {len(after)} answers")
+    if not before:
+        raise ValueError("the gap-change test needs at least one prompt")
+    if permutations < 1:
+        raise ValueError(f"permutations must be at least 1, got {permutations}")
+    target = figure(teacher)
+    if target is None:
+        raise ValueError("the teacher's answers have no value of this figure")
+
+    def change(swaps: Sequence[bool]) -> float | None:
+        a = [b_ if s else a_ for a_, b_, s in zip(after, before, swaps)]
+        b = [a_ if s else b_ for a_, b_, s in zip(after, before, swaps)]
+        fa, fb = figure(a), figure(b)
+        return None if fa is None or fb is None else abs(fa - target) - abs(fb - target)
+
+    n = len(before)
+    observed = change([False] * n)
+    if observed is None:
+        raise ValueError("the student's answers have no value of this figure")
+    if n < 63 and 2 ** n <= permutations:  # every pattern, the observed one (no swap) among them
+        changes = [change(s) for s in itertools.product((False, True), repeat=n)]
+    else:  # random patterns, plus the observed one (so a p-value is never 0)
+        rng = random.Random(seed)
+        changes = [observed] + [change([rng.random() < 0.5 for _ in range(n)]) for _ in range(permutations)]
+    changes = [c for c in changes if c is not None]
+    eps = 1e-12  # a tie within float rounding counts as "at least as extreme"
+    farther = sum(c >= observed - eps for c in changes) / len(changes)
+    closer = sum(c <= observed + eps for c in changes) / len(changes)
+    return GapChange(abs(figure(before) - target), abs(figure(after) - target), farther, closer, len(changes))

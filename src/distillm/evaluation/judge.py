@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, Sequence
 
+import torch
 from tqdm.auto import tqdm
 
 from ..errors import DistillmError
@@ -214,7 +215,9 @@ class OpenAIChatJudge:
                     raise _TooLarge(total)
             return response.status, {k.lower(): v for k, v in response.getheaders()}, b"".join(chunks)
         except (OSError, http.client.HTTPException) as err:
-            if expired.is_set():
+            # The socket's own timeout is the time left at the start, so it can only fire at the deadline: it
+            # races the watchdog there (under load it wins), and is the same overall timeout.
+            if expired.is_set() or isinstance(err, TimeoutError) or time.monotonic() >= deadline:
                 raise _Timeout() from err
             raise
         finally:
@@ -302,8 +305,6 @@ class HFJudge:
         self._lock = threading.Lock()
 
     def complete(self, messages: list[dict]) -> str:
-        import torch
-
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                  return_dict=True, return_tensors="pt")
         with self._lock, torch.inference_mode():

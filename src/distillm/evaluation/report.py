@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 from pathlib import Path
 
 from ..io import atomic_write_text, read_jsonl
@@ -67,8 +68,6 @@ def read_train_log(path: str | Path) -> dict[str, list[tuple[float, float]]]:
 
 def save_figure(fig, path: Path, *, dpi: int = 110) -> None:
     """Write a matplotlib figure atomically (a unique temporary file, then rename)."""
-    import tempfile
-
     fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp" + path.suffix, dir=path.parent)
     os.close(fd)  # a unique name: two processes writing the same figure do not share a temporary file
     try:
@@ -80,10 +79,10 @@ def save_figure(fig, path: Path, *, dpi: int = 110) -> None:
 
 
 def _plot_metrics(results: dict, path: Path) -> bool:
-    import matplotlib
+    import matplotlib  # optional: matplotlib, heavy, only when a figure is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # optional: matplotlib, heavy, only when a figure is drawn
 
     keys = metric_keys(results)
     if not keys:
@@ -113,10 +112,10 @@ def _plot_metrics(results: dict, path: Path) -> bool:
 
 
 def _plot_curves(logs: dict[str, dict], path: Path) -> list[str]:
-    import matplotlib
+    import matplotlib  # optional: matplotlib, heavy, only when a figure is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # optional: matplotlib, heavy, only when a figure is drawn
 
     keys = sorted({k for series in logs.values() for k in series},
                   key=lambda k: (CURVE_ORDER.index(k) if k in CURVE_ORDER else len(CURVE_ORDER), k))

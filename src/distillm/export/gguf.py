@@ -32,6 +32,7 @@ import struct
 import tempfile
 from pathlib import Path
 
+import gguf
 import numpy as np
 import torch
 
@@ -203,8 +204,6 @@ class GGUFFile:
     """
 
     def __init__(self, path: str | os.PathLike):
-        import gguf
-
         self.path = Path(path)
         if not self.path.is_file():
             raise GGUFExportError(f"GGUF file not found: {self.path}")
@@ -397,8 +396,6 @@ def _check_reference_tokenizer(reader, tokenizer, vocab_rows: int, ref_path) -> 
 
 def _tokenizer_metadata(writer, tokenizer, vocab_rows: int) -> None:
     """Describe a byte-level BPE Hugging Face tokenizer the way llama.cpp's converter does (model 'gpt2')."""
-    import gguf
-
     if tokenizer is None:
         raise GGUFExportError("GGUF export needs the tokenizer (or a reference GGUF holding it): pass tokenizer=.")
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -436,8 +433,6 @@ def _tokenizer_metadata(writer, tokenizer, vocab_rows: int) -> None:
 
 def _float_tensor(gname: str, w: np.ndarray, reference: GGUFFile | None) -> tuple[np.ndarray, object]:
     """The smallest exact encoding of a float tensor (in GGUF row order): (data, ggml type)."""
-    import gguf
-
     T = gguf.GGMLQuantizationType
     if w.ndim == 1:
         return w.astype(np.float32), T.F32
@@ -472,8 +467,6 @@ def _float_tensor(gname: str, w: np.ndarray, reference: GGUFFile | None) -> tupl
 def _file_type(types: dict[str, object], shapes: dict[str, tuple]) -> int:
     """general.file_type as llama.cpp's converter sets it: the type holding most of the 2-D weights other than
     the token embedding (which converters often keep at higher precision), e.g. MOSTLY_Q4_0."""
-    import gguf
-
     T, F = gguf.GGMLQuantizationType, gguf.LlamaFileType
     weights: dict = {}
     for name, qtype in types.items():
@@ -505,8 +498,6 @@ def write_gguf(
         QuantizedWeight.dequantize() bit for bit (cheap next to the write).
     Returns the path written.
     """
-    import gguf
-
     path = Path(path)
     config = model.config
     hp = _llama_hparams(config, getattr(config, "model_type", type(model).__name__))
@@ -612,8 +603,6 @@ def write_gguf(
 def read_gguf_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Every tensor of a llama GGUF, de-quantized to fp32 by gguf's reference dequantizer, under its HF name and
     in HF row order (q/k un-permuted). A tied head has no tensor of its own: only model.embed_tokens.weight."""
-    import gguf
-
     reader = GGUFFile(path)
     arch = reader.value("general.architecture")
     if arch != "llama":

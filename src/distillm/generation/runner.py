@@ -16,6 +16,7 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
+from accelerate.utils import broadcast_object_list, gather_object
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
@@ -162,8 +163,6 @@ def generate_sharded(
     `generate_responses`. The backend of each rank must hold the same model (DDP replicas, or an engine loaded
     from the same directory).
     """
-    from accelerate.utils import broadcast_object_list, gather_object
-
     state = process_state()
     world, rank = state.num_processes, state.process_index
     if world == 1:

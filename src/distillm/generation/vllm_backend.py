@@ -8,6 +8,7 @@ seed (batch seed + index), so outputs do not depend on how vLLM schedules its ba
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 from typing import Sequence
 
@@ -37,7 +38,7 @@ class VLLMBackend:
         trust_remote_code: bool = False,
         **engine_kwargs,
     ):
-        from vllm import LLM  # imported lazily: vLLM is optional
+        from vllm import LLM  # optional: vLLM (the vllm extra)
 
         self.max_batch_size = max_batch_size
         options = dict(model=model_path, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
@@ -55,7 +56,7 @@ class VLLMBackend:
             ) from err
 
     def generate_batch(self, prompts: Sequence[list[int]], params: SamplingParams, *, seed: int) -> list[Completion]:
-        from vllm import SamplingParams as VLLMSampling
+        from vllm import SamplingParams as VLLMSampling  # optional: vLLM (the vllm extra)
 
         requests = [{"prompt_token_ids": list(ids)} for ids in prompts]
         sampling = [
@@ -77,8 +78,6 @@ class VLLMBackend:
         return completions
 
     def close(self) -> None:
-        import gc
-
         engine = getattr(self.llm, "llm_engine", None)
         shutdown = getattr(getattr(engine, "engine_core", None), "shutdown", None)
         if shutdown is not None:  # vLLM's V1 engine runs in its own process: stop it now, not at exit

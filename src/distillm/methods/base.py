@@ -34,8 +34,8 @@ from ..options import opt
 
 from ..losses import divergences as plain
 from ..losses.divergences import IGNORE_INDEX, per_sequence_mean
-from ..losses.fused import (HeadInputs, TopKTeacher, fused_token_log_probs, fused_weighted_divergence, resolve_tail,
-                            topk_logprobs, with_actual_token)
+from ..losses.fused import (HeadInputs, TopKTeacher, fused_token_log_probs, fused_weighted_divergence, mixture_weight,
+                            resolve_tail, topk_logprobs, with_actual_token)
 from ..crosstok.losses import CrossTeacher, aligned_span_log_probs, cross_divergence_loss
 
 if TYPE_CHECKING:
@@ -200,7 +200,7 @@ def divergence_loss(batch: LossInputs, name: str, rows: slice, token_weights: to
                                      temperature=temperature, detach_student_in_mixture=detach_student_in_mixture)
     if batch.fused:
         loss, values = fused_weighted_divergence(
-            name, student, teacher, token_weights, weight, mask=mask, temperature=temperature,
+            name, student, teacher, token_weights, **mixture_weight(name, weight), mask=mask, temperature=temperature,
             vocab_size=batch.vocab_size, chunk_size=batch.chunk_size,
             detach_student_in_mixture=detach_student_in_mixture)
         return loss, values.detach()

@@ -7,7 +7,11 @@ again.
 Stages, data flowing one way (prompts -> generation -> training -> evaluation -> the run):
 
     paths.py      the run directory: RunPaths, prepare_run_dir, config_changes
-    setup.py      loading the models (text or vision-language) and the prompt sets
+    setup.py      loading a text run's models and prompt sets
+    modality.py   what differs between text, vision-language and cross-tokenizer runs: one variant object per
+                  modality (TextModality, VisionModality, CrossModality), chosen once, that every stage calls
+    cross.py      the cross-tokenizer stages CrossModality calls: prompts per side, the two models, the
+                  teacher's responses carried over to the student's tokens, the aligned evaluation
     data.py       the training rows: teacher responses, (teacher, student) pairs, DataContext for the methods
     training.py   the Trainer's arguments, the step plan, the rounds of training, saving the student
     evaluate.py   the before/after evaluation
@@ -36,15 +40,17 @@ from ..generation.factory import generate_once, make_backend, release, sampling_
 from ..models import ModelPair
 from ..rundir import RunDirError
 from .paths import RunPaths, config_changes, prepare_run_dir
-from .setup import check_context_length, load_models, load_prompt_set
+from .setup import check_context_length, load_prompt_set, load_text_models
+from .modality import CrossModality, TextModality, VisionModality, load_models, modality_for
 from .data import DataContext, check_teacher_row, import_teacher_responses, pair_rows
 from .evaluate import evaluate
 from .training import (MIN_OPTIMIZER_STEPS, StepPlan, check_step_plan, learning_rates, read_json_or_none,
                        save_student, sharded_engine, step_plan, train, training_arguments, training_kwargs)
 from .driver import run
 
-__all__ = ["DataContext", "MIN_OPTIMIZER_STEPS", "ModelPair", "RunDirError", "RunPaths", "StepPlan",
-           "check_context_length", "check_step_plan", "check_teacher_row", "config_changes", "evaluate",
-           "generate_once", "import_teacher_responses", "learning_rates", "load_models", "load_prompt_set",
-           "make_backend", "pair_rows", "prepare_run_dir", "read_json_or_none", "release", "run", "sampling_params",
-           "save_student", "sharded_engine", "step_plan", "train", "training_arguments", "training_kwargs"]
+__all__ = ["CrossModality", "DataContext", "MIN_OPTIMIZER_STEPS", "ModelPair", "RunDirError", "RunPaths", "StepPlan",
+           "TextModality", "VisionModality", "check_context_length", "check_step_plan", "check_teacher_row",
+           "config_changes", "evaluate", "generate_once", "import_teacher_responses", "learning_rates", "load_models",
+           "load_prompt_set", "load_text_models", "make_backend", "modality_for", "pair_rows", "prepare_run_dir",
+           "read_json_or_none", "release", "run", "sampling_params", "save_student", "sharded_engine", "step_plan",
+           "train", "training_arguments", "training_kwargs"]

@@ -8,20 +8,16 @@ import time
 
 from .. import rundir
 from ..config import RunConfig
-from ..data.prompts import check_chat_template
 from ..distributed import process_state
-from ..generation.factory import generate_once, make_backend, release, sampling_params
+from ..generation.factory import release
 from ..io import atomic_write_json
 from ..methods import build_method
 from ..errors import DistillmError
-from ..models import load_tokenizer, real_vocab_size
+from ..models import real_vocab_size
 from ..teacher.remote import RemoteBackend, connect
-from ..vision import uses_images
-from .cross import cross_tokenizers, run_cross
-from .data import DataContext, import_teacher_responses
-from .evaluate import evaluate
+from .data import import_teacher_responses
+from .modality import modality_for
 from .paths import RunPaths, prepare_run_dir
-from .setup import load_models, load_prompt_set
 from .training import check_step_plan, read_json_or_none, sharded_engine, train
 
 logger = logging.getLogger("distillm")
@@ -36,12 +32,11 @@ def describe_student(m) -> str:
     return f"teacher layers {m.student_layers}"
 
 
-def connect_teacher(config: RunConfig, tokenizer, vision: bool):
+def connect_teacher(config: RunConfig, tokenizer, modality):
     """The checked client of --teacher-url (reachable, same tokenizer), before any weights are read; or None."""
     if not config.training.teacher_url:
         return None
-    if vision:
-        raise DistillmError("--teacher-url does not take images: vision-language runs need the local teacher.")
+    modality.check_remote_teacher()
     if config.training.teacher_cache != "off":
         raise DistillmError("--teacher-cache and --teacher-url do not combine: the server's scores are top-k "
                             "already; drop --teacher-cache.")
@@ -72,32 +67,25 @@ def _run(config: RunConfig, paths: RunPaths, started: float) -> dict:
         return metrics
     # a changed teacher-responses file is refused before any model is loaded; prompt files are compared as encoded
     rundir.check_inputs(paths.root, config, files, keys=("teacher_responses",))
-    pair = cross_tokenizers(config)  # (teacher, student) tokenizers when their vocabularies differ, else None
-    if pair is not None:
-        return run_cross(config, paths, started, *pair)
+    # text, vision-language or two tokenizers (pipeline.modality): each stage below asks it what differs
+    modality = modality_for(config)
+    modality.check(config)  # what the modality does not support, refused before anything is loaded
     evaluating = bool(config.evaluation.evaluate and config.data.eval_prompts)
-    vision = uses_images(config)
-    if vision:  # the prompts need the vision-language model's processor
-        models = load_models(config)
-        tokenizer, processor = models.tokenizer, models.processor
-    else:  # the tokenizer alone (seconds) settles the prompt format and the step count before the weights are read
-        tokenizer, processor = load_tokenizer(config.model.teacher,
-                                              trust_remote_code=config.model.trust_remote_code), None
-        check_chat_template(tokenizer, config.data.chat_template, model=config.model.teacher)
-    teacher_client = connect_teacher(config, tokenizer, vision)
-    train_prompts = load_prompt_set(config, tokenizer, "train", processor=processor)
+    tokenizer = modality.open(config)  # as early and cheaply as the modality allows (text: no weights read)
+    teacher_client = connect_teacher(config, tokenizer, modality)
+    train_prompts = modality.load_prompt_set(config, tokenizer, "train")
     check_step_plan(config, len(train_prompts), state.num_processes)
-    eval_prompts = load_prompt_set(config, tokenizer, "eval", processor=processor) if evaluating else []
+    eval_prompts = modality.load_prompt_set(config, tokenizer, "eval") if evaluating else []
     inputs = {**files, "train_encoded": rundir.encoded_digest(train_prompts),
-              "eval_encoded": rundir.encoded_digest(eval_prompts) if evaluating else None}
-    rundir.check_inputs(paths.root, config, inputs, keys=("train_encoded", "eval_encoded", "teacher_responses"))
+              "eval_encoded": rundir.encoded_digest(eval_prompts) if evaluating else None, **modality.input_digests()}
+    rundir.check_inputs(paths.root, config, inputs,
+                        keys=("train_encoded", "eval_encoded", "teacher_responses", *modality.input_digests()))
     if state.is_main_process:
         rundir.record_inputs(paths.root, inputs)
     if finished:  # the files were rewritten, but the prompts the run was made from are the same
         logger.info("%s already holds a finished run; metrics.json is unchanged", paths.root)
         return metrics
-    if not vision:
-        models = load_models(config, tokenizer)
+    models = modality.load_models(config, tokenizer)
     if config.data.teacher_responses and not paths.teacher_train.is_file() and state.is_main_process:
         import_teacher_responses(config.data.teacher_responses, train_prompts, models.tokenizer, paths.teacher_train)
     state.wait_for_everyone()
@@ -105,17 +93,15 @@ def _run(config: RunConfig, paths: RunPaths, started: float) -> dict:
     if teacher_client is not None:  # --teacher-url: the teacher's responses come from the server
         teacher_backend = RemoteBackend(teacher_client, models.vocab_size)
     else:
-        teacher_backend = make_backend(config, models.teacher, models.tokenizer, model_dir=models.teacher_path,
-                                       processor=models.processor)
+        teacher_backend = modality.teacher_backend(config, models)
     try:
-        rows = method.build_rows(DataContext(config, models.tokenizer, train_prompts, paths, teacher_backend))
-        teacher_eval = generate_once(teacher_backend, eval_prompts, paths.teacher_eval,
-                                     sampling_params(config, seed_offset=99), models.tokenizer,
-                                     desc="teacher responses (held-out)") if evaluating else []
+        rows = method.build_rows(modality.data_context(config, models, train_prompts, paths, teacher_backend))
+        teacher_eval = modality.teacher_eval(config, models, teacher_backend, eval_prompts,
+                                             paths) if evaluating else []
     finally:
         release(teacher_backend)
     metrics: dict = {"method": method.name, "teacher": config.model.teacher,
-                     "student": describe_student(config.model),
+                     "student": describe_student(config.model), **modality.describe(),
                      "num_train_prompts": len(train_prompts), "num_eval_prompts": len(eval_prompts)}
     if evaluating:
         before_file = paths.root / "eval" / "before.json"
@@ -123,7 +109,7 @@ def _run(config: RunConfig, paths: RunPaths, started: float) -> dict:
         if before is not None:  # a resumed run: the student has trained since, so reuse the first figures
             metrics["before"] = before
         else:
-            metrics["before"] = evaluate(config, models, eval_prompts, teacher_eval, paths, "before")
+            metrics["before"] = modality.evaluate(config, models, eval_prompts, teacher_eval, paths, "before")
             atomic_write_json(before_file, metrics["before"])
     validation = teacher_eval
     if not validation and method.uses_validation:
@@ -131,12 +117,12 @@ def _run(config: RunConfig, paths: RunPaths, started: float) -> dict:
                        method.name, min(32, len(rows)))
         validation = rows[:32]
     metrics["training"] = train(config, models, method, rows, paths, train_prompts=train_prompts,
-                                validation_rows=validation, teacher_client=teacher_client)
+                                validation_rows=validation, teacher_client=teacher_client, modality=modality)
     if evaluating and sharded_engine():
         logger.warning("No 'after' evaluation under FSDP / DeepSpeed ZeRO-3: the models are sharded now. Evaluate "
                        "the saved student with `distillm eval --model distilled=%s`.", paths.student)
     elif evaluating:
-        metrics["after"] = evaluate(config, models, eval_prompts, teacher_eval, paths, "after")
+        metrics["after"] = modality.evaluate(config, models, eval_prompts, teacher_eval, paths, "after")
     metrics["wall_seconds"] = round(time.time() - started, 1)
     metrics["complete"] = True
     if state.is_main_process:

@@ -6,10 +6,10 @@ import logging
 import time
 
 from ..config import RunConfig
-from ..data.vision import ImageInputs
-from ..evaluation.degeneracy import degeneracy_figures, degenerate
+from ..evaluation.degeneracy import degeneracy_figures, degenerate, gap_change_test
 from ..evaluation.divergence import teacher_nll, teacher_student_divergence
-from ..generation.factory import generate_once, make_backend, sampling_params
+from ..generation.factory import generate_once, sampling_params
+from ..io import read_jsonl
 from ..models import ModelPair
 from ..testing.faults import fault_point
 from .paths import RunPaths
@@ -17,20 +17,20 @@ from .paths import RunPaths
 logger = logging.getLogger("distillm")
 
 
-def evaluate(config: RunConfig, models: ModelPair, eval_prompts, teacher_eval_rows, paths: RunPaths, tag: str):
+def evaluate(config: RunConfig, models: ModelPair, eval_prompts, teacher_eval_rows, paths: RunPaths, tag: str, *,
+             modality):
     """Held-out figures for the current student: teacher NLL of its samples, KL / TVD / acceptance rate on the
-    teacher's responses."""
+    teacher's responses. `modality`: the run's `pipeline.modality` variant (its generation backend, its images)."""
     d = config.data
     start = time.time()
-    backend = make_backend(config, models.student, models.tokenizer, model_dir=None,  # HF: the live student
-                           processor=models.processor)
+    backend = modality.backend(config, models.student, models.tokenizer, model_dir=None)  # HF: the live student
     samples = generate_once(
         backend, eval_prompts, paths.eval_samples(tag),
         sampling_params(config, seed_offset=7_777, max_new_tokens=config.evaluation.eval_max_new_tokens),
         models.tokenizer, desc=f"student samples ({tag})",
     )
     common = dict(vocab_size=models.vocab_size, pad_token_id=models.tokenizer.pad_token_id, max_length=d.max_length,
-                  image_inputs=ImageInputs(models.processor) if models.processor is not None else None)
+                  image_inputs=modality.image_inputs())
     result = {"teacher_nll_of_student_samples": teacher_nll(models.teacher, samples, **common)}
     # distinct-2 (distinct word bigrams / all), repetition, loop and empty rates of the samples, beside the
     # teacher's, and the degenerate flag (evaluation.degeneracy): a collapsed student repeats itself
@@ -39,6 +39,21 @@ def evaluate(config: RunConfig, models: ModelPair, eval_prompts, teacher_eval_ro
     for key in ("distinct_2", "repetition", "loop_rate", "empty_rate"):
         result[key], result[f"teacher_{key}"] = student[key], teacher[key]
     verdict = degenerate(student, teacher)
+    before_path = paths.eval_samples("before")
+    if tag != "before" and before_path.is_file():  # is the change against the start more than chance?
+        before = {row["id"]: row["response"] for row in read_jsonl(before_path)}
+        teacher_by_id = {row["id"]: row["response"] for row in teacher_eval_rows}
+        paired = [row for row in samples if row["id"] in before and row["id"] in teacher_by_id]
+        if paired:
+            args = ([teacher_by_id[row["id"]] for row in paired], [before[row["id"]] for row in paired],
+                    [row["response"] for row in paired])
+            result["distinct_2_change"] = gap_change_test(*args).as_dict()
+            if student["repetition"] is not None and teacher["repetition"] is not None:
+                try:
+                    result["repetition_change"] = gap_change_test(
+                        *args, figure=lambda texts: degeneracy_figures(texts)["repetition"]).as_dict()
+                except ValueError:  # no answer with 4 words on one side
+                    pass
     result["degenerate"], result["degenerate_reasons"] = verdict.flagged, list(verdict.reasons)
     fault_point(f"eval:{tag}")
     result.update(teacher_student_divergence(models.teacher, models.student, teacher_eval_rows, **common))

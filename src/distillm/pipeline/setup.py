@@ -1,4 +1,5 @@
-"""Loading a run's models (text or vision-language: `load_models`) and prompt sets (`load_prompt_set`)."""
+"""Loading a text run's models (`load_text_models`) and prompt sets (`load_prompt_set`); a vision-language run's
+are loaded by `distillm.vision`, through `pipeline.modality`."""
 
 from __future__ import annotations
 
@@ -14,20 +15,17 @@ from ..models import (ModelPair, add_lora, check_quantization_supported, check_s
                       load_model, load_quantized_student, loadable_path, parse_layer_spec, prune_layers,
                       real_vocab_size, resolve_dtype)
 from ..quant.qat import prepare_qat, quant_bits
-from ..vision import load_image_prompt_set, load_vision_models, uses_images
 from .training import sharded_engine
 
 logger = logging.getLogger("distillm")
 
 
-def load_models(config: RunConfig, tokenizer=None) -> ModelPair:
+def load_text_models(config: RunConfig, tokenizer=None) -> ModelPair:
     """Teacher in the configured dtype; student in fp32 (its master weights: a bf16/fp16 dtype trains it under
     autocast instead, see training_arguments), both on this process's device. With --lora the student is wrapped
     in a PEFT LoRA adapter; with --load-in-4bit (QLoRA) its base weights are loaded in 4-bit first. `tokenizer`: the
     teacher's, if `load_tokenizer` has loaded it already."""
     m = config.model
-    if uses_images(config):  # a vision-language teacher: distillm.vision loads the pair and the processor
-        return load_vision_models(config)
     device = process_state().device
     if m.load_in_4bit:
         check_quantization_supported()  # before the teacher is loaded
@@ -98,9 +96,8 @@ def check_context_length(config: RunConfig, **models: torch.nn.Module) -> None:
 # ----------------------------------------------------------------------------------------------- data
 
 
-def load_prompt_set(config: RunConfig, tokenizer, which: str, *, processor=None) -> list[EncodedPrompt]:
-    if processor is not None:  # (image, prompt) rows, tokenized by the vision-language model's processor
-        return load_image_prompt_set(config, processor, which)
+def load_prompt_set(config: RunConfig, tokenizer, which: str) -> list[EncodedPrompt]:
+    """The train or eval prompts of a text run, encoded with the teacher's tokenizer."""
     d = config.data
     path, limit = (d.prompts, d.num_prompts) if which == "train" else (d.eval_prompts, d.num_eval_prompts)
     records, report = load_prompts(

@@ -16,24 +16,19 @@ from transformers import TrainingArguments, get_scheduler, set_seed
 
 from ..config import RunConfig
 from ..data.prompts import EncodedPrompt
-from ..data.vision import ImageInputs
 from ..distributed import process_state
 from ..errors import DistillmError
-from ..generation.vllm_backend import choose_backend_name
-from ..generation.factory import generate_once, make_backend, release, sampling_params
+from ..generation.factory import generate_once, release, sampling_params
 from ..io import atomic_write_json, read_jsonl, write_jsonl
 from ..methods.base import Method
 from ..models import ModelPair, is_peft_model, load_model, merged_copy, resolve_dtype
 from ..quant.qat import is_qat_model, plain_copy, save_quantized_student
 from ..teacher.remote import RemoteScores
-from ..crosstok.trainer import CrossDistillTrainer
 from ..training.callbacks import OnPolicyRoundCallback
-from ..training.collate import DistillCollator, RowDataset
+from ..training.collate import RowDataset
 from ..training.sources import OnlineSampler
 from ..training.teacher_cache import TeacherCache
 from ..training.trainer import DistillTrainer, last_complete_checkpoint
-from ..training.vision import VisionCollator
-from ..vision import load_vision_model
 from .data import pair_rows
 from .paths import RunPaths
 
@@ -162,19 +157,17 @@ def check_step_plan(config: RunConfig, num_rows: int, num_processes: int = 1) ->
 
 def train(config: RunConfig, models: ModelPair, method: Method, rows: list[dict], paths: RunPaths, *,
           train_prompts: list[EncodedPrompt], validation_rows: list[dict] | None = None,
-          teacher_client=None) -> dict:
+          teacher_client=None, modality) -> dict:
     """`rounds` epochs of the method on its rows; resumes from the last complete checkpoint in the run directory.
-    Paired methods (distillm2, dpkd) regenerate the student's responses at the start of every round."""
+    Paired methods (distillm2, dpkd) regenerate the student's responses at the start of every round. `modality`:
+    the run's `pipeline.modality` variant (text, vision-language or cross-tokenizer): its generation backend,
+    batches, Trainer."""
     tokenizer = models.tokenizer
     summary = read_json_or_none(paths.training_summary)
     if summary is not None and (paths.student / "config.json").is_file():
         # Training finished before (the summary is written after the student): a resumed run reuses the student.
         logger.info("Training already finished: using the student in %s", paths.student)
-        if models.processor is not None:
-            loaded = load_vision_model(str(paths.student), dtype="float32")[0]
-        else:
-            loaded = load_model(str(paths.student), dtype="float32")[0]
-        models.student = loaded.to(models.student.device)
+        models.student = modality.load_student(paths.student).to(models.student.device)
         return summary
 
     def refresh(round_index: int, model) -> list[dict]:
@@ -185,7 +178,7 @@ def train(config: RunConfig, models: ModelPair, method: Method, rows: list[dict]
             except DistillmError as err:  # damaged by something else than distillm (it writes it atomically)
                 logger.warning("%s Rebuilding it.", err)
         model_dir = None
-        if choose_backend_name(config.generation.backend) == "vllm" and models.processor is None:
+        if modality.saves_weights_for_generation(config):
             # vLLM loads weights from a directory: the current student is saved (a LoRA adapter merged in) by
             # rank 0, and each round's engine is started afresh on it, so every round samples the latest weights
             model_dir = str(folder / "student_weights")
@@ -199,7 +192,7 @@ def train(config: RunConfig, models: ModelPair, method: Method, rows: list[dict]
                 shutil.rmtree(model_dir, ignore_errors=True)
                 tmp.rename(model_dir)
             state.wait_for_everyone()
-        backend = make_backend(config, model, tokenizer, model_dir=model_dir, processor=models.processor)
+        backend = modality.backend(config, model, tokenizer, model_dir=model_dir)
         try:
             student_rows = generate_once(
                 backend, train_prompts, folder / "student.jsonl",
@@ -217,22 +210,15 @@ def train(config: RunConfig, models: ModelPair, method: Method, rows: list[dict]
     if not rows:
         raise DistillmError(f"Method {method.name!r} has no training rows: check the prompt file {config.data.prompts}.")
     dataset = RowDataset(refresh(0, models.student) if method.paired_rounds else rows)
-    image_inputs = None
-    if models.processor is not None:  # vision-language: each row's image, batched by the processor
-        image_inputs = ImageInputs(models.processor, {p.id: p.image for p in train_prompts})
-        collator = VisionCollator(tokenizer.pad_token_id, config.data.max_length, image_inputs, method.sequences)
-    elif models.cross is not None:  # the teacher has another tokenizer: both sides' ids + the alignment
-        collator = models.cross.collator(config.data.max_length, method.sequences)
-    else:
-        collator = DistillCollator(tokenizer.pad_token_id, config.data.max_length, method.sequences)
+    image_inputs = modality.image_inputs(train_prompts)  # vision-language: each row's image; text: None
+    collator = modality.collator(config, models, method, image_inputs)
     sampler = OnlineSampler(models.student, models.teacher, tokenizer, sampling_params(config), models.vocab_size,
                             image_inputs=image_inputs)
     teacher_cache = None
     if config.training.teacher_cache != "off" and method.needs_teacher and (
             method.uses_fixed_responses or method.paired_rounds):
         # the first group of every row is a fixed (teacher) response: the same sequences every round
-        if image_inputs is not None:  # the teacher's scores depend on the image, which the cache keys leave out
-            raise DistillmError("--teacher-cache is not supported for vision-language runs yet; run without it.")
+        modality.check_teacher_cache()
         state = process_state()
         if state.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
             raise DistillmError("--teacher-cache is not supported under DeepSpeed/FSDP (the teacher's head is "
@@ -249,9 +235,7 @@ def train(config: RunConfig, models: ModelPair, method: Method, rows: list[dict]
         teacher_service = RemoteScores(teacher_client, config.training.teacher_top_k, models.vocab_size,
                                        max_pending=config.training.gradient_accumulation_steps,
                                        tail=config.training.teacher_topk_tail)
-    trainer_class, extra = DistillTrainer, {}
-    if models.cross is not None:
-        trainer_class, extra = CrossDistillTrainer, {"cross": models.cross}
+    trainer_class, extra = modality.trainer(models)
     trainer = trainer_class(
         teacher_service=teacher_service,
         model=models.student, teacher=models.teacher, method=method, vocab_size=models.vocab_size,
@@ -259,7 +243,7 @@ def train(config: RunConfig, models: ModelPair, method: Method, rows: list[dict]
         loss_impl=config.loss.loss_impl, loss_chunk_size=config.loss.loss_chunk_size, teacher_cache=teacher_cache,
         args=args, train_dataset=dataset,
         data_collator=collator,
-        processing_class=models.processor or tokenizer, **extra,
+        processing_class=modality.processing_class(tokenizer), **extra,
     )
     if method.paired_rounds:
         trainer.add_callback(OnPolicyRoundCallback(dataset, refresh, trainer.model_for_generation))
@@ -352,7 +336,7 @@ def save_student(trainer: DistillTrainer, config: RunConfig, models: ModelPair, 
     if trainer.args.should_save:
         if getattr(models.student, "is_loaded_in_4bit", False) or getattr(
                 models.student.get_base_model(), "is_loaded_in_4bit", False):
-            from peft import PeftModel  # optional dependency (LoRA students only)
+            from peft import PeftModel  # optional: PEFT, heavy, only for LoRA / QLoRA students
 
             base_spec = config.model.student or str(paths.root / "student_base")
             base, _ = load_model(base_spec, dtype=config.model.dtype)

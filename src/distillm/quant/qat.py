@@ -23,12 +23,17 @@ they rebuild the weight its forward used; `dequantized_copy` is the plain transf
 from __future__ import annotations
 
 import copy
+import importlib.util
 import logging
 import os
+import shutil
+import textwrap
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..errors import DistillmError
+from ..export.gguf import write_gguf
 from ..models import is_peft_model, merged_copy, resolve_model_source
 from . import QuantizedWeight
 
@@ -59,17 +64,15 @@ def _torch_int_dtype(bits: int) -> torch.dtype:
 
 def import_torchao():
     """Import torchao's QAT API, or say how to install it."""
-    import importlib.util
-
     if importlib.util.find_spec("torchao") is None:
         raise QuantizationError("--student-quant needs the torchao package (a dependency of distillm): "
                                 "pip install 'torchao>=0.18'")
-    import torchao.quantization.qat  # noqa: F401  (its import-time noise is filtered by distillm._quiet)
+    import torchao.quantization.qat  # noqa: F401  optional: torchao (heavy); its noise: distillm._quiet
 
 
 def fake_quantize_config(bits: int, group_size: int):
     import_torchao()
-    from torchao.quantization.qat import IntxFakeQuantizeConfig
+    from torchao.quantization.qat import IntxFakeQuantizeConfig  # optional: torchao (heavy), --student-quant
 
     return IntxFakeQuantizeConfig(_torch_int_dtype(bits), group_size=group_size, is_symmetric=True,
                                   scale_precision=torch.float16, eps=SCALE_EPS)
@@ -104,8 +107,8 @@ def prepare_qat(model: torch.nn.Module, bits: int, group_size: int, *,
     The input embedding and the output head (tied in SmolLM2) are frozen unless `train_embeddings`: they stay the
     teacher's, so the GGUF export can copy the teacher file's own bytes for them (small and exact) instead of
     writing a trained fp32 matrix (a fifth of SmolLM2's weights, 113 MB in F32)."""
-    from torchao.quantization import quantize_
-    from torchao.quantization.qat import QATConfig
+    from torchao.quantization import quantize_  # optional: torchao (heavy), --student-quant
+    from torchao.quantization.qat import QATConfig  # optional: torchao (heavy), --student-quant
 
     check_quantizable(model, group_size)
     names = set(quantizable_linears(model))
@@ -126,7 +129,7 @@ def prepare_qat(model: torch.nn.Module, bits: int, group_size: int, *,
 
 def fake_quantized_linears(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     import_torchao()
-    from torchao.quantization.qat.linear import FakeQuantizedLinear
+    from torchao.quantization.qat.linear import FakeQuantizedLinear  # optional: torchao (heavy), --student-quant
 
     return {name: m for name, m in model.named_modules() if isinstance(m, FakeQuantizedLinear)}
 
@@ -156,9 +159,7 @@ def _cached_quantizer_class():
     global _CACHED_CLASS
     if _CACHED_CLASS is None:
         import_torchao()
-        from torchao.quantization.qat.fake_quantizer import IntxFakeQuantizer
-
-        from torch.optim.optimizer import register_optimizer_step_post_hook
+        from torchao.quantization.qat.fake_quantizer import IntxFakeQuantizer  # optional: torchao (heavy)
 
         register_optimizer_step_post_hook(_count_optimizer_step)
 
@@ -189,7 +190,7 @@ def _cached_quantizer_class():
 
 def _fake_quantize(module) -> tuple[torch.Tensor, torch.Tensor]:
     """The weight the module's forward uses, freshly computed by torchao, and the fp16 scales it used."""
-    from torchao.quantization.qat.fake_quantizer import IntxFakeQuantizer
+    from torchao.quantization.qat.fake_quantizer import IntxFakeQuantizer  # optional: torchao (heavy), --student-quant
 
     quantizer = module.weight_fake_quantizer
     with torch.no_grad():
@@ -259,12 +260,6 @@ def write_student_gguf(path, plain: torch.nn.Module, quantized: dict[str, Quanti
                        tokenizer) -> str | None:
     """student.gguf through distillm.export.gguf; None (with a warning naming why) when it cannot be written --
     the Hugging Face directory beside it holds the same weights."""
-    try:  # the GGUF writer is optional (the gguf package): without it, student/ alone holds the weights
-        from ..export.gguf import write_gguf
-    except ImportError as err:
-        logger.warning("No GGUF written: the GGUF writer is not available (%s); student/ holds the quantized "
-                       "weights as a Hugging Face model.", err)
-        return None
     try:
         write_gguf(str(path), plain, quantized, reference_gguf=teacher_gguf(config), tokenizer=tokenizer)
     except DistillmError as err:
@@ -278,8 +273,6 @@ def save_quantized_student(trainer, config, models, paths) -> dict:
     values (LoRA merged first, then quantized), student/student.gguf the same weights in llama.cpp blocks. The
     run's student becomes that plain model, so the "after" evaluation measures exactly what was exported.
     Written to student.tmp and renamed; every process builds the model, the main one writes."""
-    import shutil
-
     model = trainer.accelerator.unwrap_model(trainer.model)
     if is_peft_model(model):
         trainer.save_model(str(paths.root / "adapter"))  # the adapter itself, as for any LoRA run
@@ -335,7 +328,5 @@ def format_export(info: dict) -> str:
                      "them), so the int3 codes are written in Q4_0 blocks. ")
         note += ("The embedding (and tied head) is not quantized and, unless --student-quant-train-embeddings, "
                  "not trained: the file keeps the teacher's own encoding of it (docs/quantization.md).")
-        import textwrap
-
         lines.extend(textwrap.wrap(note, 110))
     return "\n".join(lines)

@@ -26,6 +26,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
 
+from ..generation.base import SamplingParams
+from ..generation.hf import HFBackend
+from ..models import load_model, real_vocab_size
+
 
 def topk_scores(model, ids: list[int], k: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
     """log-softmax [len(ids) - 1, vocab] of the model's next-token logits at every position but the last (the
@@ -122,9 +126,6 @@ def _handler(state: _State):
                           "token_ids": [0]}
                 return self._send(200, {"id": f"cmpl-{n}", "object": "text_completion", "model": state.name,
                                         "choices": [choice]})
-            from ..generation.base import SamplingParams
-            from ..generation.hf import HFBackend
-
             params = SamplingParams(temperature=float(body.get("temperature", 1.0)), top_p=float(body.get("top_p", 1.0)),
                                     max_new_tokens=int(body.get("max_tokens", 16)))
             with state.model_lock:
@@ -147,8 +148,6 @@ def main(argv=None) -> None:
     parser.add_argument("--api-key", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    from ..models import load_model, real_vocab_size
-
     model, tokenizer = load_model(args.model, dtype="float32")
     model.eval()
     state = _State(model, tokenizer, real_vocab_size(tokenizer), json.loads(args.faults), args.api_key, args.model)

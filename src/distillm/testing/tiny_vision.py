@@ -19,7 +19,9 @@ import sys
 from pathlib import Path
 
 import torch
+from PIL import Image
 from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from .tiny import build_tiny_tokenizer, tiny_llama_config
 
@@ -49,8 +51,6 @@ QUESTIONS = ["What colour is this image?", "Describe the picture.", "What do you
 
 def build_tiny_processor() -> LlavaProcessor:
     """The processor of the tiny VLMs: tokenizer with `<image>`, CLIP image processor at 16x16, 16 image tokens."""
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
     tokenizer = build_tiny_tokenizer(chat_template=VLM_CHAT_TEMPLATE)
     tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": IMAGE_SIZE},
@@ -81,8 +81,6 @@ def build_tiny_vlm(processor: LlavaProcessor, num_text_layers: int = 4, hidden_s
 
 def make_images(folder: str | Path, count: int = 6) -> list[Path]:
     """`count` PNG images: solid colours, then left/right halves of two colours (written as folder/img_K.png)."""
-    from PIL import Image
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     names = list(COLOURS)

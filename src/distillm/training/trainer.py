@@ -35,8 +35,10 @@ import random
 from collections import Counter, defaultdict
 
 import torch
+from safetensors import safe_open
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from ..errors import DistillmError
 from ..testing.faults import fault_point, poison_loss
@@ -93,11 +95,11 @@ def prepare_teacher(teacher: torch.nn.Module, accelerator) -> torch.nn.Module:
     teacher = freeze(teacher)
     placement = teacher_placement(accelerator)
     if placement == "deepspeed":
-        from trl.models.utils import prepare_deepspeed
+        from trl.models.utils import prepare_deepspeed  # optional: TRL (heavy)
 
         return prepare_deepspeed(teacher, accelerator)
     if placement == "fsdp":
-        from trl.models.utils import prepare_fsdp
+        from trl.models.utils import prepare_fsdp  # optional: TRL (heavy)
 
         return prepare_fsdp(teacher, accelerator)
     return teacher.to(accelerator.device)
@@ -185,7 +187,7 @@ class DistillTrainer(Trainer):
 
     def model_for_generation(self):
         """Context manager: the student, unwrapped and ready to generate (TRL's `unwrap_model_for_generation`)."""
-        from trl.models.utils import unwrap_model_for_generation
+        from trl.models.utils import unwrap_model_for_generation  # optional: TRL (heavy)
 
         return unwrap_model_for_generation(self.model_wrapped, self.accelerator)
 
@@ -324,9 +326,6 @@ class DistillTrainer(Trainer):
 
 def checkpoint_weight_names(folder: str | os.PathLike) -> set[str]:
     """The tensor names of a checkpoint's safetensors weights (one file or an index of shards); empty if none."""
-    from safetensors import safe_open
-    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
-
     single, index = os.path.join(folder, SAFE_WEIGHTS_NAME), os.path.join(folder, SAFE_WEIGHTS_INDEX_NAME)
     if os.path.isfile(single):
         with safe_open(single, "pt") as handle:

@@ -50,9 +50,9 @@ Modules: `kernels` (the per-chunk closed forms), `autograd` (chunking and the tw
 
 from __future__ import annotations
 
-from .api import (default_chunk_size, fused_acceptance_rate, fused_divergence, fused_forward_kl,
+from .api import (MIXTURE_WEIGHTS, default_chunk_size, fused_acceptance_rate, fused_divergence, fused_forward_kl,
                   fused_generalized_jsd, fused_reverse_kl, fused_skew_forward_kl, fused_skew_reverse_kl,
-                  fused_token_log_probs, fused_total_variation, fused_weighted_divergence)
+                  fused_token_log_probs, fused_total_variation, fused_weighted_divergence, mixture_weight)
 from .autograd import (TOPK_TAILS, HeadInputs, TopKTeacher, power_exponents, resolve_tail, topk_logprobs,
                        with_actual_token)
 from .kernels import CHUNK_BYTES, DIVERGENCES
@@ -61,6 +61,6 @@ __all__ = [
     "CHUNK_BYTES", "DIVERGENCES", "HeadInputs", "TopKTeacher", "default_chunk_size", "fused_divergence",
     "fused_weighted_divergence", "fused_forward_kl", "fused_reverse_kl", "fused_skew_forward_kl",
     "fused_skew_reverse_kl", "fused_generalized_jsd", "fused_total_variation", "fused_acceptance_rate",
-    "fused_token_log_probs", "topk_logprobs", "TOPK_TAILS", "resolve_tail", "with_actual_token",
-    "power_exponents",
+    "fused_token_log_probs", "topk_logprobs", "TOPK_TAILS", "resolve_tail", "MIXTURE_WEIGHTS", "mixture_weight",
+    "with_actual_token", "power_exponents",
 ]

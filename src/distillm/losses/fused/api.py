@@ -3,6 +3,8 @@ and `fused_token_log_probs`, with their argument checks (see `losses.fused`)."""
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
@@ -79,11 +81,40 @@ def _prepare(student: HeadInputs, teacher, extra, mask, positions, temperature, 
     return prob, (flat_hidden, weight, bias), t_tuple, extra, lead
 
 
-def _check_divergence_weight(divergence: str, weight) -> None:
-    if divergence in ("skl", "srkl", "jsd"):
-        if weight is None:
-            raise ValueError(f"{divergence} needs its weight (a for skl/srkl, b for jsd)")
-        check_weight(weight, "beta" if divergence == "jsd" else "alpha", allow_one=divergence == "jsd")
+#: the divergences with a mixture weight, and its name: the skew a of SKL/SRKL, the b of the generalized JSD
+MIXTURE_WEIGHTS = {"skl": "alpha", "srkl": "alpha", "jsd": "beta"}
+
+
+def mixture_weight(divergence: str, value) -> dict:
+    """The keyword argument that passes `value` as `divergence`'s mixture weight: {'alpha': value} for skl/srkl
+    (the skew a), {'beta': value} for jsd (its b), {} for the divergences without one (value is not used)."""
+    name = MIXTURE_WEIGHTS.get(divergence)
+    return {} if name is None else {name: value}
+
+
+def _mixture(divergence: str, alpha, beta, weight, function: str):
+    """The mixture weight of `divergence` from alpha= / beta= (or the deprecated weight=), checked."""
+    if weight is not None:
+        if alpha is not None or beta is not None:
+            raise TypeError(f"{function}: pass alpha= or beta=, not also weight=")
+        warnings.warn(f"{function}(..., weight=) is deprecated: pass alpha= (the skew a of skl/srkl) or beta= (the "
+                      "b of jsd)", DeprecationWarning, stacklevel=3)
+        alpha, beta = (None, weight) if divergence == "jsd" else (weight, None)
+        if divergence not in MIXTURE_WEIGHTS:  # as before: a weight given to a divergence without one is unused
+            return None
+    name = MIXTURE_WEIGHTS.get(divergence)
+    given = {key: value for key, value in (("alpha", alpha), ("beta", beta)) if value is not None}
+    if any(key != name for key in given):
+        takes = f"takes {name}=" if name else "takes no mixture weight"
+        raise ValueError(f"{divergence} {takes}, got {', '.join(f'{key}=' for key in given)}")
+    if name is None:
+        return None
+    value = given.get(name)
+    if value is None:
+        raise ValueError(f"{divergence} needs its mixture weight {name}= ("
+                         + ("the skew a" if name == "alpha" else "its b") + ")")
+    check_weight(value, name, allow_one=divergence == "jsd")
+    return value
 
 
 def _rows(lead: torch.Size, n: int, mask: Tensor | None, positions: Tensor | None, device) -> Tensor:
@@ -120,14 +151,16 @@ def _reshape_out(flat: Tensor, lead: torch.Size) -> Tensor:
 
 def fused_divergence(
     divergence: str, student: HeadInputs, teacher: HeadInputs | Tensor, weight: float | Tensor | None = None, *,
-    mask: Tensor | None = None, positions: Tensor | None = None, temperature: float = 1.0,
-    vocab_size: int | None = None, chunk_size: int | None = None, detach_student_in_mixture: bool | None = None,
+    alpha: float | Tensor | None = None, beta: float | Tensor | None = None, mask: Tensor | None = None,
+    positions: Tensor | None = None, temperature: float = 1.0, vocab_size: int | None = None,
+    chunk_size: int | None = None, detach_student_in_mixture: bool | None = None,
 ) -> Tensor:
     """Per-token divergence d_n [...] (the leading shape of student.hidden) from hidden states and heads.
 
     divergence: one of DIVERGENCES ('fkl', 'rkl', 'skl', 'srkl', 'jsd', 'tvd', 'acceptance'), defined as in
-    `divergences.py`. weight: a of SKL/SRKL or b of JSD, a float, a per-token tensor (shape of the leading
-    dims) or a per-row tensor [B] (as the plain functions take); a constant for the gradient.
+    `divergences.py`. alpha: the skew a of SKL/SRKL; beta: the b of JSD (as the plain functions name them;
+    `mixture_weight(divergence, value)` picks the keyword): a float, a per-token tensor (shape of the leading
+    dims) or a per-row tensor [B]; a constant for the gradient. weight (deprecated): either of them.
     teacher: HeadInputs (hidden [..., H_t], weight [V_t, H_t], bias) or logits / log-probs [..., V_t]; no
     gradient flows to it. mask (bool, leading shape) or positions (flat indices) select the tokens computed;
     others are 0 with no gradient. vocab_size: only the first vocab_size rows of the heads (and entries of
@@ -135,30 +168,33 @@ def fused_divergence(
     detach_student_in_mixture: None = the plain functions' defaults (SKL False, SRKL True).
     Exact for any upstream gradient; the backward recomputes each chunk's logits.
     """
-    _check_divergence_weight(divergence, weight)
+    weight = _mixture(divergence, alpha, beta, weight, "fused_divergence")
     kernel = divergence_kernel(divergence, detach_student_in_mixture)
     prob, (h, w, b), t, extra, lead = _prepare(student, teacher, weight, mask, positions, temperature, vocab_size,
-                                               chunk_size, kernel, True, "weight", divergence)
+                                               chunk_size, kernel, True, MIXTURE_WEIGHTS.get(divergence, "weight"),
+                                               divergence)
     return _reshape_out(FusedPerToken.apply(prob, h, w, b, *t, extra), lead)
 
 
 def fused_weighted_divergence(
     divergence: str, student: HeadInputs, teacher: HeadInputs | Tensor, token_weights: Tensor,
-    weight: float | Tensor | None = None, *, mask: Tensor | None = None, positions: Tensor | None = None,
-    temperature: float = 1.0, vocab_size: int | None = None, chunk_size: int | None = None,
-    detach_student_in_mixture: bool | None = None,
+    weight: float | Tensor | None = None, *, alpha: float | Tensor | None = None, beta: float | Tensor | None = None,
+    mask: Tensor | None = None, positions: Tensor | None = None, temperature: float = 1.0,
+    vocab_size: int | None = None, chunk_size: int | None = None, detach_student_in_mixture: bool | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(L, d): L = sum_n w_n d_n (a scalar with gradient) and the per-token values d [...] (no gradient).
 
     token_weights w: per-token weights of the leading shape (e.g. 1 / (tokens of the sequence x sequences) for
     the sequence mean, 1 / tokens for the token mean, times a loss coefficient); tokens outside mask/positions
     or with weight 0 do not count. The gradient of L is computed during this call, chunk by chunk (no
-    recomputation in the backward), which is the fast path for training. Other arguments as `fused_divergence`.
+    recomputation in the backward), which is the fast path for training. Other arguments (alpha, the skew a of
+    SKL/SRKL; beta, the b of JSD) as `fused_divergence`.
     """
-    _check_divergence_weight(divergence, weight)
+    weight = _mixture(divergence, alpha, beta, weight, "fused_weighted_divergence")
     kernel = divergence_kernel(divergence, detach_student_in_mixture)
     prob, (h, w, b), t, extra, lead = _prepare(student, teacher, weight, mask, positions, temperature, vocab_size,
-                                               chunk_size, kernel, True, "weight", divergence)
+                                               chunk_size, kernel, True, MIXTURE_WEIGHTS.get(divergence, "weight"),
+                                               divergence)
     if token_weights.shape != lead:
         raise ValueError(f"token_weights must have shape {tuple(lead)}, got {tuple(token_weights.shape)}")
     tw = token_weights.detach().reshape(prob.n)
@@ -179,21 +215,21 @@ def fused_reverse_kl(student: HeadInputs, teacher: HeadInputs | Tensor, **kwargs
 def fused_skew_forward_kl(student: HeadInputs, teacher: HeadInputs | Tensor, alpha: float | Tensor, *,
                           detach_student_in_mixture: bool = False, **kwargs) -> Tensor:
     """Per-token SKL_a = sum_v p log(p / m1), m1 = a p + (1 - a) q; a in [0, 1), float, per token or per row."""
-    return fused_divergence("skl", student, teacher, alpha, detach_student_in_mixture=detach_student_in_mixture,
+    return fused_divergence("skl", student, teacher, alpha=alpha, detach_student_in_mixture=detach_student_in_mixture,
                             **kwargs)
 
 
 def fused_skew_reverse_kl(student: HeadInputs, teacher: HeadInputs | Tensor, alpha: float | Tensor, *,
                           detach_student_in_mixture: bool = True, **kwargs) -> Tensor:
     """Per-token SRKL_a = sum_v q log(q / m2), m2 = (1 - a) p + a q; the q inside m2 detached by default."""
-    return fused_divergence("srkl", student, teacher, alpha, detach_student_in_mixture=detach_student_in_mixture,
+    return fused_divergence("srkl", student, teacher, alpha=alpha, detach_student_in_mixture=detach_student_in_mixture,
                             **kwargs)
 
 
 def fused_generalized_jsd(student: HeadInputs, teacher: HeadInputs | Tensor, beta: float | Tensor,
                           **kwargs) -> Tensor:
     """Per-token JSD_b = b KL(p || m) + (1 - b) KL(q || m), m = b p + (1 - b) q; b = 0 is FKL, b = 1 RKL."""
-    return fused_divergence("jsd", student, teacher, beta, **kwargs)
+    return fused_divergence("jsd", student, teacher, beta=beta, **kwargs)
 
 
 def fused_total_variation(student: HeadInputs, teacher: HeadInputs | Tensor, **kwargs) -> Tensor:
