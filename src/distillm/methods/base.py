@@ -24,7 +24,6 @@ The trainer (`training.trainer.DistillTrainer`) and the pipeline do the rest, th
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Protocol, Sequence, Union
@@ -36,7 +35,7 @@ from ..options import opt
 from ..losses import divergences as plain
 from ..losses.divergences import IGNORE_INDEX, per_sequence_mean
 from ..losses.fused import (HeadInputs, TopKTeacher, fused_token_log_probs, fused_weighted_divergence, mixture_weight,
-                            resolve_tail, topk_logprobs)
+                            resolve_tail, topk_logprobs, with_actual_token)
 from ..crosstok.losses import CrossTeacher, aligned_span_log_probs, cross_divergence_loss
 
 if TYPE_CHECKING:
@@ -137,9 +136,11 @@ def _plain_logits(scores, vocab_size: int | None, student: torch.Tensor | None =
     if isinstance(scores, TopKTeacher):  # the plain (reference) path spells the distribution out in full
         lead, k = scores.logprobs.shape[:-1], scores.logprobs.shape[-1]
         guide = None
-        if resolve_tail(scores.tail, divergence) == "student" and student is not None:
+        tail = resolve_tail(scores.tail, divergence)
+        if tail != "uniform" and student is not None:
             guide = student[..., :vocab_size].reshape(-1, vocab_size)
-        dense = topk_logprobs(scores.logprobs.reshape(-1, k), scores.indices.reshape(-1, k), vocab_size, guide)
+        dense = topk_logprobs(scores.logprobs.reshape(-1, k), scores.indices.reshape(-1, k), vocab_size, guide,
+                              tail=tail)
         return dense.reshape(*lead, vocab_size)
     return scores if vocab_size is None else scores[..., :vocab_size]
 
@@ -149,17 +150,18 @@ def _topk_token_log_probs(scores: TopKTeacher, targets: torch.Tensor, vocab: int
     ones and `tail` on V - k tokens; at temperature tau they are renormalised after dividing by tau. A token
     outside the top k takes the exact log-prob `scores.target` where the teacher sent it (a vLLM server does),
     else the tail's share."""
-    values = scores.logprobs.float()
-    k = values.shape[-1]
-    mass = (1.0 - values.exp().sum(-1)).clamp_min(torch.finfo(values.dtype).tiny * max(vocab - k, 1))
-    tail = torch.log(mass / max(vocab - k, 1))
+    present = scores.indices >= 0  # an id of -1 is no entry (losses.fused.with_actual_token)
+    values = scores.logprobs.float().masked_fill(~present, float("-inf"))
+    rest = (vocab - present.sum(-1)).clamp_min(1).float()
+    mass = torch.maximum(1.0 - values.exp().sum(-1), torch.finfo(values.dtype).tiny * rest)
+    tail = torch.log(mass / rest)
     safe = targets.clamp_min(0).unsqueeze(-1)
-    hit = scores.indices.long() == safe
+    hit = (scores.indices.long() == safe) & present
     outside = tail if scores.target is None else scores.target.float()
-    own = torch.where(hit.any(-1), (values * hit).sum(-1), outside)
+    own = torch.where(hit.any(-1), torch.where(hit, values, 0.0).sum(-1), outside)
     parts = [values / temperature]
-    if vocab > k:
-        parts.append((math.log(vocab - k) + tail / temperature).unsqueeze(-1))
+    if vocab > values.shape[-1]:
+        parts.append((torch.log(rest) + tail / temperature).unsqueeze(-1))
     norm = torch.logsumexp(torch.cat(parts, -1), -1)
     return torch.where(targets != IGNORE_INDEX, own / temperature - norm, torch.zeros_like(own))
 
@@ -191,6 +193,8 @@ def divergence_loss(batch: LossInputs, name: str, rows: slice, token_weights: to
     if name not in PLAIN_DIVERGENCES:
         raise ValueError(f"Unknown divergence '{name}': use {', '.join(PLAIN_DIVERGENCES)}.")
     student, teacher = _rows(batch.student, rows), _rows(batch.teacher, rows)
+    if isinstance(teacher, TopKTeacher):  # the actual token's exact log-prob, where sent, as a (k+1)-th entry
+        teacher = with_actual_token(teacher, batch.targets[rows])
     if isinstance(teacher, CrossTeacher):  # another tokenizer: the aligned losses of crosstok.losses
         return cross_divergence_loss(student, teacher, batch.targets[rows], token_weights, name, weight=weight,
                                      temperature=temperature, detach_student_in_mixture=detach_student_in_mixture)

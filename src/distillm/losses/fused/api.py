@@ -51,8 +51,8 @@ def _prepare(student: HeadInputs, teacher, extra, mask, positions, temperature, 
             if values.shape[:-1] != lead or ids.shape != values.shape:
                 raise ValueError(f"top-k teacher log-probs {tuple(values.shape)} and ids {tuple(ids.shape)} must "
                                  f"both be [{', '.join(map(str, lead))}, k]")
-            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
-                raise ValueError(f"top-k teacher ids must be in [0, {vocab})")
+            if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= vocab):
+                raise ValueError(f"top-k teacher ids must be in [0, {vocab}) (or -1: no entry, see with_actual_token)")
             k = values.shape[-1]
             t_tuple = (None, values.reshape(n, k), ids.reshape(n, k), None)
             topk_tail = resolve_tail(teacher.tail, divergence)

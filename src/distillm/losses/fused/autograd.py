@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-TOPK_TAILS = ("uniform", "student")
+TOPK_TAILS = ("uniform", "student", "power")
 
 
 def resolve_tail(tail: str, divergence: str | None = None) -> str:
-    """A top-k teacher's tail treatment, checked ("uniform" or "student"; the same for every divergence: see
+    """A top-k teacher's tail treatment, checked ("uniform", "student" or "power"; the same for every divergence: see
     TopKTeacher for the measurements behind that)."""
     if tail not in TOPK_TAILS:
         raise ValueError(f"top-k teacher tail must be one of {', '.join(TOPK_TAILS)}, got {tail!r}")
@@ -41,21 +41,27 @@ class TopKTeacher(NamedTuple):
       two distributions coarse-grained to k + 1 outcomes (the top-k tokens and one tail bucket holding T and
       Q): no guess about how the teacher spreads its tail, and the student's own tail shape is left alone.
       Rows whose student puts no mass on the tail (Q = 0) fall back to the even spread;
-    - tail="uniform" (the default): evenly, T / (V - k) each.
+    - tail="power" (the pipeline's default, --teacher-topk-tail): in proportion to q_j ** g, g per row the
+      least-squares slope of log p on log q over the known entries, clamped to [0, 2] (`power_exponents`; g = 0
+      is the even spread, g = 1 the student's proportions); the teacher, g included, is a constant for the
+      gradient. A heuristic without the bucket form's exactness;
+    - tail="uniform" (this class's default): evenly, T / (V - k) each.
 
-    Which is closer to the exact teacher depends on the student, not on the divergence (benchmarks/
-    bench_topk_teacher.py, SmolLM2-135M, k = 64; docs/cluster-teacher.md): for a student close to the teacher
-    (26 of its 30 layers) the even spread gives the smaller gradient error for FKL, SKL and SRKL (SKL 2.6% vs
-    4.8%, SRKL 6.0% vs 14.6%); for a distant one (10 layers, 99% of its mass off the teacher's top-64) the
-    student's proportions do (SKL 12% vs 16%, SRKL 25% vs 41%), though neither is accurate there.
+    Gradient relative error against the exact teacher at k = 64 (benchmarks/bench_topk_teacher.py,
+    SmolLM2-135M, 8 teacher responses; docs/cluster-teacher.md), SKL / SRKL (a = 0.1), uniform, student, power:
+    the default int4 student 5.7% / 14%, 1.9% / 6.9%, 1.3% / 2.7%; a 26-layer student 2.0% / 4.9%, 3.7% / 10%,
+    1.0% / 2.6%; a distant, untrained 10-layer student 11% / 34%, 7.9% / 17%, 14% / 41% (no tail is accurate
+    there).
 
-    Pass it as `teacher` to any fused divergence (the divergences do not use `target`)."""
+    Pass it as `teacher` to any fused divergence. The divergences themselves do not read `target`;
+    `with_actual_token` turns it into a (k+1)-th known entry first (`methods.base.divergence_loss` does)."""
 
     logprobs: Tensor
     indices: Tensor
     tail: str = "uniform"
     #: optional log-probs [...] of the actual next token at each position (a vLLM server sends them with the
-    #: top-k): `methods.base.token_log_probs` uses them for tokens outside the top-k instead of the tail's share
+    #: top-k): `methods.base.token_log_probs` uses them for tokens outside the top-k instead of the tail's share,
+    #: and `divergence_loss` adds them as a known entry (`with_actual_token`)
     target: Tensor | None = None
 
 
@@ -76,7 +82,8 @@ def _student_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, idx: Te
     return F.linear(hidden.index_select(0, idx), weight[:vocab], None if bias is None else bias[:vocab])
 
 
-def _teacher_logits(teacher: tuple, idx: Tensor, vocab: int, student_logits: Tensor | None = None) -> Tensor | None:
+def _teacher_logits(teacher: tuple, idx: Tensor, vocab: int, student_logits: Tensor | None = None,
+                    tail: str = "student") -> Tensor | None:
     """teacher = (logits [N, V_t] or None, hidden [N, H_t] or None, weight or None, bias or None); a top-k
     teacher comes as (None, log-probs [N, k], ids [N, k] (an integer 'weight'), None), its tail spread in
     proportion to `student_logits` (the chunk's [C, V]) when given, else evenly."""
@@ -84,38 +91,91 @@ def _teacher_logits(teacher: tuple, idx: Tensor, vocab: int, student_logits: Ten
     if logits is not None:
         return logits.index_select(0, idx)[:, :vocab]
     if hidden is not None and not weight.is_floating_point():
-        return topk_logprobs(hidden.index_select(0, idx), weight.index_select(0, idx), vocab, student_logits)
+        return topk_logprobs(hidden.index_select(0, idx), weight.index_select(0, idx), vocab, student_logits,
+                             tail=tail)
     if hidden is not None:
         return _student_logits(hidden, weight, bias, idx, vocab)
     return None
 
 
-def topk_logprobs(logprobs: Tensor, indices: Tensor, vocab: int, student_logits: Tensor | None = None) -> Tensor:
-    """[C, V] log-probabilities: the top-k ones where given, the tail mass T = 1 - sum_k p (at least the smallest
-    normal float) on the other tokens: in proportion to the student's probabilities there when `student_logits`
-    [C, >= V] are given (log p_j = log T + log q_j - log Q, Q the student's tail mass; evenly in rows where
-    Q = 0), else evenly (T / (V - k) each). No gradient flows through it."""
+def power_exponents(logprobs: Tensor, log_q_known: Tensor, fallback: float = 1.0, max_power: float = 2.0) -> Tensor:
+    """Per row [C], the least-squares slope g of log p on log q over the known entries [C, k] (the teacher's
+    log-probs `logprobs`, the student's `log_q_known` of the same tokens; entries where either is -inf are left
+    out), clamped to [0, max_power]: the exponent of the "power" tail, p_j proportional to q_j ** g off the known
+    tokens. Rows with fewer than two usable entries or no spread in log q get `fallback`."""
+    use = torch.isfinite(logprobs) & torch.isfinite(log_q_known)
+    n = use.sum(-1, keepdim=True)
+    x = torch.where(use, log_q_known, 0.0)
+    y = torch.where(use, logprobs, 0.0)
+    x = torch.where(use, x - x.sum(-1, keepdim=True) / n.clamp_min(1), 0.0)
+    y = torch.where(use, y - y.sum(-1, keepdim=True) / n.clamp_min(1), 0.0)
+    sxx = (x * x).sum(-1)
+    slope = (x * y).sum(-1) / sxx.clamp_min(torch.finfo(sxx.dtype).tiny)
+    ok = (n.squeeze(-1) >= 2) & (sxx > 0)
+    return torch.where(ok, slope.clamp(0.0, max_power), torch.full_like(slope, fallback))
+
+
+def topk_logprobs(logprobs: Tensor, indices: Tensor, vocab: int, student_logits: Tensor | None = None, *,
+                  tail: str = "student") -> Tensor:
+    """[C, V] log-probabilities: the known ones where given (entries with a negative id are no entry: see
+    `with_actual_token`), the tail mass T = 1 - sum of the known p (at least the smallest normal float) on the
+    other tokens. With `student_logits` [C, >= V] (q their softmax), spread as `tail` says:
+    "student": in proportion to the student's probabilities there (log p_j = log T + log q_j - log Q, Q the
+    student's mass off the known tokens); "power": in proportion to q_j ** g, g per row the least-squares slope
+    of log p on log q over the known entries, in [0, 2] (`power_exponents`; g = 0 is the even spread, g = 1 the
+    student's). Rows where the student has no mass off the known tokens get the even spread, and so does every
+    row without `student_logits`: T / (V - known) each. No gradient flows through it."""
     wide = logprobs.dtype == torch.float64 or (student_logits is not None and student_logits.dtype == torch.float64)
     dtype = torch.float64 if wide else torch.float32
-    logprobs = logprobs.to(dtype)
     indices = indices.long()
-    c, k = logprobs.shape
-    rest = max(vocab - k, 1)
+    present = indices >= 0
+    logprobs = logprobs.to(dtype).masked_fill(~present, float("-inf"))
+    slots = torch.where(present, indices, vocab)  # absent entries go to a spare column, dropped below
+    c = logprobs.shape[0]
+    rest = (vocab - present.sum(-1)).clamp_min(1).to(dtype)  # tokens off the known ones, per row
     tiny = torch.finfo(dtype).tiny
-    log_mass = torch.log((1.0 - logprobs.exp().sum(-1)).clamp_min(tiny * rest))
-    uniform = (log_mass - math.log(rest)).unsqueeze(-1)
+    log_mass = torch.log(torch.maximum(1.0 - logprobs.exp().sum(-1), tiny * rest))
+    uniform = (log_mass - torch.log(rest)).unsqueeze(-1)
     if student_logits is None:
-        dense = uniform.expand(c, vocab).clone()
-        return dense.scatter_(1, indices, logprobs)
+        dense = uniform.expand(c, vocab + 1).clone()
+        return dense.scatter_(1, slots, logprobs)[:, :vocab]
     with torch.no_grad():
         log_q = torch.log_softmax(student_logits[:, :vocab].detach().to(dtype), dim=-1)
-        top = torch.zeros(c, vocab, dtype=torch.bool, device=log_q.device).scatter_(1, indices, True)
+        top = torch.zeros(c, vocab + 1, dtype=torch.bool, device=log_q.device).scatter_(1, slots, True)[:, :vocab]
+        if tail == "power":  # q ** g (a token the student gives probability 0 stays at 0, whatever g)
+            known_q = log_q.gather(1, indices.clamp_min(0)).masked_fill(~present, float("-inf"))
+            power = power_exponents(logprobs, known_q).unsqueeze(-1)
+            log_q = torch.where(torch.isneginf(log_q), log_q, log_q * power)
         log_q_tail = log_q.masked_fill_(top, float("-inf"))
         log_tail = torch.logsumexp(log_q_tail, dim=-1, keepdim=True)  # log Q; -inf where the student has none
         empty = torch.isneginf(log_tail)
         dense = log_q_tail.add_(log_mass.unsqueeze(-1) - log_tail.masked_fill(empty, 0.0))
-        dense = torch.where(empty, uniform, dense)
-        return dense.scatter_(1, indices, logprobs)
+        dense = torch.cat([torch.where(empty, uniform, dense), uniform], -1)
+        return dense.scatter_(1, slots, logprobs)[:, :vocab]
+
+
+def with_actual_token(teacher: TopKTeacher, targets: Tensor) -> TopKTeacher:
+    """The top-k teacher with one more known entry per position: the actual next token `targets` [...] (-100:
+    none) with its exact log-prob `teacher.target` [...] (a vLLM server sends it beside the top-k), where that
+    token is outside the top-k. The result has k + 1 entries per position; the extra one has id -1 (no entry)
+    where the token is inside the top-k, masked (-100), or where `teacher.target` is None (then the teacher is
+    returned unchanged). The tail (either treatment) then spreads T = 1 - sum_k p - p(actual) over the other
+    V - k - 1 tokens: the teacher's probability of a token the student sampled (SRKL's responses) is known
+    exactly instead of guessed from the tail. A pure function; `target` is kept."""
+    if teacher.target is None:
+        return teacher
+    values, ids = teacher.logprobs, teacher.indices.long()
+    if targets.shape != values.shape[:-1] or teacher.target.shape != targets.shape:
+        raise ValueError(f"actual tokens {tuple(targets.shape)} and their log-probs {tuple(teacher.target.shape)} "
+                         f"must both be the top-k teacher's leading shape {tuple(values.shape[:-1])}")
+    targets = targets.to(ids.device).long()
+    inside = (ids == targets.clamp_min(0).unsqueeze(-1)).any(-1)
+    extra = (targets >= 0) & ~inside
+    extra_ids = torch.where(extra, targets, -1).unsqueeze(-1).to(teacher.indices.dtype)
+    own = teacher.target.to(device=values.device, dtype=values.dtype)
+    extra_values = torch.where(extra, own, torch.full_like(own, float("-inf"))).unsqueeze(-1)
+    return teacher._replace(logprobs=torch.cat([values, extra_values], -1),
+                            indices=torch.cat([teacher.indices, extra_ids], -1))
 
 
 def _chunk_extra(extra: Tensor | float | None, idx: Tensor):
@@ -132,7 +192,7 @@ def _chunk(prob: ChunkProblem, hidden, weight, bias, teacher, extra, idx: Tensor
     not depend on the student)."""
     with torch.no_grad():
         s = _student_logits(hidden, weight, bias, idx, prob.vocab)
-        t = _teacher_logits(teacher, idx, prob.vocab, s if prob.topk_tail == "student" else None)
+        t = _teacher_logits(teacher, idx, prob.vocab, None if prob.topk_tail == "uniform" else s, prob.topk_tail)
         return prob.kernel(s, t, _chunk_extra(extra, idx), prob.temperature, need_grad)
 
 
