@@ -185,3 +185,29 @@ def test_speculative_kd_is_refused_with_teacher_url_before_anything_loads(tmp_pa
     assert code != 0
     assert "distillm: error: --method speculative-kd does not combine with --teacher-url" in err
     assert "not reachable" not in err
+
+
+@pytest.mark.slow
+def test_a_separate_student_never_reads_the_teachers_weights(server, tmp_path, monkeypatch):
+    """With --student and --teacher-url the teacher's weights are never read (its tokenizer only): no model but the
+    student's is loaded, the run trains and evaluates through the server."""
+    from distillm.testing.tiny import build_tiny_model, build_tiny_tokenizer
+
+    folder = tmp_path / "student_model"
+    tokenizer = build_tiny_tokenizer()
+    build_tiny_model(tokenizer, num_layers=2, seed=0).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    loaded = []
+    real = pipeline_setup.load_model
+
+    def recording(spec, **kwargs):
+        loaded.append(str(spec))
+        return real(spec, **kwargs)
+
+    monkeypatch.setattr(pipeline_setup, "load_model", recording)
+    out = tmp_path / "run"
+    assert main(run_args(server, out, "--student", str(folder))) == 0
+    assert loaded == [str(folder)]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["complete"] and metrics["after"]["teacher_scores"].startswith(f"top-{K} from {server}")
+    assert math.isfinite(metrics["after"]["teacher_nll_of_student_samples"])
