@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import distillm.pipeline.setup as pipeline_setup
-from distillm.cli import main
+from distillm.cli import format_metrics, main
 from distillm.evaluation.divergence import teacher_nll
 from distillm.io import read_jsonl
 from distillm.models import load_model, parse_layer_spec, prune_layers
@@ -69,6 +69,8 @@ def test_a_teacher_url_run_holds_no_teacher_model(remote_run):
     assert remote_run["pair"].teacher is None
     student = remote_run["pair"].student
     assert student.config.num_hidden_layers == 2  # the tiny preset's --student-layers 0,3
+    # the console's before/after table says where the teacher's figures come from
+    assert f"teacher scores: top-{K} from " in format_metrics(remote_run["metrics"])
 
 
 def _teacher():
