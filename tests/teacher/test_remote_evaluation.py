@@ -213,3 +213,34 @@ def test_a_separate_student_never_reads_the_teachers_weights(server, tmp_path, m
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["complete"] and metrics["after"]["teacher_scores"].startswith(f"top-{K} from {server}")
     assert math.isfinite(metrics["after"]["teacher_nll_of_student_samples"])
+
+
+@pytest.mark.slow
+def test_a_quantized_copy_of_the_teacher_releases_the_teacher_too(server, tmp_path):
+    """--student-quant: the student is the teacher's own layers, fake-quantized; with --teacher-url the teacher's
+    weights are read for that copy and then released (nothing of them is kept), and the run trains through the
+    server."""
+    loaded, alive, pairs = [], [], []
+    real_load_model, real_load_models = pipeline_setup.load_model, TextModality.load_models
+
+    def recording_load_model(spec, **kwargs):
+        model, tokenizer = real_load_model(spec, **kwargs)
+        loaded.append(weakref.ref(model))
+        return model, tokenizer
+
+    def recording_load_models(self, config, tokenizer=None):
+        pair = real_load_models(self, config, tokenizer)
+        gc.collect()
+        alive.extend(ref for ref in loaded if ref() is not None)
+        pairs.append(pair)
+        return pair
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pipeline_setup, "load_model", recording_load_model)
+        mp.setattr(TextModality, "load_models", recording_load_models)
+        out = tmp_path / "quant"
+        assert main(run_args(server, out, "--student-quant", "int4", "--no-evaluate")) == 0
+    assert len(loaded) == 1 and alive == [] and pairs[0].teacher is None
+    teacher = _teacher()
+    assert pairs[0].student.config.num_hidden_layers == teacher.config.num_hidden_layers  # every layer, quantized
+    assert json.loads((out / "metrics.json").read_text())["training"]["teacher_server"]["scored_tokens"] > 0
