@@ -189,6 +189,8 @@ def format_metrics(metrics: dict) -> str:
     if any(metrics["after"].get(f"{key}_change") for key in ("distinct_2", "repetition")):
         lines.append("p: paired permutation test over the held-out prompts that the gap to the teacher changed "
                      "by chance (docs/evaluation.md)")
+    if metrics["after"].get("teacher_scores"):  # --teacher-url: KL / TVD are top-k figures (pipeline.evaluate)
+        lines.append(f"teacher scores: {metrics['after']['teacher_scores']}")
     if "degenerate" in metrics["after"]:  # evaluation.degeneracy: closer to collapse than to the teacher
         for tag in ("before", "after"):
             if metrics[tag].get("degenerate"):

@@ -133,8 +133,10 @@ def test_a_server_down_at_start_up_is_named_before_any_model_loads(tmp_path, cap
     assert f"teacher server {url} is not reachable" in err and "distillm: error:" in err
 
 
+# speculative-kd is refused with --teacher-url (its joint decoding needs a teacher in the process:
+# test_remote_evaluation.py)
 TEACHER_METHODS = [m for m in METHOD_NAMES if build_method(load_config(overrides={"method": m})).needs_teacher
-                   and m != "distillm2"]
+                   and m not in ("distillm2", "speculative-kd")]
 
 
 @pytest.mark.slow

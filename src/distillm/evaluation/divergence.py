@@ -6,6 +6,10 @@
   order (the preference figure's per-answer scores; `normalised_scores` divides them).
 - `teacher_student_divergence`: on held-out teacher responses, the token-level KL(p || q), the total variation
   distance and the expected speculative-decoding acceptance rate 1 - TVD, averaged over response tokens.
+- `served_teacher_nll` / `served_teacher_student_divergence`: the same figures from a teacher that is not in this
+  process (--teacher-url), through a callable that gives a batch's top-k scores (`teacher.remote.RemoteScores`):
+  the NLL is exact (the server sends each actual token's log-prob), KL / TVD / acceptance rate use the top-k
+  teacher with its tail spread as in training (losses.fused.TopKTeacher; the actual token a known entry).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from tqdm.auto import tqdm
 
 from ..models import eval_mode
 from ..losses.divergences import acceptance_rate, forward_kl, token_log_probs, total_variation
+from ..losses.fused import with_actual_token
 from ..training.collate import IGNORE, build_sequences, pad_left, response_logits
 
 
@@ -63,6 +68,60 @@ def teacher_student_divergence(teacher, student, rows: Sequence[dict], *, vocab_
                 sums[key] += fn(q_logits, p_logits)[mask].sum().item()
             count += int(mask.sum().item())
     return {key: value / max(count, 1) for key, value in sums.items()}
+
+
+@torch.inference_mode()
+def served_teacher_nll(teacher_scores, rows: Sequence[dict], *, pad_token_id: int, max_length: int,
+                       batch_size: int = 8, desc: str = "teacher NLL (server)", **_) -> float:
+    """`teacher_nll` from a served teacher: `teacher_scores(batch)` gives the batch's `TopKTeacher` [B, R, k] whose
+    `target` holds the exact log-prob of each actual response token (R and its left padding as `response_logits`'
+    targets). Exact: no top-k approximation enters."""
+    total, count = 0.0, 0
+    for batch in tqdm(list(scoring_batches(rows, batch_size, max_length, pad_token_id, "cpu")), desc=desc,
+                      leave=False):
+        scores = teacher_scores(batch)
+        targets = _response_targets(batch)
+        mask = targets != IGNORE
+        if scores.target is None or scores.target.shape != targets.shape:
+            raise ValueError("the served teacher's scores must carry the actual tokens' log-probs, one per response "
+                             f"position {tuple(targets.shape)}")
+        total += -scores.target.double()[mask.to(scores.target.device)].sum().item()
+        count += int(mask.sum().item())
+    return total / max(count, 1)
+
+
+@torch.inference_mode()
+def served_teacher_student_divergence(teacher_scores, student, rows: Sequence[dict], *, vocab_size: int,
+                                      pad_token_id: int, max_length: int, batch_size: int = 8,
+                                      desc: str = "divergence (server)", **_) -> dict[str, float]:
+    """`teacher_student_divergence` against a served teacher's top-k (`teacher_scores(batch)`: a `TopKTeacher`),
+    its distribution rebuilt as the losses rebuild it: the k log-probs, the actual token's exact log-prob as one
+    more known entry, the rest of the mass spread by the scores' tail rule (guided by the student's logits for the
+    student / power tails)."""
+    from ..methods.base import _plain_logits  # the losses' own spelling-out of a top-k teacher
+
+    sums = {"kl": 0.0, "tvd": 0.0, "acceptance_rate": 0.0}
+    count = 0
+    device = next(student.parameters()).device
+    with eval_mode(student):
+        for batch in tqdm(list(scoring_batches(rows, batch_size, max_length, pad_token_id, device)), desc=desc,
+                          leave=False):
+            scores = teacher_scores(batch)
+            q_logits, targets = response_logits(student, batch, vocab_size)
+            q_logits, mask = q_logits.float(), targets != IGNORE
+            scores = with_actual_token(scores, targets.to(scores.indices.device))
+            p_logits = _plain_logits(scores, vocab_size, q_logits.to(scores.logprobs.device), "fkl").to(device)
+            for key, fn in (("kl", forward_kl), ("tvd", total_variation), ("acceptance_rate", acceptance_rate)):
+                sums[key] += fn(q_logits, p_logits)[mask].sum().item()
+            count += int(mask.sum().item())
+    return {key: value / max(count, 1) for key, value in sums.items()}
+
+
+def _response_targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The response tokens [N, R] of a batch, as `response_logits` returns them (R: the longest response)."""
+    labels = batch["labels"]
+    width = max(int((labels != IGNORE).sum(-1).max().item()), 1)
+    return labels[:, -width:]
 
 
 @torch.inference_mode()

@@ -11,7 +11,7 @@ from ..config import RunConfig
 from ..distributed import process_state
 from ..generation.factory import release
 from ..io import atomic_write_json
-from ..methods import build_method
+from ..methods import METHODS, build_method
 from ..errors import DistillmError
 from ..models import real_vocab_size
 from ..teacher.remote import RemoteBackend, connect
@@ -40,6 +40,13 @@ def connect_teacher(config: RunConfig, tokenizer, modality):
     if config.training.teacher_cache != "off":
         raise DistillmError("--teacher-cache and --teacher-url do not combine: the server's scores are top-k "
                             "already; drop --teacher-cache.")
+    if "speculative" in METHODS[config.method.method].sources:
+        # its joint decoding reads the teacher's next-token distribution at every generated token, in lockstep
+        # with the student's KV cache: a round trip per token, and no teacher model is kept here
+        raise DistillmError(f"--method {config.method.method} does not combine with --teacher-url: its joint "
+                            "decoding needs the teacher's next-token distribution at every generated token, from a "
+                            "teacher in this process. Drop --teacher-url (local teacher), or use another "
+                            "teacher-scored method (e.g. gkd, distillm2).")
     return connect(config, tokenizer, real_vocab_size(tokenizer))
 
 
@@ -109,7 +116,8 @@ def _run(config: RunConfig, paths: RunPaths, started: float) -> dict:
         if before is not None:  # a resumed run: the student has trained since, so reuse the first figures
             metrics["before"] = before
         else:
-            metrics["before"] = modality.evaluate(config, models, eval_prompts, teacher_eval, paths, "before")
+            metrics["before"] = modality.evaluate(config, models, eval_prompts, teacher_eval, paths, "before",
+                                                  teacher_client=teacher_client)
             atomic_write_json(before_file, metrics["before"])
     validation = teacher_eval
     if not validation and method.uses_validation:
@@ -122,7 +130,8 @@ def _run(config: RunConfig, paths: RunPaths, started: float) -> dict:
         logger.warning("No 'after' evaluation under FSDP / DeepSpeed ZeRO-3: the models are sharded now. Evaluate "
                        "the saved student with `distillm eval --model distilled=%s`.", paths.student)
     elif evaluating:
-        metrics["after"] = modality.evaluate(config, models, eval_prompts, teacher_eval, paths, "after")
+        metrics["after"] = modality.evaluate(config, models, eval_prompts, teacher_eval, paths, "after",
+                                              teacher_client=teacher_client)
     metrics["wall_seconds"] = round(time.time() - started, 1)
     metrics["complete"] = True
     if state.is_main_process:

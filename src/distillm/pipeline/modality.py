@@ -91,8 +91,11 @@ class TextModality:
     def describe(self) -> dict:
         return {}
 
-    def evaluate(self, config: RunConfig, models: ModelPair, eval_prompts, teacher_eval_rows, paths, tag: str):
-        return evaluate(config, models, eval_prompts, teacher_eval_rows, paths, tag, modality=self)
+    def evaluate(self, config: RunConfig, models: ModelPair, eval_prompts, teacher_eval_rows, paths, tag: str, *,
+                 teacher_client=None):
+        # teacher_client: --teacher-url's client (the teacher's figures from the server), or None
+        return evaluate(config, models, eval_prompts, teacher_eval_rows, paths, tag, modality=self,
+                        teacher_client=teacher_client)
 
     def backend(self, config: RunConfig, model, tokenizer, *, model_dir: str | None):
         return make_backend(config, model, tokenizer, model_dir=model_dir)
@@ -222,7 +225,8 @@ class CrossModality(TextModality):
         return {"cross_tokenizer": {"teacher_vocab": vmap.teacher_size, "student_vocab": vmap.student_size,
                                     "shared_vocab": int(vmap.teacher_ids.numel())}}
 
-    def evaluate(self, config: RunConfig, models: ModelPair, eval_prompts, teacher_eval_rows, paths, tag: str):
+    def evaluate(self, config: RunConfig, models: ModelPair, eval_prompts, teacher_eval_rows, paths, tag: str, *,
+                 teacher_client=None):  # never set: check_remote_teacher refuses --teacher-url
         return cross_evaluate(config, models, eval_prompts, teacher_eval_rows, paths, tag)
 
     def collator(self, config: RunConfig, models: ModelPair, method, image_inputs):

@@ -3,8 +3,10 @@ are loaded by `distillm.vision`, through `pipeline.modality`."""
 
 from __future__ import annotations
 
+import gc
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 import torch
 
 from ..config import RunConfig
@@ -12,8 +14,8 @@ from ..data.prompts import EncodedPrompt, encode_prompts, load_prompts
 from ..distributed import process_state
 from ..errors import DistillmError
 from ..models import (ModelPair, add_lora, check_quantization_supported, check_same_tokenizer, count_parameters,
-                      load_model, load_quantized_student, loadable_path, parse_layer_spec, prune_layers,
-                      real_vocab_size, resolve_dtype)
+                      load_model, load_quantized_student, load_tokenizer, loadable_path, model_config,
+                      parse_layer_spec, prune_layers, real_vocab_size, resolve_dtype)
 from ..quant.qat import prepare_qat, quant_bits
 from .training import sharded_engine
 
@@ -24,13 +26,22 @@ def load_text_models(config: RunConfig, tokenizer=None) -> ModelPair:
     """Teacher in the configured dtype; student in fp32 (its master weights: a bf16/fp16 dtype trains it under
     autocast instead, see training_arguments), both on this process's device. With --lora the student is wrapped
     in a PEFT LoRA adapter; with --load-in-4bit (QLoRA) its base weights are loaded in 4-bit first. `tokenizer`: the
-    teacher's, if `load_tokenizer` has loaded it already."""
+    teacher's, if `load_tokenizer` has loaded it already.
+
+    With --teacher-url the teacher is served elsewhere and the pair holds no teacher (`ModelPair.teacher` None): a
+    separate --student is loaded without reading the teacher's weights at all; a student derived from the teacher
+    (--student-layers, --student-quant) is built from its weights, read once and released right after."""
     m = config.model
     device = process_state().device
+    remote = bool(config.training.teacher_url)
     if m.load_in_4bit:
         check_quantization_supported()  # before the teacher is loaded
-    teacher, tokenizer = load_model(m.teacher, dtype=m.dtype, trust_remote_code=m.trust_remote_code,
-                                    tokenizer=tokenizer)
+    if remote and m.student:  # the teacher's tokenizer only (connect_teacher checked it against the server's)
+        teacher = None
+        tokenizer = tokenizer or load_tokenizer(m.teacher, trust_remote_code=m.trust_remote_code)
+    else:
+        teacher, tokenizer = load_model(m.teacher, dtype=m.dtype, trust_remote_code=m.trust_remote_code,
+                                        tokenizer=tokenizer)
     if m.student_quant != "none" and sharded_engine():
         raise DistillmError("--student-quant is not supported under FSDP / DeepSpeed ZeRO-3 (the fake-quantized "
                             "weights are sharded); run it in one process or with DDP (configs/ddp.yaml).")
@@ -45,11 +56,28 @@ def load_text_models(config: RunConfig, tokenizer=None) -> ModelPair:
         keep = parse_layer_spec(m.student_layers, teacher.config.num_hidden_layers)
         student = prune_layers(teacher, keep).float()
         logger.info("Student: teacher layers %s (%d of %d)", keep, len(keep), teacher.config.num_hidden_layers)
-    check_context_length(config, teacher=teacher, student=student)
+    if teacher is not None:
+        check_context_length(config, teacher=teacher, student=student)
+    else:  # the teacher's config alone, where it can be read without its weights
+        teacher_config = model_config(m.teacher, trust_remote_code=m.trust_remote_code)
+        check_context_length(config, student=student,
+                             **({"teacher": SimpleNamespace(config=teacher_config)} if teacher_config else {}))
     if m.student_quant != "none":  # before LoRA: the adapters wrap the fake-quantized linears
         prepare_qat(student, quant_bits(m.student_quant), m.student_quant_group_size,
                     train_embeddings=m.student_quant_train_embeddings)
-    teacher = teacher.to(device)
+    teacher_parameters = count_parameters(teacher) if teacher is not None else None
+    if remote and teacher is not None:
+        # the student is a copy (prune_layers / .float() copy every tensor it keeps): nothing refers to the
+        # teacher's weights any more once this reference goes
+        del teacher
+        teacher = None
+        gc.collect()
+        logger.info("Teacher %s: its weights were read once to build the student and released; the teacher is "
+                    "served by --teacher-url (no teacher model in this process)", m.teacher)
+    elif remote:
+        logger.info("Teacher %s: served by --teacher-url; its weights are not read here (tokenizer only)", m.teacher)
+    if teacher is not None:
+        teacher = teacher.to(device)
     if m.load_in_4bit:
         # bitsandbytes quantises while loading: a derived student is saved once, then loaded in 4-bit
         base_dir = loadable_path(m.student) if m.student else None
@@ -70,8 +98,11 @@ def load_text_models(config: RunConfig, tokenizer=None) -> ModelPair:
         logger.info("LoRA student: r=%d, alpha=%d on %s; %.2fM trainable parameters", m.lora_r, m.lora_alpha,
                     m.lora_target_modules, trainable / 1e6)
     teacher_path = loadable_path(m.teacher)
-    logger.info("Teacher %s: %.1fM parameters; student: %.1fM", m.teacher, count_parameters(teacher) / 1e6,
-                count_parameters(student) / 1e6)
+    if teacher_parameters is not None:
+        logger.info("Teacher %s: %.1fM parameters; student: %.1fM", m.teacher, teacher_parameters / 1e6,
+                    count_parameters(student) / 1e6)
+    else:
+        logger.info("Student: %.1fM parameters", count_parameters(student) / 1e6)
     return ModelPair(teacher, student, tokenizer, real_vocab_size(tokenizer), teacher_path)
 
 

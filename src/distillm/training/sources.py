@@ -50,6 +50,9 @@ class OnlineSampler:
         if self.image_inputs is not None:
             raise DistillmError("speculative-kd's joint decoding does not take images: use another method for "
                                 "vision-language models.")
+        if self.teacher is None:  # pipeline.driver.connect_teacher refuses this combination before any loading
+            raise DistillmError("speculative-kd's joint decoding needs a teacher model in this process; with "
+                                "--teacher-url there is none.")
         backend = HFBackend(self.model, self.tokenizer)  # for its pad and end-of-sequence ids
         completions = speculative_decode(
             self.model, self.teacher, [r["prompt_ids"] for r in rows], self.params, top_k=top_k, seed=self.seed,

@@ -89,9 +89,12 @@ def teacher_placement(accelerator) -> str:
     return "device"
 
 
-def prepare_teacher(teacher: torch.nn.Module, accelerator) -> torch.nn.Module:
+def prepare_teacher(teacher: torch.nn.Module | None, accelerator) -> torch.nn.Module | None:
     """The frozen teacher, placed for inference as `teacher_placement` says (TRL's `prepare_deepspeed` /
-    `prepare_fsdp`, the functions TRL uses for its reference and teacher models)."""
+    `prepare_fsdp`, the functions TRL uses for its reference and teacher models). None (a teacher served by
+    --teacher-url, no teacher model in this process) stays None."""
+    if teacher is None:
+        return None
     teacher = freeze(teacher)
     placement = teacher_placement(accelerator)
     if placement == "deepspeed":
@@ -109,7 +112,7 @@ class DistillTrainer(Trainer):
     # compute_loss already divides by the whole accumulated batch's counts
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *, teacher: torch.nn.Module, method, vocab_size: int, sampler=None,
+    def __init__(self, *, teacher: torch.nn.Module | None, method, vocab_size: int, sampler=None,
                  validation_rows: list[dict] | None = None, max_nonfinite_steps: int = 3, loss_impl: str = "fused",
                  loss_chunk_size: int | None = None, teacher_cache=None, teacher_service=None, **kwargs):
         super().__init__(**kwargs)
@@ -218,6 +221,9 @@ class DistillTrainer(Trainer):
         return self.run_teacher(inputs)
 
     def run_teacher(self, inputs, fused: bool | None = None) -> Scores:
+        if self.teacher is None:
+            raise DistillmError("No local teacher in this process (the teacher is served by --teacher-url): its "
+                                "scores come from the server only.")
         with torch.no_grad() if self.sharded else torch.inference_mode():
             scores, _ = self.scores(self.teacher, inputs, fused)
         if isinstance(scores, HeadInputs):
