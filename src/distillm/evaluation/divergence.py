@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ..models import eval_mode
 from ..losses.divergences import acceptance_rate, forward_kl, token_log_probs, total_variation
-from ..losses.fused import with_actual_token
+from ..losses.fused import dense_teacher_logprobs, with_actual_token
 from ..training.collate import IGNORE, build_sequences, pad_left, response_logits
 
 
@@ -98,8 +98,6 @@ def served_teacher_student_divergence(teacher_scores, student, rows: Sequence[di
     its distribution rebuilt as the losses rebuild it: the k log-probs, the actual token's exact log-prob as one
     more known entry, the rest of the mass spread by the scores' tail rule (guided by the student's logits for the
     student / power tails)."""
-    from ..methods.base import _plain_logits  # the losses' own spelling-out of a top-k teacher
-
     sums = {"kl": 0.0, "tvd": 0.0, "acceptance_rate": 0.0}
     count = 0
     device = next(student.parameters()).device
@@ -110,7 +108,8 @@ def served_teacher_student_divergence(teacher_scores, student, rows: Sequence[di
             q_logits, targets = response_logits(student, batch, vocab_size)
             q_logits, mask = q_logits.float(), targets != IGNORE
             scores = with_actual_token(scores, targets.to(scores.indices.device))
-            p_logits = _plain_logits(scores, vocab_size, q_logits.to(scores.logprobs.device), "fkl").to(device)
+            p_logits = dense_teacher_logprobs(scores, vocab_size, q_logits.to(scores.logprobs.device),
+                                              "fkl").to(device)
             for key, fn in (("kl", forward_kl), ("tvd", total_variation), ("acceptance_rate", acceptance_rate)):
                 sums[key] += fn(q_logits, p_logits)[mask].sum().item()
             count += int(mask.sum().item())

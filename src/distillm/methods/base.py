@@ -34,8 +34,8 @@ from ..options import opt
 
 from ..losses import divergences as plain
 from ..losses.divergences import IGNORE_INDEX, per_sequence_mean
-from ..losses.fused import (HeadInputs, TopKTeacher, fused_token_log_probs, fused_weighted_divergence, mixture_weight,
-                            resolve_tail, topk_logprobs, with_actual_token)
+from ..losses.fused import (HeadInputs, TopKTeacher, dense_teacher_logprobs, fused_token_log_probs,
+                            fused_weighted_divergence, mixture_weight, with_actual_token)
 from ..crosstok.losses import CrossTeacher, aligned_span_log_probs, cross_divergence_loss
 
 if TYPE_CHECKING:
@@ -131,17 +131,9 @@ def _rows(scores, rows: slice):
 
 def _plain_logits(scores, vocab_size: int | None, student: torch.Tensor | None = None,
                   divergence: str | None = None) -> torch.Tensor:
-    """Full logits [..., V]; a top-k teacher spelled out in full, its tail spread as its `tail` says for
-    `divergence` (evenly, or in proportion to the `student` logits' probabilities; losses.fused.TopKTeacher)."""
+    """Full logits [..., V]; a top-k teacher spelled out in full (losses.fused.dense_teacher_logprobs)."""
     if isinstance(scores, TopKTeacher):  # the plain (reference) path spells the distribution out in full
-        lead, k = scores.logprobs.shape[:-1], scores.logprobs.shape[-1]
-        guide = None
-        tail = resolve_tail(scores.tail, divergence)
-        if tail != "uniform" and student is not None:
-            guide = student[..., :vocab_size].reshape(-1, vocab_size)
-        dense = topk_logprobs(scores.logprobs.reshape(-1, k), scores.indices.reshape(-1, k), vocab_size, guide,
-                              tail=tail)
-        return dense.reshape(*lead, vocab_size)
+        return dense_teacher_logprobs(scores, vocab_size, student, divergence)
     return scores if vocab_size is None else scores[..., :vocab_size]
 
 

@@ -53,8 +53,8 @@ from __future__ import annotations
 from .api import (MIXTURE_WEIGHTS, default_chunk_size, fused_acceptance_rate, fused_divergence, fused_forward_kl,
                   fused_generalized_jsd, fused_reverse_kl, fused_skew_forward_kl, fused_skew_reverse_kl,
                   fused_token_log_probs, fused_total_variation, fused_weighted_divergence, mixture_weight)
-from .autograd import (TOPK_TAILS, HeadInputs, TopKTeacher, power_exponents, resolve_tail, topk_logprobs,
-                       with_actual_token)
+from .autograd import (TOPK_TAILS, HeadInputs, TopKTeacher, dense_teacher_logprobs, power_exponents, resolve_tail,
+                       topk_logprobs, with_actual_token)
 from .kernels import CHUNK_BYTES, DIVERGENCES
 
 __all__ = [
@@ -62,5 +62,5 @@ __all__ = [
     "fused_weighted_divergence", "fused_forward_kl", "fused_reverse_kl", "fused_skew_forward_kl",
     "fused_skew_reverse_kl", "fused_generalized_jsd", "fused_total_variation", "fused_acceptance_rate",
     "fused_token_log_probs", "topk_logprobs", "TOPK_TAILS", "resolve_tail", "MIXTURE_WEIGHTS", "mixture_weight",
-    "with_actual_token", "power_exponents",
+    "with_actual_token", "power_exponents", "dense_teacher_logprobs",
 ]

@@ -154,6 +154,21 @@ def topk_logprobs(logprobs: Tensor, indices: Tensor, vocab: int, student_logits:
         return dense.scatter_(1, slots, logprobs)[:, :vocab]
 
 
+def dense_teacher_logprobs(scores: TopKTeacher, vocab_size: int, student_logits: Tensor | None = None,
+                           divergence: str | None = None) -> Tensor:
+    """A top-k teacher spelled out in full, [..., V] log-probabilities: its known entries, and the tail spread as
+    its `tail` says for `divergence` (evenly, or guided by the `student_logits` for the student / power tails).
+    The plain (reference) losses and the served teacher's held-out figures both read a top-k teacher so."""
+    lead, k = scores.logprobs.shape[:-1], scores.logprobs.shape[-1]
+    tail = resolve_tail(scores.tail, divergence)
+    guide = None
+    if tail != "uniform" and student_logits is not None:
+        guide = student_logits[..., :vocab_size].reshape(-1, vocab_size)
+    dense = topk_logprobs(scores.logprobs.reshape(-1, k), scores.indices.reshape(-1, k), vocab_size, guide,
+                          tail=tail)
+    return dense.reshape(*lead, vocab_size)
+
+
 def with_actual_token(teacher: TopKTeacher, targets: Tensor) -> TopKTeacher:
     """The top-k teacher with one more known entry per position: the actual next token `targets` [...] (-100:
     none) with its exact log-prob `teacher.target` [...] (a vLLM server sends it beside the top-k), where that
