@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from distillm.teacher.client import TeacherServerError, split_urls
-from distillm.teacher.protocol import (TeacherReplyError, parse_completion, parse_prompt_logprobs, parse_tokenize,
-                                       score_request)
+from distillm.teacher.protocol import (TeacherReplyError, parse_completion, parse_prompt_logprobs,
+                                       parse_prompt_ranks, parse_tokenize, score_request)
 
 VOCAB = 10
 
@@ -65,6 +65,28 @@ def test_float32_log_probs_survive_the_json_round_trip_exactly():
 def test_malformed_or_short_replies_are_refused(break_it, message):
     with pytest.raises(TeacherReplyError, match=message):
         parse_prompt_logprobs(reply(break_it(good_entries())), IDS, 2, 2, VOCAB, "srv")
+
+
+def test_prompt_ranks_are_the_actual_tokens_ranks():
+    # token 2 is ranked 1st at position 2; token 7 is outside the top 2 at position 3, with its own rank 5
+    assert parse_prompt_ranks(reply(good_entries()), IDS, 2, VOCAB, "srv") == [1, 5]
+    assert parse_prompt_ranks(reply(good_entries()), IDS, 3, VOCAB, "srv") == [5]
+    # prompt_logprobs=0: only the actual tokens' entries
+    only_actual = [None] + [{str(t): {"logprob": -1.0, "rank": r}} for t, r in zip(IDS[1:], (4, 2, 9))]
+    assert parse_prompt_ranks(reply(only_actual), IDS, 1, VOCAB, "srv") == [4, 2, 9]
+
+
+@pytest.mark.parametrize("break_it, message", [
+    (lambda e: e[:-1], "3 positions for the 4 tokens"),
+    (lambda e: e[:3] + [entry([(0, -0.5), (9, -2.0)])], "lacks the actual token 7"),
+    (lambda e: e[:3] + [{"7": {"logprob": -1.0}}], "has no integer 'rank'"),
+    (lambda e: e[:3] + [{"7": {"logprob": -1.0, "rank": 0}}], "rank 0, outside"),
+    (lambda e: e[:3] + [{"7": {"logprob": -1.0, "rank": VOCAB + 1}}], "outside"),
+    (lambda e: e[:3] + ["x"], "lacks the actual token 7"),
+])
+def test_malformed_rank_replies_are_refused(break_it, message):
+    with pytest.raises(TeacherReplyError, match=message):
+        parse_prompt_ranks(reply(break_it(good_entries())), IDS, 2, VOCAB, "srv")
 
 
 def test_reply_without_choices_or_prompt_logprobs_is_refused():

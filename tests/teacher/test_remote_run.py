@@ -133,8 +133,7 @@ def test_a_server_down_at_start_up_is_named_before_any_model_loads(tmp_path, cap
     assert f"teacher server {url} is not reachable" in err and "distillm: error:" in err
 
 
-# speculative-kd is refused with --teacher-url (its joint decoding needs a teacher in the process:
-# test_remote_evaluation.py)
+# distillm2 is the tests above; speculative-kd has its own below
 TEACHER_METHODS = [m for m in METHOD_NAMES if build_method(load_config(overrides={"method": m})).needs_teacher
                    and m not in ("distillm2", "speculative-kd")]
 
@@ -149,3 +148,25 @@ def test_every_teacher_scored_method_trains_through_the_server(name, server, tmp
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["complete"] and metrics["training"]["teacher_server"]["scored_tokens"] > 0
     assert all(loss == loss and abs(loss) < 1e6 for loss in losses(out))
+
+
+@pytest.mark.slow
+def test_speculative_kd_decodes_jointly_through_the_server_as_with_the_local_teacher(server, tmp_path):
+    """speculative-kd with --teacher-url: joint decoding block by block through the server (the drafts' ranks from
+    prompt_logprobs=0, the teacher's own token where a draft is rejected). Greedy (--temperature 0), its first
+    step decodes the same tokens as the local lockstep decoder, so the same fraction of tokens is replaced."""
+    def spec(out, *extra):
+        return ["-q", "run", "--preset", "tiny", "--method", "speculative-kd", "--rounds", "1", "--num-prompts", "8",
+                "--no-evaluate", "--max-new-tokens", "8", "--save-steps", "100", "--temperature", "0",
+                "--skd-top-k", "3", "--output-dir", str(out), *extra]
+
+    served, local = tmp_path / "served", tmp_path / "local"
+    assert main(spec(served, "--teacher-url", server, "--teacher-top-k", str(K))) == 0
+    assert main(spec(local)) == 0
+    log = {name: [json.loads(line) for line in (out / "logs" / "train_log.jsonl").read_text().splitlines()]
+           for name, out in (("served", served), ("local", local))}
+    first = {name: next(e for e in entries if "loss" in e) for name, entries in log.items()}
+    assert 0 < first["served"]["replaced_fraction"] < 1
+    assert first["served"]["replaced_fraction"] == first["local"]["replaced_fraction"]
+    summary = json.loads((served / "metrics.json").read_text())["training"]["teacher_server"]
+    assert summary["ranked_draft_tokens"] > 0 and summary["sampled_tokens"] > 0 and summary["scored_tokens"] > 0

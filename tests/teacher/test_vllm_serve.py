@@ -105,3 +105,33 @@ def test_distillm2_trains_through_vllm_serve(served, tmp_path):
           f"{training['local']['train_seconds'] / training['remote']['train_seconds']:.2f} (training "
           f"{training['remote']['train_seconds']} s vs {training['local']['train_seconds']} s); whole run wall "
           f"time ratio {timings['remote'] / timings['local']:.2f}")
+
+
+def test_vllm_ranks_drafts_and_speculative_kd_trains_through_it(served, tmp_path):
+    """speculative-kd's joint decoding through `vllm serve`: the rank vLLM gives each drafted token at
+    prompt_logprobs=0 is the local teacher's (up to ties within the kernels' tolerance), and a run trains."""
+    from distillm.generation.base import SamplingParams
+    from distillm.teacher.remote import RemoteJointTeacher
+
+    url, teacher, tokenizer, model_dir = served
+    vocab = real_vocab_size(tokenizer)
+    client = TeacherClient(url, max_wait=60)
+    ids = tokenizer.encode("Tell me about the sea.") + [70, 71, 72, 73, 74]
+    ranks = RemoteJointTeacher(client, vocab).ranks([(ids, 5)])[0]
+    local = topk_scores(teacher, ids, vocab, vocab)[-5:]
+    atol = 2 * forward_atol(teacher.config, local)
+    for row, token, rank in zip(local, ids[-5:], ranks):
+        lowest = int((row > row[token] + atol).sum()) + 1  # ranks the kernels' rounding cannot change
+        highest = int((row >= row[token] - atol).sum())
+        assert lowest <= rank <= highest
+    # the teacher's own token at temperature 0 is its argmax
+    sampled = RemoteJointTeacher(client, vocab).sample([ids], SamplingParams(temperature=0, max_new_tokens=1), [0])
+    following = topk_scores(teacher, ids + [0], vocab, vocab)[-1]
+    assert following[sampled[0]] >= following.max() - atol
+    client.close()
+    out = tmp_path / "speculative"
+    assert main(["-q", "run", "--preset", "tiny", "--teacher", str(model_dir), "--method", "speculative-kd",
+                 "--rounds", "1", "--num-prompts", "8", "--no-evaluate", "--max-new-tokens", "8",
+                 "--teacher-top-k", str(K), "--teacher-url", url, "--output-dir", str(out)]) == 0
+    summary = json.loads((out / "metrics.json").read_text())["training"]["teacher_server"]
+    assert summary["ranked_draft_tokens"] > 0

@@ -11,7 +11,7 @@ from ..config import RunConfig
 from ..distributed import process_state
 from ..generation.factory import release
 from ..io import atomic_write_json
-from ..methods import METHODS, build_method
+from ..methods import build_method
 from ..errors import DistillmError
 from ..models import real_vocab_size
 from ..teacher.remote import RemoteBackend, connect
@@ -40,13 +40,6 @@ def connect_teacher(config: RunConfig, tokenizer, modality):
     if config.training.teacher_cache != "off":
         raise DistillmError("--teacher-cache and --teacher-url do not combine: the server's scores are top-k "
                             "already; drop --teacher-cache.")
-    if "speculative" in METHODS[config.method.method].sources:
-        # its joint decoding reads the teacher's next-token distribution at every generated token, in lockstep
-        # with the student's KV cache: a round trip per token, and no teacher model is kept here
-        raise DistillmError(f"--method {config.method.method} does not combine with --teacher-url: its joint "
-                            "decoding needs the teacher's next-token distribution at every generated token, from a "
-                            "teacher in this process. Drop --teacher-url (local teacher), or use another "
-                            "teacher-scored method (e.g. gkd, distillm2).")
     return connect(config, tokenizer, real_vocab_size(tokenizer))
 
 

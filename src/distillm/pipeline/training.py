@@ -23,7 +23,7 @@ from ..io import atomic_write_json, read_jsonl, write_jsonl
 from ..methods.base import Method
 from ..models import ModelPair, is_peft_model, load_model, merged_copy, resolve_dtype
 from ..quant.qat import is_qat_model, plain_copy, save_quantized_student
-from ..teacher.remote import RemoteScores
+from ..teacher.remote import RemoteJointTeacher, RemoteScores
 from ..training.callbacks import OnPolicyRoundCallback
 from ..training.collate import RowDataset
 from ..training.sources import OnlineSampler
@@ -212,8 +212,11 @@ def train(config: RunConfig, models: ModelPair, method: Method, rows: list[dict]
     dataset = RowDataset(refresh(0, models.student) if method.paired_rounds else rows)
     image_inputs = modality.image_inputs(train_prompts)  # vision-language: each row's image; text: None
     collator = modality.collator(config, models, method, image_inputs)
+    joint_teacher = None  # speculative-kd with --teacher-url: joint decoding through the server, block by block
+    if teacher_client is not None and "speculative" in method.sources:
+        joint_teacher = RemoteJointTeacher(teacher_client, models.vocab_size)
     sampler = OnlineSampler(models.student, models.teacher, tokenizer, sampling_params(config), models.vocab_size,
-                            image_inputs=image_inputs)
+                            image_inputs=image_inputs, joint_teacher=joint_teacher)
     teacher_cache = None
     if config.training.teacher_cache != "off" and method.needs_teacher and (
             method.uses_fixed_responses or method.paired_rounds):
@@ -281,6 +284,9 @@ def train(config: RunConfig, models: ModelPair, method: Method, rows: list[dict]
                                      "scored_sequences": teacher_service.rows, "scored_tokens": teacher_service.tokens,
                                      "requests": client.requests, "retries": client.retries,
                                      "bytes_sent": client.bytes_sent, "bytes_received": client.bytes_received}
+        if joint_teacher is not None:  # speculative-kd's joint decoding: drafted tokens ranked, rejected ones sampled
+            summary["teacher_server"].update(ranked_draft_tokens=joint_teacher.ranked,
+                                             sampled_tokens=joint_teacher.sampled)
     if teacher_cache is not None:  # sequences whose teacher scores came from the cache / from a teacher pass
         summary["teacher_cache"] = {"mode": teacher_cache.label, "cached_sequences": teacher_cache.cached_rows,
                                     "teacher_sequences": teacher_cache.teacher_rows,

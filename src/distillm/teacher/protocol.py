@@ -125,6 +125,36 @@ def parse_prompt_logprobs(reply, ids: list[int], start: int, k: int, vocab: int,
     return values, top_ids, own
 
 
+def parse_prompt_ranks(reply, ids: list[int], start: int, vocab: int, where: str) -> list[int]:
+    """The teacher's rank (1 = most likely) of each actual token ids[start:] given the tokens before it, from a
+    prompt_logprobs reply (vLLM sends the actual token's entry, with its rank, at any prompt_logprobs >= 0)."""
+    choice = _choice(reply, where)
+    entries = choice.get("prompt_logprobs")
+    if not isinstance(entries, list):
+        raise TeacherReplyError(f"{where}: choices[0].prompt_logprobs is missing (does the server support "
+                                "prompt_logprobs? vLLM does)")
+    if len(entries) != len(ids):
+        raise TeacherReplyError(f"{where}: prompt_logprobs has {len(entries)} positions for the {len(ids)} tokens "
+                                "sent: a short or mismatched reply is not used")
+    ranks = []
+    for pos in range(start, len(ids)):
+        entry = entries[pos]
+        item = entry.get(str(ids[pos])) if isinstance(entry, dict) else None
+        if not isinstance(item, dict):
+            raise TeacherReplyError(f"{where}: prompt_logprobs[{pos}] lacks the actual token {ids[pos]} (vLLM "
+                                    "always includes it): the reply does not match the tokens sent")
+        try:
+            rank = int(item["rank"])
+        except (TypeError, ValueError, KeyError):
+            raise TeacherReplyError(f"{where}: prompt_logprobs[{pos}] entry {ids[pos]}: {str(item)[:100]!r} has no "
+                                    "integer 'rank'") from None
+        if not 1 <= rank <= vocab:
+            raise TeacherReplyError(f"{where}: prompt_logprobs[{pos}] gives token {ids[pos]} rank {rank}, outside "
+                                    f"[1, {vocab}]")
+        ranks.append(rank)
+    return ranks
+
+
 def parse_tokenize(reply, where: str) -> list[int]:
     tokens = reply.get("tokens") if isinstance(reply, dict) else None
     if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):

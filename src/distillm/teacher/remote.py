@@ -4,6 +4,9 @@
   tokenizer is the student's: /tokenize of a probe text must give the student tokenizer's ids), or None.
 - `RemoteBackend`: the teacher's responses (a generation backend: one /v1/completions request per prompt with
   its token ids, `concurrency` in flight, seed + the prompt's index in the batch as the request's seed).
+- `RemoteJointTeacher`: the teacher's side of speculative KD's joint decoding
+  (generation.speculative.blockwise_speculative_decode): the rank of each drafted token (prompt_logprobs=0: the
+  actual token's entry only) and the teacher's own sample where a draft is rejected (/v1/completions, 1 token).
 - `RemoteScores`: the teacher's scores on a micro-batch, a `TopKTeacher` [B, R, k] (top-k log-probs and ids at
   every response position, from prompt_logprobs=k on prompt + response, and the exact log-prob of each actual
   token, which vLLM sends as well), for every teacher-scored method; the
@@ -28,8 +31,8 @@ from ..generation.base import Completion, SamplingParams
 from ..losses.fused import TopKTeacher
 from ..training.collate import IGNORE
 from .client import TeacherClient, TeacherServerError
-from .protocol import (completion_request, parse_completion, parse_prompt_logprobs, parse_tokenize,
-                       score_request)
+from .protocol import (TeacherReplyError, completion_request, parse_completion, parse_prompt_logprobs,
+                       parse_prompt_ranks, parse_tokenize, score_request)
 
 logger = logging.getLogger("distillm")
 
@@ -105,6 +108,45 @@ class RemoteBackend:
             return Completion(ids[:params.max_new_tokens], reason)
 
         return self.client.map(one, list(enumerate(prompts)))
+
+
+class RemoteJointTeacher:
+    """The served teacher in speculative KD's joint decoding (generation.speculative.JointTeacher)."""
+
+    def __init__(self, client: TeacherClient, vocab_size: int):
+        self.client, self.vocab_size = client, int(vocab_size)
+        self.ranked = 0  # drafted tokens ranked by the teacher
+        self.sampled = 0  # tokens sampled by the teacher (rejected drafts)
+
+    def ranks(self, sequences: Sequence[tuple[list[int], int]]) -> list[list[int]]:
+        def one(item):
+            ids, length = item
+            start = len(ids) - length
+            if start < 1:
+                raise DistillmError("a draft without prompt tokens cannot be ranked by the teacher server "
+                                    "(prompt_logprobs has no entry for the first token)")
+            reply = self.client.request("/v1/completions", score_request(ids, 0))
+            return parse_prompt_ranks(reply, ids, start, self.vocab_size,
+                                      "teacher server /v1/completions (prompt_logprobs=0, speculative-kd)")
+
+        out = self.client.map(one, list(sequences))
+        self.ranked += sum(len(r) for r in out)
+        return out
+
+    def sample(self, prefixes: Sequence[list[int]], params: SamplingParams, seeds: Sequence[int]) -> list[int]:
+        def one(item):
+            index, (prefix, seed) = item
+            body = completion_request(prefix, max_tokens=1, temperature=params.temperature, top_p=params.top_p,
+                                      seed=seed)
+            where = f"teacher server /v1/completions (speculative-kd, rejected draft {index})"
+            ids, _ = parse_completion(self.client.request("/v1/completions", body), self.vocab_size, where)
+            if not ids:
+                raise TeacherReplyError(f"{where}: the reply has no token (max_tokens 1 was asked)")
+            return ids[0]
+
+        out = self.client.map(one, list(enumerate(zip(prefixes, seeds))))
+        self.sampled += len(out)
+        return out
 
 
 def _sequences(batch: dict[str, torch.Tensor]) -> list[tuple[list[int], int]]:

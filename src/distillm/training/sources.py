@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from ..errors import DistillmError
 from ..generation.base import SamplingParams
 from ..generation.hf import HFBackend
-from ..generation.speculative import speculative_decode
+from ..generation.speculative import blockwise_speculative_decode, speculative_decode
 
 
 @dataclass
@@ -28,6 +28,9 @@ class OnlineSampler:
     vocab_size: int
     seed: int = 0
     image_inputs: object | None = None  # vision-language runs: training.vision.ImageInputs (rows -> pixel_values)
+    #: a teacher reached by request (--teacher-url: teacher.remote.RemoteJointTeacher) for joint decoding when
+    #: `teacher` is None
+    joint_teacher: object | None = None
     #: tokens generated so far: "student" (sampled or proposed by the student), "teacher" (sampled by the teacher
     #: in joint decoding); one Counter shared by every bound copy
     generated: Counter = field(default_factory=Counter)
@@ -50,14 +53,19 @@ class OnlineSampler:
         if self.image_inputs is not None:
             raise DistillmError("speculative-kd's joint decoding does not take images: use another method for "
                                 "vision-language models.")
-        if self.teacher is None:  # pipeline.driver.connect_teacher refuses this combination before any loading
-            raise DistillmError("speculative-kd's joint decoding needs a teacher model in this process; with "
-                                "--teacher-url there is none.")
-        backend = HFBackend(self.model, self.tokenizer)  # for its pad and end-of-sequence ids
-        completions = speculative_decode(
-            self.model, self.teacher, [r["prompt_ids"] for r in rows], self.params, top_k=top_k, seed=self.seed,
-            eos_ids=backend.eos_ids, pad_id=backend.pad_id, vocab_size=self.vocab_size,
-        )
+        backend = HFBackend(self.model, self.tokenizer, max_batch_size=len(rows))  # and its pad / end ids
+        prompts = [r["prompt_ids"] for r in rows]
+        if self.teacher is not None:
+            completions = speculative_decode(
+                self.model, self.teacher, prompts, self.params, top_k=top_k, seed=self.seed,
+                eos_ids=backend.eos_ids, pad_id=backend.pad_id, vocab_size=self.vocab_size,
+            )
+        elif self.joint_teacher is not None:  # a served teacher: the same rule, a block of drafts at a time
+            completions = blockwise_speculative_decode(backend, self.joint_teacher, prompts, self.params,
+                                                       top_k=top_k, seed=self.seed, eos_ids=backend.eos_ids)
+        else:
+            raise DistillmError("speculative-kd's joint decoding needs a teacher: a model in this process or a "
+                                "--teacher-url server.")
         self.generated["student"] += sum(len(c.token_ids) for c in completions)  # one proposal per position
         self.generated["teacher"] += sum(sum(c.replaced) for c in completions)
         return [{"id": r["id"], "prompt_ids": r["prompt_ids"], "response_ids": c.token_ids, "source": "speculative",
