@@ -135,3 +135,24 @@ def test_vllm_ranks_drafts_and_speculative_kd_trains_through_it(served, tmp_path
                  "--teacher-top-k", str(K), "--teacher-url", url, "--output-dir", str(out)]) == 0
     summary = json.loads((out / "metrics.json").read_text())["training"]["teacher_server"]
     assert summary["ranked_draft_tokens"] > 0
+
+
+def _teacher_scored_methods() -> list[str]:
+    from distillm.config import METHOD_NAMES, load_config
+    from distillm.methods import build_method
+
+    return [m for m in METHOD_NAMES if build_method(load_config(overrides={"method": m})).needs_teacher
+            and m not in ("distillm2", "speculative-kd")]  # the two tests above
+
+
+@pytest.mark.parametrize("name", _teacher_scored_methods())
+def test_every_teacher_scored_method_trains_through_vllm_serve(name, served, tmp_path):
+    url, _, _, model_dir = served
+    out = tmp_path / name
+    assert main(["-q", "run", "--preset", "tiny", "--teacher", str(model_dir), "--method", name, "--rounds", "1",
+                 "--num-prompts", "8", "--no-evaluate", "--max-new-tokens", "8", "--teacher-top-k", str(K),
+                 "--teacher-url", url, "--output-dir", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["complete"] and metrics["training"]["teacher_server"]["scored_tokens"] > 0
+    log = [json.loads(line) for line in (out / "logs" / "train_log.jsonl").read_text().splitlines()]
+    assert all(e["loss"] == e["loss"] and abs(e["loss"]) < 1e6 for e in log if "loss" in e)
