@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "epochs of training (DistiLLM-2 and DPKD regenerate the student's responses every round; the "
                          "on-policy baselines sample the student while training), with a held-out evaluation before "
                          "and after. --method picks the method (default distillm2). With no arguments: the default "
-                         "demo (SmolLM2-135M-Instruct -> itself with int3-quantized weights, recovered by distillation on built-in "
+                         "demo (SmolLM2-135M-Instruct -> itself with int4-quantized weights, recovered by distillation on built-in "
                          "prompts and exported as GGUF; --preset demo-pruned: the 10-layer pruned student).")
     _add_config_options(run)
 
@@ -362,6 +362,11 @@ def _add_compare_parser(sub) -> None:
     p.add_argument("--quick", dest="size", action="store_const", const="quick", help="Same as --size quick.")
     p.add_argument("--teacher", default=CompareSettings.teacher)
     p.add_argument("--student-layers", default=CompareSettings.student_layers)
+    p.add_argument("--student-quant", default=CompareSettings.student_quant,
+                   help="The quantized regime: the student is the teacher with fake-quantized linear weights (int4, "
+                   "int3, ...), starting from round-to-nearest; none (default): the pruned student of "
+                   "--student-layers.")
+    p.add_argument("--student-quant-group-size", type=int, default=CompareSettings.student_quant_group_size)
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help="Comma-separated: methods (" + ", ".join(METHOD_NAMES) + ") and ablation variants ("
                    + ", ".join(ABLATIONS) + "). Default: all.")
@@ -377,6 +382,7 @@ def _add_compare_parser(sub) -> None:
 def _cmd_compare(args) -> int:
     settings = CompareSettings(
         output_dir=args.output_dir, size=args.size, teacher=args.teacher, student_layers=args.student_layers,
+        student_quant=args.student_quant, student_quant_group_size=args.student_quant_group_size,
         variants=[v.strip() for v in args.variants.split(",") if v.strip()], seeds=_int_list(args.seeds),
         learning_rate=args.learning_rate, judge_url=args.judge_url, judge_model=args.judge_model,
         judge_api_key_env=args.judge_api_key_env)

@@ -116,6 +116,38 @@ def test_comparison_end_to_end_then_resume_reruns_only_the_missing_cell(tmp_path
         Comparison(tiny_settings(out, learning_rate=1e-3)).run()
 
 
+@pytest.mark.slow
+def test_the_quantized_regime_starts_every_cell_from_round_to_nearest(tmp_path):
+    """--student-quant: each cell's student is the whole teacher fake-quantized (not a pruned copy), and the
+    reference "initial" student is the round-to-nearest model that every cell starts from."""
+    import torch
+
+    from distillm.evaluation.suite import EvalSettings, ModelSpec, _load
+    from distillm.models import load_model
+
+    out = tmp_path / "cmp"
+    settings = tiny_settings(out, student_quant="int4", variants=["kd"], seeds=[0])
+    comparison = Comparison(settings, command="distillm compare --size tiny --student-quant int4")
+    config = comparison.run_config("kd", 0, tmp_path / "unused")
+    assert (config.model.student_quant, config.model.student_quant_group_size) == ("int4", 32)
+    summary = comparison.run()
+    text = (out / "results.md").read_text()
+    assert "initial student (int4 round-to-nearest, groups of 32, untrained)" in text
+    assert "fake-quantized to int4 in groups of 32" in text
+    cell = json.loads((out / "results.json").read_text())["cells"][0]
+    assert cell["steps"] == 4
+    # the initial student: every linear weight of the decoder on the int4 grid, embeddings untouched, all layers
+    teacher = load_model("tiny-random", dtype="float32")[0]
+    initial = _load(ModelSpec("initial", "tiny-random", quant="int4"), EvalSettings(dtype="float32"), {}).model
+    assert initial.config.num_hidden_layers == teacher.config.num_hidden_layers
+    weight = initial.model.layers[0].self_attn.q_proj.weight.detach()
+    groups = weight.reshape(weight.shape[0], -1, 32)
+    assert all(len(torch.unique(g)) <= 16 for g in groups.reshape(-1, 32))  # int4: at most 16 levels per group
+    assert not torch.equal(weight, teacher.model.layers[0].self_attn.q_proj.weight)
+    torch.testing.assert_close(initial.get_input_embeddings().weight, teacher.get_input_embeddings().weight)
+    assert summary["reference"]["initial"]["kl"] > 0
+
+
 def test_settings_are_checked_before_any_work(tmp_path):
     with pytest.raises(CompareError, match="Unknown variant.*gdk"):
         tiny_settings(tmp_path, variants=["distillm2", "gdk"])
@@ -123,6 +155,10 @@ def test_settings_are_checked_before_any_work(tmp_path):
         tiny_settings(tmp_path, seeds=[0, 0])
     with pytest.raises(CompareError, match="judge-model"):
         tiny_settings(tmp_path, judge_url="http://localhost:8000/v1")
+    with pytest.raises(CompareError, match="Unknown --student-quant 'int5'"):
+        tiny_settings(tmp_path, student_quant="int5")
+    with pytest.raises(CompareError, match="multiple of 32"):
+        tiny_settings(tmp_path, student_quant="int4", student_quant_group_size=48)
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "data.txt").write_text("mine")
     with pytest.raises(CompareError, match="holds no comparison"):

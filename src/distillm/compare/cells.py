@@ -82,6 +82,7 @@ class Comparison:
         z = self.s.sizes
         overrides = {
             "output_dir": str(output_dir), "teacher": self.s.teacher, "student_layers": self.s.student_layers,
+            "student_quant": self.s.student_quant, "student_quant_group_size": self.s.student_quant_group_size,
             "prompts": str(self.prompts_file), "eval_prompts": None, "evaluate": False,
             "max_new_tokens": z["max_new_tokens"], "max_prompt_length": self.s.max_prompt_length,
             "max_length": self.s.max_prompt_length + z["max_new_tokens"] + 8,
@@ -195,14 +196,21 @@ class Comparison:
                 if key not in metrics and figures[key] is not None:
                     metrics[key] = figures[key]
 
+    def initial_spec(self) -> ModelSpec:
+        """Every cell's starting student: the teacher quantized round-to-nearest, or its pruned copy."""
+        if self.s.student_quant != "none":
+            return ModelSpec("initial", self.s.teacher, quant=self.s.student_quant,
+                             quant_group_size=self.s.student_quant_group_size)
+        return ModelSpec("initial", self.s.teacher, layers=self.s.student_layers)
+
     def reference(self) -> dict:
-        """The teacher's and the initial (pruned, untrained) student's figures, computed once."""
+        """The teacher's and the initial (pruned or round-to-nearest quantized, untrained) student's figures,
+        computed once."""
         path = self.shared / "reference.json"
         if path.is_file():
             return json.loads(path.read_text())
         started = time.time()
-        metrics = self.evaluate([ModelSpec("initial", self.s.teacher, layers=self.s.student_layers)],
-                                include_teacher=True)
+        metrics = self.evaluate([self.initial_spec()], include_teacher=True)
         reference = {"teacher": metrics["teacher"], "initial": metrics["initial"],
                      "seconds": round(time.time() - started, 1)}
         atomic_write_json(path, reference)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from .. import methods
 from ..config import METHOD_NAMES
 from ..errors import DistillmError
+from ..quant.qat import QUANT_BITS
 
 logger = logging.getLogger("distillm")
 
@@ -60,6 +61,10 @@ class CompareSettings:
     size: str = "full"
     teacher: str = "smollm2-135m-instruct"
     student_layers: str = "even:10"
+    #: the quantized regime: the student is the teacher with its linear weights fake-quantized to this grid
+    #: (e.g. "int3"), starting from round-to-nearest; "none": the layer-pruned student of `student_layers`
+    student_quant: str = "none"
+    student_quant_group_size: int = 32
     variants: list[str] = field(default_factory=lambda: list(VARIANTS))
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     learning_rate: float = 2e-4
@@ -82,6 +87,12 @@ class CompareSettings:
             raise CompareError("No variants to compare: give at least one (e.g. --variants distillm2,kd).")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise CompareError(f"Seeds must be a non-empty list of distinct integers (got {self.seeds}).")
+        if self.student_quant != "none" and self.student_quant not in QUANT_BITS:
+            raise CompareError(f"Unknown --student-quant {self.student_quant!r}: choose none or one of "
+                               f"{', '.join(QUANT_BITS)}.")
+        if self.student_quant_group_size < 32 or self.student_quant_group_size % 32:
+            raise CompareError("--student-quant-group-size must be a multiple of 32 (the GGUF block), got "
+                               f"{self.student_quant_group_size}.")
         if bool(self.judge_url) != bool(self.judge_model):
             raise CompareError("A judge needs both --judge-url and --judge-model (or neither: no win rate).")
 

@@ -81,6 +81,14 @@ def _preference(value: dict | None) -> str:
     return "—" if value is None else f"{_fmt(value['rate'])} [{_fmt(value['low'])}, {_fmt(value['high'])}]"
 
 
+def _initial(settings: dict) -> str:
+    """How every cell's student starts (older results.json files have no student_quant: pruned)."""
+    quant = settings.get("student_quant", "none")
+    if quant != "none":
+        return f"{quant} round-to-nearest, groups of {settings.get('student_quant_group_size', 32)}"
+    return "pruned"
+
+
 def _table(summary: dict, variants: list[tuple[str, str]], *, with_reference: bool) -> list[str]:
     keys = summary["metric_keys"]
     arrow = {"lower": "↓", "higher": "↑", "target": "≈"}
@@ -91,7 +99,7 @@ def _table(summary: dict, variants: list[tuple[str, str]], *, with_reference: bo
     if with_reference:
         for name in ("teacher", "initial"):
             values = summary["reference"][name]
-            label = "teacher" if name == "teacher" else "initial student (pruned, untrained)"
+            label = "teacher" if name == "teacher" else f"initial student ({_initial(summary['settings'])}, untrained)"
             flag = "—" if name == "teacher" else ("**yes**" if values.get("degenerate") else "no")
             lines.append(f"| {label} | " + " | ".join(_fmt(values[k]) if values.get(k) is not None else "—"
                                                       for k in keys) + f" | {flag} | — | — | — | — | — | — |")
@@ -134,9 +142,13 @@ def write_results(summary: dict, out_dir: Path, *, command: str | None = None) -
         lines += ["```bash", command, "```", ""]
     n_prompts = z["num_builtin"] + z["num_generated"]
     lines += [
-        f"Teacher `{s['teacher']}`, student: its layers `{s['student_layers']}` (same initialisation for every "
-        f"cell). Training: {n_prompts} prompts ({z['num_builtin']} built-in + {z['num_generated']} generated "
-        f"arithmetic problems), {z['rounds']} rounds, batch {z['batch_size']}, learning rate {s['learning_rate']} "
+        f"Teacher `{s['teacher']}`, student: "
+        + (f"the teacher with its linear weights fake-quantized to {s['student_quant']} in groups of "
+           f"{s['student_quant_group_size']} (quantization-aware training from round-to-nearest; embeddings and "
+           "head full precision)" if s.get("student_quant", "none") != "none"
+           else f"its layers `{s['student_layers']}`")
+        + f" (same initialisation for every cell). Training: {n_prompts} prompts ({z['num_builtin']} built-in + "
+        f"{z['num_generated']} generated arithmetic problems), {z['rounds']} rounds, batch {z['batch_size']}, learning rate {s['learning_rate']} "
         f"(cosine), responses up to {z['max_new_tokens']} tokens sampled at temperature {s['temperature']}, "
         f"top-p {s['top_p']}, teacher responses sampled once and shared. Held-out: {z['num_eval_prompts']} "
         f"built-in eval prompts and {z['num_math']} arithmetic problems, greedy, up to "

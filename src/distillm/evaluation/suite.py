@@ -18,6 +18,7 @@ settings that made them; a rerun reuses them and the judge's verdict cache, so o
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import gc
 import json
@@ -37,6 +38,7 @@ from ..io import atomic_write_json, read_jsonl
 from ..models import (
     check_same_tokenizer, load_model, load_tokenizer, loadable_path, parse_layer_spec, prune_layers, real_vocab_size,
 )
+from ..quant.qat import dequantized_copy, prepare_qat, quant_bits
 from .code import evaluate_samples, load_humaneval, load_mbpp
 from .divergence import teacher_student_divergence
 from .judge import PairItem, VerdictCache, judge_pairs, win_rate
@@ -58,12 +60,16 @@ class EvalError(DistillmError):
 @dataclass
 class ModelSpec:
     """A model to evaluate: `source` is an alias, directory, .gguf file or Hub id; with `layers`, the model is
-    `source` pruned to those decoder layers (a run's initial student). `train_log` feeds the training curves."""
+    `source` pruned to those decoder layers, with `quant` (e.g. "int3"), `source` with its linear weights rounded to
+    the nearest point of that grid in groups of `quant_group_size` (a run's initial student either way).
+    `train_log` feeds the training curves."""
 
     name: str
     source: str
     layers: str | None = None
     train_log: str | None = None
+    quant: str | None = None
+    quant_group_size: int = 32
 
 
 @dataclass
@@ -158,12 +164,15 @@ def _check_tokenizers(models: list[ModelSpec], settings: EvalSettings) -> dict:
 def _load(spec: ModelSpec, settings: EvalSettings, cache: dict, tokenizers: dict | None = None) -> _Loaded:
     """Load a model (a pruned one is cut from its source, reusing the source if it is loaded already)."""
     tokenizer = (tokenizers or {}).get(spec.source)
-    if spec.layers is None:
+    if spec.layers is None and spec.quant is None:
         model, tokenizer = load_model(spec.source, dtype=settings.dtype, tokenizer=tokenizer)
         return _Loaded(model, tokenizer, loadable_path(spec.source))
     if spec.source not in cache:
         cache[spec.source] = load_model(spec.source, dtype=settings.dtype, tokenizer=tokenizer)
     base, tokenizer = cache[spec.source]
+    if spec.quant is not None:  # round-to-nearest: the fake-quantized model's forward, as plain linears
+        student = prepare_qat(copy.deepcopy(base), quant_bits(spec.quant), spec.quant_group_size)
+        return _Loaded(dequantized_copy(student).eval(), tokenizer, None)
     keep = parse_layer_spec(spec.layers, base.config.num_hidden_layers)
     return _Loaded(prune_layers(base, keep), tokenizer, None)
 
@@ -317,8 +326,8 @@ def run_evaluation(models: list[ModelSpec], settings: EvalSettings, output_dir: 
             metrics.update({f"code_{k}": v for k, v in scored.items() if k.startswith("pass@")})
             details["code"] = scored
         results["models"][spec.name] = {
-            "source": spec.source, "layers": spec.layers, "train_log": spec.train_log, "metrics": metrics,
-            "details": details, "seconds": round(time.time() - t0, 1),
+            "source": spec.source, "layers": spec.layers, "quant": spec.quant, "train_log": spec.train_log,
+            "metrics": metrics, "details": details, "seconds": round(time.time() - t0, 1),
         }
         logger.info("%s: %s", spec.name, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         if not is_teacher:
