@@ -69,18 +69,23 @@ def parse_completion(reply, vocab: int, where: str) -> tuple[list[int], str]:
     return ids, "length" if reason == "length" else "stop"
 
 
-def parse_prompt_logprobs(reply, ids: list[int], start: int, k: int, vocab: int, where: str
-                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The teacher's top-k at the positions start .. len(ids) - 1 (those predicting ids[start:]):
-    (log-probs [n, k] float32, descending; token ids [n, k] int64; log-prob of the actual token [n] float32)."""
-    choice = _choice(reply, where)
-    entries = choice.get("prompt_logprobs")
+def _prompt_entries(reply, ids: list[int], where: str) -> list:
+    """choices[0].prompt_logprobs of a reply, one entry per token sent (refused otherwise)."""
+    entries = _choice(reply, where).get("prompt_logprobs")
     if not isinstance(entries, list):
         raise TeacherReplyError(f"{where}: choices[0].prompt_logprobs is missing (does the server support "
                                 "prompt_logprobs? vLLM does)")
     if len(entries) != len(ids):
         raise TeacherReplyError(f"{where}: prompt_logprobs has {len(entries)} positions for the {len(ids)} tokens "
-                                "sent: a short or mismatched reply is not trained on")
+                                "sent: a short or mismatched reply is not used")
+    return entries
+
+
+def parse_prompt_logprobs(reply, ids: list[int], start: int, k: int, vocab: int, where: str
+                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The teacher's top-k at the positions start .. len(ids) - 1 (those predicting ids[start:]):
+    (log-probs [n, k] float32, descending; token ids [n, k] int64; log-prob of the actual token [n] float32)."""
+    entries = _prompt_entries(reply, ids, where)
     n = len(ids) - start
     values = np.empty((n, k), dtype=np.float32)
     top_ids = np.empty((n, k), dtype=np.int64)
@@ -128,14 +133,7 @@ def parse_prompt_logprobs(reply, ids: list[int], start: int, k: int, vocab: int,
 def parse_prompt_ranks(reply, ids: list[int], start: int, vocab: int, where: str) -> list[int]:
     """The teacher's rank (1 = most likely) of each actual token ids[start:] given the tokens before it, from a
     prompt_logprobs reply (vLLM sends the actual token's entry, with its rank, at any prompt_logprobs >= 0)."""
-    choice = _choice(reply, where)
-    entries = choice.get("prompt_logprobs")
-    if not isinstance(entries, list):
-        raise TeacherReplyError(f"{where}: choices[0].prompt_logprobs is missing (does the server support "
-                                "prompt_logprobs? vLLM does)")
-    if len(entries) != len(ids):
-        raise TeacherReplyError(f"{where}: prompt_logprobs has {len(entries)} positions for the {len(ids)} tokens "
-                                "sent: a short or mismatched reply is not used")
+    entries = _prompt_entries(reply, ids, where)
     ranks = []
     for pos in range(start, len(ids)):
         entry = entries[pos]
