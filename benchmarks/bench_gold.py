@@ -28,8 +28,9 @@ Both trainers' first-step losses are printed as each defines them; they are diff
 - coincide: the byte alignment into groups (both close a group where both sides end a token), and on a 1:1
   group the sorted L1 of the two next-token distributions restricted to the UNMATCHED vocabulary (GOLD's hybrid
   unmatched part, distillm's ULD term) -- when both sides match the same token pairs (GOLD pairs raw token
-  strings, distillm pairs byte strings; the same on two byte-level tokenizers, not on SentencePiece x byte-level)
-  and the unmatched vocabulary is at most `crosstok.losses.ULD_TOP_K` (distillm then sorts it all);
+  strings, distillm pairs byte strings; the same on two byte-level tokenizers, not on SentencePiece x byte-level),
+  the unmatched vocabulary is at most `crosstok.losses.ULD_TOP_K` (distillm then sorts it all) and both sides
+  have unmatched tokens (GOLD drops the term when one side has none; distillm compares the other side's with zeros);
 - differ: the matched part (GOLD: generalised JSD/KL over the matched probabilities, not renormalised, logs
   clamped at 1e-8; distillm: the divergence over the shared vocabulary plus one bucket for the rest), merged
   groups (GOLD bayesian: the LAST position's distribution times the earlier tokens' probabilities; distillm: the
