@@ -36,7 +36,8 @@ Both trainers' first-step losses are printed as each defines them; they are diff
   groups (GOLD bayesian: the LAST position's distribution times the earlier tokens' probabilities; distillm: the
   FIRST position's distribution times the later tokens' probabilities, compared by ULD only), the final EOS
   (GOLD skips it by default, distillm keeps it as a 1:1 group) and the reductions (GOLD: mean over groups per
-  sequence, then over sequences; distillm kd: sum over the response per sequence, mean over sequences).
+  sequence, then over sequences; distillm kd (seq_mean): per sequence the sum over its groups divided by its
+  student response tokens, EOS included, then the mean over sequences).
 
 So the agreement figure is measured on the term that coincides: both children evaluate it with their own code on
 the first step's rows with the initial student (GOLD: its ULDLoss, instrumented to keep its aligned vectors;
