@@ -88,6 +88,25 @@ def check_vocabulary(client: TeacherClient, tokenizer, vocab_size: int) -> None:
                                     f"[0, {vocab_size})")
 
 
+def _complete(client: TeacherClient, prompt: list[int], params: SamplingParams, max_tokens: int, seed: int,
+              vocab_size: int, where: str) -> tuple[list[int], str]:
+    """The server's continuation of `prompt` (up to `max_tokens`, the run's temperature and top-p, `seed`):
+    (token ids, finish reason), checked by `protocol.parse_completion`."""
+    body = completion_request(prompt, max_tokens=max_tokens, temperature=params.temperature, top_p=params.top_p,
+                              seed=seed)
+    return parse_completion(client.request("/v1/completions", body), vocab_size, where)
+
+
+def _scored_start(ids: list[int], length: int, what: str, verb: str) -> int:
+    """Where the last `length` tokens of `ids` start; the server's prompt_logprobs has no entry for a sequence's
+    first token, so at least one token must come before them."""
+    start = len(ids) - length
+    if start < 1:
+        raise DistillmError(f"{what} without prompt tokens cannot be {verb} by the teacher server (prompt_logprobs "
+                            "has no entry for the first token)")
+    return start
+
+
 class RemoteBackend:
     """The teacher's responses from the server (generation.base.GenerationBackend)."""
 
@@ -101,10 +120,8 @@ class RemoteBackend:
     def generate_batch(self, prompts: Sequence[list[int]], params: SamplingParams, *, seed: int) -> list[Completion]:
         def one(item):
             index, prompt = item
-            body = completion_request(prompt, max_tokens=params.max_new_tokens, temperature=params.temperature,
-                                      top_p=params.top_p, seed=seed + index)
-            reply = self.client.request("/v1/completions", body)
-            ids, reason = parse_completion(reply, self.vocab_size, f"teacher server /v1/completions (prompt {index})")
+            ids, reason = _complete(self.client, prompt, params, params.max_new_tokens, seed + index, self.vocab_size,
+                                    f"teacher server /v1/completions (prompt {index})")
             return Completion(ids[:params.max_new_tokens], reason)
 
         return self.client.map(one, list(enumerate(prompts)))
@@ -121,10 +138,7 @@ class RemoteJointTeacher:
     def ranks(self, sequences: Sequence[tuple[list[int], int]]) -> list[list[int]]:
         def one(item):
             ids, length = item
-            start = len(ids) - length
-            if start < 1:
-                raise DistillmError("a draft without prompt tokens cannot be ranked by the teacher server "
-                                    "(prompt_logprobs has no entry for the first token)")
+            start = _scored_start(ids, length, "a draft", "ranked")
             reply = self.client.request("/v1/completions", score_request(ids, 0))
             return parse_prompt_ranks(reply, ids, start, self.vocab_size,
                                       "teacher server /v1/completions (prompt_logprobs=0, speculative-kd)")
@@ -136,10 +150,8 @@ class RemoteJointTeacher:
     def sample(self, prefixes: Sequence[list[int]], params: SamplingParams, seeds: Sequence[int]) -> list[int]:
         def one(item):
             index, (prefix, seed) = item
-            body = completion_request(prefix, max_tokens=1, temperature=params.temperature, top_p=params.top_p,
-                                      seed=seed)
             where = f"teacher server /v1/completions (speculative-kd, rejected draft {index})"
-            ids, _ = parse_completion(self.client.request("/v1/completions", body), self.vocab_size, where)
+            ids, _ = _complete(self.client, prefix, params, 1, seed, self.vocab_size, where)
             if not ids:
                 raise TeacherReplyError(f"{where}: the reply has no token (max_tokens 1 was asked)")
             return ids[0]
@@ -184,10 +196,7 @@ class RemoteScores:
         ids, length = item
         if length == 0:
             return np.zeros((0, self.k), np.float32), np.zeros((0, self.k), np.int64), np.zeros(0, np.float32)
-        start = len(ids) - length
-        if start < 1:
-            raise DistillmError("a sequence without prompt tokens cannot be scored by the teacher server "
-                                "(prompt_logprobs has no entry for the first token)")
+        start = _scored_start(ids, length, "a sequence", "scored")
         reply = self.client.request("/v1/completions", score_request(ids, self.k))
         return parse_prompt_logprobs(reply, ids, start, self.k, self.vocab_size,
                                      "teacher server /v1/completions (prompt_logprobs)")
