@@ -160,3 +160,28 @@ def test_a_run_with_the_teacher_cache_trains_as_one_without(tmp_path):
     cached = sorted(p.suffix for p in (tmp_path / "exact" / "teacher_cache").iterdir())
     assert cached == [".json", ".npy"]
     assert not (tmp_path / "off" / "teacher_cache").exists()
+
+
+def test_plain_path_cuts_a_padded_teacher_head_to_the_vocabulary(tmp_path, tokenizer):
+    """A teacher whose head has more rows than the tokenizer has tokens (padded, as Qwen's): the cached plain
+    scores are cut to the real vocabulary as a live teacher's are, so the loss is the live one."""
+    from distillm.testing.tiny import build_tiny_model
+
+    teacher = build_tiny_model(tokenizer, num_layers=4, seed=0, vocab_size=len(tokenizer) + 5)
+    student = build_tiny_model(tokenizer, num_layers=2, seed=1)
+    rows = rows_for_every_method(tokenizer)
+    live = trainer_for(tmp_path, teacher, copy.deepcopy(student), tokenizer, method_for("distillm2", {}), rows, "plain")
+    batch = live.data_collator(rows)
+    loss_live, grads_live = loss_and_grads(live, batch)
+    method = method_for("distillm2", {})
+    cached = trainer_for(tmp_path, teacher, copy.deepcopy(student), tokenizer, method, rows, "plain")
+    cached.teacher_cache = build(tmp_path / "cache", teacher, method, rows, tokenizer)
+    scores = cached.teacher_scores(batch)
+    assert scores.shape[-1] == len(tokenizer) < teacher.get_output_embeddings().weight.shape[0]
+    loss_cached, grads_cached = loss_and_grads(cached, batch)
+    assert cached.teacher_cache.cached_rows > 0
+    n = batch_tokens(batch)
+    torch.testing.assert_close(loss_cached, loss_live, rtol=0, atol=model_atol(teacher.config, n, loss_live))
+    for key in grads_live:
+        torch.testing.assert_close(grads_cached[key], grads_live[key], rtol=0,
+                                   atol=model_atol(teacher.config, n, grads_live[key]), msg=key)

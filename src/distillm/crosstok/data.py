@@ -74,6 +74,12 @@ class CrossSetup:
                                       "rendering of it): cross-tokenizer runs take their prompts from --prompts "
                                       "only.") from None
 
+    def teacher_sequence(self, student_prompt_ids: Sequence[int], student_response_ids: Sequence[int]):
+        """(prompt ids, response ids) of a student-side sequence as the teacher reads it (its rendering of the
+        prompt, its ids of the response): the teacher's side of every collated batch, and the sequences the exact
+        teacher cache holds."""
+        return self.teacher_prompt(student_prompt_ids), self.teacher_ids(list(student_response_ids))
+
     def alignment(self, teacher_ids: Sequence[int], student_ids: Sequence[int]) -> Alignment:
         key = (tuple(teacher_ids), tuple(student_ids))
         found = self.alignments.get(key)
@@ -128,8 +134,7 @@ class CrossCollator:
             for seqs in per_row:
                 prompt_s, resp_s = seqs[g]
                 s_ids, s_len = build_sequences(prompt_s, resp_s, self.max_length)
-                t_prompt = self.setup.teacher_prompt(prompt_s)
-                t_resp = self.setup.teacher_ids(list(resp_s))
+                t_prompt, t_resp = self.setup.teacher_sequence(prompt_s, resp_s)
                 t_ids, t_len = build_sequences(t_prompt, t_resp, self.max_length)
                 student.append((s_ids, s_len))
                 teacher.append((t_ids, t_len))

@@ -80,8 +80,9 @@ def check_supported(config: RunConfig, method_name: str) -> None:
     checks = [
         (m.student_quant != "none", "--student-quant (a quantized copy of the teacher shares its tokenizer anyway)"),
         (m.load_in_4bit, "--load-in-4bit"),
-        (t.teacher_cache != "off", "--teacher-cache (its rows are keyed by the student's tokens; the teacher reads "
-                                   "its own)"),
+        (t.teacher_cache == "topk", "--teacher-cache topk (the cross-tokenizer loss needs the teacher's full "
+                                    "distribution: the shared-vocabulary map, the bucket of the rest, ULD over its "
+                                    "1,024 largest probabilities; --teacher-cache exact keeps it whole)"),
         (bool(d.teacher_responses), "--teacher-responses (the teacher's responses are generated in the run, in the "
                                     "teacher's tokens)"),
         (g.backend == "vllm", "--backend vllm (generation uses transformers in cross-tokenizer runs)"),

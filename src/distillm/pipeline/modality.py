@@ -22,6 +22,7 @@ run has a processor or two tokenizers. A modality answers, for its kind of run:
     image_inputs(prompts)          the batches' image tensors (None for text)
     collator(...)                  the training batches
     check_teacher_cache()          whether --teacher-cache can serve this run
+    teacher_cache_sequences(...)   the fixed sequences as the teacher reads them, and its pad id (the cache's build)
     trainer(models)                the Trainer class and its extra keywords
     processing_class(tokenizer)    what the Trainer saves beside the student
 
@@ -114,6 +115,10 @@ class TextModality:
 
     def check_teacher_cache(self) -> None:
         pass
+
+    def teacher_cache_sequences(self, models: ModelPair, sequences: list) -> tuple[list, int]:
+        # one tokenizer: the teacher reads the rows' own ids
+        return sequences, models.tokenizer.pad_token_id
 
     def trainer(self, models: ModelPair):
         return DistillTrainer, {}
@@ -231,6 +236,10 @@ class CrossModality(TextModality):
 
     def collator(self, config: RunConfig, models: ModelPair, method, image_inputs):
         return models.cross.collator(config.data.max_length, method.sequences)
+
+    def teacher_cache_sequences(self, models: ModelPair, sequences: list) -> tuple[list, int]:
+        # the teacher's own ids (its prompt rendering, its sampled response ids), keyed as its side of a batch is
+        return [models.cross.teacher_sequence(p, r) for p, r in sequences], self.teacher_tok.pad_token_id
 
     def trainer(self, models: ModelPair):
         return CrossDistillTrainer, {"cross": models.cross}

@@ -226,12 +226,15 @@ def train(config: RunConfig, models: ModelPair, method: Method, rows: list[dict]
         if state.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
             raise DistillmError("--teacher-cache is not supported under DeepSpeed/FSDP (the teacher's head is "
                                 "sharded); run without it, or with DDP / one process.")
+        # in the teacher's tokens (cross-tokenizer: its prompt rendering and its own response ids)
+        cache_sequences, cache_pad = modality.teacher_cache_sequences(
+            models, [method.sequences(row)[0] for row in dataset.rows])
         with state.main_process_first():  # one process builds it, the others then read it
             teacher_cache = TeacherCache(config.training.teacher_cache_dir or paths.root / "teacher_cache",
                                          config.training.teacher_cache, k=config.training.teacher_cache_k,
                                          vocab_size=models.vocab_size, tail=config.training.teacher_topk_tail).build(
-                models.teacher.to(args.device), [method.sequences(row)[0] for row in dataset.rows],
-                max_length=config.data.max_length, pad_token_id=tokenizer.pad_token_id,
+                models.teacher.to(args.device), cache_sequences,
+                max_length=config.data.max_length, pad_token_id=cache_pad,
                 batch_size=config.training.per_device_train_batch_size)
     teacher_service = None
     if teacher_client is not None and method.needs_teacher:  # --teacher-url: top-k scores from the server

@@ -42,7 +42,7 @@ from ..io import atomic_write_json
 from ..losses.fused import HeadInputs, TopKTeacher
 from .fused_inputs import fused_inputs
 from ..methods.base import TeacherGroups
-from .collate import IGNORE, build_sequences, pad_left
+from .collate import IGNORE, build_sequences, pad_left, response_logits
 
 logger = logging.getLogger("distillm")
 
@@ -203,16 +203,52 @@ class TeacherCache:
     def scores(self, trainer, inputs: dict[str, torch.Tensor]):
         """The teacher's scores on a micro-batch (as `trainer.run_teacher` gives them): cached rows from disk,
         the others from one teacher pass over just those rows."""
-        keys = sequence_keys(inputs)
         if self.mode == "topk":
-            return self._topk_scores(trainer, inputs, keys)
+            return self._topk_scores(trainer, inputs, sequence_keys(inputs))
+        head = trainer.teacher.get_output_embeddings()
+        hidden = self.cached_hidden(inputs, head, lambda subset: trainer.run_teacher(subset, fused=True))
+        if hidden is None:
+            return trainer.run_teacher(inputs)
+        return head_scores(hidden, head, fused=trainer.loss_impl == "fused", vocab_size=trainer.vocab_size)
+
+    def model_scores(self, teacher: torch.nn.Module, inputs: dict[str, torch.Tensor], *, fused: bool,
+                     vocab_size: int) -> tuple:
+        """(scores, targets) of `teacher` on a left-padded batch in its own tokens -- e.g. the teacher's side of a
+        cross-tokenizer batch (`crosstok.data.teacher_batch`) -- as `fused_inputs` (HeadInputs) or
+        `response_logits` (logits cut to `vocab_size`) give them: cached rows from disk, the others from one
+        teacher pass (under torch.inference_mode) over just those rows. Exact cache only."""
+        if self.mode != "exact":
+            raise ValueError("model_scores needs the exact teacher cache (the top-k one holds no hidden states)")
+        labels = inputs["labels"]
+        targets = labels[:, -max(int((labels != IGNORE).sum(-1).max().item()), 1):]
+        head = teacher.get_output_embeddings()
+
+        def live(subset):
+            with torch.inference_mode():
+                scores = fused_inputs(teacher, subset).head
+            return HeadInputs(scores.hidden.clone(), scores.weight, scores.bias)
+
+        hidden = self.cached_hidden(inputs, head, live)
+        if hidden is None:  # no row cached: the whole batch through the teacher, as without a cache
+            if fused:
+                return live(inputs), targets
+            with torch.inference_mode():
+                logits = response_logits(teacher, inputs, vocab_size)[0]
+            return logits.clone(), targets  # cloned out of inference mode, so the loss may keep it
+        return head_scores(hidden, head, fused=fused, vocab_size=vocab_size), targets
+
+    def cached_hidden(self, inputs: dict[str, torch.Tensor], head: torch.nn.Module, live) -> torch.Tensor | None:
+        """The teacher's final hidden states at a left-padded batch's response columns [N, R, H] (R: its longest
+        response), in the head's dtype: the rows the cache holds from disk, the others from `live(subset)` (the
+        teacher's HeadInputs on just those rows, one pass). None when the cache holds none of the rows (run the
+        teacher on the whole batch then). Counts the rows (`cached_rows`, `teacher_rows`)."""
+        keys = sequence_keys(inputs)
         hits = [i for i, key in enumerate(keys) if key in self.index]
         if not hits or self.hidden is None:
             self.teacher_rows += len(keys)
-            return trainer.run_teacher(inputs)
+            return None
         labels = inputs["labels"]
         width = max(int((labels != IGNORE).sum(-1).max().item()), 1)
-        head = trainer.teacher.get_output_embeddings()
         hidden = torch.zeros(len(keys), width, self.hidden.shape[1], dtype=head.weight.dtype,
                              device=labels.device)
         for i in hits:
@@ -224,13 +260,11 @@ class TeacherCache:
             rows = torch.tensor(misses, device=labels.device)
             subset = {name: inputs[name].index_select(0, rows)
                       for name in ("input_ids", "attention_mask", "position_ids", "labels")}
-            live = trainer.run_teacher(subset, fused=True)
-            hidden[rows, width - live.hidden.shape[1]:] = live.hidden.to(hidden.dtype)
+            live_hidden = live(subset).hidden
+            hidden[rows, width - live_hidden.shape[1]:] = live_hidden.to(hidden.dtype)
         self.teacher_rows += len(misses)
         self.cached_rows += len(hits)
-        if trainer.loss_impl == "plain":
-            return F.linear(hidden, head.weight, getattr(head, "bias", None))
-        return HeadInputs(hidden, head.weight, getattr(head, "bias", None))
+        return hidden
 
     def _topk_scores(self, trainer, inputs, keys):
         """Per group of sequences: the cached top-k log-probs if the cache holds all of the group's rows, else a
@@ -261,6 +295,15 @@ class TeacherCache:
                 groups.append(_widen(live, width))
                 self.teacher_rows += len(rows)
         return TeacherGroups(groups[0], groups[1], n_first)
+
+
+def head_scores(hidden: torch.Tensor, head: torch.nn.Module, *, fused: bool, vocab_size: int):
+    """The teacher's scores from its final hidden states: HeadInputs (fused: the loss applies the head a chunk at
+    a time) or logits cut to the tokenizer's `vocab_size` real tokens (plain, as `response_logits` gives them)."""
+    bias = getattr(head, "bias", None)
+    if fused:
+        return HeadInputs(hidden, head.weight, bias)
+    return F.linear(hidden, head.weight, bias)[..., :vocab_size]
 
 
 def _widen(scores, width: int):
