@@ -21,7 +21,7 @@ from distillm.training.fused_inputs import fused_inputs
 from distillm.methods.base import LossInputs, divergence_loss, token_log_probs
 from distillm.testing.tiny import build_tiny_model, build_tiny_tokenizer
 from distillm.training.collate import DistillCollator, pair_sequences
-from tolerances import sum_atol
+from tolerances import model_atol, sum_atol, tiny_student_config
 
 
 def _setup(teacher_tok, student_tok):
@@ -135,9 +135,37 @@ def test_cli_run_across_tokenizers(tmp_path, pair_student, method):
         assert t_tok.decode(row["teacher_prompt_ids"]).endswith("<|im_start|>assistant\n")
 
 
+@pytest.mark.slow
+def test_cli_run_across_tokenizers_with_the_exact_teacher_cache(tmp_path, pair_student):
+    """distillm2 over 2 rounds with --teacher-cache exact trains as the same run without it; the teacher's 8 own
+    responses (its tokens) are scored once to build the cache, read from it every round after, and only the
+    student responses go through the teacher."""
+    logs = {}
+    for cache in ("off", "exact"):
+        out = tmp_path / cache
+        assert _run(out, pair_student, "--method", "distillm2", "--teacher-cache", cache, "--no-evaluate",
+                    "--save-steps", "100") == 0
+        lines = (out / "run" / "logs" / "train_log.jsonl").read_text().splitlines()
+        logs[cache] = [entry["loss"] for entry in map(json.loads, lines) if "loss" in entry]
+        training = json.loads((out / "run" / "metrics.json").read_text())["training"]
+    # 2 rounds x 2 steps x 4 pairs: the teacher responses from the cache, the student responses through the teacher
+    assert training["teacher_cache"] == {"mode": "exact", "cached_sequences": 16, "teacher_sequences": 16,
+                                         "built_sequences": 8}
+    assert len(logs["off"]) == 4 and "teacher_cache" not in json.loads(
+        (tmp_path / "off" / "run" / "metrics.json").read_text())["training"]
+    # the cache holds the teacher's exact hidden states: the same steps up to fp32 rounding of a step's loss over its
+    # tokens (4 pairs x 2 sequences x max_length 128 per side at most), bounded by the deeper, wider teacher
+    teacher_config = tiny_student_config(num_layers=4)  # the tiny-random teacher: 4 layers, width 64 (student: 2, 48)
+    assert logs["exact"] == pytest.approx(logs["off"], rel=0,
+                                          abs=model_atol(teacher_config, 2 * 4 * 2 * 128, max(logs["off"])))
+    cached = sorted(p.suffix for p in (tmp_path / "exact" / "run" / "teacher_cache").iterdir())
+    assert cached == [".json", ".npy"]
+
+
 def test_refusals_name_the_reason(tmp_path, pair_student, capsys):
     for extra, pattern in [(("--method", "speculative-kd"), "speculative-kd cannot run .* one vocabulary"),
-                           (("--method", "kd", "--teacher-cache", "exact"), "--teacher-cache .* not supported"),
+                           (("--method", "kd", "--teacher-cache", "topk"),
+                            "--teacher-cache topk .* full distribution.* --teacher-cache exact .* not supported"),
                            (("--method", "kd", "--cross-tokenizer", "off"), "vocabularies differ.*--cross-tokenizer auto")]:
         assert _run(tmp_path, pair_student, *extra, "--overwrite") == 2
         err = capsys.readouterr().err
