@@ -21,6 +21,10 @@ response length. A different teacher or different data gives other names, so a s
 is deleted when the new one is written). Both files are written atomically (temporary file, then rename; the
 manifest last, so its presence marks a complete cache). On load the array's SHA-256 is checked against the
 manifest; a truncated or corrupted cache is reported and rebuilt.
+
+Across tokenizers (`crosstok`) the exact cache holds the teacher's states on its own responses in its own tokens
+(its prompt rendering, its sampled response ids), keyed by the teacher's ids: `model_scores` scores the teacher's
+side of a cross batch. The top-k cache is refused there (the cross loss needs the teacher's full distribution).
 """
 
 from __future__ import annotations
@@ -100,7 +104,8 @@ class TeacherCache:
 
     `build(teacher, sequences)` makes (or finds) the cache of those (prompt ids, response ids) sequences;
     `scores(trainer, inputs)` gives a micro-batch's teacher scores, from the cache for the rows it holds and from
-    a live teacher pass (`trainer.run_teacher`) for the others. `teacher_rows` counts the rows the teacher ran on
+    a live teacher pass (`trainer.run_teacher`) for the others; `model_scores(teacher, inputs)` the same for a
+    batch in the teacher's own tokens (the teacher's side of a cross-tokenizer batch). `teacher_rows` counts the rows the teacher ran on
     (`cached_rows` those read from the cache; `built_rows` those it ran over to build the cache)."""
 
     def __init__(self, directory: str | os.PathLike, mode: str = "exact", k: int = 64, vocab_size: int | None = None,
