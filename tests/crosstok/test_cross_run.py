@@ -162,6 +162,36 @@ def test_cli_run_across_tokenizers_with_the_exact_teacher_cache(tmp_path, pair_s
     assert cached == [".json", ".npy"]
 
 
+@pytest.mark.slow
+def test_a_killed_cross_run_reads_the_teacher_cache_back_on_resume(tmp_path, pair_student):
+    """Killed after optimizer step 3 of 4 (checkpoint-2 on disk), the same command again: the cache built by the
+    first attempt is read from disk (built_sequences 0), steps 3-4 take the teacher responses from it and run only
+    the student responses through the teacher, and they train as the uninterrupted run's steps 3-4."""
+    import signal
+
+    from reliability_helpers import read_rows, run_distillm
+
+    command = ["run", "--preset", "tiny", "--student", pair_student, "--method", "distillm2", "--num-prompts", "8",
+               "--rounds", "2", "--max-new-tokens", "12", "--per-device-train-batch-size", "4", "--no-evaluate",
+               "--save-steps", "2", "--teacher-cache", "exact"]
+    reference, out = tmp_path / "reference", tmp_path / "run"
+    assert run_distillm([*command, "--output-dir", str(reference)]).returncode == 0
+    killed = run_distillm([*command, "--output-dir", str(out)], fault="train_step@3")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    cache_files = sorted((out / "teacher_cache").iterdir())
+    assert [p.suffix for p in cache_files] == [".json", ".npy"]
+    resumed = run_distillm([*command, "--output-dir", str(out)])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert sorted((out / "teacher_cache").iterdir()) == cache_files
+    training = json.loads((out / "metrics.json").read_text())["training"]
+    assert training["teacher_cache"] == {"mode": "exact", "cached_sequences": 8, "teacher_sequences": 8,
+                                         "built_sequences": 0}
+    losses = {d: [e["loss"] for e in read_rows(d / "logs" / "train_log.jsonl") if "loss" in e] for d in (reference, out)}
+    assert len(losses[out]) == len(losses[reference]) == 4
+    assert losses[out] == pytest.approx(losses[reference], rel=0, abs=model_atol(
+        tiny_student_config(num_layers=4), 2 * 4 * 2 * 128, max(losses[reference])))
+
+
 def test_refusals_name_the_reason(tmp_path, pair_student, capsys):
     for extra, pattern in [(("--method", "speculative-kd"), "speculative-kd cannot run .* one vocabulary"),
                            (("--method", "kd", "--teacher-cache", "topk"),
