@@ -186,7 +186,8 @@ def test_a_killed_cross_run_reads_the_teacher_cache_back_on_resume(tmp_path, pai
     training = json.loads((out / "metrics.json").read_text())["training"]
     assert training["teacher_cache"] == {"mode": "exact", "cached_sequences": 8, "teacher_sequences": 8,
                                          "built_sequences": 0}
-    losses = {d: [e["loss"] for e in read_rows(d / "logs" / "train_log.jsonl") if "loss" in e] for d in (reference, out)}
+    losses = {d: [e["loss"] for e in read_rows(d / "logs" / "train_log.jsonl") if "loss" in e]
+              for d in (reference, out)}
     assert len(losses[out]) == len(losses[reference]) == 4
     assert losses[out] == pytest.approx(losses[reference], rel=0, abs=model_atol(
         tiny_student_config(num_layers=4), 2 * 4 * 2 * 128, max(losses[reference])))

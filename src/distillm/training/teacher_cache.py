@@ -105,8 +105,9 @@ class TeacherCache:
     `build(teacher, sequences)` makes (or finds) the cache of those (prompt ids, response ids) sequences;
     `scores(trainer, inputs)` gives a micro-batch's teacher scores, from the cache for the rows it holds and from
     a live teacher pass (`trainer.run_teacher`) for the others; `model_scores(teacher, inputs)` the same for a
-    batch in the teacher's own tokens (the teacher's side of a cross-tokenizer batch). `teacher_rows` counts the rows the teacher ran on
-    (`cached_rows` those read from the cache; `built_rows` those it ran over to build the cache)."""
+    batch in the teacher's own tokens (the teacher's side of a cross-tokenizer batch). `teacher_rows` counts the
+    rows the teacher ran on (`cached_rows` those read from the cache; `built_rows` those it ran over to build the
+    cache)."""
 
     def __init__(self, directory: str | os.PathLike, mode: str = "exact", k: int = 64, vocab_size: int | None = None,
                  tail: str = "uniform"):
