@@ -33,6 +33,17 @@ Sequence side (`span_log_probs`): log P(group's bytes) = sum of the log-probs of
 of the whole response text under that model, so the teacher's and the student's are comparable whatever the
 tokenization (DistiLLM-2's curriculum gaps, DPO-style sequence log-probs).
 
+Served teacher (`topk_group_values`, a `TopKTeacher`: top-K log-probs + ids in the TEACHER's vocabulary per
+teacher response column, plus each actual token's exact log-prob, as vLLM's prompt_logprobs give them): the
+1:1 term is the same divergence on a coarser partition -- the known teacher tokens (top-K + the actual one) that
+map to shared student ids, and ONE bucket holding everything else on each side. That partition coarsens the
+one above, so by the data-processing inequality the value is a LOWER BOUND of the full-distribution d_g,
+equal to it when the known tokens include every shared token (K = V_t) and in general iff p/q is the same on
+every token the bucket merges (e.g. a teacher with no mass outside its known shared tokens). ULD terms read the
+teacher's known probabilities and take its unknown ones as 0: each is off by at most the unknown mass
+R = 1 - sum of the known probabilities (ULD is 1-Lipschitz in L1). Merged spans' continuations need only the
+actual tokens' log-probs, which the server gives exactly; so do the span log-probs (`span_log_probs`).
+
 Memory: only the start positions need full distributions. They are processed a chunk of groups at a time, each
 chunk under activation checkpointing (recomputed in the backward): at most one chunk's [C, V_t] + [C, V_s]
 logits and their temporaries are alive, never [N, R, V]. The continuation log-probs go through the fused
@@ -51,7 +62,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..losses import divergences as plain
 from ..losses.divergences import IGNORE_INDEX
-from ..losses.fused import HeadInputs, fused_token_log_probs
+from ..losses.fused import HeadInputs, TopKTeacher, fused_token_log_probs, with_actual_token
 from .vocab import VocabMap
 
 #: bytes of fp32 logits per chunk of group starts (teacher + student rows), as the fused losses' CHUNK_BYTES
@@ -157,6 +168,82 @@ def group_values(name: str, student_logits: Tensor, teacher_logits: Tensor, one_
     return out
 
 
+def _teacher_to_student(vmap: VocabMap, device) -> Tensor:
+    """[V_t] long: the student id of each teacher id in the shared vocabulary, -1 for the others."""
+    table = torch.full((vmap.teacher_size,), -1, dtype=torch.long, device=device)
+    return table.index_put_((vmap.teacher_ids.to(device),), vmap.student_ids.to(device))
+
+
+def topk_group_values(name: str, student_logits: Tensor, teacher_logprobs: Tensor, teacher_ids: Tensor,
+                      one_to_one: Tensor, s_cont: Tensor, t_cont: Tensor, vmap: VocabMap, *,
+                      weight: float | Tensor | None = None, temperature: float = 1.0, uld_weight: float = 1.0,
+                      merge_weight: float = 1.0, detach_student_in_mixture: bool | None = None,
+                      uld_top_k: int | None = None) -> Tensor:
+    """d_g of `group_values` for M groups whose teacher is known only on some tokens (a served teacher's top-K
+    and the actual token): `teacher_logprobs` [M, W] (temperature 1) of the teacher ids `teacher_ids` [M, W]
+    (-1: no entry; ids unique per row), the student's `student_logits` [M, V_s].
+
+    1:1 groups: D(P || Q) on the coarse-grained outcomes: the known teacher ids t that are in the shared
+    vocabulary (each with p(t), and q(s(t)) for its student id s(t)), then one bucket: the teacher's
+    1 - sum of those p (at least the smallest normal float: a top-K that rounds to 1 leaves its bucket > 0),
+    the student's exact remaining mass (a logsumexp of its other log-probs). Where the student's bucket is empty
+    and the teacher's is within the rounding of its sum (W * eps of its dtype), both are left out. A lower bound
+    of `group_values`' D term (data-processing inequality), equal to it when every shared teacher id is known.
+    Plus uld_weight * ULD(teacher's unmatched probabilities, the unknown ones as 0; the student's unmatched).
+    Merged groups: merge_weight * ULD(p * e^{c^T}, q * e^{c^S}), the teacher's unknown p as 0.
+    Each ULD term is off the full-distribution one by at most the teacher's unknown mass (1 - sum of its known
+    p). Differentiable in the student's inputs; the teacher is a constant."""
+    if name not in DIVERGENCES:
+        raise ValueError(f"Unknown divergence '{name}' across tokenizers: use {', '.join(DIVERGENCES)}.")
+    if temperature != 1.0:
+        raise ValueError(f"a top-k teacher's log-probs are at temperature 1; the coarse-grained cross-tokenizer loss "
+                         f"cannot rescale them to temperature {temperature} (its bucket's tempered mass is unknown)")
+    s_lp = plain._log_probs(student_logits[..., :vmap.student_size], temperature)
+    device, dtype = s_lp.device, s_lp.dtype
+    ids = teacher_ids.to(device).long()
+    present = ids >= 0
+    t_lp = teacher_logprobs.detach().to(device=device, dtype=dtype).masked_fill(~present, float("-inf"))
+    s_of = _teacher_to_student(vmap, device)[ids.clamp_min(0)].masked_fill(~present, -1)
+    shared = s_of >= 0
+    # the teacher's probabilities over its whole vocabulary, its unknown ones as 0 (a spare column for no entry)
+    slots = torch.where(present, ids, vmap.teacher_size)
+    t_dense = torch.zeros(ids.shape[0], vmap.teacher_size + 1, dtype=dtype, device=device)
+    t_dense = t_dense.scatter(1, slots, t_lp.exp())[:, :vmap.teacher_size]
+    if weight is None:
+        weight = 0.5 if name == "jsd" else 0.1
+    out = torch.zeros(s_lp.shape[0], dtype=dtype, device=device)
+    one = one_to_one.to(device).nonzero().squeeze(-1)
+    if one.numel():
+        w = weight.index_select(0, one) if isinstance(weight, Tensor) and weight.dim() == 1 else weight
+        s_one, t_one, s_ids, keep = (x.index_select(0, one) for x in (s_lp, t_lp, s_of, shared))
+        t_known = torch.where(keep, t_one, float("-inf"))
+        s_known = torch.where(keep, s_one.gather(1, s_ids.clamp_min(0)), float("-inf"))
+        # teacher's bucket: 1 - sum of its known shared p, summed in float64
+        mass = 1.0 - t_known.double().exp().sum(-1)
+        rounding = keep.sum(-1).clamp_min(1).double() * torch.finfo(teacher_logprobs.dtype).eps
+        t_bucket = torch.log(mass.clamp_min(torch.finfo(dtype).tiny)).to(dtype)
+        spare = s_one.shape[-1]  # no entry: a spare column, dropped
+        taken = torch.zeros(s_one.shape[0], spare + 1, dtype=torch.bool, device=device)
+        taken = taken.scatter(1, torch.where(keep, s_ids, spare), True)[:, :spare]
+        s_bucket = torch.logsumexp(s_one.masked_fill(taken, float("-inf")), -1)
+        empty = torch.isneginf(s_bucket) & (mass <= rounding)
+        t_bucket = t_bucket.masked_fill(empty, float("-inf"))
+        values = DIVERGENCES[name](torch.cat([s_known, s_bucket.unsqueeze(-1)], -1),
+                                   torch.cat([t_known, t_bucket.unsqueeze(-1)], -1), w, detach_student_in_mixture)
+        t_un, s_un = vmap.unmatched("teacher").to(device), vmap.unmatched("student").to(device)
+        if t_un.numel() or s_un.numel():
+            values = values + uld_weight * uld_distance(t_dense.index_select(0, one).index_select(-1, t_un),
+                                                        s_one.index_select(-1, s_un).exp(), uld_top_k)
+        out = out.index_put((one,), values.to(out.dtype))
+    many = (~one_to_one.to(device)).nonzero().squeeze(-1)
+    if many.numel():
+        t_part = t_dense.index_select(0, many) * t_cont.detach().to(dtype).index_select(0, many).exp().unsqueeze(-1)
+        merged = uld_distance(t_part, (s_lp.index_select(0, many) + s_cont.index_select(0, many).unsqueeze(-1)).exp(),
+                              uld_top_k)
+        out = out.index_put((many,), (merge_weight * merged).to(out.dtype))
+    return out
+
+
 def span_log_probs(token_log_probs: Tensor, start: Tensor, end: Tensor, row: Tensor) -> Tensor:
     """sum of `token_log_probs` [N, R] over columns [start, end) of `row`, per group [G] (the chain rule)."""
     csum = F.pad(token_log_probs.cumsum(-1), (1, 0))
@@ -176,12 +263,25 @@ def _head_rows(scores, row: Tensor, col: Tensor) -> Tensor:
 
 def token_log_probs(scores, targets: Tensor, *, temperature: float = 1.0, vocab_size: int | None = None,
                     chunk_size: int | None = None) -> Tensor:
-    """log-prob of each target [N, R] (0 off the mask): fused and chunked for HeadInputs, plain for logits."""
+    """log-prob of each target [N, R] (0 off the mask): fused and chunked for HeadInputs, plain for logits, the
+    exact actual-token log-probs of a served `TopKTeacher` (`target`, temperature 1 only)."""
+    if isinstance(scores, TopKTeacher):
+        _check_topk(scores, temperature)
+        return torch.where(targets != IGNORE_INDEX, scores.target.to(targets.device).float(), 0.0)
     if isinstance(scores, HeadInputs):
         return fused_token_log_probs(scores, targets, temperature=temperature, vocab_size=vocab_size,
                                      chunk_size=chunk_size)
     logits = scores if vocab_size is None else scores[..., :vocab_size]
     return plain.token_log_probs(logits, targets, temperature=temperature)
+
+
+def _check_topk(scores: TopKTeacher, temperature: float) -> None:
+    if scores.target is None:
+        raise ValueError("a top-k teacher across tokenizers needs the actual tokens' log-probs (TopKTeacher.target, "
+                         "which a vLLM server sends): merged spans and span log-probs are built from them")
+    if temperature != 1.0:
+        raise ValueError(f"a top-k teacher's log-probs are at temperature 1; the cross-tokenizer loss cannot rescale "
+                         f"them to temperature {temperature}")
 
 
 def default_chunk(vmap: VocabMap) -> int:
@@ -195,8 +295,14 @@ def aligned_divergence(name: str, student, teacher, student_targets: Tensor, tea
                        uld_top_k: int | None = ULD_TOP_K) -> Tensor:
     """Per-student-column values [N, R_s]: d_g at each group's start column, 0 elsewhere. `student`, `teacher`:
     HeadInputs (hidden [N, R, H] + head) or logits [N, R, V]; targets [N, R] (-100 off the response).
-    `weight` may be per row ([N]). Chunks of groups are checkpointed (see the module docstring)."""
+    `weight` may be per row ([N]). Chunks of groups are checkpointed (see the module docstring). `teacher` may
+    also be a served teacher's `TopKTeacher` [N, R_t, k] with its actual tokens' log-probs (`topk_group_values`:
+    the coarse-grained form, a lower bound; temperature 1 only)."""
     n, r_s = student_targets.shape
+    topk = isinstance(teacher, TopKTeacher)
+    if topk:  # the actual token at each start column becomes a known entry (its exact log-prob)
+        _check_topk(teacher, temperature)
+        teacher = with_actual_token(teacher, teacher_targets.to(teacher.logprobs.device))
     device = student_targets.device
     out = torch.zeros(n, r_s, dtype=torch.float32, device=device)
     if groups.row.numel() == 0:
@@ -222,10 +328,16 @@ def aligned_divergence(name: str, student, teacher, student_targets: Tensor, tea
         def chunk(s_logits_src, cont, sl=sl, w=w):
             # the teacher's rows are formed here, so a checkpointed chunk keeps none of them for the backward
             # (it recomputes them): only the chunk being computed holds [C, V_t] logits
-            with torch.no_grad():
-                t_logits = _head_rows(teacher, groups.row[sl], groups.t_start[sl]).float()
             s_logits = _head_rows(s_logits_src, groups.row[sl], groups.s_start[sl]) \
                 if isinstance(s_logits_src, HeadInputs) else s_logits_src
+            if topk:
+                at = (groups.row[sl], groups.t_start[sl])
+                return topk_group_values(name, s_logits, teacher.logprobs[at], teacher.indices[at],
+                                         groups.one_to_one[sl], cont, t_cont[sl], vmap, weight=w,
+                                         temperature=temperature, uld_weight=uld_weight, merge_weight=merge_weight,
+                                         detach_student_in_mixture=detach_student_in_mixture, uld_top_k=uld_top_k)
+            with torch.no_grad():
+                t_logits = _head_rows(teacher, groups.row[sl], groups.t_start[sl]).float()
             return group_values(name, s_logits, t_logits, groups.one_to_one[sl], cont, t_cont[sl], vmap, weight=w,
                                 temperature=temperature, uld_weight=uld_weight, merge_weight=merge_weight,
                                 detach_student_in_mixture=detach_student_in_mixture, uld_top_k=uld_top_k)
@@ -281,7 +393,7 @@ class CrossTeacher:
     the whole batch) and the vocabulary map. `methods.base.divergence_loss` / `token_log_probs` hand it to
     `cross_divergence_loss` / `cross_token_log_probs`."""
 
-    scores: object  # HeadInputs or logits [N, R_t, V_t]
+    scores: object  # HeadInputs, logits [N, R_t, V_t], or a served teacher's TopKTeacher [N, R_t, k]
     targets: Tensor
     groups: AlignedGroups
     vmap: VocabMap
@@ -295,8 +407,13 @@ class CrossTeacher:
         g = self.groups.select(keep)
         g = g._replace(row=g.row - start)
         scores = self.scores
-        scores = (HeadInputs(scores.hidden[start:stop], scores.weight, scores.bias)
-                  if isinstance(scores, HeadInputs) else scores[start:stop])
+        if isinstance(scores, HeadInputs):
+            scores = HeadInputs(scores.hidden[start:stop], scores.weight, scores.bias)
+        elif isinstance(scores, TopKTeacher):
+            scores = scores._replace(logprobs=scores.logprobs[start:stop], indices=scores.indices[start:stop],
+                                     target=None if scores.target is None else scores.target[start:stop])
+        else:
+            scores = scores[start:stop]
         return CrossTeacher(scores, self.targets[start:stop], g, self.vmap, self.uld_weight, self.merge_weight)
 
 
