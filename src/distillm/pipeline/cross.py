@@ -11,22 +11,24 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 from ..config import RunConfig
 from ..crosstok.data import CrossSetup
 from ..crosstok.losses import aligned_divergence, aligned_span_log_probs
-from ..crosstok.trainer import teacher_scores
+from ..crosstok.trainer import CrossRemoteScores, teacher_scores
 from ..crosstok.vocab import CrossTokenizerError, check_tokenizer, vocab_map
 from ..data.prompts import EncodedPrompt, encode_prompts, load_prompts
 from ..distributed import process_state
 from ..evaluation.text import distinct_n
 from ..generation.factory import generate_once, make_backend, sampling_params
 from ..io import write_jsonl
-from ..models import (ModelPair, add_lora, eval_mode, load_model, load_tokenizer, real_vocab_size,
+from ..models import (ModelPair, add_lora, eval_mode, load_model, load_tokenizer, model_config, real_vocab_size,
                       resolve_model_source)
 from ..training.fused_inputs import fused_inputs
+from ..teacher.remote import RemoteScores
 from ..vision import uses_images
 from .data import DataContext
 from .setup import check_context_length
@@ -80,9 +82,15 @@ def check_supported(config: RunConfig, method_name: str) -> None:
     checks = [
         (m.student_quant != "none", "--student-quant (a quantized copy of the teacher shares its tokenizer anyway)"),
         (m.load_in_4bit, "--load-in-4bit"),
-        (t.teacher_cache == "topk", "--teacher-cache topk (the cross-tokenizer loss needs the teacher's full "
-                                    "distribution: the shared-vocabulary map, the bucket of the rest, ULD over its "
-                                    "1,024 largest probabilities; --teacher-cache exact keeps it whole)"),
+        (t.teacher_cache == "topk", "--teacher-cache topk (the top-k cache keeps neither the teacher's full "
+                                    "distribution nor the log-probs of its actual tokens outside the top k, which "
+                                    "the cross-tokenizer loss's merged spans and span log-probs need; "
+                                    "--teacher-cache exact keeps it whole, and --teacher-url sends the actual tokens' "
+                                    "log-probs beside the top k)"),
+        (bool(t.teacher_url) and config.loss.loss_temperature != 1.0,
+         f"--loss-temperature {config.loss.loss_temperature} with --teacher-url (the server's log-probs are at "
+         "temperature 1, and the top-k loss across tokenizers cannot rescale the mass outside the top k; use "
+         "--loss-temperature 1 or a local teacher)"),
         (bool(d.teacher_responses), "--teacher-responses (the teacher's responses are generated in the run, in the "
                                     "teacher's tokens)"),
         (g.backend == "vllm", "--backend vllm (generation uses transformers in cross-tokenizer runs)"),
@@ -152,11 +160,6 @@ def cross_data_context(config, setup, student_prompts, teacher_prompts, paths, b
     return CrossDataContext(config, setup.student_tok, student_prompts, paths, backend)
 
 
-#: why --teacher-url does not serve a cross-tokenizer run
-TEACHER_URL_REFUSAL = ("--teacher-url is not supported across tokenizers yet: the server's top-k scores are in the "
-                       "teacher's vocabulary; run the teacher locally.")
-
-
 def check_cross_run(config: RunConfig) -> None:
     """Refuse, before anything is loaded, what a cross-tokenizer run does not support (the engine, the method, the
     options), saying why."""
@@ -164,20 +167,28 @@ def check_cross_run(config: RunConfig) -> None:
         raise CrossTokenizerError("Cross-tokenizer runs are not supported under FSDP / DeepSpeed ZeRO-3 yet; run in "
                                   "one process or with DDP.")
     check_supported(config, config.method.method)
-    if config.training.teacher_url:
-        raise CrossTokenizerError(TEACHER_URL_REFUSAL)
 
 
 def load_cross_models(config: RunConfig, setup: CrossSetup) -> ModelPair:
     """The teacher (its own tokenizer) and the --student (the rows' tokenizer, with --lora its adapter), and the
-    setup that aligns them (`ModelPair.cross`)."""
+    setup that aligns them (`ModelPair.cross`). With --teacher-url the teacher is served: its weights are not read
+    (`ModelPair.teacher` None), only its config where it can be read (the context-length check)."""
     m = config.model
     device = process_state().device
-    teacher, _ = load_model(m.teacher, dtype=m.dtype, trust_remote_code=m.trust_remote_code, tokenizer=setup.teacher_tok)
     student, _ = load_model(m.student, dtype="float32", trust_remote_code=m.trust_remote_code,
                             tokenizer=setup.student_tok)
-    check_context_length(config, teacher=teacher, student=student)
-    teacher, student = teacher.to(device), student.to(device)
+    if config.training.teacher_url:
+        teacher = None
+        teacher_config = model_config(m.teacher, trust_remote_code=m.trust_remote_code)
+        check_context_length(config, student=student,
+                             **({"teacher": SimpleNamespace(config=teacher_config)} if teacher_config else {}))
+        logger.info("Teacher %s: served by --teacher-url; its weights are not read here (tokenizer only)", m.teacher)
+    else:
+        teacher, _ = load_model(m.teacher, dtype=m.dtype, trust_remote_code=m.trust_remote_code,
+                                tokenizer=setup.teacher_tok)
+        check_context_length(config, teacher=teacher, student=student)
+        teacher = teacher.to(device)
+    student = student.to(device)
     if m.lora:
         student = add_lora(student, r=m.lora_r, alpha=m.lora_alpha, dropout=m.lora_dropout,
                            target_modules=m.lora_target_modules,
@@ -213,19 +224,22 @@ def flat_metrics(result: dict) -> dict:
 
 @torch.no_grad()
 def aligned_scores(teacher, student, setup: CrossSetup, rows: list[dict], *, max_length: int,
-                   batch_size: int = 8) -> dict[str, float]:
+                   batch_size: int = 8, served=None) -> dict[str, float]:
     """Held-out figures of the student against the teacher on `rows` (prompt_ids + response_ids, student side):
     the aligned forward KL (shared vocabulary + ULD, per 1:1 group) and the merged-span ULD (per merged group),
-    both means over groups; and the log-probability per byte of the responses' text under each model (nats)."""
+    both means over groups; and the log-probability per byte of the responses' text under each model (nats).
+    `served`: a served teacher (`crosstok.trainer.CrossRemoteScores`) instead of the local `teacher`: the aligned
+    figures are then its top-K forms (the KL a lower bound, `crosstok.losses.topk_group_values`), the teacher's
+    NLL per byte exact (the server's log-prob of each actual token)."""
 
     collate = setup.collator(max_length, lambda r: [(r["prompt_ids"], r["response_ids"])])
     sums = {"one": 0.0, "n_one": 0, "merged": 0.0, "n_merged": 0, "t_lp": 0.0, "s_lp": 0.0, "bytes": 0}
     device = next(student.parameters()).device
-    with eval_mode(teacher, student):
+    with eval_mode(*(m for m in (teacher, student) if m is not None)):
         for start in range(0, len(rows), batch_size):
             chunk = rows[start:start + batch_size]
             batch = {k: v.to(device) for k, v in collate(chunk).items()}
-            cross = teacher_scores(teacher, batch, setup)
+            cross = served.scores(None, batch) if served is not None else teacher_scores(teacher, batch, setup)
             out = fused_inputs(student, batch)
             values = aligned_divergence("fkl", out.head, cross.scores, out.labels, cross.targets, cross.groups,
                                         cross.vmap, uld_weight=setup.uld_weight, merge_weight=setup.uld_weight)
@@ -247,22 +261,38 @@ def aligned_scores(teacher, student, setup: CrossSetup, rows: list[dict], *, max
             "student_nll_per_byte": -sums["s_lp"] / max(sums["bytes"], 1)}
 
 
-def cross_evaluate(config: RunConfig, models, eval_prompts, teacher_eval_rows, paths, tag: str) -> dict:
+def cross_evaluate(config: RunConfig, models, eval_prompts, teacher_eval_rows, paths, tag: str, *,
+                   teacher_client=None) -> dict:
     """Before/after figures: on the teacher's held-out responses, the aligned divergences and the student's NLL
-    per byte; on the student's own samples, the teacher's NLL per byte of their text (re-tokenized); distinct-2."""
+    per byte; on the student's own samples, the teacher's NLL per byte of their text (re-tokenized); distinct-2.
+    `teacher_client` (--teacher-url): the teacher's figures come from the server (`aligned_scores`' `served`),
+    labelled in `teacher_scores`."""
     start = time.time()
     setup = models.cross
+    served = None
+    if teacher_client is not None:
+        t = config.training
+        served = CrossRemoteScores(RemoteScores(teacher_client, t.teacher_top_k, real_vocab_size(setup.teacher_tok),
+                                                tail=t.teacher_topk_tail), setup)
     backend = make_backend(config, models.student, setup.student_tok, model_dir=None)
     samples = generate_once(backend, eval_prompts, paths.eval_samples(tag),
                             sampling_params(config, seed_offset=7_777,
                                             max_new_tokens=config.evaluation.eval_max_new_tokens),
                             setup.student_tok, desc=f"student samples ({tag})")
     max_length = config.data.max_length
-    on_teacher = aligned_scores(models.teacher, models.student, setup, teacher_eval_rows, max_length=max_length)
-    on_student = aligned_scores(models.teacher, models.student, setup, samples, max_length=max_length)
-    result = {"on_teacher_responses": on_teacher,
+    on_teacher = aligned_scores(models.teacher, models.student, setup, teacher_eval_rows, max_length=max_length,
+                                served=served)
+    on_student = aligned_scores(models.teacher, models.student, setup, samples, max_length=max_length, served=served)
+    result = {}
+    if served is not None:
+        result["teacher_scores"] = (
+            f"top-{served.k} from {', '.join(teacher_client.urls)} (the actual token as a known entry): "
+            "aligned_fkl_1to1 is the coarse-grained KL (known shared tokens + one bucket), a lower bound of a local "
+            "teacher's; aligned_uld_merged takes the teacher's probabilities outside its top-k as 0; the NLL per "
+            "byte figures are exact (the server's log-prob of each token)")
+    result.update({"on_teacher_responses": on_teacher,
               "teacher_nll_per_byte_of_student_samples": on_student["teacher_nll_per_byte"],
               "distinct_2": distinct_n([row["response"] for row in samples]),
               "teacher_distinct_2": distinct_n([row["response"] for row in teacher_eval_rows]),
-              "seconds": round(time.time() - start, 1)}
+              "seconds": round(time.time() - start, 1)})
     return result

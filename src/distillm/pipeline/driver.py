@@ -40,7 +40,9 @@ def connect_teacher(config: RunConfig, tokenizer, modality):
     if config.training.teacher_cache != "off":
         raise DistillmError("--teacher-cache and --teacher-url do not combine: the server's scores are top-k "
                             "already; drop --teacher-cache.")
-    return connect(config, tokenizer, real_vocab_size(tokenizer))
+    tokenizer = modality.teacher_tokenizer(tokenizer)  # cross-tokenizer runs: the server serves the teacher's ids
+    return connect(config, tokenizer, real_vocab_size(tokenizer),
+                   whose="the teacher's (--teacher)" if modality.name == "cross" else "the student's")
 
 
 def run(config: RunConfig, *, overwrite: bool = False) -> dict:
@@ -91,7 +93,7 @@ def _run(config: RunConfig, paths: RunPaths, started: float) -> dict:
     state.wait_for_everyone()
     method = build_method(config)
     if teacher_client is not None:  # --teacher-url: the teacher's responses come from the server
-        teacher_backend = RemoteBackend(teacher_client, models.vocab_size)
+        teacher_backend = RemoteBackend(teacher_client, modality.teacher_vocab_size(models))
     else:
         teacher_backend = modality.teacher_backend(config, models)
     try:

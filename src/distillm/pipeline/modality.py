@@ -12,6 +12,9 @@ run has a processor or two tokenizers. A modality answers, for its kind of run:
     input_digests()                what else the run directory records of its inputs
     load_models(config, tokenizer) the run's ModelPair (after the cheap checks, for text)
     check_remote_teacher()         whether --teacher-url can serve this run
+    teacher_tokenizer / teacher_vocab_size / teacher_service
+                                   what the served teacher is checked against (its tokenizer), the size of its
+                                   vocabulary, and the trainer's view of its scores
     teacher_backend / data_context / teacher_eval
                                    the teacher's generation, the methods' DataContext, the held-out responses
     describe()                     what metrics.json says of the modality
@@ -34,19 +37,19 @@ from __future__ import annotations
 
 from .. import rundir
 from ..config import RunConfig
-from ..crosstok.trainer import CrossDistillTrainer
+from ..crosstok.trainer import CrossDistillTrainer, CrossRemoteScores
 from ..crosstok.vocab import CrossTokenizerError
 from ..data.prompts import DataError, check_chat_template
 from ..data.vision import ImageInputs
 from ..errors import DistillmError
 from ..generation.factory import generate_once, make_backend, sampling_params
 from ..generation.vllm_backend import choose_backend_name
-from ..models import ModelPair, load_model, load_tokenizer
+from ..models import ModelPair, load_model, load_tokenizer, real_vocab_size
 from ..training.collate import DistillCollator
 from ..training.trainer import DistillTrainer
 from ..training.vision import VisionCollator
 from ..vision import load_image_prompt_set, load_vision_model, load_vision_models, uses_images
-from .cross import (TEACHER_URL_REFUSAL, build_setup, check_cross_run, cross_data_context, cross_evaluate,
+from .cross import (build_setup, check_cross_run, cross_data_context, cross_evaluate,
                     cross_teacher_eval, cross_tokenizers, load_cross_models, paired_prompts)
 from .data import DataContext
 from .evaluate import evaluate
@@ -78,6 +81,18 @@ class TextModality:
 
     def check_remote_teacher(self) -> None:
         pass
+
+    def teacher_tokenizer(self, tokenizer):
+        """The tokenizer the --teacher-url server must share (the teacher's: the rows' here)."""
+        return tokenizer
+
+    def teacher_vocab_size(self, models: ModelPair) -> int:
+        """The teacher's vocabulary (the ids a served teacher may send)."""
+        return models.vocab_size
+
+    def teacher_service(self, service, models: ModelPair):
+        """The served teacher's scores as the trainer takes them (`teacher.remote.RemoteScores`)."""
+        return service
 
     def teacher_backend(self, config: RunConfig, models: ModelPair):
         return self.backend(config, models.teacher, models.tokenizer, model_dir=models.teacher_path)
@@ -214,7 +229,16 @@ class CrossModality(TextModality):
         return load_cross_models(config, self.setup)
 
     def check_remote_teacher(self) -> None:
-        raise CrossTokenizerError(TEACHER_URL_REFUSAL)  # check() refuses it first
+        pass  # check() refuses what a served teacher cannot do across tokenizers
+
+    def teacher_tokenizer(self, tokenizer):
+        return self.teacher_tok  # the server serves the teacher: its ids are the teacher's
+
+    def teacher_vocab_size(self, models: ModelPair) -> int:
+        return real_vocab_size(self.teacher_tok)
+
+    def teacher_service(self, service, models: ModelPair):
+        return CrossRemoteScores(service, models.cross)  # the teacher's side of each batch, in its own ids
 
     def teacher_backend(self, config: RunConfig, models: ModelPair):
         return make_backend(config, models.teacher, self.teacher_tok, model_dir=None)
@@ -231,8 +255,9 @@ class CrossModality(TextModality):
                                     "shared_vocab": int(vmap.teacher_ids.numel())}}
 
     def evaluate(self, config: RunConfig, models: ModelPair, eval_prompts, teacher_eval_rows, paths, tag: str, *,
-                 teacher_client=None):  # never set: check_remote_teacher refuses --teacher-url
-        return cross_evaluate(config, models, eval_prompts, teacher_eval_rows, paths, tag)
+                 teacher_client=None):
+        return cross_evaluate(config, models, eval_prompts, teacher_eval_rows, paths, tag,
+                              teacher_client=teacher_client)
 
     def collator(self, config: RunConfig, models: ModelPair, method, image_inputs):
         return models.cross.collator(config.data.max_length, method.sequences)

@@ -238,9 +238,11 @@ def train(config: RunConfig, models: ModelPair, method: Method, rows: list[dict]
                 batch_size=config.training.per_device_train_batch_size)
     teacher_service = None
     if teacher_client is not None and method.needs_teacher:  # --teacher-url: top-k scores from the server
-        teacher_service = RemoteScores(teacher_client, config.training.teacher_top_k, models.vocab_size,
+        teacher_service = RemoteScores(teacher_client, config.training.teacher_top_k,
+                                       modality.teacher_vocab_size(models),
                                        max_pending=config.training.gradient_accumulation_steps,
                                        tail=config.training.teacher_topk_tail)
+        teacher_service = modality.teacher_service(teacher_service, models)  # cross: scores the teacher's side
     trainer_class, extra = modality.trainer(models)
     trainer = trainer_class(
         teacher_service=teacher_service,

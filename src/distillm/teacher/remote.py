@@ -1,7 +1,8 @@
 """The remote teacher as the pipeline and the trainer use it.
 
 - `connect(config, tokenizer)`: the client of --teacher-url, checked at start-up (reachable, and the server's
-  tokenizer is the student's: /tokenize of a probe text must give the student tokenizer's ids), or None.
+  tokenizer is the student's -- the teacher's in a cross-tokenizer run: /tokenize of a probe text must give that
+  tokenizer's ids), or None.
 - `RemoteBackend`: the teacher's responses (a generation backend: one /v1/completions request per prompt with
   its token ids, `concurrency` in flight, seed + the prompt's index in the batch as the request's seed).
 - `RemoteJointTeacher`: the teacher's side of speculative KD's joint decoding
@@ -42,8 +43,9 @@ PROBE = ("Distillation check: The quick brown fox jumps over 13 lazy dogs; Â¿quÃ
          "def f(x):\n    return x ** 2  # ok")
 
 
-def connect(config, tokenizer, vocab_size: int) -> TeacherClient | None:
-    """The checked client of --teacher-url (None without it)."""
+def connect(config, tokenizer, vocab_size: int, *, whose: str = "the student's") -> TeacherClient | None:
+    """The checked client of --teacher-url (None without it). `tokenizer`: the one the server must share
+    (`whose` names it in the error: the student's, or the teacher's in a cross-tokenizer run)."""
     t = config.training
     if not t.teacher_url:
         return None
@@ -51,15 +53,15 @@ def connect(config, tokenizer, vocab_size: int) -> TeacherClient | None:
                            concurrency=t.teacher_concurrency, max_wait=t.teacher_max_wait,
                            insecure=t.teacher_insecure)
     client.check_reachable()
-    check_vocabulary(client, tokenizer, vocab_size)
+    check_vocabulary(client, tokenizer, vocab_size, whose=whose)
     logger.info("Teacher server(s) %s: reachable, same tokenizer; top-%d log-probs per position",
                 ", ".join(client.urls), t.teacher_top_k)
     return client
 
 
-def check_vocabulary(client: TeacherClient, tokenizer, vocab_size: int) -> None:
-    """Refuse a server whose tokenizer differs from the student's: each URL's /tokenize of PROBE (and of the
-    end-of-sequence token's text) must give this tokenizer's ids."""
+def check_vocabulary(client: TeacherClient, tokenizer, vocab_size: int, *, whose: str = "the student's") -> None:
+    """Refuse a server whose tokenizer differs from `tokenizer` (the student's; the teacher's in a cross-tokenizer
+    run, `whose`): each URL's /tokenize of PROBE (and of the end-of-sequence token's text) must give its ids."""
     probes = [PROBE]
     if tokenizer.eos_token:
         probes.append(tokenizer.eos_token)
@@ -77,14 +79,16 @@ def check_vocabulary(client: TeacherClient, tokenizer, vocab_size: int) -> None:
                 single.close()
             theirs = parse_tokenize(reply, f"teacher server {url}/tokenize")
             if theirs != ours:
+                first = next((i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b), min(len(theirs), len(ours)))
+                fix = ("distillation through top-k log-probs needs the same vocabulary. Serve a teacher of the "
+                       "student's family, or use a student with the teacher's tokenizer." if "student" in whose else
+                       "a cross-tokenizer run reads the server's scores in the --teacher model's vocabulary: serve "
+                       "that model (or pass the served model's name or path as --teacher).")
                 raise DistillmError(
-                    f"teacher server {url} tokenizes differently from the student's tokenizer ({len(theirs)} vs "
-                    f"{len(ours)} ids for a probe text; first difference at position "
-                    f"{next((i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b), min(len(theirs), len(ours)))}"
-                    "): distillation through top-k log-probs needs the same vocabulary. Serve a teacher of the "
-                    "student's family, or use a student with the teacher's tokenizer.")
+                    f"teacher server {url} tokenizes differently from {whose} tokenizer ({len(theirs)} vs "
+                    f"{len(ours)} ids for a probe text; first difference at position {first}): {fix}")
             if any(not 0 <= t < vocab_size for t in theirs):
-                raise DistillmError(f"teacher server {url} returns token ids outside the student's vocabulary "
+                raise DistillmError(f"teacher server {url} returns token ids outside {whose} vocabulary "
                                     f"[0, {vocab_size})")
 
 
