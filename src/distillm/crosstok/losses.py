@@ -41,7 +41,8 @@ one above, so by the data-processing inequality the value is a LOWER BOUND of th
 equal to it when the known tokens include every shared token (K = V_t) and in general iff p/q is the same on
 every token the bucket merges (e.g. a teacher with no mass outside its known shared tokens). ULD terms read the
 teacher's known probabilities and take its unknown ones as 0: each is off by at most the unknown mass
-R = 1 - sum of the known probabilities (ULD is 1-Lipschitz in L1). Merged spans' continuations need only the
+R = 1 - sum of the known probabilities (ULD of sorted vectors is 1-Lipschitz in L1), 2R under `uld_top_k` (its
+tail entry moves by up to R too). Merged spans' continuations need only the
 actual tokens' log-probs, which the server gives exactly; so do the span log-probs (`span_log_probs`).
 
 Memory: only the start positions need full distributions. They are processed a chunk of groups at a time, each
@@ -191,8 +192,8 @@ def topk_group_values(name: str, student_logits: Tensor, teacher_logprobs: Tenso
     of `group_values`' D term (data-processing inequality), equal to it when every shared teacher id is known.
     Plus uld_weight * ULD(teacher's unmatched probabilities, the unknown ones as 0; the student's unmatched).
     Merged groups: merge_weight * ULD(p * e^{c^T}, q * e^{c^S}), the teacher's unknown p as 0.
-    Each ULD term is off the full-distribution one by at most the teacher's unknown mass (1 - sum of its known
-    p). Differentiable in the student's inputs; the teacher is a constant."""
+    Each ULD term is off the full-distribution one by at most the teacher's unknown mass R (1 - sum of its known
+    p; 2R under `uld_top_k`). Differentiable in the student's inputs; the teacher is a constant."""
     if name not in DIVERGENCES:
         raise ValueError(f"Unknown divergence '{name}' across tokenizers: use {', '.join(DIVERGENCES)}.")
     if temperature != 1.0:
