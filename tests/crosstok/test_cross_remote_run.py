@@ -111,3 +111,16 @@ def test_the_vocabulary_check_reads_the_teacher_tokenizer(server, pair_student, 
     assert cli.main(args) != 0
     err = capsys.readouterr().err
     assert "tokenizes differently from the teacher's (--teacher) tokenizer" in err, err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["kd", "gkd", "imitkd", "minillm", "distillm", "dpkd"])
+def test_every_teacher_scored_method_trains_across_tokenizers_through_the_server(server, pair_student, tmp_path,
+                                                                                 method):
+    out = tmp_path / method
+    args = _args(out, pair_student, "--teacher-url", server, "--teacher-top-k", "8", "--no-evaluate")
+    args[args.index("distillm2")] = method
+    assert cli.main(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["complete"] and metrics["training"]["teacher_server"]["scored_tokens"] > 0
+    assert all(loss == loss and abs(loss) < 1e6 for loss in _log(out))
