@@ -187,3 +187,21 @@ def test_an_old_format_or_damaged_topk_cache_is_rebuilt(tmp_path, pair, caplog, 
         np.testing.assert_array_equal(np.asarray(getattr(rebuilt, name)), array)
     again = build_topk_cache(tmp_path, setup, teacher, method, rows, 5)
     assert again.built_rows == 0 and counter.rows == len(rows)
+
+
+def test_an_exact_cache_from_before_the_format_field_is_still_read(tmp_path, pair):
+    """Only the top-k cache's format changed: an exact cache's manifest without "format" (as written before) is
+    read, not rebuilt."""
+    from test_cross_cache import build_cache
+
+    setup, teacher, _ = pair
+    rows, method = cross_rows(setup), method_for("distillm2", {})
+    first = build_cache(tmp_path, setup, teacher, method, rows)
+    manifest_path = next(tmp_path.glob("*.json"))
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest.pop("format") == 1
+    manifest_path.write_text(json.dumps(manifest))
+    counter = RowCounter(teacher)
+    again = build_cache(tmp_path, setup, teacher, method, rows)
+    assert again.built_rows == 0 and counter.rows == 0
+    np.testing.assert_array_equal(np.asarray(again.hidden), np.asarray(first.hidden))
