@@ -163,6 +163,30 @@ def test_cli_run_across_tokenizers_with_the_exact_teacher_cache(tmp_path, pair_s
 
 
 @pytest.mark.slow
+def test_cli_run_across_tokenizers_with_the_topk_teacher_cache(tmp_path, pair_student):
+    """distillm2 over 2 rounds with --teacher-cache topk at k = the teacher's whole vocabulary trains as the same
+    run without a cache (the top-k aligned loss is the full one there); the cache (log-probs, ids, the actual
+    tokens' log-probs) is built once over the teacher's 8 own responses and read every round after."""
+    v_t = len(build_tiny_tokenizer())  # the tiny-random teacher's vocabulary
+    logs = {}
+    for cache in ("off", "topk"):
+        out = tmp_path / cache
+        assert _run(out, pair_student, "--method", "distillm2", "--teacher-cache", cache, "--teacher-cache-k",
+                    str(v_t), "--no-evaluate", "--save-steps", "100") == 0
+        lines = (out / "run" / "logs" / "train_log.jsonl").read_text().splitlines()
+        logs[cache] = [entry["loss"] for entry in map(json.loads, lines) if "loss" in entry]
+    training = json.loads((tmp_path / "topk" / "run" / "metrics.json").read_text())["training"]
+    assert training["teacher_cache"] == {"mode": f"top{v_t}", "cached_sequences": 16, "teacher_sequences": 16,
+                                         "built_sequences": 8}
+    assert len(logs["off"]) == len(logs["topk"]) == 4
+    teacher_config = tiny_student_config(num_layers=4)
+    assert logs["topk"] == pytest.approx(logs["off"], rel=0,
+                                         abs=model_atol(teacher_config, 2 * 4 * 2 * 128, max(logs["off"])))
+    cached = sorted(p.name.split(".", 1)[1] for p in (tmp_path / "topk" / "run" / "teacher_cache").iterdir())
+    assert cached == ["ids.npy", "json", "npy", "target.npy"]
+
+
+@pytest.mark.slow
 def test_a_killed_cross_run_reads_the_teacher_cache_back_on_resume(tmp_path, pair_student):
     """Killed after optimizer step 3 of 4 (checkpoint-2 on disk), the same command again: the cache built by the
     first attempt is read from disk (built_sequences 0), steps 3-4 take the teacher responses from it and run only
@@ -195,8 +219,8 @@ def test_a_killed_cross_run_reads_the_teacher_cache_back_on_resume(tmp_path, pai
 
 def test_refusals_name_the_reason(tmp_path, pair_student, capsys):
     for extra, pattern in [(("--method", "speculative-kd"), "speculative-kd cannot run .* one vocabulary"),
-                           (("--method", "kd", "--teacher-cache", "topk"),
-                            "--teacher-cache topk .* full distribution.* --teacher-cache exact .* not supported"),
+                           (("--method", "kd", "--teacher-cache", "topk", "--loss-temperature", "2"),
+                            "--loss-temperature 2.0 with --teacher-cache topk .* temperature 1.* not supported"),
                            (("--method", "kd", "--cross-tokenizer", "off"), "vocabularies differ.*--cross-tokenizer auto")]:
         assert _run(tmp_path, pair_student, *extra, "--overwrite") == 2
         err = capsys.readouterr().err

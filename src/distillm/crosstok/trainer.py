@@ -5,7 +5,9 @@ The student side is unchanged (the batch's input_ids / labels are the student's)
 `crosstok.losses.CrossTeacher` (its hidden states + head on the fused path, its logits on the plain path, its
 targets, the micro-batch's alignment groups and the vocabulary map); `methods.base.divergence_loss` and
 `token_log_probs` turn those into the aligned losses. With `--teacher-cache exact` the teacher's hidden states on
-its own (fixed) responses come from the cache, which is keyed by the teacher's ids (`teacher_scores`). With
+its own (fixed) responses come from the cache, which is keyed by the teacher's ids (`teacher_scores`); with
+`--teacher-cache topk` its top-k log-probs + ids and the actual tokens' log-probs do (the rows the cache lacks are
+turned into that form from a live teacher pass), and the loss is the top-K one of --teacher-url. With
 --teacher-url the teacher's side of each batch is scored by the server (`CrossRemoteScores`: top-K log-probs in the
 teacher's vocabulary + the actual tokens' exact log-probs), and the aligned losses take their top-K form
 (`crosstok.losses.topk_group_values`).
@@ -24,10 +26,11 @@ from .losses import CrossTeacher
 
 
 def teacher_scores(teacher, batch: dict, setup: CrossSetup, *, fused: bool = True, cache=None) -> CrossTeacher:
-    """The teacher's CrossTeacher for a collated cross batch (no gradient). `cache`: an exact
+    """The teacher's CrossTeacher for a collated cross batch (no gradient). `cache`: a
     `training.teacher_cache.TeacherCache` built over the teacher's own responses in its tokens (keyed by the
     teacher's ids): the rows it holds come from it, the others (student responses re-tokenized for the teacher)
-    from one teacher pass over just those rows."""
+    from one teacher pass over just those rows. Exact cache: hidden states / logits; top-k cache: a TopKTeacher
+    with the actual tokens' log-probs, as `CrossRemoteScores` gives."""
     inputs = teacher_batch(batch)
     if cache is not None:
         scores, targets = cache.model_scores(teacher, inputs, fused=fused, vocab_size=setup.vmap.teacher_size)

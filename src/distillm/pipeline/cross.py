@@ -82,11 +82,10 @@ def check_supported(config: RunConfig, method_name: str) -> None:
     checks = [
         (m.student_quant != "none", "--student-quant (a quantized copy of the teacher shares its tokenizer anyway)"),
         (m.load_in_4bit, "--load-in-4bit"),
-        (t.teacher_cache == "topk", "--teacher-cache topk (the top-k cache keeps neither the teacher's full "
-                                    "distribution nor the log-probs of its actual tokens outside the top k, which "
-                                    "the cross-tokenizer loss's merged spans and span log-probs need; "
-                                    "--teacher-cache exact keeps it whole, and --teacher-url sends the actual tokens' "
-                                    "log-probs beside the top k)"),
+        (t.teacher_cache == "topk" and config.loss.loss_temperature != 1.0,
+         f"--loss-temperature {config.loss.loss_temperature} with --teacher-cache topk (the cached log-probs are at "
+         "temperature 1, and the top-k loss across tokenizers cannot rescale the mass outside the top k; use "
+         "--loss-temperature 1 or --teacher-cache exact)"),
         (bool(t.teacher_url) and config.loss.loss_temperature != 1.0,
          f"--loss-temperature {config.loss.loss_temperature} with --teacher-url (the server's log-probs are at "
          "temperature 1, and the top-k loss across tokenizers cannot rescale the mass outside the top k; use "

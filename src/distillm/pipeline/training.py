@@ -232,7 +232,8 @@ def train(config: RunConfig, models: ModelPair, method: Method, rows: list[dict]
         with state.main_process_first():  # one process builds it, the others then read it
             teacher_cache = TeacherCache(config.training.teacher_cache_dir or paths.root / "teacher_cache",
                                          config.training.teacher_cache, k=config.training.teacher_cache_k,
-                                         vocab_size=models.vocab_size, tail=config.training.teacher_topk_tail).build(
+                                         vocab_size=modality.teacher_vocab_size(models),
+                                         tail=config.training.teacher_topk_tail).build(
                 models.teacher.to(args.device), cache_sequences,
                 max_length=config.data.max_length, pad_token_id=cache_pad,
                 batch_size=config.training.per_device_train_batch_size)

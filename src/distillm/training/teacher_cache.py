@@ -22,9 +22,23 @@ is deleted when the new one is written). Both files are written atomically (temp
 manifest last, so its presence marks a complete cache). On load the array's SHA-256 is checked against the
 manifest; a truncated or corrupted cache is reported and rebuilt.
 
-Across tokenizers (`crosstok`) the exact cache holds the teacher's states on its own responses in its own tokens
-(its prompt rendering, its sampled response ids), keyed by the teacher's ids: `model_scores` scores the teacher's
-side of a cross batch. The top-k cache is refused there (the cross loss needs the teacher's full distribution).
+With `--teacher-cache topk` what is stored per response token is the teacher's k most likely tokens instead
+(k = --teacher-cache-k, over the tokenizer's real tokens, float32 log-softmax), and the teacher's log-prob of the
+actual (next) token, from the same pass (`topk_rows`): `top<k>-<teacher>-<data>.npy` (log-probs [tokens, k]),
+`.ids.npy` (their ids [tokens, k]), `.target.npy` (the actual tokens' log-probs [tokens]), all three in the
+manifest and its SHA check. The manifest's "format" (2) marks caches with the actual tokens' log-probs: one
+written before (format 1, two arrays) is rebuilt, never read. One tokenizer: the fused and plain losses spread the
+tail (losses.fused.TopKTeacher); the actual tokens' log-probs are stored but not handed to the loss (the loss is as
+before they were stored).
+
+Across tokenizers (`crosstok`) either cache holds the teacher's scores on its own responses in its own tokens (its
+prompt rendering, its sampled response ids), keyed by the teacher's ids: `model_scores` scores the teacher's side
+of a cross batch. The exact cache gives its hidden states (the full cross-tokenizer loss, as a live teacher); the
+top-k cache gives a `TopKTeacher` with the actual tokens' log-probs -- the form a served teacher's scores take
+(`teacher.remote.RemoteScores`), the rows it lacks (the student's responses re-tokenized for the teacher) turned
+into it from one live teacher pass -- so the loss is the top-k aligned one of --teacher-url
+(`crosstok.losses.topk_group_values`: a lower bound of the full 1:1 divergence, exact at k = the teacher's
+vocabulary; merged spans and span log-probs exact from the actual tokens' log-probs).
 """
 
 from __future__ import annotations
@@ -51,6 +65,11 @@ from .collate import IGNORE, build_sequences, pad_left, response_logits
 logger = logging.getLogger("distillm")
 
 MODES = ("exact", "topk")
+#: the on-disk format of each mode's cache (the manifest's "format"; absent: 1). A cache of another format is
+#: rebuilt, not read. topk 2: + the actual tokens' log-probs (`.target.npy`)
+FORMAT = {"exact": 1, "topk": 2}
+#: bytes of fp32 logits per chunk of positions when the top-k of the teacher's head is taken (`topk_rows`)
+TOPK_CHUNK_BYTES = 64 * 2**20
 
 
 def teacher_fingerprint(model: torch.nn.Module) -> str:
@@ -122,6 +141,7 @@ class TeacherCache:
         self.index: dict[str, tuple[int, int]] = {}
         self.hidden: np.ndarray | None = None  # exact: [tokens, H]; topk: log-probs [tokens, k]
         self.ids: np.ndarray | None = None  # topk: token ids [tokens, k]
+        self.target: np.ndarray | None = None  # topk: the actual (next) token's log-prob [tokens]
         self.teacher_rows = 0
         self.cached_rows = 0
         self.built_rows = 0  # sequences the teacher ran over to build the cache (0: an existing one was loaded)
@@ -147,16 +167,14 @@ class TeacherCache:
             with torch.inference_mode():
                 fused = fused_inputs(teacher, batch)
             hidden, mask = fused.head.hidden, fused.mask
-            for key, row_hidden, row_mask in zip(sequence_keys(batch), hidden, mask):
+            for key, row_hidden, row_mask, row_labels in zip(sequence_keys(batch), hidden, mask, fused.labels):
                 if key in index:
                     continue
                 rows = row_hidden[row_mask]
-                if self.mode == "topk":  # the teacher's k most likely tokens at each position
+                if self.mode == "topk":  # the teacher's k most likely tokens, and its actual token's log-prob
                     head = fused.head
-                    logits = F.linear(rows, head.weight, head.bias)[:, :self.vocab_size].float()
-                    top = torch.log_softmax(logits, -1).topk(min(self.k, self.vocab_size), dim=-1)
-                    rows = (top.values, top.indices.to(torch.int32))
-                    parts.append(tuple(x.cpu().numpy() for x in rows))
+                    top = topk_rows(rows, head.weight, head.bias, row_labels[row_mask], self.k, self.vocab_size)
+                    parts.append(tuple(x.cpu().numpy() for x in top))
                 else:
                     parts.append((rows.float().cpu().numpy(),))
                 index[key] = (offset, parts[-1][0].shape[0])
@@ -164,39 +182,56 @@ class TeacherCache:
         self.built_rows = len(index)
         width = (teacher.get_output_embeddings().weight.shape[1] if self.mode == "exact"
                  else min(self.k, self.vocab_size))
-        arrays = [np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, width), dtype=np.float32)]
-        if self.mode == "topk":
-            arrays.append(np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, width), dtype=np.int32))
-        paths = [array_path, array_path.with_suffix(".ids.npy")][:len(arrays)]
+        empty = [np.zeros((0, width), dtype=np.float32), np.zeros((0, width), dtype=np.int32),
+                 np.zeros(0, dtype=np.float32)]
+        arrays = [np.concatenate([p[i] for p in parts]) if parts else empty[i]
+                  for i in range(3 if self.mode == "topk" else 1)]
+        paths = self._paths(array_path)
         for path, array in zip(paths, arrays):
             _save_atomic(path, array)
-        atomic_write_json(manifest_path, {"mode": self.label, "shape": list(arrays[0].shape),
+        atomic_write_json(manifest_path, {"mode": self.label, "format": FORMAT[self.mode],
+                                          "shape": list(arrays[0].shape),
                                           "sha256": [_sha256(path) for path in paths], "index": index})
         for stale in self.directory.glob(f"{self.label}-*"):
             if not stale.name.startswith(stem + "."):
                 stale.unlink(missing_ok=True)
         if not self._load(array_path, manifest_path):
             raise RuntimeError(f"the teacher cache just written to {array_path} does not read back")
-        logger.info("Teacher cache: wrote %d sequences (%d tokens) to %s", len(index), array.shape[0], array_path)
+        logger.info("Teacher cache: wrote %d sequences (%d tokens) to %s", len(index), arrays[0].shape[0], array_path)
         return self
+
+    def _paths(self, array_path: Path) -> list[Path]:
+        """The cache's arrays: exact: the hidden states; topk: the log-probs, their ids, the actual tokens'
+        log-probs."""
+        if self.mode == "exact":
+            return [array_path]
+        return [array_path, array_path.with_suffix(".ids.npy"), array_path.with_suffix(".target.npy")]
 
     def _load(self, array_path: Path, manifest_path: Path) -> bool:
         if not manifest_path.is_file():
             return False
         try:
             manifest = json.loads(manifest_path.read_text())
-            paths = [array_path, array_path.with_suffix(".ids.npy")][:2 if self.mode == "topk" else 1]
+            if manifest.get("format", 1) != FORMAT[self.mode]:
+                # a top-k cache written before the actual tokens' log-probs were stored (format 1: log-probs and
+                # ids only): what the cross-tokenizer loss needs is missing, so it is rebuilt, never read
+                raise ValueError(f"it is in format {manifest.get('format', 1)}, this version reads format "
+                                 f"{FORMAT[self.mode]} (a top-k cache now also stores the actual tokens' log-probs)")
+            paths = self._paths(array_path)
             if len(manifest["sha256"]) != len(paths) or any(
                     not path.is_file() or _sha256(path) != digest for path, digest in zip(paths, manifest["sha256"])):
                 raise ValueError("its checksum does not match the manifest")
             arrays = [np.load(path, mmap_mode="r") for path in paths]
-            if any(list(array.shape) != manifest["shape"] for array in arrays):
-                raise ValueError(f"shape {arrays[0].shape} != {manifest['shape']}")
+            shapes = [manifest["shape"], manifest["shape"], manifest["shape"][:1]][:len(arrays)]
+            if any(list(array.shape) != shape for array, shape in zip(arrays, shapes)):
+                raise ValueError(f"shapes {[a.shape for a in arrays]} do not match the manifest's {manifest['shape']}")
         except (OSError, ValueError, KeyError, TypeError) as err:
-            logger.warning("Teacher cache %s is incomplete or corrupted (%s): rebuilding it.", array_path, err)
+            logger.warning("Teacher cache %s is incomplete, corrupted or outdated (%s): rebuilding it.", array_path,
+                           err)
             return False
         self.hidden = arrays[0]
         self.ids = arrays[1] if self.mode == "topk" else None
+        self.target = arrays[2] if self.mode == "topk" else None
         self.index = {key: (int(start), int(length)) for key, (start, length) in manifest["index"].items()}
         return True
 
@@ -222,9 +257,15 @@ class TeacherCache:
         """(scores, targets) of `teacher` on a left-padded batch in its own tokens -- e.g. the teacher's side of a
         cross-tokenizer batch (`crosstok.data.teacher_batch`) -- as `fused_inputs` (HeadInputs) or
         `response_logits` (logits cut to `vocab_size`) give them: cached rows from disk, the others from one
-        teacher pass (under torch.inference_mode) over just those rows. Exact cache only."""
-        if self.mode != "exact":
-            raise ValueError("model_scores needs the exact teacher cache (the top-k one holds no hidden states)")
+        teacher pass (under torch.inference_mode) over just those rows. With the top-k cache: a `TopKTeacher`
+        [N, R, k] with the actual tokens' log-probs (`target`), the form a served teacher's scores take
+        (`teacher.remote.RemoteScores`), whatever `fused`: cached rows from disk, the others' top-k taken from one
+        teacher pass over them (`topk_rows`)."""
+        if self.mode == "topk":
+            if vocab_size != self.vocab_size:
+                raise ValueError(f"this top-k teacher cache was built over {self.vocab_size} tokens, the batch's "
+                                 f"teacher has {vocab_size}: build it with the teacher's vocabulary size")
+            return self._topk_model_scores(teacher, inputs)
         labels = inputs["labels"]
         targets = labels[:, -max(int((labels != IGNORE).sum(-1).max().item()), 1):]
         head = teacher.get_output_embeddings()
@@ -272,6 +313,42 @@ class TeacherCache:
         self.cached_rows += len(hits)
         return hidden
 
+    def _topk_model_scores(self, teacher: torch.nn.Module, inputs: dict[str, torch.Tensor]):
+        """(TopKTeacher with `target`, targets) of `model_scores` with the top-k cache, per row: cached or live."""
+        labels = inputs["labels"]
+        width = max(int((labels != IGNORE).sum(-1).max().item()), 1)
+        targets = labels[:, -width:]
+        keys = sequence_keys(inputs)
+        k, device = self.hidden.shape[1], labels.device
+        values = torch.zeros(len(keys), width, k, device=device)
+        ids = torch.zeros(len(keys), width, k, dtype=torch.long, device=device)
+        own = torch.zeros(len(keys), width, device=device)
+        hits = [i for i, key in enumerate(keys) if key in self.index]
+        for i in hits:
+            start, length = self.index[keys[i]]
+            if length:
+                values[i, width - length:] = torch.from_numpy(np.array(self.hidden[start:start + length]))
+                ids[i, width - length:] = torch.from_numpy(np.array(self.ids[start:start + length])).long()
+                own[i, width - length:] = torch.from_numpy(np.array(self.target[start:start + length]))
+        misses = [i for i in range(len(keys)) if i not in set(hits)]
+        if misses:  # one teacher pass over the rows the cache lacks, turned into the same top-k form
+            rows = torch.tensor(misses, device=device)
+            subset = {name: inputs[name].index_select(0, rows)
+                      for name in ("input_ids", "attention_mask", "position_ids", "labels")}
+            with torch.inference_mode():
+                fused = fused_inputs(teacher, subset)
+                head = fused.head
+                top = topk_rows(head.hidden[fused.mask], head.weight, head.bias, fused.labels[fused.mask], k,
+                                self.vocab_size)
+            # the subset's response columns are the last fused.mask.shape[1] of the batch's
+            cols = torch.arange(width - fused.mask.shape[1], width, device=device)
+            mask = torch.zeros(len(keys), width, dtype=torch.bool, device=device)
+            mask[rows.unsqueeze(1), cols] = fused.mask.to(device)
+            values[mask], ids[mask], own[mask] = top[0].to(device), top[1].to(device).long(), top[2].to(device)
+        self.teacher_rows += len(misses)
+        self.cached_rows += len(hits)
+        return TopKTeacher(values, ids, self.tail, own), targets
+
     def _topk_scores(self, trainer, inputs, keys):
         """Per group of sequences: the cached top-k log-probs if the cache holds all of the group's rows, else a
         live (exact) teacher pass over the group."""
@@ -301,6 +378,30 @@ class TeacherCache:
                 groups.append(_widen(live, width))
                 self.teacher_rows += len(rows)
         return TeacherGroups(groups[0], groups[1], n_first)
+
+
+@torch.no_grad()
+def topk_rows(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, k: int,
+              vocab_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The teacher's top-k at M positions from its final hidden states `hidden` [M, H] and head: (log-probs
+    [M, k'] float32, descending; their ids [M, k'] int32; the log-prob of the actual next token `targets` [M]
+    float32), k' = min(k, vocab_size), over the first `vocab_size` logits (the tokenizer's real tokens), float32
+    log-softmax -- as a vLLM server's prompt_logprobs give them. A chunk of positions at a time (TOPK_CHUNK_BYTES
+    of logits), so [M, V] is never alive at once."""
+    k = min(k, vocab_size)
+    chunk = max(1, TOPK_CHUNK_BYTES // (4 * vocab_size))
+    values, ids, own = [], [], []
+    for start in range(0, hidden.shape[0], chunk):
+        logits = F.linear(hidden[start:start + chunk], weight, bias)[:, :vocab_size].float()
+        log_probs = torch.log_softmax(logits, -1)
+        top = log_probs.topk(k, dim=-1)
+        values.append(top.values)
+        ids.append(top.indices.to(torch.int32))
+        own.append(log_probs.gather(1, targets[start:start + chunk].long().unsqueeze(-1)).squeeze(-1))
+    if not values:
+        return (hidden.new_zeros(0, k, dtype=torch.float32), torch.zeros(0, k, dtype=torch.int32, device=hidden.device),
+                hidden.new_zeros(0, dtype=torch.float32))
+    return torch.cat(values), torch.cat(ids), torch.cat(own)
 
 
 def head_scores(hidden: torch.Tensor, head: torch.nn.Module, *, fused: bool, vocab_size: int):
