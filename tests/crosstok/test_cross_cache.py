@@ -82,17 +82,24 @@ def build_cache(directory, setup, teacher, method, rows) -> TeacherCache:
     return TeacherCache(directory).build(teacher, sequences, max_length=256, pad_token_id=pad, batch_size=3)
 
 
+def live_step_and_twin(tmp_path, setup, teacher, student, name, rows, impl):
+    """A training step with the live teacher -- (batch, its loss, its gradients) -- and a twin trainer from the same
+    student weights, without a cache yet: (batch, loss, grads, twin, the twin's method)."""
+    live = cross_trainer(tmp_path, setup, teacher, copy.deepcopy(student), method_for(name, {}), rows, impl)
+    batch = live.data_collator(rows)
+    loss, grads = loss_and_grads(live, batch)
+    method = method_for(name, {})
+    twin = cross_trainer(tmp_path, setup, teacher, copy.deepcopy(student), method, rows, impl)
+    return batch, loss, grads, twin, method
+
+
 @pytest.mark.parametrize("impl", ["fused", "plain"])
 @pytest.mark.parametrize("name", ["distillm2", "kd"])
 def test_cached_teacher_gives_the_live_teachers_loss_and_gradients_across_tokenizers(tmp_path, pair, impl, name):
     setup, teacher, student = pair
     rows = cross_rows(setup)
-    live = cross_trainer(tmp_path, setup, teacher, copy.deepcopy(student), method_for(name, {}), rows, impl)
-    batch = live.data_collator(rows)
-    loss_live, grads_live = loss_and_grads(live, batch)
-
-    method = method_for(name, {})
-    cached = cross_trainer(tmp_path, setup, teacher, copy.deepcopy(student), method, rows, impl)
+    batch, loss_live, grads_live, cached, method = live_step_and_twin(tmp_path, setup, teacher, student, name, rows,
+                                                                      impl)
     cached.teacher_cache = build_cache(tmp_path / "cache", setup, teacher, method, rows)
     # keyed by the teacher's ids: the keys of the teacher's side of the batch's first group (the fixed responses)
     assert set(cached.teacher_cache.index) == set(sequence_keys(

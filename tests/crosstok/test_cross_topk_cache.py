@@ -25,7 +25,7 @@ from distillm.teacher.remote import RemoteScores
 from distillm.training.teacher_cache import TeacherCache
 from tolerances import batch_tokens, model_atol
 
-from test_cross_cache import cross_rows, cross_trainer, pair  # noqa: F401 (pair: a fixture)
+from test_cross_cache import cross_rows, cross_trainer, live_step_and_twin, pair  # noqa: F401 (pair: a fixture)
 from test_fused_methods import loss_and_grads, method_for
 from test_teacher_cache import RowCounter
 
@@ -62,12 +62,8 @@ def test_topk_cache_at_the_whole_vocabulary_gives_the_live_teachers_step(tmp_pat
     the whole distribution, the merged spans the exact actual-token log-probs (crosstok.losses.topk_group_values)."""
     setup, teacher, student = pair
     rows = cross_rows(setup)
-    live = cross_trainer(tmp_path, setup, teacher, copy.deepcopy(student), method_for(name, {}), rows, impl)
-    batch = live.data_collator(rows)
-    loss_live, grads_live = loss_and_grads(live, batch)
-
-    method = method_for(name, {})
-    cached = cross_trainer(tmp_path, setup, teacher, copy.deepcopy(student), method, rows, impl)
+    batch, loss_live, grads_live, cached, method = live_step_and_twin(tmp_path, setup, teacher, student, name, rows,
+                                                                      impl)
     v_t = real_vocab_size(setup.teacher_tok)
     cached.teacher_cache = build_topk_cache(tmp_path / "cache", setup, teacher, method, rows, v_t)
     assert cached.teacher_cache.hidden.shape[1] == v_t
