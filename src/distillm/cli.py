@@ -374,6 +374,11 @@ def _add_compare_parser(sub) -> None:
     p.add_argument("--learning-rate", type=float, default=CompareSettings.learning_rate)
     p.add_argument("--report-only", action="store_true",
                    help="Write the results of the cells finished so far (e.g. while another process runs the rest).")
+    p.add_argument("--archive", default=None, metavar="DIR",
+                   help="Keep the comparison's small records (shared prompts and teacher responses, the reference "
+                   "evaluation, each finished cell's cell.json, generations and training log) in DIR too, and "
+                   "restore what DIR holds into --output-dir first: a comparison moved to another machine continues "
+                   "where it stopped. DIR can be committed (a few hundred kB per cell).")
     p.add_argument("--judge-url", default=None, help="OpenAI-compatible endpoint: adds the judge's win rate.")
     p.add_argument("--judge-model", default=None)
     p.add_argument("--judge-api-key-env", default=None, help="Environment variable holding the judge's API key.")
@@ -391,7 +396,7 @@ def _cmd_compare(args) -> int:
         # the results show the command that runs the comparison, not this one
         saved = Path(settings.output_dir) / "command.txt"
         command = saved.read_text().strip() if saved.is_file() else None
-    summary = Comparison(settings, command=command).run(report_only=args.report_only)
+    summary = Comparison(settings, command=command, archive=args.archive).run(report_only=args.report_only)
     out = Path(settings.output_dir)
     print((out / "results.md").read_text())
     print(f"Wall time of this invocation: {summary['wall_seconds_this_invocation']} s "

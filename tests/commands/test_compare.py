@@ -273,3 +273,46 @@ def test_answer_scores_are_kept_for_the_same_answers_and_redone_for_new_ones(tmp
     rows[0]["response_ids"] = [8, 9]  # new answers: scored again
     write_jsonl(folder / "responses.jsonl", rows)
     assert comparison.answer_scores("kd-seed0")["a"][1] == 2
+
+
+@pytest.mark.slow
+def test_an_archived_comparison_continues_on_a_new_machine_with_only_the_missing_cells(tmp_path):
+    """--archive: the small records of a comparison (shared work, reference, finished cells) are kept in a folder
+    of their own; a new output directory restored from it reports the same results and runs only new cells."""
+    archive = tmp_path / "archive"
+    first = Comparison(tiny_settings(tmp_path / "a", variants=["kd"], seeds=[0]), archive=archive).run()
+    for rel in ("compare.json", "shared/prompts.jsonl", "shared/teacher_train.jsonl", "shared/reference.json",
+                "cells/kd/seed_0/cell.json", "cells/kd/seed_0/run/logs/train_log.jsonl",
+                "eval/generations/teacher/responses.jsonl", "eval/generations/initial/teacher_scores.json",
+                "eval/generations/kd-seed0/responses.jsonl", "eval/generations/kd-seed0/teacher_scores.json"):
+        assert (archive / rel).is_file(), rel
+    assert not list(archive.rglob("*.safetensors")) and not (archive / "shared" / "teacher_cache").exists()
+
+    # "another machine": an empty output directory, restored from the archive; nothing is trained again
+    again = Comparison(tiny_settings(tmp_path / "b", variants=["kd"], seeds=[0]), archive=archive).run()
+    assert again["cells_skipped"] == 1
+    assert not (tmp_path / "b" / "cells" / "kd" / "seed_0" / "run").exists()
+    assert again["cells"] == first["cells"] and again["reference"] == first["reference"]
+    assert again["variants"]["kd"]["preference"] == first["variants"]["kd"]["preference"]
+
+    # one more seed: only that cell runs, and the archive gains it
+    more = Comparison(tiny_settings(tmp_path / "b", variants=["kd"], seeds=[0, 1]), archive=archive).run()
+    assert more["cells_skipped"] == 1 and len(more["cells"]) == 2
+    assert (archive / "cells" / "kd" / "seed_1" / "cell.json").is_file()
+    assert (tmp_path / "b" / "cells" / "kd" / "seed_1" / "run" / "student").is_dir()
+
+    # another protocol, or an output directory made from other shared work, is refused before any work
+    with pytest.raises(CompareError, match=r"--archive .* \(differs in: learning_rate"):
+        Comparison(tiny_settings(tmp_path / "c", variants=["kd"], seeds=[0], learning_rate=1e-3),
+                   archive=archive).run()
+    other = tmp_path / "d"
+    Comparison(tiny_settings(other, variants=["kd"], seeds=[0])).check_directory()
+    (other / "shared").mkdir()
+    (other / "shared" / "prompts.jsonl").write_text('{"id": "x", "prompt": "other"}\n')
+    with pytest.raises(CompareError, match=r"prompts.jsonl differs from the archive's"):
+        Comparison(tiny_settings(other, variants=["kd"], seeds=[0]), archive=archive).run()
+    stray = tmp_path / "stray"
+    stray.mkdir()
+    (stray / "notes.txt").write_text("x")
+    with pytest.raises(CompareError, match="holds no compare.json"):
+        Comparison(tiny_settings(tmp_path / "e", variants=["kd"], seeds=[0]), archive=stray).run()

@@ -25,7 +25,8 @@ their length-normalised teacher log-likelihood (docs/evaluation.md, "Degenerate 
 figure").
 
 Modules: `protocol` (variants, metrics, sizes, `CompareSettings`), `cells` (`Comparison`: the shared work and the
-cells), `report` (tables, charts). The command line (`distillm compare`) is in `distillm.cli`.
+cells), `archive` (the small records kept outside the output directory, `--archive`, so that a comparison moves
+to another machine), `report` (tables, charts). The command line (`distillm compare`) is in `distillm.cli`.
 """
 
 from __future__ import annotations

@@ -31,16 +31,18 @@ from ..pipeline.setup import load_prompt_set
 from .. import methods
 from ..config import load_config
 from ..io import atomic_write_json, atomic_write_text, read_jsonl
-from .protocol import METRICS, VARIANTS, CompareError, CompareSettings
+from . import archive as records
+from .protocol import METRICS, VARIANTS, CompareError, CompareSettings, cell_model_name
 from .report import summarise, write_results
 
 logger = logging.getLogger("distillm")
 
 
 class Comparison:
-    def __init__(self, settings: CompareSettings, *, command: str | None = None):
+    def __init__(self, settings: CompareSettings, *, command: str | None = None, archive: str | Path | None = None):
         self.s = settings
         self.command = command
+        self.archive = Path(archive) if archive else None  # `compare.archive`: the small records, kept elsewhere
         self.root = Path(settings.output_dir)
         self.shared = self.root / "shared"
         self.prompts_file = self.shared / "prompts.jsonl"
@@ -266,6 +268,8 @@ class Comparison:
         """Every unfinished cell, then the results; `report_only`: the results of the cells finished so far."""
         started = time.time()
         self.check_directory()
+        if self.archive is not None:
+            records.restore(self.root, self.archive, self.s.protocol())
         if self.command and not report_only:
             atomic_write_text(self.root / "command.txt", self.command + "\n")
         self.build_prompts()
@@ -273,6 +277,7 @@ class Comparison:
             raise CompareError(f"No finished cells in {self.root} yet: run the comparison without --report-only.")
         self.teacher_responses()
         reference = self.reference()
+        self.save_archive()
         todo = [c for c in self.cells() if self.finished(*c) is None]
         skipped = len(self.cells()) - len(todo)
         if skipped:
@@ -289,6 +294,7 @@ class Comparison:
                         logger.info("%s seed %d is being run by another process; skipping it", variant, seed)
                         continue
                     self.run_cell(variant, seed)
+                self.save_archive()
             bar.close()
         cells = [cell for cell in (self.finished(*c) for c in self.cells()) if cell is not None]
         for cell in cells:  # cells finished before a metric was added: computed from their stored generations
@@ -302,12 +308,12 @@ class Comparison:
         summary["wall_seconds_this_invocation"] = round(time.time() - started, 1)
         summary["cells_skipped"] = skipped
         write_results(summary, self.root, command=self.command)
+        self.save_archive()
         return summary
 
-
-def cell_model_name(variant: str, seed: int) -> str:
-    """A cell's model name in the shared evaluation (letters, digits, . _ - only)."""
-    return f"{variant}-seed{seed}".replace("+", "_")
+    def save_archive(self) -> None:
+        if self.archive is not None:
+            records.save(self.root, self.archive)
 
 
 class CellClaim:

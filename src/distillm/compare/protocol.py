@@ -106,3 +106,8 @@ class CompareSettings:
         for key in ("output_dir", "variants", "seeds", "judge_api_key_env"):
             out.pop(key)
         return out | {"sizes": self.sizes}
+
+
+def cell_model_name(variant: str, seed: int) -> str:
+    """A cell's model name in the shared evaluation (letters, digits, . _ - only)."""
+    return f"{variant}-seed{seed}".replace("+", "_")
