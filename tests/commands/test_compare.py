@@ -280,24 +280,25 @@ def test_an_archived_comparison_continues_on_a_new_machine_with_only_the_missing
     """--archive: the small records of a comparison (shared work, reference, finished cells) are kept in a folder
     of their own; a new output directory restored from it reports the same results and runs only new cells."""
     archive = tmp_path / "archive"
-    first = Comparison(tiny_settings(tmp_path / "a", variants=["kd"], seeds=[0]), archive=archive).run()
+    first = Comparison(tiny_settings(tmp_path / "a", variants=["kd", "contrastive"], seeds=[0]), archive=archive).run()
     for rel in ("compare.json", "shared/prompts.jsonl", "shared/teacher_train.jsonl", "shared/reference.json",
                 "cells/kd/seed_0/cell.json", "cells/kd/seed_0/run/logs/train_log.jsonl",
                 "eval/generations/teacher/responses.jsonl", "eval/generations/initial/teacher_scores.json",
-                "eval/generations/kd-seed0/responses.jsonl", "eval/generations/kd-seed0/teacher_scores.json"):
+                "eval/generations/kd-seed0/responses.jsonl", "eval/generations/kd-seed0/teacher_scores.json",
+                "cells/contrastive/seed_0/run/rounds/round_1/student.jsonl"):  # what the student wrote, per round
         assert (archive / rel).is_file(), rel
     assert not list(archive.rglob("*.safetensors")) and not (archive / "shared" / "teacher_cache").exists()
 
     # "another machine": an empty output directory, restored from the archive; nothing is trained again
-    again = Comparison(tiny_settings(tmp_path / "b", variants=["kd"], seeds=[0]), archive=archive).run()
-    assert again["cells_skipped"] == 1
+    again = Comparison(tiny_settings(tmp_path / "b", variants=["kd", "contrastive"], seeds=[0]), archive=archive).run()
+    assert again["cells_skipped"] == 2
     assert not (tmp_path / "b" / "cells" / "kd" / "seed_0" / "run").exists()
     assert again["cells"] == first["cells"] and again["reference"] == first["reference"]
-    assert again["variants"]["kd"]["preference"] == first["variants"]["kd"]["preference"]
+    assert again["variants"] == first["variants"]  # every figure, the preference intervals among them
 
     # one more seed: only that cell runs, and the archive gains it
     more = Comparison(tiny_settings(tmp_path / "b", variants=["kd"], seeds=[0, 1]), archive=archive).run()
-    assert more["cells_skipped"] == 1 and len(more["cells"]) == 2
+    assert more["cells_skipped"] == 1 and len(more["cells"]) == 2  # kd seed 0 restored, kd seed 1 run
     assert (archive / "cells" / "kd" / "seed_1" / "cell.json").is_file()
     assert (tmp_path / "b" / "cells" / "kd" / "seed_1" / "run" / "student").is_dir()
 

@@ -6,8 +6,9 @@ cell its ``cell.json`` and its held-out generations (the teacher's per-answer sc
 preference figure reads). ``distillm compare --archive DIR`` copies those into DIR after each finished cell
 (a few hundred kB per cell; DIR can be committed), and at the start copies what DIR holds and the output
 directory lacks back in, so that a comparison moved to a new machine continues with every archived cell counted
-as finished and runs only the others. The run's config, metrics and training log are archived too, for
-readers (curves, the a and b trajectories); they are not restored, as a finished cell never reads them.
+as finished and runs only the others. The run's config, metrics and training log and the student's samples of
+each round are archived too, for readers (curves, the a and b trajectories, what the student wrote as it
+trained); they are not restored, as a finished cell never reads them.
 
 Layout: the output directory's own relative paths, e.g. ``DIR/cells/kd/seed_0/cell.json`` and
 ``DIR/eval/generations/kd-seed0/responses.jsonl``. Restoring never overwrites the output directory's shared
@@ -28,8 +29,9 @@ logger = logging.getLogger("distillm")
 
 #: the work every cell shares, in the order it is made
 SHARED = ("compare.json", "shared/prompts.jsonl", "shared/teacher_train.jsonl", "shared/reference.json")
-#: per finished cell, beside cell.json: kept for readers, not restored
-CELL_RUN_FILES = ("run/config.yaml", "run/metrics.json", "run/logs/train_log.jsonl")
+#: per finished cell, beside cell.json (glob patterns): kept for readers, not restored -- the run's config,
+#: metrics and training log, and the student's own samples of each round (on-policy methods)
+CELL_RUN_FILES = ("run/config.yaml", "run/metrics.json", "run/logs/train_log.jsonl", "run/rounds/round_*/student.jsonl")
 
 
 def _generation_files(folder: Path) -> list[Path]:
@@ -67,7 +69,8 @@ def save(root: Path, archive: Path) -> int:
         for name in ("teacher", "initial"):
             wanted += [p.relative_to(root) for p in _generation_files(root / "eval" / "generations" / name)]
     for cell in _cells(root):
-        wanted += [cell / "cell.json"] + [cell / p for p in CELL_RUN_FILES if (root / cell / p).is_file()]
+        wanted += [cell / "cell.json"] + sorted(p.relative_to(root) for pattern in CELL_RUN_FILES
+                                                for p in (root / cell).glob(pattern) if p.is_file())
         wanted += [p.relative_to(root) for p in _generation_files(root / "eval" / "generations" / _model_name(cell))]
     written = sum(_copy(root / p, archive / p) for p in wanted)
     if written:
