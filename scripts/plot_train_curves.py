@@ -4,7 +4,7 @@
         --output curves.png
 
 DIR is a comparison's output directory or its `--archive` folder (both hold cells/VARIANT/seed_S/run/logs/
-train_log.jsonl). One panel per logged figure (skl, srkl, a_t, a_s, b, loss, grad_norm by default; those a
+train_log.jsonl). One panel per logged figure (skl, srkl, skew_t and skew_s -- the a of each side --, b, loss, grad_norm by default; those a
 variant does not log are left out), one line per variant: the mean over its seeds at each step, with the range
 over seeds shaded. Prints the per-round means of each figure as a table.
 """
@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-FIGURES = ("skl", "srkl", "a_t", "a_s", "b", "loss", "grad_norm")
+FIGURES = ("skl", "srkl", "skew_t", "skew_s", "b", "loss", "grad_norm")  # skew_t / skew_s: the curriculum a
 
 
 def read_log(path: Path) -> list[dict]:
