@@ -31,9 +31,9 @@ to another machine), `report` (tables, charts). The command line (`distillm comp
 
 from __future__ import annotations
 
-from .cells import CellClaim, Comparison, cell_model_name, generated_tokens
+from .cells import CellClaim, Comparison, generated_tokens
 from .protocol import (ABLATION_ROWS, ABLATIONS, CHARTED, HEADLINE, METRICS, SIZES, VARIANTS, CompareError,
-                       CompareSettings)
+                       CompareSettings, cell_model_name)
 from .report import mean_std, ranking, summarise, write_results
 
 __all__ = ["ABLATION_ROWS", "ABLATIONS", "CHARTED", "HEADLINE", "METRICS", "SIZES", "VARIANTS", "CellClaim",

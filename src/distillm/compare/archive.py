@@ -23,7 +23,7 @@ import logging
 from pathlib import Path
 
 from ..io import atomic_write_text
-from .protocol import CompareError, cell_model_name
+from .protocol import CompareError, CompareSettings, cell_model_name, protocol_changes
 
 logger = logging.getLogger("distillm")
 
@@ -68,18 +68,19 @@ def save(root: Path, archive: Path) -> int:
     if (root / "shared" / "reference.json").is_file():
         for name in ("teacher", "initial"):
             wanted += [p.relative_to(root) for p in _generation_files(root / "eval" / "generations" / name)]
-    for cell in _cells(root):
+    cells = _cells(root)
+    for cell in cells:
         wanted += [cell / "cell.json"] + sorted(p.relative_to(root) for pattern in CELL_RUN_FILES
                                                 for p in (root / cell).glob(pattern) if p.is_file())
         wanted += [p.relative_to(root) for p in _generation_files(root / "eval" / "generations" / _model_name(cell))]
     written = sum(_copy(root / p, archive / p) for p in wanted)
     if written:
-        logger.info("archive %s: %d file(s) written (%d finished cells)", archive, written, len(_cells(root)))
+        logger.info("archive %s: %d file(s) written (%d finished cells)", archive, written, len(cells))
     return written
 
 
-def restore(root: Path, archive: Path, protocol: dict) -> int:
-    """Copy into the comparison directory `root` (its compare.json already written for `protocol`) what `archive`
+def restore(root: Path, archive: Path, settings: CompareSettings) -> int:
+    """Copy into the comparison directory `root` (its compare.json already written for `settings`) what `archive`
     holds and `root` lacks: the shared files, the reference evaluation and every finished cell (its cell.json and
     generations). The number of files written; 0 when the archive is empty or absent."""
     root, archive = Path(root), Path(archive)
@@ -89,9 +90,8 @@ def restore(root: Path, archive: Path, protocol: dict) -> int:
             raise CompareError(f"--archive {archive} is not empty and holds no compare.json: choose an empty or new "
                                "folder, or the archive of this comparison.")
         return 0
-    if json.loads(saved.read_text()) != json.loads(json.dumps(protocol)):
-        previous = json.loads(saved.read_text())
-        changed = sorted(k for k in set(previous) | set(protocol) if previous.get(k) != protocol.get(k))
+    changed = protocol_changes(json.loads(saved.read_text()), settings)
+    if changed:
         raise CompareError(f"--archive {archive} holds a comparison with other settings (differs in: "
                            f"{', '.join(changed)}; see {saved}). Use the same settings, or another --archive.")
     written = 0

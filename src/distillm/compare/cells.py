@@ -32,7 +32,7 @@ from .. import methods
 from ..config import load_config
 from ..io import atomic_write_json, atomic_write_text, read_jsonl
 from . import archive as records
-from .protocol import METRICS, VARIANTS, CompareError, CompareSettings, cell_model_name
+from .protocol import METRICS, VARIANTS, CompareError, CompareSettings, cell_model_name, protocol_changes
 from .report import summarise, write_results
 
 logger = logging.getLogger("distillm")
@@ -53,11 +53,9 @@ class Comparison:
     # ---------------------------------------------------------------- setup
     def check_directory(self) -> None:
         path = self.root / "compare.json"
-        protocol = json.loads(json.dumps(self.s.protocol()))
         if path.is_file():
-            previous = json.loads(path.read_text())
-            if previous != protocol:
-                changed = sorted(k for k in set(previous) | set(protocol) if previous.get(k) != protocol.get(k))
+            changed = protocol_changes(json.loads(path.read_text()), self.s)
+            if changed:
                 raise CompareError(f"{self.root} holds a comparison with other settings (differs in: "
                                    f"{', '.join(changed)}; see {path}). Use another --output-dir, or the same "
                                    "settings to continue it (variants and seeds may change).")
@@ -65,7 +63,7 @@ class Comparison:
             raise CompareError(f"{self.root} is not empty and holds no comparison (no compare.json): choose "
                                "another --output-dir.")
         self.root.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(path, protocol)
+        atomic_write_json(path, self.s.protocol())
 
     def build_prompts(self) -> None:
         """The training prompts: the first built-in training prompts plus generated arithmetic problems (none
@@ -269,7 +267,7 @@ class Comparison:
         started = time.time()
         self.check_directory()
         if self.archive is not None:
-            records.restore(self.root, self.archive, self.s.protocol())
+            records.restore(self.root, self.archive, self.s)
         if self.command and not report_only:
             atomic_write_text(self.root / "command.txt", self.command + "\n")
         self.build_prompts()

@@ -4,6 +4,7 @@ settings (see `distillm.compare`)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from dataclasses import dataclass, field
 
@@ -111,3 +112,9 @@ class CompareSettings:
 def cell_model_name(variant: str, seed: int) -> str:
     """A cell's model name in the shared evaluation (letters, digits, . _ - only)."""
     return f"{variant}-seed{seed}".replace("+", "_")
+
+
+def protocol_changes(saved: dict, settings: CompareSettings) -> list[str]:
+    """The protocol keys in which a saved ``compare.json`` differs from `settings` (compared as JSON); [] if none."""
+    protocol = json.loads(json.dumps(settings.protocol()))
+    return sorted(k for k in set(saved) | set(protocol) if saved.get(k) != protocol.get(k))

@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..losses.divergences import forward_kl, skew_forward_kl, skew_reverse_kl
+from ..losses.divergences import forward_kl, per_sequence_mean, skew_forward_kl, skew_reverse_kl
 from ..training.collate import IGNORE, response_logits
 from .divergence import scoring_batches
 
@@ -52,27 +52,31 @@ def term_gradients(teacher, student, rows: dict[str, Sequence[dict]], *, terms: 
     teacher.eval()
     out: dict[str, torch.Tensor] = {}
     try:
-        for term in terms:
-            side, divergence = TERMS[term]
+        for side in ("teacher", "student"):  # each side's models run once per batch, whatever its terms
+            names = [t for t in terms if TERMS[t][0] == side]
+            if not names:
+                continue
             chosen = [r for r in rows[side] if len(r["response_ids"])]
-            for p in params:
-                p.grad = None
+            sums = {t: torch.zeros(sum(p.numel() for p in params)) for t in names}
             batches = list(scoring_batches(chosen, batch_size, max_length, pad_token_id, student.device))
-            for batch in tqdm(batches, desc=f"{desc}: {term}", leave=False):
+            for batch in tqdm(batches, desc=f"{desc}: {', '.join(names)}", leave=False):
                 with torch.no_grad():
                     p_logits, targets = response_logits(teacher, batch, vocab_size)
                 q_logits, _ = response_logits(student, batch, vocab_size)
-                mask = targets != IGNORE
-                values = divergence(q_logits.float(), p_logits.float().to(q_logits.device), skew)
-                per_response = torch.where(mask, values, 0.0).sum(-1) / mask.sum(-1).clamp(min=1)
-                (per_response.sum() / max(len(chosen), 1)).backward()
-            out[term] = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().float()
-                                   .reshape(-1) for p in params])
+                q_logits, p_logits, mask = q_logits.float(), p_logits.float().to(q_logits.device), targets != IGNORE
+                for i, term in enumerate(names):  # one backward per term, through the same forward
+                    for p in params:
+                        p.grad = None
+                    loss = per_sequence_mean(TERMS[term][1](q_logits, p_logits, skew), mask).sum() / len(chosen)
+                    loss.backward(retain_graph=i < len(names) - 1)
+                    sums[term] += torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach()
+                                             .float().reshape(-1).cpu() for p in params])
+            out.update(sums)
     finally:
         for p in params:
             p.grad = None
         student.train(was_training)
-    return out
+    return {t: out[t] for t in terms}
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> float | None:
@@ -86,7 +90,9 @@ def gradient_report(grads: dict[str, torch.Tensor], *, b_values: Sequence[float]
     """Norms and pairwise cosines of `grads` (`term_gradients`); with "skl" and "srkl", per b in `b_values`:
     the SRKL term's share of the combined update's norm, |b g_srkl| / (|(2 - b) g_skl| + |b g_srkl|), and the
     cosine of the combined update (2 - b) g_skl + b g_srkl with the KL term's gradient (when "kl" is given).
-    A cosine is None where a gradient is 0."""
+    A cosine is None where a gradient is 0. Computed in float64: a float32 dot product over the ~10^8 entries of a
+    model's gradient can be off in the third digit, and by how much depends on the thread count."""
+    grads = {name: g.double() for name, g in grads.items()}
     names = list(grads)
     report: dict = {"norm": {n: float(grads[n].norm().item()) for n in names},
                     "cosine": {f"{a}~{b}": _cosine(grads[a], grads[b])
