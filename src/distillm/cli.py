@@ -357,11 +357,15 @@ def _add_compare_parser(sub) -> None:
         "--output-dir. Rerun the same command to continue: finished cells are skipped.")
     p.add_argument("--output-dir", default="runs/compare")
     p.add_argument("--size", default="full", choices=[k for k in SIZES if k != "tiny"] + ["tiny"],
-                   help="full: a few hours on 2 CPU cores; quick: the same protocol in < 30 min; tiny: tiny random "
-                   "models (tests).")
+                   help="full: a few hours on 2 CPU cores; long: every built-in training prompt and 8 rounds (about "
+                   "6x full's steps); quick: the same protocol in < 30 min; tiny: tiny random models (tests).")
     p.add_argument("--quick", dest="size", action="store_const", const="quick", help="Same as --size quick.")
     p.add_argument("--teacher", default=CompareSettings.teacher)
     p.add_argument("--student-layers", default=CompareSettings.student_layers)
+    p.add_argument("--student", default=None,
+                   help="Every cell's starting student (a saved model directory, e.g. a SeqKD warm-up's "
+                   "cells/seqkd/seed_0/run/student) instead of pruning the teacher to --student-layers; the "
+                   "reference row 'initial' is then this student.")
     p.add_argument("--student-quant", default=CompareSettings.student_quant,
                    help="The quantized regime: the student is the teacher with fake-quantized linear weights (int4, "
                    "int3, ...), starting from round-to-nearest; none (default): the pruned student of "
@@ -387,7 +391,7 @@ def _add_compare_parser(sub) -> None:
 def _cmd_compare(args) -> int:
     settings = CompareSettings(
         output_dir=args.output_dir, size=args.size, teacher=args.teacher, student_layers=args.student_layers,
-        student_quant=args.student_quant, student_quant_group_size=args.student_quant_group_size,
+        student=args.student, student_quant=args.student_quant, student_quant_group_size=args.student_quant_group_size,
         variants=[v.strip() for v in args.variants.split(",") if v.strip()], seeds=_int_list(args.seeds),
         learning_rate=args.learning_rate, judge_url=args.judge_url, judge_model=args.judge_model,
         judge_api_key_env=args.judge_api_key_env)

@@ -52,6 +52,11 @@ class Comparison:
 
     # ---------------------------------------------------------------- setup
     def check_directory(self) -> None:
+        student = self.s.student
+        if student is not None and not (Path(student) / "config.json").is_file():
+            raise CompareError(f"--student {student}: no model there (no config.json). Give a saved model "
+                               "directory, e.g. a warm-up run's student/ (or the comparison cell's "
+                               "cells/VARIANT/seed_S/run/student).")
         path = self.root / "compare.json"
         if path.is_file():
             changed = protocol_changes(json.loads(path.read_text()), self.s)
@@ -81,7 +86,8 @@ class Comparison:
     def run_config(self, variant: str, seed: int, output_dir: Path | str, *, teacher_responses: bool = True):
         z = self.s.sizes
         overrides = {
-            "output_dir": str(output_dir), "teacher": self.s.teacher, "student_layers": self.s.student_layers,
+            "output_dir": str(output_dir), "teacher": self.s.teacher, "student": self.s.student,
+            "student_layers": self.s.student_layers,
             "student_quant": self.s.student_quant, "student_quant_group_size": self.s.student_quant_group_size,
             "prompts": str(self.prompts_file), "eval_prompts": None, "evaluate": False,
             "max_new_tokens": z["max_new_tokens"], "max_prompt_length": self.s.max_prompt_length,
@@ -197,7 +203,10 @@ class Comparison:
                     metrics[key] = figures[key]
 
     def initial_spec(self) -> ModelSpec:
-        """Every cell's starting student: the teacher quantized round-to-nearest, or its pruned copy."""
+        """Every cell's starting student: the given one, the teacher quantized round-to-nearest, or its pruned
+        copy."""
+        if self.s.student is not None:
+            return ModelSpec("initial", self.s.student)
         if self.s.student_quant != "none":
             return ModelSpec("initial", self.s.teacher, quant=self.s.student_quant,
                              quant_group_size=self.s.student_quant_group_size)

@@ -48,6 +48,10 @@ CHARTED = HEADLINE + ("distinct_2",)
 SIZES: dict[str, dict] = {
     "full": dict(num_builtin=128, num_generated=32, rounds=2, max_new_tokens=32, batch_size=8,
                  num_eval_prompts=40, num_math=40, eval_max_new_tokens=64),
+    # the longer budget: every built-in training prompt, 8 rounds (256 optimizer steps per cell), e.g. after a
+    # warm-up (`--student`)
+    "long": dict(num_builtin=200, num_generated=56, rounds=8, max_new_tokens=32, batch_size=8,
+                 num_eval_prompts=40, num_math=40, eval_max_new_tokens=64),
     "quick": dict(num_builtin=14, num_generated=2, rounds=2, max_new_tokens=16, batch_size=8,
                   num_eval_prompts=8, num_math=8, eval_max_new_tokens=24),
     # tiny random models: the tests
@@ -62,6 +66,9 @@ class CompareSettings:
     size: str = "full"
     teacher: str = "smollm2-135m-instruct"
     student_layers: str = "even:10"
+    #: every cell's starting student, e.g. a warm-up run's `student/` directory; None: derived from the teacher
+    #: (pruned to `student_layers`, or quantized by `student_quant`)
+    student: str | None = None
     #: the quantized regime: the student is the teacher with its linear weights fake-quantized to this grid
     #: (e.g. "int3"), starting from round-to-nearest; "none": the layer-pruned student of `student_layers`
     student_quant: str = "none"
@@ -91,6 +98,9 @@ class CompareSettings:
         if self.student_quant != "none" and self.student_quant not in QUANT_BITS:
             raise CompareError(f"Unknown --student-quant {self.student_quant!r}: choose none or one of "
                                f"{', '.join(QUANT_BITS)}.")
+        if self.student is not None and self.student_quant != "none":
+            raise CompareError("--student and --student-quant exclude each other: a quantized comparison starts "
+                               "from the teacher's round-to-nearest copy.")
         if self.student_quant_group_size < 32 or self.student_quant_group_size % 32:
             raise CompareError("--student-quant-group-size must be a multiple of 32 (the GGUF block), got "
                                f"{self.student_quant_group_size}.")

@@ -83,6 +83,8 @@ def _preference(value: dict | None) -> str:
 
 def _initial(settings: dict) -> str:
     """How every cell's student starts (older results.json files have no student_quant: pruned)."""
+    if settings.get("student"):
+        return f"`{settings['student']}`"
     quant = settings.get("student_quant", "none")
     if quant != "none":
         return f"{quant} round-to-nearest, groups of {settings.get('student_quant_group_size', 32)}"
@@ -146,6 +148,7 @@ def write_results(summary: dict, out_dir: Path, *, command: str | None = None) -
         + (f"the teacher with its linear weights fake-quantized to {s['student_quant']} in groups of "
            f"{s['student_quant_group_size']} (quantization-aware training from round-to-nearest; embeddings and "
            "head full precision)" if s.get("student_quant", "none") != "none"
+           else f"the saved model `{s['student']}`" if s.get("student")
            else f"its layers `{s['student_layers']}`")
         + f" (same initialisation for every cell). Training: {n_prompts} prompts ({z['num_builtin']} built-in + "
         f"{z['num_generated']} generated arithmetic problems), {z['rounds']} rounds, batch {z['batch_size']}, learning rate {s['learning_rate']} "
