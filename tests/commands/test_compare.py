@@ -148,6 +148,33 @@ def test_the_quantized_regime_starts_every_cell_from_round_to_nearest(tmp_path):
     assert summary["reference"]["initial"]["kl"] > 0
 
 
+@pytest.mark.slow
+def test_every_cell_starts_from_a_given_student_and_the_reference_is_that_student(tmp_path):
+    """--student PATH (e.g. a warm-up's student): each cell's run starts from that saved model, and the reference
+    row "initial" -- and so the preference figure -- is that model, not the pruned teacher."""
+    from distillm.models import load_model, prune_layers
+
+    teacher, tokenizer = load_model("tiny-random", dtype="float32")
+    warm = tmp_path / "warm"
+    prune_layers(teacher, [1, 2]).save_pretrained(warm)  # not the pruned default's layers 0,3
+    tokenizer.save_pretrained(warm)
+    given = Comparison(tiny_settings(tmp_path / "given", student=str(warm), variants=["kd"], seeds=[0]),
+                       command="distillm compare --size tiny --student warm")
+    assert given.run_config("kd", 0, tmp_path / "unused").model.student == str(warm)
+    summary = given.run()
+    pruned = Comparison(tiny_settings(tmp_path / "pruned", variants=["kd"], seeds=[0])).reference()
+    assert summary["reference"]["initial"]["kl"] != pytest.approx(pruned["initial"]["kl"])
+    run_metrics = json.loads((tmp_path / "given" / "cells" / "kd" / "seed_0" / "run" / "metrics.json").read_text())
+    assert run_metrics["student"] == str(warm)
+    text = (tmp_path / "given" / "results.md").read_text()
+    assert f"initial student (`{warm}`, untrained)" in text and f"the saved model `{warm}`" in text
+    assert summary["variants"]["kd"]["preference"]["prompts"] == 3
+    with pytest.raises(CompareError, match="--student .*nowhere: no model there"):
+        Comparison(tiny_settings(tmp_path / "bad", student=str(tmp_path / "nowhere"))).check_directory()
+    with pytest.raises(CompareError, match="exclude each other"):
+        tiny_settings(tmp_path, student=str(warm), student_quant="int4")
+
+
 def test_settings_are_checked_before_any_work(tmp_path):
     with pytest.raises(CompareError, match="Unknown variant.*gdk"):
         tiny_settings(tmp_path, variants=["distillm2", "gdk"])
