@@ -58,6 +58,21 @@ def test_comparison_end_to_end_then_resume_reruns_only_the_missing_cell(tmp_path
     assert all((out / "eval" / "generations" / name / "teacher_scores.json").is_file()
                for name in ("teacher", "initial", "kd-seed0", "distillm2-seed1"))
     assert "distinct-2 ≈" in text
+    # the answers behind the figures: per held-out prompt, teacher, initial student and each variant's first seed
+    from distillm.data.builtin import load_builtin
+    from distillm.io import read_jsonl
+
+    answers = summary["answers"]
+    assert answers["seed"] == 0 and len(answers["prompts"]) == 3
+    instructions = {r["id"]: r["prompt"] for r in load_builtin("eval")}
+    for entry in answers["prompts"]:
+        assert list(entry["answers"]) == ["teacher", "initial student", "distillm2", "kd", "contrastive+b_ramp"]
+        assert entry["prompt"] == instructions[entry["id"]]
+        for label, name in (("teacher", "teacher"), ("kd", "kd-seed0"), ("contrastive+b_ramp", "contrastive_b_ramp-seed0")):
+            rows = read_jsonl(out / "eval" / "generations" / name / "responses.jsonl")
+            assert entry["answers"][label] == next(r["response"] for r in rows if str(r["id"]) == entry["id"])
+    assert "## Answers (greedy, held-out, first 3 prompts; each variant's seed 0" in text
+    assert f"**{' '.join(answers['prompts'][0]['prompt'].split())}**" in text
     assert not list(out.glob("cells/*/seed_*/run/checkpoints"))  # finished cells keep their student, not checkpoints
     assert all((out / c["run_dir"] / "student" / "model.safetensors").is_file() for c in cells)
     assert (out / "comparison.png").stat().st_size > 0 and (out / "ablation.png").stat().st_size > 0

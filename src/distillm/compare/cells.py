@@ -192,6 +192,23 @@ class Comparison:
         return {variant: preference_over_seeds(rows).as_dict() | {"reference": reference}
                 for variant, rows in per_variant.items()}
 
+    def answers(self, cells: list[dict], n: int = 3) -> dict:
+        """The first `n` held-out prompts' greedy answers: the teacher's, the initial student's and, per variant,
+        its lowest finished seed's -- the text behind the table (results.md's last section)."""
+        seed = min(cell["seed"] for cell in cells)
+        names = {"teacher": "teacher", "initial": "initial student"}
+        for variant in self.s.variants:  # the table's variants in the comparison's order
+            if any(c["variant"] == variant and c["seed"] == seed for c in cells):
+                names[cell_model_name(variant, seed)] = variant
+        rows = {name: read_jsonl(self.eval_dir / "generations" / name / "responses.jsonl") for name in names}
+        instructions = {str(r["id"]): r["prompt"] for r in load_builtin("eval")}  # not the chat-rendered prompt
+        prompts = []
+        for row in rows["teacher"][:n]:
+            by_id = {name: {str(r["id"]): r["response"] for r in model_rows} for name, model_rows in rows.items()}
+            prompts.append({"id": str(row["id"]), "prompt": instructions.get(str(row["id"]), row["prompt"]),
+                            "answers": {label: by_id[name].get(str(row["id"]), "") for name, label in names.items()}})
+        return {"seed": seed, "prompts": prompts}
+
     def backfill(self, metrics: dict, name: str) -> None:
         """Add the reference-free metrics a finished cell lacks, from its stored held-out generations."""
         path = self.eval_dir / "generations" / name / "responses.jsonl"
@@ -311,6 +328,7 @@ class Comparison:
         if not cells:
             raise CompareError(f"No finished cells in {self.root} yet: run the comparison without --report-only.")
         summary = summarise(cells, reference, self.s, preferences=self.preferences(cells))
+        summary["answers"] = self.answers(cells)
         summary["cells_total"] = len(self.cells())
         summary["wall_seconds_this_invocation"] = round(time.time() - started, 1)
         summary["cells_skipped"] = skipped

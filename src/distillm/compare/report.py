@@ -205,9 +205,29 @@ def write_results(summary: dict, out_dir: Path, *, command: str | None = None) -
     ablation = [v for _, v in ABLATION_ROWS if v in summary["variants"]]
     if len(ablation) > 1 and _plot(summary, out / "ablation.png", ablation, with_reference=False):
         lines += ["![ablation](ablation.png)", ""]
+    lines += _answers(summary)
     atomic_write_text(out / "results.md", "\n".join(lines))
     atomic_write_json(out / "results.json", {"command": command, **summary})
     return out / "results.md"
+
+
+def _answers(summary: dict, width: int = 200) -> list[str]:
+    """The held-out answers the figures come from (``summary["answers"]``, set by the comparison): per prompt, the
+    teacher's, the initial student's and each variant's first seed's greedy answer, cut to `width` characters."""
+    answers = summary.get("answers")
+    if not answers:
+        return []
+    lines = [f"## Answers (greedy, held-out, first {len(answers['prompts'])} prompts; each variant's seed "
+             f"{answers['seed']}; first {width} characters)", ""]
+
+    def cut(text: str) -> str:
+        text = " ".join(text.split())  # one line: newlines and runs of spaces shown as one space
+        return (text[:width] + " …") if len(text) > width else text
+
+    for prompt in answers["prompts"]:
+        lines += [f"**{cut(prompt['prompt'])}**", ""]
+        lines += [f'- {name}: "{cut(text)}"' for name, text in prompt["answers"].items()] + [""]
+    return lines
 
 
 def _plot(summary: dict, path: Path, variants: list[str], *, with_reference: bool) -> bool:
