@@ -9,8 +9,8 @@ update and the cosine of that update with the KL gradient (the direction that lo
         --student start=rtn:int3 --student distillm2=runs/compare-int3/cells/distillm2/seed_0/run/student \\
         --output gradient_share.json
 
-`rtn:int3` (or `rtn:int4`, ...) is the teacher quantized round-to-nearest in groups of 32, a comparison's
-starting student. Prints one block per student, writes every figure as JSON, and ends with the headline: per
+`rtn:int3` (or `rtn:int4`, ...) is the teacher quantized round-to-nearest in groups of 32, and `layers:even:10`
+the teacher's pruned copy: a comparison's starting students. Every --student is checked before any work. Prints one block per student, writes every figure as JSON, and ends with the headline: per
 student, the SRKL share at b = 1 and the cosine of that update with the KL gradient.
 """
 
@@ -32,18 +32,30 @@ from distillm.generation.base import SamplingParams
 from distillm.generation.hf import HFBackend
 from distillm.generation.runner import generate_responses
 from distillm.io import atomic_write_json, read_jsonl
-from distillm.models import load_model, real_vocab_size
-from distillm.quant.qat import dequantized_copy, prepare_qat, quant_bits
+from distillm.models import load_model, parse_layer_spec, prune_layers, real_vocab_size
+from distillm.quant.qat import QUANT_BITS, dequantized_copy, prepare_qat, quant_bits
+
+
+def check_source(source: str) -> str | None:
+    """Why `source` is not a student this script can load (checked for every --student before any work), or None."""
+    if source.startswith("rtn:"):
+        if source.removeprefix("rtn:") not in QUANT_BITS:
+            return "use " + ", ".join(f"rtn:{name}" for name in QUANT_BITS) + " (a bit width distillm quantizes to)"
+    elif source.startswith("layers:"):
+        if not source.removeprefix("layers:"):
+            return "use layers:SPEC, e.g. layers:even:10 (the teacher's layers a pruned student keeps)"
+    elif not (Path(source) / "config.json").is_file():
+        return "no model directory there (a distilled student directory, rtn:intN or layers:SPEC)"
+    return None
 
 
 def load_student(source: str, teacher, group_size: int):
     if source.startswith("rtn:"):
         bits = quant_bits(source.removeprefix("rtn:"))
-        if bits is None:
-            sys.exit(f"--student {source}: use rtn:int4, rtn:int3, ... (a bit width distillm quantizes to)")
         return dequantized_copy(prepare_qat(copy.deepcopy(teacher), bits, group_size)).float()
-    if not Path(source).is_dir():
-        sys.exit(f"--student {source}: no such directory (a distilled student directory, or rtn:intN)")
+    if source.startswith("layers:"):  # a comparison's pruned starting student
+        keep = parse_layer_spec(source.removeprefix("layers:"), teacher.config.num_hidden_layers)
+        return prune_layers(teacher, keep).float()
     return load_model(source, dtype="float32")[0]
 
 
@@ -69,6 +81,9 @@ def main() -> int:
         name, sep, source = item.partition("=")
         if not sep or not name or not source:
             sys.exit(f"--student {item!r}: expected NAME=SOURCE")
+        problem = check_source(source)
+        if problem:
+            sys.exit(f"--student {item}: {problem}")
         students.append((name, source))
     path = Path(args.teacher_rows)
     if not path.is_file():

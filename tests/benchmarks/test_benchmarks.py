@@ -87,3 +87,25 @@ print(memory.extra, memory.rss() - memory.start)
     extra, left = map(int, result.stdout.split())
     assert extra >= 60 * 2**20
     assert left < 32 * 2**20  # freed again
+
+
+def test_gradient_share_checks_every_student_before_loading_the_teacher(tmp_path, monkeypatch, capsys):
+    bench = _load("bench_gradient_share")
+    (tmp_path / "student").mkdir()
+    (tmp_path / "student" / "config.json").write_text("{}")
+    assert bench.check_source(str(tmp_path / "student")) is None
+    assert bench.check_source("rtn:int3") is None and bench.check_source("layers:even:10") is None
+    assert "rtn:int4" in bench.check_source("rtn:int5")
+    assert "layers:SPEC" in bench.check_source("layers:")
+    assert "no model directory" in bench.check_source(str(tmp_path / "nowhere"))
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("the teacher was loaded before every --student was checked")
+
+    monkeypatch.setattr(bench, "load_model", no_teacher)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"prompt_ids": [1], "response_ids": [2]}) + "\n")
+    monkeypatch.setattr("sys.argv", ["bench", "--teacher-rows", str(rows), "--student", "a=rtn:int3",
+                                     "--student", f"b={tmp_path / 'nowhere'}"])
+    with pytest.raises(SystemExit, match=r"--student b=.*nowhere: no model directory"):
+        bench.main()
