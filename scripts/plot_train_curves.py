@@ -60,6 +60,7 @@ def main() -> int:
     rows = (len(shown) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
     print(f"{'variant':<26}{'figure':<11}{'first half -> second half of the steps (mean over seeds)'}")
+    colors = {variant: f"C{i % 10}" for i, variant in enumerate(curves)}  # one colour per variant in every panel
     for ax, figure in zip(axes.flat, shown):
         for variant, data in curves.items():
             seqs = [s for s in data[figure] if s]
@@ -70,16 +71,16 @@ def main() -> int:
             low = [min(s[i] for s in seqs) for i in range(n)]
             high = [max(s[i] for s in seqs) for i in range(n)]
             steps = list(range(1, n + 1))
-            line, = ax.plot(steps, mean, label=f"{variant} ({len(seqs)} seeds)", lw=1.3)
-            ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.15, lw=0)
+            ax.plot(steps, mean, label=f"{variant} ({len(seqs)} seeds)", lw=1.3, color=colors[variant])
+            ax.fill_between(steps, low, high, color=colors[variant], alpha=0.15, lw=0)
             half = n // 2
             rounds = [sum(mean[:half]) / max(half, 1), sum(mean[half:]) / max(n - half, 1)]
             print(f"{variant:<26}{figure:<11}{rounds[0]:.4f} -> {rounds[1]:.4f}")
         ax.set_title(figure)
         ax.set_xlabel("optimizer step")
+        ax.legend(fontsize=7)  # each panel names its own lines (a variant that does not log a figure is absent)
     for ax in list(axes.flat)[len(shown):]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
