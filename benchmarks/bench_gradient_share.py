@@ -10,8 +10,9 @@ update and the cosine of that update with the KL gradient (the direction that lo
         --output gradient_share.json
 
 `rtn:int3` (or `rtn:int4`, ...) is the teacher quantized round-to-nearest in groups of 32, and `layers:even:10`
-the teacher's pruned copy: a comparison's starting students. Every --student is checked before any work. Prints one block per student, writes every figure as JSON, and ends with the headline: per
-student, the SRKL share at b = 1 and the cosine of that update with the KL gradient.
+the teacher's pruned copy: a comparison's starting students. Every --student is checked before any work. Prints
+one block per student, writes every figure as JSON, and ends with the headline: per student, the SRKL share at
+b = 1 and the cosine of that update with the KL gradient.
 """
 
 from __future__ import annotations

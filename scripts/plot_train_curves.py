@@ -4,8 +4,8 @@
         --output curves.png
 
 DIR is a comparison's output directory or its `--archive` folder (both hold cells/VARIANT/seed_S/run/logs/
-train_log.jsonl). One panel per logged figure (skl, srkl, skew_t and skew_s -- the a of each side --, b, loss, grad_norm by default; those a
-variant does not log are left out), one line per variant: the mean over its seeds at each step, with the range
+train_log.jsonl). One panel per logged figure (skl, srkl, skew_t and skew_s -- the a of each side --, b, loss,
+grad_norm by default; those a variant does not log are left out), one line per variant: the mean over its seeds at each step, with the range
 over seeds shaded. Prints the per-round means of each figure as a table.
 """
 

@@ -68,7 +68,8 @@ def test_comparison_end_to_end_then_resume_reruns_only_the_missing_cell(tmp_path
     for entry in answers["prompts"]:
         assert list(entry["answers"]) == ["teacher", "initial student", "distillm2", "kd", "contrastive+b_ramp"]
         assert entry["prompt"] == instructions[entry["id"]]
-        for label, name in (("teacher", "teacher"), ("kd", "kd-seed0"), ("contrastive+b_ramp", "contrastive_b_ramp-seed0")):
+        for label, name in (("teacher", "teacher"), ("kd", "kd-seed0"),
+                            ("contrastive+b_ramp", "contrastive_b_ramp-seed0")):
             rows = read_jsonl(out / "eval" / "generations" / name / "responses.jsonl")
             assert entry["answers"][label] == next(r["response"] for r in rows if str(r["id"]) == entry["id"])
     assert "## Answers (greedy, held-out, first 3 prompts; each variant's seed 0" in text

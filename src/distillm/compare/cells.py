@@ -201,10 +201,10 @@ class Comparison:
             if any(c["variant"] == variant and c["seed"] == seed for c in cells):
                 names[cell_model_name(variant, seed)] = variant
         rows = {name: read_jsonl(self.eval_dir / "generations" / name / "responses.jsonl") for name in names}
+        by_id = {name: {str(r["id"]): r["response"] for r in model_rows} for name, model_rows in rows.items()}
         instructions = {str(r["id"]): r["prompt"] for r in load_builtin("eval")}  # not the chat-rendered prompt
         prompts = []
         for row in rows["teacher"][:n]:
-            by_id = {name: {str(r["id"]): r["response"] for r in model_rows} for name, model_rows in rows.items()}
             prompts.append({"id": str(row["id"]), "prompt": instructions.get(str(row["id"]), row["prompt"]),
                             "answers": {label: by_id[name].get(str(row["id"]), "") for name, label in names.items()}})
         return {"seed": seed, "prompts": prompts}
