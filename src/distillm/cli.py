@@ -178,7 +178,8 @@ def format_metrics(metrics: dict) -> str:
         if a is None or b is None:
             continue
         t = metrics["after"][f"teacher_{key}"]
-        label = f"{name} of samples (teacher: {t:.4f})"
+        count = metrics["after"].get("eval_samples", 1)
+        label = f"{name}{f', {count} samples/prompt' if count > 1 else ' of samples'} (teacher: {t:.4f})"
         verdict = "yes" if abs(a - t) < abs(b - t) else "NO"
         test = metrics["after"].get(f"{key}_change")  # evaluation.degeneracy.gap_change_test
         note = ""
@@ -187,8 +188,8 @@ def format_metrics(metrics: dict) -> str:
             note = f"; p = {p:.3g}" + ("" if p < 0.05 else ", within noise")
         lines.append(f"{label:<46}{b:>10.4f}{a:>10.4f}  {verdict} (closer to the teacher's is better{note})")
     if any(metrics["after"].get(f"{key}_change") for key in ("distinct_2", "repetition")):
-        lines.append("p: paired permutation test over the held-out prompts that the gap to the teacher changed "
-                     "by chance (docs/evaluation.md)")
+        lines.append("p: paired permutation test over the held-out prompts (and samples) that the gap to the "
+                     "teacher changed by chance (docs/evaluation.md)")
     if metrics["after"].get("teacher_scores"):  # --teacher-url: KL / TVD are top-k figures (pipeline.evaluate)
         lines.append(f"teacher scores: {metrics['after']['teacher_scores']}")
     if "degenerate" in metrics["after"]:  # evaluation.degeneracy: closer to collapse than to the teacher

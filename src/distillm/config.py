@@ -147,6 +147,7 @@ class TrainingSection:
 class EvaluationSection:
     evaluate: bool = opt(True, "Evaluate the student on the held-out prompts before and after distillation.")
     eval_max_new_tokens: int | None = opt(None, "Response length of the evaluation samples (default: max-new-tokens).", ge=1)
+    eval_samples: int = opt(1, "Sampled answers per held-out prompt, from the student (before and after training) and from the teacher, pooled for the figures of the student's samples (teacher NLL, distinct-2, repetition, loop and empty rates, the permutation tests). KL / TVD / acceptance stay on the teacher's first response to each prompt. One sample per prompt makes distinct-2 a noisy figure at a few dozen prompts (docs/evaluation.md).", ge=1)
 
 
 class _SectionedConfig:
@@ -460,6 +461,9 @@ def validate(config: RunConfig) -> None:
         *(check for cls in _methods_registry.METHODS.values() for check in cls.config_checks(config)),
         (d.max_prompt_length < d.max_length, "max_prompt_length must be < max_length"),
         (bool(m.lora_target_modules.strip()), "lora_target_modules must be all-linear or a list of module names"),
+        (config.evaluation.eval_samples == 1 or config.generation.temperature > 0,
+         f"eval_samples {config.evaluation.eval_samples} with temperature 0: greedy answers are the same every time; "
+         "sample (--temperature > 0) or leave --eval-samples at 1"),
     ]
     checks += _quant_checks(m)
     for ok, message in checks:

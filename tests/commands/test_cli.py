@@ -66,6 +66,34 @@ def test_tiny_run_produces_student_pairs_and_metrics(tiny_run):
         assert (f"DEGENERATE student samples ({tag})" in result.stdout) == metrics[tag]["degenerate"]
 
 
+def test_eval_samples_pool_several_sampled_sets_for_the_diversity_figures(tmp_path):
+    from distillm.evaluation.degeneracy import degeneracy_figures
+
+    out = tmp_path / "multi"
+    result = run_cli("run", "--preset", "tiny", "--output-dir", str(out), "--num-prompts", "8", "--num-eval-prompts",
+                     "4", "--rounds", "1", "--eval-samples", "3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+
+    def responses(path):
+        return [json.loads(line)["response"] for line in path.read_text().splitlines()]
+
+    teacher = [responses(out / "data" / name) for name in ("teacher_eval.jsonl", "teacher_eval_1.jsonl",
+                                                             "teacher_eval_2.jsonl")]
+    assert all(len(rows) == 4 for rows in teacher) and len({tuple(rows) for rows in teacher}) == 3  # own seeds
+    for tag in ("before", "after"):
+        sets = [responses(out / "eval" / name) for name in (f"{tag}_samples.jsonl", f"{tag}_samples_1.jsonl",
+                                                              f"{tag}_samples_2.jsonl")]
+        assert all(len(rows) == 4 for rows in sets) and len({tuple(rows) for rows in sets}) == 3
+        pooled, teacher_pooled = degeneracy_figures(sum(sets, [])), degeneracy_figures(sum(teacher, []))
+        assert metrics[tag]["eval_samples"] == 3
+        for key in ("distinct_2", "repetition", "loop_rate", "empty_rate"):
+            assert metrics[tag][key] == pooled[key] and metrics[tag][f"teacher_{key}"] == teacher_pooled[key]
+    # the permutation test pairs (set, prompt): 12 pairs, so all 2 ** 12 swap patterns are enumerated
+    assert metrics["after"]["distinct_2_change"]["patterns"] == 2 ** 12
+    assert "distinct-2, 3 samples/prompt (teacher:" in result.stdout
+
+
 def test_paired_data_uses_trl_dpo_columns_and_fresh_student_responses(tiny_run):
     out, _ = tiny_run
     teacher = {r["id"]: r for r in map(json.loads, (out / "data" / "teacher_train.jsonl").read_text().splitlines())}
@@ -238,6 +266,9 @@ def test_run_summary_gives_the_permutation_p_value_of_a_diversity_change():
     assert re.search(r"distinct-2 of samples \(teacher: 0\.9076\) +0\.9037 +0\.8600  NO \(closer to the "
                      r"teacher's is better; p = 0\.002\)", table)
     assert "paired permutation test" in table
+    after["eval_samples"] = 4  # --eval-samples 4: the figures pool four sampled sets
+    assert re.search(r"distinct-2, 4 samples/prompt \(teacher: 0\.9076\) +0\.9037 +0\.8600  NO",
+                     format_metrics({"before": before, "after": after}))
     after.update(distinct_2=0.9045, distinct_2_change={**after["distinct_2_change"], "p_closer": 0.53})
     assert "yes (closer to the teacher's is better; p = 0.53, within noise)" in format_metrics(
         {"before": before, "after": after})

@@ -54,6 +54,9 @@ def test_bad_values_name_the_option():
         load_config(overrides={"curriculum": "maybe"})
     with pytest.raises(ConfigError, match="skew_min <= skew <= skew_max"):
         load_config(overrides={"skew_max": 0.05})  # below skew
+    with pytest.raises(ConfigError, match="eval_samples 4 with temperature 0: greedy answers are the same"):
+        load_config(overrides={"eval_samples": 4, "temperature": 0.0})
+    assert load_config(overrides={"eval_samples": 4}).evaluation.eval_samples == 4
     with pytest.raises(ConfigError, match="preset"):
         load_config(preset="huge")
     with pytest.raises(ConfigError, match="not found"):

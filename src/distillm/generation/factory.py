@@ -18,6 +18,17 @@ from ..models import resolve_dtype
 logger = logging.getLogger("distillm")
 
 
+#: the seed offsets of the held-out sampling: the teacher's responses and the student's samples; set J of
+#: --eval-samples adds J * EVAL_SAMPLE_STRIDE (the rounds' student responses use 1000 * round)
+TEACHER_EVAL_SEED, STUDENT_EVAL_SEED, EVAL_SAMPLE_STRIDE = 99, 7_777, 100_000
+
+
+def eval_seed_offset(base: int, sample: int) -> int:
+    """The seed offset of held-out sample set `sample` (0, 1, ...) from `base` (TEACHER_EVAL_SEED or
+    STUDENT_EVAL_SEED)."""
+    return base + EVAL_SAMPLE_STRIDE * sample
+
+
 def sampling_params(config: RunConfig, *, seed_offset: int = 0, max_new_tokens: int | None = None) -> SamplingParams:
     g = config.generation
     return SamplingParams(temperature=g.temperature, top_p=g.top_p,

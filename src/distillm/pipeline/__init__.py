@@ -23,6 +23,7 @@ Run directory layout::
     config.yaml                  the resolved config of the run
     data/teacher_train.jsonl     teacher responses (prompt, response, ids), generated once
     data/teacher_eval.jsonl      teacher responses to the held-out prompts
+    data/teacher_eval_J.jsonl    --eval-samples > 1: the teacher's further samples J = 1, 2, ... (diversity figures)
     data/teacher_rationales_train.jsonl  step-by-step only: the teacher's rationale + answer responses
     rounds/round_K/student.jsonl the student's responses at the start of round K (distillm2, dpkd)
     rounds/round_K/pairs.jsonl   TRL DPO columns: prompt, chosen (teacher), rejected (student), plus token ids
@@ -30,7 +31,7 @@ Run directory layout::
     logs/train_log.jsonl         per-step loss, the method's metrics (e.g. skl, srkl, skew_t, skew_s, b), sources
     logs/training.json           the training summary, written after the student: marks training as finished
     student/                     the distilled student (safetensors + tokenizer; saved as student.tmp, renamed)
-    eval/{before,after}_samples.jsonl  student samples on held-out prompts
+    eval/{before,after}_samples.jsonl  student samples on held-out prompts (_J.jsonl: --eval-samples' further sets)
     metrics.json                 before/after metrics, training summary, timings
 """
 

@@ -23,7 +23,8 @@ from ..crosstok.vocab import CrossTokenizerError, check_tokenizer, vocab_map
 from ..data.prompts import EncodedPrompt, encode_prompts, load_prompts
 from ..distributed import process_state
 from ..evaluation.text import distinct_n
-from ..generation.factory import generate_once, make_backend, sampling_params
+from ..generation.factory import (STUDENT_EVAL_SEED, TEACHER_EVAL_SEED, eval_seed_offset, generate_once,
+                                  make_backend, sampling_params)
 from ..io import write_jsonl
 from ..models import (ModelPair, add_lora, eval_mode, load_model, load_tokenizer, model_config, real_vocab_size,
                       resolve_model_source)
@@ -195,12 +196,14 @@ def load_cross_models(config: RunConfig, setup: CrossSetup) -> ModelPair:
     return ModelPair(teacher, student, setup.student_tok, real_vocab_size(setup.student_tok), None, cross=setup)
 
 
-def cross_teacher_eval(config: RunConfig, setup: CrossSetup, backend, eval_prompts, eval_teacher, paths) -> list[dict]:
+def cross_teacher_eval(config: RunConfig, setup: CrossSetup, backend, eval_prompts, eval_teacher, paths, *,
+                       sample: int = 0) -> list[dict]:
     """The teacher's responses to the held-out prompts, generated from its own rendering of them and carried over
-    to the student's tokens."""
-    raw = generate_once(backend, [eval_teacher[p.id] for p in eval_prompts], paths.teacher_eval,
-                        sampling_params(config, seed_offset=99), setup.teacher_tok,
-                        desc="teacher responses (held-out)")
+    to the student's tokens; `sample` > 0: --eval-samples' further sets."""
+    raw = generate_once(backend, [eval_teacher[p.id] for p in eval_prompts], paths.teacher_eval_sample(sample),
+                        sampling_params(config, seed_offset=eval_seed_offset(TEACHER_EVAL_SEED, sample)),
+                        setup.teacher_tok,
+                        desc="teacher responses (held-out)" + (f", set {sample}" if sample else ""))
     by_id = {p.id: p for p in eval_prompts}
     return [setup.student_row(row, by_id[row["id"]]) for row in raw]
 
@@ -261,11 +264,12 @@ def aligned_scores(teacher, student, setup: CrossSetup, rows: list[dict], *, max
 
 
 def cross_evaluate(config: RunConfig, models, eval_prompts, teacher_eval_rows, paths, tag: str, *,
-                   teacher_client=None) -> dict:
+                   teacher_client=None, teacher_samples=None) -> dict:
     """Before/after figures: on the teacher's held-out responses, the aligned divergences and the student's NLL
     per byte; on the student's own samples, the teacher's NLL per byte of their text (re-tokenized); distinct-2.
     `teacher_client` (--teacher-url): the teacher's figures come from the server (`aligned_scores`' `served`),
-    labelled in `teacher_scores`."""
+    labelled in `teacher_scores`. `teacher_samples`: with --eval-samples K > 1, the teacher's K sets of responses;
+    the student's samples are then K sets too, pooled for every figure of samples."""
     start = time.time()
     setup = models.cross
     served = None
@@ -274,10 +278,13 @@ def cross_evaluate(config: RunConfig, models, eval_prompts, teacher_eval_rows, p
         served = CrossRemoteScores(RemoteScores(teacher_client, t.teacher_top_k, real_vocab_size(setup.teacher_tok),
                                                 tail=t.teacher_topk_tail), setup)
     backend = make_backend(config, models.student, setup.student_tok, model_dir=None)
-    samples = generate_once(backend, eval_prompts, paths.eval_samples(tag),
-                            sampling_params(config, seed_offset=7_777,
-                                            max_new_tokens=config.evaluation.eval_max_new_tokens),
-                            setup.student_tok, desc=f"student samples ({tag})")
+    count = config.evaluation.eval_samples
+    samples = [row for j in range(count) for row in generate_once(
+        backend, eval_prompts, paths.eval_samples(tag, j),
+        sampling_params(config, seed_offset=eval_seed_offset(STUDENT_EVAL_SEED, j),
+                        max_new_tokens=config.evaluation.eval_max_new_tokens),
+        setup.student_tok, desc=f"student samples ({tag})" + (f", set {j + 1} of {count}" if count > 1 else ""))]
+    teacher_rows = [row for rows in (teacher_samples or [teacher_eval_rows]) for row in rows]
     max_length = config.data.max_length
     on_teacher = aligned_scores(models.teacher, models.student, setup, teacher_eval_rows, max_length=max_length,
                                 served=served)
@@ -292,6 +299,7 @@ def cross_evaluate(config: RunConfig, models, eval_prompts, teacher_eval_rows, p
     result.update({"on_teacher_responses": on_teacher,
               "teacher_nll_per_byte_of_student_samples": on_student["teacher_nll_per_byte"],
               "distinct_2": distinct_n([row["response"] for row in samples]),
-              "teacher_distinct_2": distinct_n([row["response"] for row in teacher_eval_rows]),
+              "teacher_distinct_2": distinct_n([row["response"] for row in teacher_rows]),
+              "eval_samples": count,
               "seconds": round(time.time() - start, 1)})
     return result

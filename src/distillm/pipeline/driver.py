@@ -100,6 +100,10 @@ def _run(config: RunConfig, paths: RunPaths, started: float) -> dict:
         rows = method.build_rows(modality.data_context(config, models, train_prompts, paths, teacher_backend))
         teacher_eval = modality.teacher_eval(config, models, teacher_backend, eval_prompts,
                                              paths) if evaluating else []
+        # --eval-samples K: the teacher's further K - 1 sets, for the diversity figures of the evaluation
+        teacher_samples = [teacher_eval] + [
+            modality.teacher_eval(config, models, teacher_backend, eval_prompts, paths, sample=j)
+            for j in range(1, config.evaluation.eval_samples)] if evaluating else []
     finally:
         release(teacher_backend)
     metrics: dict = {"method": method.name, "teacher": config.model.teacher,
@@ -112,7 +116,7 @@ def _run(config: RunConfig, paths: RunPaths, started: float) -> dict:
             metrics["before"] = before
         else:
             metrics["before"] = modality.evaluate(config, models, eval_prompts, teacher_eval, paths, "before",
-                                                  teacher_client=teacher_client)
+                                                  teacher_samples=teacher_samples, teacher_client=teacher_client)
             atomic_write_json(before_file, metrics["before"])
     validation = teacher_eval
     if not validation and method.uses_validation:
@@ -126,7 +130,7 @@ def _run(config: RunConfig, paths: RunPaths, started: float) -> dict:
                        "the saved student with `distillm eval --model distilled=%s`.", paths.student)
     elif evaluating:
         metrics["after"] = modality.evaluate(config, models, eval_prompts, teacher_eval, paths, "after",
-                                              teacher_client=teacher_client)
+                                              teacher_samples=teacher_samples, teacher_client=teacher_client)
     metrics["wall_seconds"] = round(time.time() - started, 1)
     metrics["complete"] = True
     if state.is_main_process:

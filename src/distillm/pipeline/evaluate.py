@@ -11,7 +11,7 @@ from ..config import RunConfig
 from ..evaluation.degeneracy import degeneracy_figures, degenerate, gap_change_test
 from ..evaluation.divergence import (served_teacher_nll, served_teacher_student_divergence, teacher_nll,
                                      teacher_student_divergence)
-from ..generation.factory import generate_once, sampling_params
+from ..generation.factory import STUDENT_EVAL_SEED, eval_seed_offset, generate_once, sampling_params
 from ..io import read_jsonl
 from ..models import ModelPair
 from ..testing.faults import fault_point
@@ -22,18 +22,18 @@ logger = logging.getLogger("distillm")
 
 
 def evaluate(config: RunConfig, models: ModelPair, eval_prompts, teacher_eval_rows, paths: RunPaths, tag: str, *,
-             modality, teacher_client=None):
+             modality, teacher_client=None, teacher_samples=None):
     """Held-out figures for the current student: teacher NLL of its samples, KL / TVD / acceptance rate on the
     teacher's responses. `modality`: the run's `pipeline.modality` variant (its generation backend, its images).
-    `teacher_client`: the --teacher-url client; the teacher's figures then come from the server (`served_figures`)."""
+    `teacher_client`: the --teacher-url client; the teacher's figures then come from the server (`served_figures`).
+    `teacher_samples`: with --eval-samples K > 1, the teacher's K sets of responses (the first is
+    `teacher_eval_rows`); the student then samples K sets too, and every figure of samples pools them."""
     d = config.data
     start = time.time()
     backend = modality.backend(config, models.student, models.tokenizer, model_dir=None)  # HF: the live student
-    samples = generate_once(
-        backend, eval_prompts, paths.eval_samples(tag),
-        sampling_params(config, seed_offset=7_777, max_new_tokens=config.evaluation.eval_max_new_tokens),
-        models.tokenizer, desc=f"student samples ({tag})",
-    )
+    sets = student_sample_sets(config, backend, eval_prompts, paths, tag, models.tokenizer)
+    samples = [row for rows in sets for row in rows]
+    teacher_sets = teacher_samples or [teacher_eval_rows]
     common = dict(vocab_size=models.vocab_size, pad_token_id=models.tokenizer.pad_token_id, max_length=d.max_length,
                   image_inputs=modality.image_inputs())
     served = served_figures(config, teacher_client, models.vocab_size) if teacher_client is not None else None
@@ -42,28 +42,23 @@ def evaluate(config: RunConfig, models: ModelPair, eval_prompts, teacher_eval_ro
                   "teacher_nll_of_student_samples": served_teacher_nll(served.scores, samples, **common)}
     else:
         result = {"teacher_nll_of_student_samples": teacher_nll(models.teacher, samples, **common)}
+    result["eval_samples"] = len(sets)
     # distinct-2 (distinct word bigrams / all), repetition, loop and empty rates of the samples, beside the
     # teacher's, and the degenerate flag (evaluation.degeneracy): a collapsed student repeats itself
     student = degeneracy_figures([row["response"] for row in samples])
-    teacher = degeneracy_figures([row["response"] for row in teacher_eval_rows])
+    teacher = degeneracy_figures([row["response"] for rows in teacher_sets for row in rows])
     for key in ("distinct_2", "repetition", "loop_rate", "empty_rate"):
         result[key], result[f"teacher_{key}"] = student[key], teacher[key]
     verdict = degenerate(student, teacher)
-    before_path = paths.eval_samples("before")
-    if tag != "before" and before_path.is_file():  # is the change against the start more than chance?
-        before = {row["id"]: row["response"] for row in read_jsonl(before_path)}
-        teacher_by_id = {row["id"]: row["response"] for row in teacher_eval_rows}
-        paired = [row for row in samples if row["id"] in before and row["id"] in teacher_by_id]
-        if paired:
-            args = ([teacher_by_id[row["id"]] for row in paired], [before[row["id"]] for row in paired],
-                    [row["response"] for row in paired])
-            result["distinct_2_change"] = gap_change_test(*args).as_dict()
-            if student["repetition"] is not None and teacher["repetition"] is not None:
-                try:
-                    result["repetition_change"] = gap_change_test(
-                        *args, figure=lambda texts: degeneracy_figures(texts)["repetition"]).as_dict()
-                except ValueError:  # no answer with 4 words on one side
-                    pass
+    args = paired_answers(paths, sets, teacher_sets) if tag != "before" else None
+    if args:  # is the change against the start more than chance?
+        result["distinct_2_change"] = gap_change_test(*args).as_dict()
+        if student["repetition"] is not None and teacher["repetition"] is not None:
+            try:
+                result["repetition_change"] = gap_change_test(
+                    *args, figure=lambda texts: degeneracy_figures(texts)["repetition"]).as_dict()
+            except ValueError:  # no answer with 4 words on one side
+                pass
     result["degenerate"], result["degenerate_reasons"] = verdict.flagged, list(verdict.reasons)
     fault_point(f"eval:{tag}")
     if served is not None:
@@ -72,6 +67,36 @@ def evaluate(config: RunConfig, models: ModelPair, eval_prompts, teacher_eval_ro
         result.update(teacher_student_divergence(models.teacher, models.student, teacher_eval_rows, **common))
     result["seconds"] = round(time.time() - start, 1)
     return result
+
+
+def student_sample_sets(config: RunConfig, backend, eval_prompts, paths: RunPaths, tag: str, tokenizer) -> list:
+    """The student's --eval-samples sets of held-out samples at `tag`, each generated once (a resumed run reads
+    the files back), set J from its own seed."""
+    count = config.evaluation.eval_samples
+    return [generate_once(backend, eval_prompts, paths.eval_samples(tag, j),
+                          sampling_params(config, seed_offset=eval_seed_offset(STUDENT_EVAL_SEED, j),
+                                          max_new_tokens=config.evaluation.eval_max_new_tokens),
+                          tokenizer, desc=f"student samples ({tag})" + (f", set {j + 1} of {count}" if count > 1 else ""))
+            for j in range(count)]
+
+
+def paired_answers(paths: RunPaths, sets: list[list[dict]], teacher_sets: list[list[dict]]):
+    """(teacher, before, after) answer lists for `evaluation.degeneracy.gap_change_test`: the pairs are the
+    (set, prompt) answered both before training (eval/before_samples*.jsonl) and now; the teacher's answers are
+    its responses to the same prompts in the same set (its first set where it has fewer). None without pairs."""
+    teacher, before, after = [], [], []
+    for j, rows in enumerate(sets):
+        before_path = paths.eval_samples("before", j)
+        if not before_path.is_file():
+            continue
+        start = {row["id"]: row["response"] for row in read_jsonl(before_path)}
+        reference = {row["id"]: row["response"] for row in teacher_sets[min(j, len(teacher_sets) - 1)]}
+        for row in rows:
+            if row["id"] in start and row["id"] in reference:
+                teacher.append(reference[row["id"]])
+                before.append(start[row["id"]])
+                after.append(row["response"])
+    return (teacher, before, after) if after else None
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,8 @@ from ..crosstok.vocab import CrossTokenizerError
 from ..data.prompts import DataError, check_chat_template
 from ..data.vision import ImageInputs
 from ..errors import DistillmError
-from ..generation.factory import generate_once, make_backend, sampling_params
+from ..generation.factory import (TEACHER_EVAL_SEED, eval_seed_offset, generate_once, make_backend,
+                                  sampling_params)
 from ..generation.vllm_backend import choose_backend_name
 from ..models import ModelPair, load_model, load_tokenizer, real_vocab_size
 from ..training.collate import DistillCollator
@@ -100,18 +101,22 @@ class TextModality:
     def data_context(self, config: RunConfig, models: ModelPair, prompts, paths, backend) -> DataContext:
         return DataContext(config, models.tokenizer, prompts, paths, backend)
 
-    def teacher_eval(self, config: RunConfig, models: ModelPair, backend, eval_prompts, paths) -> list[dict]:
-        return generate_once(backend, eval_prompts, paths.teacher_eval, sampling_params(config, seed_offset=99),
-                             models.tokenizer, desc="teacher responses (held-out)")
+    def teacher_eval(self, config: RunConfig, models: ModelPair, backend, eval_prompts, paths, *,
+                     sample: int = 0) -> list[dict]:
+        """The teacher's responses to the held-out prompts; `sample` > 0: --eval-samples' further sets."""
+        return generate_once(backend, eval_prompts, paths.teacher_eval_sample(sample),
+                             sampling_params(config, seed_offset=eval_seed_offset(TEACHER_EVAL_SEED, sample)),
+                             models.tokenizer, desc="teacher responses (held-out)" + (f", set {sample}" if sample else ""))
 
     def describe(self) -> dict:
         return {}
 
     def evaluate(self, config: RunConfig, models: ModelPair, eval_prompts, teacher_eval_rows, paths, tag: str, *,
-                 teacher_client=None):
-        # teacher_client: --teacher-url's client (the teacher's figures from the server), or None
+                 teacher_client=None, teacher_samples=None):
+        # teacher_client: --teacher-url's client (the teacher's figures from the server), or None;
+        # teacher_samples: the teacher's --eval-samples sets (the first is teacher_eval_rows), or None
         return evaluate(config, models, eval_prompts, teacher_eval_rows, paths, tag, modality=self,
-                        teacher_client=teacher_client)
+                        teacher_client=teacher_client, teacher_samples=teacher_samples)
 
     def backend(self, config: RunConfig, model, tokenizer, *, model_dir: str | None):
         return make_backend(config, model, tokenizer, model_dir=model_dir)
@@ -246,8 +251,10 @@ class CrossModality(TextModality):
     def data_context(self, config: RunConfig, models: ModelPair, prompts, paths, backend) -> DataContext:
         return cross_data_context(config, self.setup, prompts, self.teacher_prompts["train"], paths, backend)
 
-    def teacher_eval(self, config: RunConfig, models: ModelPair, backend, eval_prompts, paths) -> list[dict]:
-        return cross_teacher_eval(config, self.setup, backend, eval_prompts, self.teacher_prompts["eval"], paths)
+    def teacher_eval(self, config: RunConfig, models: ModelPair, backend, eval_prompts, paths, *,
+                     sample: int = 0) -> list[dict]:
+        return cross_teacher_eval(config, self.setup, backend, eval_prompts, self.teacher_prompts["eval"], paths,
+                                  sample=sample)
 
     def describe(self) -> dict:
         vmap = self.setup.vmap
@@ -255,9 +262,9 @@ class CrossModality(TextModality):
                                     "shared_vocab": int(vmap.teacher_ids.numel())}}
 
     def evaluate(self, config: RunConfig, models: ModelPair, eval_prompts, teacher_eval_rows, paths, tag: str, *,
-                 teacher_client=None):
+                 teacher_client=None, teacher_samples=None):
         return cross_evaluate(config, models, eval_prompts, teacher_eval_rows, paths, tag,
-                              teacher_client=teacher_client)
+                              teacher_client=teacher_client, teacher_samples=teacher_samples)
 
     def collator(self, config: RunConfig, models: ModelPair, method, image_inputs):
         return models.cross.collator(config.data.max_length, method.sequences)

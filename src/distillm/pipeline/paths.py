@@ -35,8 +35,15 @@ class RunPaths:
     def round_dir(self, k: int) -> Path:
         return self.root / "rounds" / f"round_{k}"
 
-    def eval_samples(self, tag: str) -> Path:
-        return self.root / "eval" / f"{tag}_samples.jsonl"
+    def eval_samples(self, tag: str, sample: int = 0) -> Path:
+        """The student's held-out samples at `tag` (before / after); `sample` > 0: the further sets of
+        --eval-samples."""
+        return self.root / "eval" / (f"{tag}_samples.jsonl" if sample == 0 else f"{tag}_samples_{sample}.jsonl")
+
+    def teacher_eval_sample(self, sample: int) -> Path:
+        """The teacher's held-out responses: set 0 is `teacher_eval`, the others the further sets of
+        --eval-samples."""
+        return self.teacher_eval if sample == 0 else self.root / "data" / f"teacher_eval_{sample}.jsonl"
 
 
 def prepare_run_dir(config, *, overwrite: bool = False, lock: bool = True, kind: str = "run") -> RunPaths:
