@@ -147,7 +147,7 @@ class TrainingSection:
 class EvaluationSection:
     evaluate: bool = opt(True, "Evaluate the student on the held-out prompts before and after distillation.")
     eval_max_new_tokens: int | None = opt(None, "Response length of the evaluation samples (default: max-new-tokens).", ge=1)
-    eval_samples: int = opt(1, "Sampled answers per held-out prompt, from the student (before and after training) and from the teacher, pooled for the figures of the student's samples (teacher NLL, distinct-2, repetition, loop and empty rates, the permutation tests). KL / TVD / acceptance stay on the teacher's first response to each prompt. One sample per prompt makes distinct-2 a noisy figure at a few dozen prompts (docs/evaluation.md).", ge=1)
+    eval_samples: int = opt(1, "Sampled answers per held-out prompt, from the student (before and after training) and from the teacher, for the figures of samples: distinct-2, repetition, loop and empty rates become the mean over the sets (not the figures of the pooled answers), the teacher NLL and the permutation tests take every sample. KL / TVD / acceptance stay on the teacher's first response to each prompt. One sample per prompt makes distinct-2 a noisy figure at a few dozen prompts (docs/evaluation.md).", ge=1)
 
 
 class _SectionedConfig:

@@ -66,8 +66,8 @@ def test_tiny_run_produces_student_pairs_and_metrics(tiny_run):
         assert (f"DEGENERATE student samples ({tag})" in result.stdout) == metrics[tag]["degenerate"]
 
 
-def test_eval_samples_pool_several_sampled_sets_for_the_diversity_figures(tmp_path):
-    from distillm.evaluation.degeneracy import degeneracy_figures
+def test_eval_samples_average_several_sampled_sets_for_the_diversity_figures(tmp_path):
+    from distillm.evaluation.degeneracy import set_figures
 
     out = tmp_path / "multi"
     result = run_cli("run", "--preset", "tiny", "--output-dir", str(out), "--num-prompts", "8", "--num-eval-prompts",
@@ -85,10 +85,10 @@ def test_eval_samples_pool_several_sampled_sets_for_the_diversity_figures(tmp_pa
         sets = [responses(out / "eval" / name) for name in (f"{tag}_samples.jsonl", f"{tag}_samples_1.jsonl",
                                                               f"{tag}_samples_2.jsonl")]
         assert all(len(rows) == 4 for rows in sets) and len({tuple(rows) for rows in sets}) == 3
-        pooled, teacher_pooled = degeneracy_figures(sum(sets, [])), degeneracy_figures(sum(teacher, []))
+        figures, teacher_figures = set_figures(sets), set_figures(teacher)  # means over the 3 sets
         assert metrics[tag]["eval_samples"] == 3
         for key in ("distinct_2", "repetition", "loop_rate", "empty_rate"):
-            assert metrics[tag][key] == pooled[key] and metrics[tag][f"teacher_{key}"] == teacher_pooled[key]
+            assert metrics[tag][key] == figures[key] and metrics[tag][f"teacher_{key}"] == teacher_figures[key]
     # the permutation test pairs (set, prompt): 12 pairs, so all 2 ** 12 swap patterns are enumerated
     assert metrics["after"]["distinct_2_change"]["patterns"] == 2 ** 12
     assert "distinct-2, 3 samples/prompt (teacher:" in result.stdout

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from distillm.evaluation.degeneracy import (
-    MARGIN, degeneracy_figures, degenerate, gap_change_test, loop_period, periodic_tail, rank, repetition,
-    thresholds,
+    MARGIN, degeneracy_figures, degenerate, gap_change_test, loop_period, per_set, periodic_tail, rank, repetition,
+    set_figures, thresholds,
 )
 from distillm.evaluation.text import distinct_n, rouge_tokens
 from tolerances import rounding_rtol
@@ -119,6 +119,49 @@ def test_figures_match_references():
     assert figures["loop_rate"] == sum(loop_reference(w, 3) is not None for w in words) / len(texts)
     assert figures["empty_rate"] == sum(not w for w in words) / len(texts)
     assert figures["distinct_2"] == distinct_n(texts, 2)
+
+
+def test_set_figures_are_the_means_of_the_per_set_figures():
+    rng = random.Random(3)
+    sets = [_answers(rng, 6) for _ in range(3)]
+    sets[1][0] = ""  # an empty answer in one set
+    figures = set_figures(sets)
+    per = [degeneracy_figures(texts) for texts in sets]
+    for key in ("repetition", "loop_rate", "empty_rate", "distinct_2"):
+        values = [f[key] for f in per]  # a sum of 3 terms and a division
+        assert figures[key] == pytest.approx(sum(values) / 3, rel=rounding_rtol(4, F64))
+    assert set_figures(sets[:1]) == degeneracy_figures(sets[0])  # one set: the plain figures
+    # why not the pooled answers: two samples that agree count each other's bigrams as repeats
+    twice = [["the cat sat on the mat", "a dog ran far away"]] * 2
+    assert set_figures(twice)["distinct_2"] == 1.0 and distinct_n(sum(twice, []), 2) == 0.5
+    # a figure no set has (no answer of 4 words) stays None; one set without it leaves the others' mean
+    short = [["a b", "c"], ["d e f g h", "i j"]]
+    assert set_figures(short[:1])["repetition"] is None
+    assert set_figures(short)["repetition"] == degeneracy_figures(short[1])["repetition"]
+    with pytest.raises(ValueError, match="at least one set"):
+        set_figures([])
+
+
+def test_per_set_figure_averages_consecutive_sets_and_checks_the_length():
+    rng = random.Random(4)
+    a, b = _answers(rng, 5), _answers(rng, 3)
+    mean_d2 = per_set(lambda texts: distinct_n(texts, 2), [5, 3])
+    assert mean_d2(a + b) == pytest.approx((distinct_n(a, 2) + distinct_n(b, 2)) / 2, rel=rounding_rtol(2, F64))
+    with pytest.raises(ValueError, match="expected 8 answers"):
+        mean_d2(a)
+    # in the permutation test, a swap moves an answer between before and after, never between sets: with the
+    # per-set figure the p-values are the brute-force ones computed set by set
+    teacher, before, after = _answers(rng, 8), _answers(rng, 8), _answers(rng, 8, loop_every=2)
+    result = gap_change_test(teacher, before, after, figure=mean_d2)
+    t = mean_d2(teacher)
+    changes = []
+    for mask in range(2 ** 8):
+        x = [before[i] if mask >> i & 1 else after[i] for i in range(8)]
+        y = [after[i] if mask >> i & 1 else before[i] for i in range(8)]
+        changes.append(abs(mean_d2(x) - t) - abs(mean_d2(y) - t))
+    assert result.patterns == 256
+    assert result.p_farther == sum(c >= changes[0] - 1e-12 for c in changes) / 256
+    assert result.p_closer == sum(c <= changes[0] + 1e-12 for c in changes) / 256
 
 
 def test_empty_answers_count_as_empty():

@@ -129,6 +129,37 @@ def degeneracy_figures(texts: Sequence[str], *, n: int = REPETITION_N, min_repea
     }
 
 
+def set_figures(sets: Sequence[Sequence[str]], *, n: int = REPETITION_N, min_repeats: int = MIN_REPEATS) -> dict:
+    """`degeneracy_figures` of several sets of answers to the same prompts (one sampled answer per prompt in each
+    set, e.g. --eval-samples), each figure the mean of its per-set values (None where no set has one). Not the
+    figures of the pooled answers: distinct-2 is a corpus-level figure, and pooling would count the bigrams that
+    two samples of one prompt share as repeats, a figure that falls as the number of sets grows."""
+    if not sets:
+        raise ValueError("set figures need at least one set of answers")
+    per_set = [degeneracy_figures(texts, n=n, min_repeats=min_repeats) for texts in sets]
+    out = {}
+    for key in per_set[0]:
+        values = [figures[key] for figures in per_set if figures[key] is not None]
+        out[key] = sum(values) / len(values) if values else None
+    return out
+
+
+def per_set(figure: Callable[[Sequence[str]], float | None], sizes: Sequence[int]) -> Callable:
+    """`figure` as the mean over consecutive sets of `sizes` answers (None where no set has a value): the form
+    `gap_change_test` takes when its pairs come from several sets (swaps keep every answer's position, so each
+    set stays a set)."""
+    bounds = list(itertools.accumulate(sizes, initial=0))
+
+    def mean_figure(texts: Sequence[str]) -> float | None:
+        if len(texts) != bounds[-1]:
+            raise ValueError(f"expected {bounds[-1]} answers in sets of {list(sizes)}, got {len(texts)}")
+        values = [figure(texts[a:b]) for a, b in zip(bounds, bounds[1:]) if b > a]
+        values = [v for v in values if v is not None]
+        return sum(values) / len(values) if values else None
+
+    return mean_figure
+
+
 @dataclass(frozen=True)
 class Verdict:
     """Whether a model is degenerate, and why (one line per figure that flags it, with the threshold)."""

@@ -263,6 +263,11 @@ def aligned_scores(teacher, student, setup: CrossSetup, rows: list[dict], *, max
             "student_nll_per_byte": -sums["s_lp"] / max(sums["bytes"], 1)}
 
 
+def mean_distinct_2(sets: list[list[dict]]) -> float:
+    """distinct-2 of each set of answers, averaged over the sets."""
+    return sum(distinct_n([row["response"] for row in rows], 2) for rows in sets) / len(sets)
+
+
 def cross_evaluate(config: RunConfig, models, eval_prompts, teacher_eval_rows, paths, tag: str, *,
                    teacher_client=None, teacher_samples=None) -> dict:
     """Before/after figures: on the teacher's held-out responses, the aligned divergences and the student's NLL
@@ -279,12 +284,13 @@ def cross_evaluate(config: RunConfig, models, eval_prompts, teacher_eval_rows, p
                                                 tail=t.teacher_topk_tail), setup)
     backend = make_backend(config, models.student, setup.student_tok, model_dir=None)
     count = config.evaluation.eval_samples
-    samples = [row for j in range(count) for row in generate_once(
+    sets = [generate_once(
         backend, eval_prompts, paths.eval_samples(tag, j),
         sampling_params(config, seed_offset=eval_seed_offset(STUDENT_EVAL_SEED, j),
                         max_new_tokens=config.evaluation.eval_max_new_tokens),
-        setup.student_tok, desc=f"student samples ({tag})" + (f", set {j + 1} of {count}" if count > 1 else ""))]
-    teacher_rows = [row for rows in (teacher_samples or [teacher_eval_rows]) for row in rows]
+        setup.student_tok, desc=f"student samples ({tag})" + (f", set {j + 1} of {count}" if count > 1 else ""))
+        for j in range(count)]
+    samples = [row for rows in sets for row in rows]
     max_length = config.data.max_length
     on_teacher = aligned_scores(models.teacher, models.student, setup, teacher_eval_rows, max_length=max_length,
                                 served=served)
@@ -298,8 +304,8 @@ def cross_evaluate(config: RunConfig, models, eval_prompts, teacher_eval_rows, p
             "byte figures are exact (the server's log-prob of each token)")
     result.update({"on_teacher_responses": on_teacher,
               "teacher_nll_per_byte_of_student_samples": on_student["teacher_nll_per_byte"],
-              "distinct_2": distinct_n([row["response"] for row in samples]),
-              "teacher_distinct_2": distinct_n([row["response"] for row in teacher_rows]),
+              "distinct_2": mean_distinct_2(sets),  # several sets (--eval-samples): the mean over them
+              "teacher_distinct_2": mean_distinct_2(teacher_samples or [teacher_eval_rows]),
               "eval_samples": count,
               "seconds": round(time.time() - start, 1)})
     return result

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..config import RunConfig
-from ..evaluation.degeneracy import degeneracy_figures, degenerate, gap_change_test
+from ..evaluation.degeneracy import degeneracy_figures, degenerate, gap_change_test, per_set, set_figures
+from ..evaluation.text import distinct_n
 from ..evaluation.divergence import (served_teacher_nll, served_teacher_student_divergence, teacher_nll,
                                      teacher_student_divergence)
 from ..generation.factory import STUDENT_EVAL_SEED, eval_seed_offset, generate_once, sampling_params
@@ -27,7 +28,8 @@ def evaluate(config: RunConfig, models: ModelPair, eval_prompts, teacher_eval_ro
     teacher's responses. `modality`: the run's `pipeline.modality` variant (its generation backend, its images).
     `teacher_client`: the --teacher-url client; the teacher's figures then come from the server (`served_figures`).
     `teacher_samples`: with --eval-samples K > 1, the teacher's K sets of responses (the first is
-    `teacher_eval_rows`); the student then samples K sets too, and every figure of samples pools them."""
+    `teacher_eval_rows`); the student then samples K sets too. The teacher NLL pools them; distinct-2,
+    repetition, loop and empty rates are means over the sets (`degeneracy.set_figures`)."""
     d = config.data
     start = time.time()
     backend = modality.backend(config, models.student, models.tokenizer, model_dir=None)  # HF: the live student
@@ -44,19 +46,22 @@ def evaluate(config: RunConfig, models: ModelPair, eval_prompts, teacher_eval_ro
         result = {"teacher_nll_of_student_samples": teacher_nll(models.teacher, samples, **common)}
     result["eval_samples"] = len(sets)
     # distinct-2 (distinct word bigrams / all), repetition, loop and empty rates of the samples, beside the
-    # teacher's, and the degenerate flag (evaluation.degeneracy): a collapsed student repeats itself
-    student = degeneracy_figures([row["response"] for row in samples])
-    teacher = degeneracy_figures([row["response"] for rows in teacher_sets for row in rows])
+    # teacher's, and the degenerate flag (evaluation.degeneracy): a collapsed student repeats itself. Several
+    # sets (--eval-samples): each figure is the mean of its per-set values
+    student = set_figures([[row["response"] for row in rows] for rows in sets])
+    teacher = set_figures([[row["response"] for row in rows] for rows in teacher_sets])
     for key in ("distinct_2", "repetition", "loop_rate", "empty_rate"):
         result[key], result[f"teacher_{key}"] = student[key], teacher[key]
     verdict = degenerate(student, teacher)
-    args = paired_answers(paths, sets, teacher_sets) if tag != "before" else None
-    if args:  # is the change against the start more than chance?
-        result["distinct_2_change"] = gap_change_test(*args).as_dict()
+    paired = paired_answers(paths, sets, teacher_sets) if tag != "before" else None
+    if paired:  # is the change against the start more than chance?
+        *args, sizes = paired
+        result["distinct_2_change"] = gap_change_test(
+            *args, figure=per_set(lambda texts: distinct_n(texts, 2), sizes)).as_dict()
         if student["repetition"] is not None and teacher["repetition"] is not None:
             try:
                 result["repetition_change"] = gap_change_test(
-                    *args, figure=lambda texts: degeneracy_figures(texts)["repetition"]).as_dict()
+                    *args, figure=per_set(lambda texts: degeneracy_figures(texts)["repetition"], sizes)).as_dict()
             except ValueError:  # no answer with 4 words on one side
                 pass
     result["degenerate"], result["degenerate_reasons"] = verdict.flagged, list(verdict.reasons)
@@ -81,22 +86,25 @@ def student_sample_sets(config: RunConfig, backend, eval_prompts, paths: RunPath
 
 
 def paired_answers(paths: RunPaths, sets: list[list[dict]], teacher_sets: list[list[dict]]):
-    """(teacher, before, after) answer lists for `evaluation.degeneracy.gap_change_test`: the pairs are the
-    (set, prompt) answered both before training (eval/before_samples*.jsonl) and now; the teacher's answers are
-    its responses to the same prompts in the same set (its first set where it has fewer). None without pairs."""
-    teacher, before, after = [], [], []
+    """(teacher, before, after, sizes) for `evaluation.degeneracy.gap_change_test`: the pairs are the (set,
+    prompt) answered both before training (eval/before_samples*.jsonl) and now, set after set (`sizes`: the
+    pairs of each set, for `degeneracy.per_set`); the teacher's answers are its responses to the same prompts in
+    the same set (its first set where it has fewer). None without pairs."""
+    teacher, before, after, sizes = [], [], [], []
     for j, rows in enumerate(sets):
         before_path = paths.eval_samples("before", j)
         if not before_path.is_file():
             continue
         start = {row["id"]: row["response"] for row in read_jsonl(before_path)}
         reference = {row["id"]: row["response"] for row in teacher_sets[min(j, len(teacher_sets) - 1)]}
+        count = len(after)
         for row in rows:
             if row["id"] in start and row["id"] in reference:
                 teacher.append(reference[row["id"]])
                 before.append(start[row["id"]])
                 after.append(row["response"])
-    return (teacher, before, after) if after else None
+        sizes.append(len(after) - count)
+    return (teacher, before, after, sizes) if after else None
 
 
 @dataclass(frozen=True)
