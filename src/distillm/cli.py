@@ -187,6 +187,12 @@ def format_metrics(metrics: dict) -> str:
             p = test["p_closer"] if verdict == "yes" else test["p_farther"]
             note = f"; p = {p:.3g}" + ("" if p < 0.05 else ", within noise")
         lines.append(f"{label:<46}{b:>10.4f}{a:>10.4f}  {verdict} (closer to the teacher's is better{note})")
+    b, a = metrics["before"].get("student_entropy"), metrics["after"].get("student_entropy")
+    t = metrics["after"].get("teacher_entropy")
+    if None not in (a, b, t):  # mean next-token entropy (nats) on the teacher's responses: flatter or sharper
+        verdict = "yes" if abs(a - t) < abs(b - t) else "NO"
+        lines.append(f"{f'entropy on teacher responses (teacher: {t:.4f})':<46}{b:>10.4f}{a:>10.4f}  {verdict} "
+                     "(closer to the teacher's is better)")
     if any(metrics["after"].get(f"{key}_change") for key in ("distinct_2", "repetition")):
         lines.append("p: paired permutation test over the held-out prompts (and samples) that the gap to the "
                      "teacher changed by chance (docs/evaluation.md)")

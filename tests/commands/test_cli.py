@@ -53,6 +53,12 @@ def test_tiny_run_produces_student_pairs_and_metrics(tiny_run):
     assert metrics["after"]["acceptance_rate"] == pytest.approx(1 - metrics["after"]["tvd"], rel=0,
                                                                 abs=2 * sum_atol(vocab, 1.0))
     assert "held-out metric" in result.stdout and "Distilled student" in result.stdout
+    # the models' next-token entropies on the teacher's responses: the teacher's is the same before and after
+    import math
+    assert metrics["before"]["teacher_entropy"] == metrics["after"]["teacher_entropy"]
+    assert all(0 < metrics[tag][key] <= math.log(vocab) for tag in ("before", "after")
+               for key in ("student_entropy", "teacher_entropy"))
+    assert "entropy on teacher responses (teacher:" in result.stdout
     # the degeneracy figures of the evaluation's samples, beside the teacher's, and the flag printed
     from distillm.evaluation.degeneracy import degeneracy_figures, degenerate
 
@@ -249,6 +255,11 @@ def test_run_summary_prints_repetition_and_the_degenerate_flag():
     assert "(before)" not in table
     table = format_metrics({"before": after, "after": before})
     assert "DEGENERATE student samples (before)" in table and "after: not degenerate" in table
+    # the students' next-token entropy on the teacher's responses, beside the teacher's
+    before_h, after_h = {**before, "student_entropy": 2.5}, {**after, "student_entropy": 1.3, "teacher_entropy": 1.27}
+    assert re.search(r"entropy on teacher responses \(teacher: 1\.2700\) +2\.5000 +1\.3000  yes",
+                     format_metrics({"before": before_h, "after": after_h}))
+    assert "entropy" not in table  # a run evaluated before this figure existed: no line
     # a run evaluated before these figures existed (a resumed run's before.json): no repetition line, no flag
     old = {key: value for key, value in figures.items() if key != "teacher_repetition"}
     assert "repetition" not in format_metrics({"before": old, "after": old})

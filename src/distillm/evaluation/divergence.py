@@ -5,7 +5,8 @@
 - `sequence_log_likelihoods`: the teacher's summed log-likelihood and token count of each response, in the rows'
   order (the preference figure's per-answer scores; `normalised_scores` divides them).
 - `teacher_student_divergence`: on held-out teacher responses, the token-level KL(p || q), the total variation
-  distance and the expected speculative-decoding acceptance rate 1 - TVD, averaged over response tokens.
+  distance and the expected speculative-decoding acceptance rate 1 - TVD, averaged over response tokens; and
+  each model's mean next-token entropy there (a student flatter or sharper than its teacher).
 - `served_teacher_nll` / `served_teacher_student_divergence`: the same figures from a teacher that is not in this
   process (--teacher-url), through a callable that gives a batch's top-k scores (`teacher.remote.RemoteScores`):
   the NLL is exact (the server sends each actual token's log-prob), KL / TVD / acceptance rate use the top-k
@@ -55,8 +56,9 @@ def teacher_nll(teacher, rows: Sequence[dict], *, vocab_size: int, pad_token_id:
 def teacher_student_divergence(teacher, student, rows: Sequence[dict], *, vocab_size: int, pad_token_id: int,
                                max_length: int, batch_size: int = 8, desc: str = "divergence",
                                image_inputs=None) -> dict[str, float]:
-    """Token-mean KL(p || q), TVD and acceptance rate (1 - TVD) over the response tokens of `rows`."""
-    sums = {"kl": 0.0, "tvd": 0.0, "acceptance_rate": 0.0}
+    """Token-mean KL(p || q), TVD and acceptance rate (1 - TVD) over the response tokens of `rows`; and each
+    model's mean next-token entropy there (`entropy`: is the student sharper or flatter than the teacher?)."""
+    sums = {"kl": 0.0, "tvd": 0.0, "acceptance_rate": 0.0, "student_entropy": 0.0, "teacher_entropy": 0.0}
     count = 0
     with eval_mode(teacher, student):
         batches = list(scoring_batches(rows, batch_size, max_length, pad_token_id, teacher.device, image_inputs))
@@ -66,8 +68,15 @@ def teacher_student_divergence(teacher, student, rows: Sequence[dict], *, vocab_
             p_logits, q_logits, mask = p_logits.float(), q_logits.float().to(p_logits.device), targets != IGNORE
             for key, fn in (("kl", forward_kl), ("tvd", total_variation), ("acceptance_rate", acceptance_rate)):
                 sums[key] += fn(q_logits, p_logits)[mask].sum().item()
+            sums["student_entropy"] += entropy(q_logits)[mask].sum().item()
+            sums["teacher_entropy"] += entropy(p_logits)[mask].sum().item()
             count += int(mask.sum().item())
     return {key: value / max(count, 1) for key, value in sums.items()}
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """The entropy (nats) of softmax(logits) over the last dimension; a token at -inf (probability 0) adds 0."""
+    return torch.special.entr(torch.softmax(logits.float(), dim=-1)).sum(-1)
 
 
 @torch.inference_mode()
@@ -98,7 +107,7 @@ def served_teacher_student_divergence(teacher_scores, student, rows: Sequence[di
     its distribution rebuilt as the losses rebuild it: the k log-probs, the actual token's exact log-prob as one
     more known entry, the rest of the mass spread by the scores' tail rule (guided by the student's logits for the
     student / power tails)."""
-    sums = {"kl": 0.0, "tvd": 0.0, "acceptance_rate": 0.0}
+    sums = {"kl": 0.0, "tvd": 0.0, "acceptance_rate": 0.0, "student_entropy": 0.0}
     count = 0
     device = next(student.parameters()).device
     with eval_mode(student):
@@ -112,6 +121,7 @@ def served_teacher_student_divergence(teacher_scores, student, rows: Sequence[di
                                               "fkl").to(device)
             for key, fn in (("kl", forward_kl), ("tvd", total_variation), ("acceptance_rate", acceptance_rate)):
                 sums[key] += fn(q_logits, p_logits)[mask].sum().item()
+            sums["student_entropy"] += entropy(q_logits)[mask].sum().item()  # the teacher's: only its top-k here
             count += int(mask.sum().item())
     return {key: value / max(count, 1) for key, value in sums.items()}
 
