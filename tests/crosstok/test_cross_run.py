@@ -114,6 +114,26 @@ def _run(tmp_path, student, *extra):
 
 
 @pytest.mark.slow
+def test_eval_samples_across_tokenizers_average_the_sets(tmp_path, pair_student):
+    from distillm.evaluation.degeneracy import set_figures
+
+    assert _run(tmp_path, pair_student, "--rounds", "1", "--eval-samples", "2") == 0
+    root = tmp_path / "run"
+    metrics = json.loads((root / "metrics.json").read_text())
+
+    def responses(path):
+        return [json.loads(line)["response"] for line in path.read_text().splitlines()]
+
+    teacher = [responses(root / "data" / name) for name in ("teacher_eval.jsonl", "teacher_eval_1.jsonl")]
+    for tag in ("before", "after"):
+        sets = [responses(root / "eval" / name) for name in (f"{tag}_samples.jsonl", f"{tag}_samples_1.jsonl")]
+        assert all(len(rows) == 4 for rows in sets) and sets[0] != sets[1]  # each set from its own seed
+        assert metrics[tag]["eval_samples"] == 2
+        assert metrics[tag]["distinct_2"] == set_figures(sets)["distinct_2"]
+        assert metrics[tag]["teacher_distinct_2"] == set_figures(teacher)["distinct_2"]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["distillm2", "gkd", "dpkd"])
 def test_cli_run_across_tokenizers(tmp_path, pair_student, method):
     assert _run(tmp_path, pair_student, "--method", method) == 0

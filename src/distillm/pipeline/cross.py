@@ -22,9 +22,8 @@ from ..crosstok.trainer import CrossRemoteScores, teacher_scores
 from ..crosstok.vocab import CrossTokenizerError, check_tokenizer, vocab_map
 from ..data.prompts import EncodedPrompt, encode_prompts, load_prompts
 from ..distributed import process_state
-from ..evaluation.text import distinct_n
-from ..generation.factory import (STUDENT_EVAL_SEED, TEACHER_EVAL_SEED, eval_seed_offset, generate_once,
-                                  make_backend, sampling_params)
+from ..evaluation.degeneracy import set_figures
+from ..generation.factory import TEACHER_EVAL_SEED, eval_seed_offset, generate_once, make_backend, sampling_params
 from ..io import write_jsonl
 from ..models import (ModelPair, add_lora, eval_mode, load_model, load_tokenizer, model_config, real_vocab_size,
                       resolve_model_source)
@@ -32,6 +31,7 @@ from ..training.fused_inputs import fused_inputs
 from ..teacher.remote import RemoteScores
 from ..vision import uses_images
 from .data import DataContext
+from .evaluate import response_texts, student_sample_sets
 from .setup import check_context_length
 from .training import sharded_engine
 
@@ -263,18 +263,14 @@ def aligned_scores(teacher, student, setup: CrossSetup, rows: list[dict], *, max
             "student_nll_per_byte": -sums["s_lp"] / max(sums["bytes"], 1)}
 
 
-def mean_distinct_2(sets: list[list[dict]]) -> float:
-    """distinct-2 of each set of answers, averaged over the sets."""
-    return sum(distinct_n([row["response"] for row in rows], 2) for rows in sets) / len(sets)
-
-
 def cross_evaluate(config: RunConfig, models, eval_prompts, teacher_eval_rows, paths, tag: str, *,
                    teacher_client=None, teacher_samples=None) -> dict:
     """Before/after figures: on the teacher's held-out responses, the aligned divergences and the student's NLL
     per byte; on the student's own samples, the teacher's NLL per byte of their text (re-tokenized); distinct-2.
     `teacher_client` (--teacher-url): the teacher's figures come from the server (`aligned_scores`' `served`),
     labelled in `teacher_scores`. `teacher_samples`: with --eval-samples K > 1, the teacher's K sets of responses;
-    the student's samples are then K sets too, pooled for every figure of samples."""
+    the student's samples are then K sets too: the teacher's NLL per byte pools them, distinct-2 is the mean over
+    the sets."""
     start = time.time()
     setup = models.cross
     served = None
@@ -283,13 +279,7 @@ def cross_evaluate(config: RunConfig, models, eval_prompts, teacher_eval_rows, p
         served = CrossRemoteScores(RemoteScores(teacher_client, t.teacher_top_k, real_vocab_size(setup.teacher_tok),
                                                 tail=t.teacher_topk_tail), setup)
     backend = make_backend(config, models.student, setup.student_tok, model_dir=None)
-    count = config.evaluation.eval_samples
-    sets = [generate_once(
-        backend, eval_prompts, paths.eval_samples(tag, j),
-        sampling_params(config, seed_offset=eval_seed_offset(STUDENT_EVAL_SEED, j),
-                        max_new_tokens=config.evaluation.eval_max_new_tokens),
-        setup.student_tok, desc=f"student samples ({tag})" + (f", set {j + 1} of {count}" if count > 1 else ""))
-        for j in range(count)]
+    sets = student_sample_sets(config, backend, eval_prompts, paths, tag, setup.student_tok)
     samples = [row for rows in sets for row in rows]
     max_length = config.data.max_length
     on_teacher = aligned_scores(models.teacher, models.student, setup, teacher_eval_rows, max_length=max_length,
@@ -304,8 +294,9 @@ def cross_evaluate(config: RunConfig, models, eval_prompts, teacher_eval_rows, p
             "byte figures are exact (the server's log-prob of each token)")
     result.update({"on_teacher_responses": on_teacher,
               "teacher_nll_per_byte_of_student_samples": on_student["teacher_nll_per_byte"],
-              "distinct_2": mean_distinct_2(sets),  # several sets (--eval-samples): the mean over them
-              "teacher_distinct_2": mean_distinct_2(teacher_samples or [teacher_eval_rows]),
-              "eval_samples": count,
+              # several sets (--eval-samples): the mean over them (degeneracy.set_figures)
+              "distinct_2": set_figures(response_texts(sets))["distinct_2"],
+              "teacher_distinct_2": set_figures(response_texts(teacher_samples or [teacher_eval_rows]))["distinct_2"],
+              "eval_samples": len(sets),
               "seconds": round(time.time() - start, 1)})
     return result

@@ -48,8 +48,7 @@ def evaluate(config: RunConfig, models: ModelPair, eval_prompts, teacher_eval_ro
     # distinct-2 (distinct word bigrams / all), repetition, loop and empty rates of the samples, beside the
     # teacher's, and the degenerate flag (evaluation.degeneracy): a collapsed student repeats itself. Several
     # sets (--eval-samples): each figure is the mean of its per-set values
-    student = set_figures([[row["response"] for row in rows] for rows in sets])
-    teacher = set_figures([[row["response"] for row in rows] for rows in teacher_sets])
+    student, teacher = set_figures(response_texts(sets)), set_figures(response_texts(teacher_sets))
     for key in ("distinct_2", "repetition", "loop_rate", "empty_rate"):
         result[key], result[f"teacher_{key}"] = student[key], teacher[key]
     verdict = degenerate(student, teacher)
@@ -78,11 +77,17 @@ def student_sample_sets(config: RunConfig, backend, eval_prompts, paths: RunPath
     """The student's --eval-samples sets of held-out samples at `tag`, each generated once (a resumed run reads
     the files back), set J from its own seed."""
     count = config.evaluation.eval_samples
+    of = (lambda j: f", set {j + 1} of {count}") if count > 1 else (lambda j: "")
     return [generate_once(backend, eval_prompts, paths.eval_samples(tag, j),
                           sampling_params(config, seed_offset=eval_seed_offset(STUDENT_EVAL_SEED, j),
                                           max_new_tokens=config.evaluation.eval_max_new_tokens),
-                          tokenizer, desc=f"student samples ({tag})" + (f", set {j + 1} of {count}" if count > 1 else ""))
+                          tokenizer, desc=f"student samples ({tag}){of(j)}")
             for j in range(count)]
+
+
+def response_texts(sets: list[list[dict]]) -> list[list[str]]:
+    """The answers' texts, set by set (the form `degeneracy.set_figures` takes)."""
+    return [[row["response"] for row in rows] for rows in sets]
 
 
 def paired_answers(paths: RunPaths, sets: list[list[dict]], teacher_sets: list[list[dict]]):

@@ -106,7 +106,8 @@ class TextModality:
         """The teacher's responses to the held-out prompts; `sample` > 0: --eval-samples' further sets."""
         return generate_once(backend, eval_prompts, paths.teacher_eval_sample(sample),
                              sampling_params(config, seed_offset=eval_seed_offset(TEACHER_EVAL_SEED, sample)),
-                             models.tokenizer, desc="teacher responses (held-out)" + (f", set {sample}" if sample else ""))
+                             models.tokenizer,
+                             desc="teacher responses (held-out)" + (f", set {sample}" if sample else ""))
 
     def describe(self) -> dict:
         return {}
