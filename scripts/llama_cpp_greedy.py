@@ -40,27 +40,22 @@ def main() -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from distillm.export.llama_cpp import chat_ids, first_divergence, greedy
+
     tok = AutoTokenizer.from_pretrained(student)
     model = AutoModelForCausalLM.from_pretrained(student, torch_dtype=torch.float32).eval()
     llm = llama_cpp.Llama(str(gguf), n_ctx=512, n_threads=max(1, torch.get_num_threads()), logits_all=True,
                           verbose=False)
     eos, n = tok.eos_token_id, args.max_new_tokens
     for prompt in args.prompt or PROMPTS:
-        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                      tokenize=True, return_dict=False)
+        ids = chat_ids(tok, prompt)
         with torch.no_grad():
-            out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)[0, len(ids):].tolist()
-        ours = out[: out.index(eos) + 1] if eos in out else out
-        llm.reset()
-        llm.eval(ids)
-        theirs: list[int] = []
-        for _ in range(n):
-            token = int(llm.scores[llm.n_tokens - 1].argmax())
-            theirs.append(token)
-            if token == eos:
-                break
-            llm.eval([token])
-        same = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+            ours = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=eos,
+                                  pad_token_id=eos)[0, len(ids):].tolist()
+        theirs = greedy(llm, ids, n, eos)
+        same = first_divergence(ours, theirs)
+        if same is None:
+            same = min(len(ours), len(theirs))
         print(f"### {prompt}\n  same greedy tokens: {same} of {max(len(ours), len(theirs))}")
         print(f"  torch    : {tok.decode(ours, skip_special_tokens=True)!r}")
         print(f"  llama.cpp: {tok.decode(theirs, skip_special_tokens=True)!r}", flush=True)

@@ -28,6 +28,7 @@ from distillm.export.gguf import (
     rope_row_order,
     write_gguf,
 )
+from distillm.export.llama_cpp import chat_ids, first_divergence, greedy
 from distillm.quant import QuantizedWeight
 from distillm.testing.tiny import build_tiny_model, build_tiny_tokenizer
 
@@ -404,24 +405,6 @@ def test_quantized_smollm2_reads_back_bit_exactly(tmp_path, smollm2, bits):
     assert os.path.getsize(path) < os.path.getsize(teacher_path)
 
 
-def _llama_cpp_greedy(llm, ids: list[int], n: int, eos: int) -> list[int]:
-    """llama.cpp's greedy continuation (argmax of its logits, eos included when produced)."""
-    llm.reset()
-    llm.eval(ids)
-    out = []
-    while len(out) < n and (not out or out[-1] != eos):
-        out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
-        if out[-1] != eos:
-            llm.eval([out[-1]])
-    return out
-
-
-def _chat_ids(tokenizer, prompt: str) -> list[int]:
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                         tokenize=False)
-    return tokenizer(text, add_special_tokens=False).input_ids
-
-
 def _logit_gap(llm, model, ids: list[int], continuation: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Both runtimes score ids + continuation (teacher forcing): per position, max |llama.cpp - torch| over the
     vocabulary, and torch's logits (rows predicting each continuation token, then the one after)."""
@@ -445,8 +428,8 @@ def teacher_runtime_gap(smollm2):
                           logits_all=True, verbose=False)
     gaps = []
     for prompt in PROMPTS:
-        ids = _chat_ids(tokenizer, prompt)
-        cont = _llama_cpp_greedy(llm, ids, 48, tokenizer.eos_token_id)
+        ids = chat_ids(tokenizer, prompt)
+        cont = greedy(llm, ids, 48, tokenizer.eos_token_id)
         gaps.append(float(_logit_gap(llm, model, ids, cont)[0].max()))
     llm.close()
     return max(gaps)
@@ -466,13 +449,13 @@ def test_llama_cpp_runs_the_exported_student_and_writes_the_same_text(tmp_path, 
     n_new, eos = 48, tokenizer.eos_token_id
     report = []
     for prompt in PROMPTS:
-        ids = _chat_ids(tokenizer, prompt)
+        ids = chat_ids(tokenizer, prompt)
         with torch.no_grad():
             ours = student.generate(torch.tensor([ids]), max_new_tokens=n_new, do_sample=False, eos_token_id=eos,
                                     pad_token_id=eos)[0, len(ids):].tolist()
-        theirs = _llama_cpp_greedy(llm, ids, n_new, eos)
+        theirs = greedy(llm, ids, n_new, eos)
         delta, torch_logits = _logit_gap(llm, student, ids, ours)
-        same = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
+        same = first_divergence(ours, theirs)
         report.append((prompt, same, float(delta.max()), float(torch_logits.std(dim=-1).mean()),
                        tokenizer.decode(ours), tokenizer.decode(theirs)))
         print(f"\n[int{bits}] {prompt}\n  first divergence at token {same} of {len(ours)}; max |logit diff| "
